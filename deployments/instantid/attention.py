@@ -1,0 +1,208 @@
+"""Decoupled face-token cross-attention for the SDXL UNet.
+
+Every UNet cross-attention layer attends twice with the same query: once to the text tokens with its
+own K/V, once to the 16 face tokens with new K/V projections (``to_k_ip``/``to_v_ip``), and adds the
+second result times the adapter strength. Self-attention is unchanged.
+
+The strength and the optional face-region mask are *per call and per batch row*: they travel in a
+:class:`FaceConditioning` object through ``cross_attention_kwargs``, never in module state, so one
+UNet serves a batch of requests with different strengths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+from .errors import WeightsError
+
+CONDITIONING_KWARG = "face"  # the cross_attention_kwargs key the processors read
+
+
+@dataclass
+class FaceConditioning:
+    """What the face-token attention needs for one UNet call.
+
+    ``scale``: adapter strength per batch row, shape (rows,).
+    ``region_mask``: optional (rows, 1, H, W) mask at image resolution; the face-token attention output is
+    multiplied by it, resized (nearest) to each attention layer's resolution ("enhance non-face region").
+    ``num_tokens``: how many trailing tokens of ``encoder_hidden_states`` are face tokens.
+    """
+
+    scale: torch.Tensor
+    num_tokens: int
+    region_mask: torch.Tensor | None = None
+    _resized: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def mask_for(self, sequence_length: int) -> torch.Tensor | None:
+        """The region mask at an attention resolution of ``sequence_length`` pixels, as (rows, seq, 1)."""
+        if self.region_mask is None:
+            return None
+        cached = self._resized.get(sequence_length)
+        if cached is None:
+            height, width = self.region_mask.shape[-2:]
+            factor = math.sqrt(height * width / sequence_length)
+            size = (round(height / factor), round(width / factor))
+            resized = F.interpolate(self.region_mask, size=size, mode="nearest")
+            cached = resized.flatten(1)[:, :, None]
+            self._resized[sequence_length] = cached
+        return cached
+
+
+def _attend(
+    attn: Attention,
+    query: torch.Tensor,
+    context: torch.Tensor,
+    to_k: nn.Module,
+    to_v: nn.Module,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of ``query`` (already projected) over ``context``."""
+    batch = query.shape[0]
+    key = to_k(context)
+    value = to_v(context)
+    head_dim = key.shape[-1] // attn.heads
+    q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    k = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    v = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+
+
+class SelfAttnProcessor(nn.Module):
+    """diffusers' SDPA processor that accepts (and ignores) the face conditioning kwarg.
+
+    It is an ``nn.Module`` without parameters so that the processor list keeps the published indices
+    (``{k}.to_k_ip.weight`` with k counting self- and cross-attention processors alike).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sdpa = AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        face: FaceConditioning | None = None,
+    ) -> torch.Tensor:
+        return self._sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+class FaceTokenAttnProcessor(nn.Module):
+    """Cross-attention to text plus strength-weighted cross-attention to the trailing face tokens."""
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int) -> None:
+        super().__init__()
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        face: FaceConditioning | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        spatial_shape = None
+        if hidden_states.ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            spatial_shape = (batch, channels, height, width)
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        face_tokens = None
+        if face is not None:
+            split = encoder_hidden_states.shape[1] - face.num_tokens
+            encoder_hidden_states, face_tokens = (
+                encoder_hidden_states[:, :split],
+                encoder_hidden_states[:, split:],
+            )
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        out = _attend(attn, query, encoder_hidden_states, attn.to_k, attn.to_v, attention_mask)
+
+        if face_tokens is not None:
+            face_out = _attend(attn, query, face_tokens, self.to_k_ip, self.to_v_ip, None)
+            mask = face.mask_for(face_out.shape[1])
+            if mask is not None:
+                face_out = face_out * mask.to(face_out.dtype)
+            out = out + face.scale.to(out.dtype).view(-1, 1, 1) * face_out
+
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if spatial_shape is not None:
+            out = out.transpose(-1, -2).reshape(spatial_shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _attention_layers(unet: nn.Module) -> Iterator[tuple[str, Attention]]:
+    """(processor name, Attention) in ``unet.attn_processors`` order: the order the published keys index."""
+    for name in unet.attn_processors:
+        yield name, unet.get_submodule(name.removesuffix(".processor"))
+
+
+def install_face_attention(unet: nn.Module) -> nn.ModuleList:
+    """Give every attention layer of ``unet`` its face-aware processor; return them as one ModuleList.
+
+    The ModuleList's state dict has exactly the published ``ip_adapter`` keys (``{k}.to_k_ip.weight``,
+    ``{k}.to_v_ip.weight`` for each cross-attention index k).
+    """
+    processors: dict[str, nn.Module] = {}
+    for name, attn in _attention_layers(unet):
+        if attn.is_cross_attention:
+            weight = attn.to_k.weight  # create on the UNet's own device and dtype
+            processors[name] = FaceTokenAttnProcessor(attn.to_k.out_features, attn.to_k.in_features).to(weight)
+        else:
+            processors[name] = SelfAttnProcessor()
+    layers = nn.ModuleList(processors.values())
+    unet.set_attn_processor(processors)  # note: diffusers empties the dict it is given
+    return layers
+
+
+def load_face_attention(unet: nn.Module, ip_adapter_state: dict[str, torch.Tensor]) -> nn.ModuleList:
+    """Install the processors and load ``ip-adapter.bin``'s ``ip_adapter`` part strictly."""
+    layers = install_face_attention(unet)
+    expected = set(layers.state_dict())
+    given = set(ip_adapter_state)
+    if expected != given:
+        raise WeightsError(
+            "ip_adapter weights do not match this UNet's cross-attention layers: "
+            f"missing {sorted(expected - given)[:6]}, unexpected {sorted(given - expected)[:6]} "
+            f"({len(expected)} expected, {len(given)} given)"
+        )
+    try:
+        layers.load_state_dict(ip_adapter_state, strict=True)
+    except RuntimeError as exc:  # size mismatches
+        raise WeightsError(f"ip_adapter weights have the wrong sizes for this UNet: {exc}") from exc
+    return layers

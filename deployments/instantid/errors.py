@@ -1,0 +1,62 @@
+"""Errors the model code raises, each with a stable ``code`` the HTTP layer maps to a status.
+
+They carry only plain attributes so they pickle across Ray processes unchanged.
+"""
+
+from __future__ import annotations
+
+
+class InstantIDError(Exception):
+    """Base class. ``code`` is a short machine-readable identifier, ``status`` the HTTP status."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):  # keep the subclass and message across pickling (Ray)
+        return (type(self), (self.message,))
+
+
+class InvalidImageError(InstantIDError):
+    """The bytes are not a decodable image (truncated, corrupt, unknown format)."""
+
+    code = "invalid_image"
+    status = 400
+
+
+class UnsupportedImageTypeError(InstantIDError):
+    """The bytes are an image format we refuse (not PNG/JPEG/WebP), or a content type we refuse."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
+class ImageTooLargeError(InstantIDError):
+    """Too many bytes or too many pixels (decompression-bomb guard), refused before decoding."""
+
+    code = "image_too_large"
+    status = 413
+
+
+class NoFaceError(InstantIDError):
+    """No face was detected in an image that needs one."""
+
+    code = "no_face"
+    status = 422
+
+
+class InvalidParameterError(InstantIDError):
+    """A parameter is out of range or inconsistent with another."""
+
+    code = "invalid_parameter"
+    status = 422
+
+
+class WeightsError(InstantIDError):
+    """Model weights are missing, misplaced or do not match the expected format."""
+
+    code = "weights_error"
+    status = 500

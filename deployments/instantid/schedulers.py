@@ -1,0 +1,59 @@
+"""Scheduler names the API accepts, each a diffusers scheduler built from the base model's own config."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from diffusers import (
+    DDIMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+SchedulerName = Literal[
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde_karras",
+    "ddim",
+    "unipc",
+    "heun",
+    "deis",
+]
+
+DEFAULT_SCHEDULER: SchedulerName = "euler"
+
+_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "dpmpp_2m_sde_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "ddim": (DDIMScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "deis": (DEISMultistepScheduler, {}),
+}
+
+SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
+    """A fresh scheduler instance (schedulers keep per-run state: one per request, never shared)."""
+    try:
+        cls, overrides = _SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}") from None
+    return cls.from_config(dict(base_config), **overrides)

@@ -1,0 +1,174 @@
+"""Tiny random weights in exactly the published formats, for tests, CI and the local demo.
+
+Only tensor sizes differ from the real files: the SDXL folder is a real diffusers SDXL folder (two CLIP
+text encoders with offline byte-level tokenizers, a text_time UNet, a VAE with 8x downsampling, an Euler
+scheduler config), the InstantID folder holds ``ControlNetModel/`` and ``ip-adapter.bin`` with the
+published key layout, and ``antelopev2/`` the five insightface file names. Deterministic for a seed.
+The pictures it makes are meaningless; everything around them is real.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from .attention import install_face_attention
+from .resampler import Resampler, ResamplerConfig
+from .tiny_faces import write_tiny_antelopev2
+from .weights import CONTROLNET_DIR, IP_ADAPTER_FILE
+
+TEXT_HIDDEN = 32  # per encoder; the UNet's cross-attention width is 2 * TEXT_HIDDEN, as 768 + 1280 = 2048
+TIME_EMBED = 8
+
+
+def byte_level_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """A CLIP BPE tokenizer with no merges over all 256 bytes (and their word-final forms).
+
+    Any text tokenizes, with no download: the real vocabulary is a 49408-entry file we cannot fetch here.
+    """
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in bytes_to_unicode().values():
+        vocab.setdefault(symbol, len(vocab))
+    for symbol in bytes_to_unicode().values():
+        vocab.setdefault(symbol + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
+
+
+def _text_config(vocab_size: int, act: str, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=2 * TEXT_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act=act,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED,
+        projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * TIME_EMBED,
+        norm_num_groups=32,
+    )
+
+
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+
+
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL base's published scheduler settings."""
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+
+
+def _wake_zero_layers(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """ControlNets start with zero convolutions (no effect until trained); give them small random values
+    so tests can see IdentityNet's strength change the result."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim > 1 and not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
+    """Write ``sdxl/``, ``instantid/`` and ``antelopev2/`` under ``directory`` (replacing them atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory))
+    try:
+        torch.manual_seed(seed)
+        tokenizer = byte_level_tokenizer()
+        tokenizer_2 = byte_level_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
+        text_encoder = CLIPTextModel(_text_config(len(tokenizer), "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), "gelu", projection_dim=TEXT_HIDDEN))
+        unet = tiny_unet()
+        vae = tiny_vae()
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=sdxl_scheduler(),
+        )
+        pipe.save_pretrained(staging / "sdxl", safe_serialization=True)
+
+        generator = torch.Generator().manual_seed(seed + 1)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+        _wake_zero_layers(controlnet, generator)
+        controlnet.save_pretrained(staging / "instantid" / CONTROLNET_DIR, safe_serialization=True)
+
+        resampler = Resampler(ResamplerConfig(dim=128, heads=2, output_dim=unet.config.cross_attention_dim))
+        face_layers = install_face_attention(unet)
+        torch.save(
+            {"image_proj": resampler.state_dict(), "ip_adapter": face_layers.state_dict()},
+            staging / "instantid" / IP_ADAPTER_FILE,
+        )
+        write_tiny_antelopev2(staging / "antelopev2", seed=seed)
+
+        for part in ("sdxl", "instantid", "antelopev2"):
+            target = directory / part
+            if target.exists():
+                shutil.rmtree(target)
+            (staging / part).rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def tiny_weights_present(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return all((directory / p).is_dir() for p in ("sdxl", "instantid", "antelopev2"))

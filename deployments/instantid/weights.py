@@ -1,0 +1,181 @@
+"""Where weights come from and how they are laid out.
+
+One layout for tiny and real weights alike (DESIGN.md)::
+
+    WEIGHTS/sdxl/                       a diffusers SDXL folder (any SDXL checkpoint, finetunes too)
+    WEIGHTS/instantid/ControlNetModel/  config.json + diffusion_pytorch_model.safetensors (IdentityNet)
+    WEIGHTS/instantid/ip-adapter.bin    {'image_proj': resampler, 'ip_adapter': face K/V projections}
+    WEIGHTS/antelopev2/                 the five insightface .onnx files
+
+Each part may instead come from its own source: a local folder, a Hugging Face repo id (the hub cache;
+``HF_HUB_OFFLINE=1`` is respected) or an ``s3://bucket/prefix`` copied once into a local cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import WeightsError
+
+PARTS = ("sdxl", "instantid", "antelopev2")
+SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+CONTROLNET_DIR = "ControlNetModel"
+IP_ADAPTER_FILE = "ip-adapter.bin"
+
+
+def default_cache_dir() -> Path:
+    """Node-local cache for weights copied from S3 (``INSTANTID_CACHE`` or ~/.cache/instantid)."""
+    return Path(os.environ.get("INSTANTID_CACHE", Path.home() / ".cache" / "instantid"))
+
+
+def resolve_source(source: str | Path, cache_dir: Path | None = None, *, what: str = "weights") -> Path:
+    """A local folder for ``source``: an existing path, ``s3://bucket/prefix``, or a hub repo id.
+
+    Anything that is neither an existing path nor ``s3://`` and looks like ``owner/name`` is a hub repo id;
+    a path-like string that does not exist is an error (we never guess).
+    """
+    text = str(source)
+    if text.startswith("s3://"):
+        from deployments.storage.s3 import S3Settings, download_prefix, make_client, parse_s3_uri
+
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        dest = (cache_dir or default_cache_dir()) / "s3" / digest
+        try:
+            bucket, _ = parse_s3_uri(text)
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            client = make_client(S3Settings(bucket=bucket, endpoint_url=endpoint, read_timeout_s=120))
+            return download_prefix(client, text, dest)
+        except Exception as exc:
+            raise WeightsError(f"could not copy {what} from {text}: {exc}") from exc
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~")) and " " not in text
+    if not looks_like_repo:
+        raise WeightsError(f"{what} folder {path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=text, cache_dir=os.environ.get("HF_HUB_CACHE")))
+    except Exception as exc:  # offline mode, missing repo, no network
+        raise WeightsError(
+            f"could not get {what} from the Hugging Face hub repo {text!r} ({type(exc).__name__}: {exc}); "
+            "with HF_HUB_OFFLINE=1 the repo must already be in the hub cache"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class WeightsLayout:
+    """Resolved local folders of the three parts."""
+
+    sdxl: Path
+    instantid: Path
+    antelopev2: Path
+
+    @classmethod
+    def from_root(cls, root: str | Path) -> WeightsLayout:
+        root = Path(root)
+        return cls(root / "sdxl", root / "instantid", root / "antelopev2")
+
+    @classmethod
+    def resolve(
+        cls,
+        root: str | Path | None = None,
+        *,
+        sdxl: str | None = None,
+        instantid: str | None = None,
+        antelopev2: str | None = None,
+        cache_dir: Path | None = None,
+    ) -> WeightsLayout:
+        """Each part from its own source when given, else ``root/<part>``; sources resolved to folders."""
+        explicit = {"sdxl": sdxl, "instantid": instantid, "antelopev2": antelopev2}
+        folders: dict[str, Path] = {}
+        for part in PARTS:
+            source = explicit[part]
+            if source is None:
+                if root is None:
+                    raise WeightsError(f"no source for {part}: give a weights root or a {part} source")
+                source = str(root).rstrip("/") + "/" + part if str(root).startswith("s3://") else Path(root) / part
+            folders[part] = resolve_source(source, cache_dir, what=part)
+        return cls(**folders)
+
+    @property
+    def controlnet(self) -> Path:
+        return self.instantid / CONTROLNET_DIR
+
+    @property
+    def ip_adapter(self) -> Path:
+        return self.instantid / IP_ADAPTER_FILE
+
+    def check_sdxl(self) -> None:
+        missing = [s for s in SDXL_SUBFOLDERS if not (self.sdxl / s).is_dir()]
+        if missing or not (self.sdxl / "model_index.json").is_file():
+            raise WeightsError(
+                f"{self.sdxl} is not a diffusers SDXL folder: missing {', '.join(missing) or 'model_index.json'} "
+                f"(expected model_index.json and {', '.join(SDXL_SUBFOLDERS)}/)"
+            )
+
+    def check_instantid(self) -> None:
+        wanted = [
+            self.controlnet / "config.json",
+            self.controlnet / "diffusion_pytorch_model.safetensors",
+            self.ip_adapter,
+        ]
+        missing = [str(p.relative_to(self.instantid)) for p in wanted if not p.is_file()]
+        if missing:
+            found = sorted(p.name for p in self.instantid.iterdir()) if self.instantid.is_dir() else []
+            raise WeightsError(
+                f"InstantID folder {self.instantid} lacks {', '.join(missing)} "
+                f"(expected {CONTROLNET_DIR}/config.json, {CONTROLNET_DIR}/diffusion_pytorch_model.safetensors "
+                f"and {IP_ADAPTER_FILE} as in InstantX/InstantID; found: {found or 'nothing'})"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """Model identities for metadata: folder names and the SDXL/IdentityNet config hashes."""
+
+        def config_hash(path: Path) -> str | None:
+            return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else None
+
+        return {
+            "sdxl": str(self.sdxl),
+            "sdxl_unet_config": config_hash(self.sdxl / "unet" / "config.json"),
+            "identitynet_config": config_hash(self.controlnet / "config.json"),
+            "antelopev2": str(self.antelopev2),
+        }
+
+
+def load_ip_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(image_proj, ip_adapter)`` state dicts from ``ip-adapter.bin``, without unpickling objects."""
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist (expected the InstantID ip-adapter.bin)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path} is not a loadable tensor file: {exc}") from exc
+    if not isinstance(state, dict) or set(state) != {"image_proj", "ip_adapter"}:
+        keys = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        raise WeightsError(f"{path} must hold exactly 'image_proj' and 'ip_adapter' (found {keys})")
+    return state["image_proj"], state["ip_adapter"]
+
+
+def sdxl_variant(folder: Path) -> str | None:
+    """``"fp16"`` when a diffusers component folder has only fp16-variant weight files."""
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    plain = any(n.startswith("diffusion_pytorch_model.") and n.count(".") == 1 for n in names)
+    if not plain and any(".fp16." in n for n in names):
+        return "fp16"
+    return None
+
+
+def read_scheduler_config(sdxl: Path) -> dict[str, Any]:
+    path = sdxl / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing (the SDXL folder's scheduler config)")
+    return json.loads(path.read_text())

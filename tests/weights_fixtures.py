@@ -1,0 +1,31 @@
+"""Session fixtures: one tiny weights folder (written in the published formats) and models loaded from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deployments.instantid.loading import load_denoiser, load_prompt_encoder
+from deployments.instantid.tiny import write_tiny_weights
+from deployments.instantid.weights import WeightsLayout
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_weights(tmp_path_factory.mktemp("weights"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_layout(tiny_weights: Path) -> WeightsLayout:
+    return WeightsLayout.from_root(tiny_weights)
+
+
+@pytest.fixture(scope="session")
+def denoiser(tiny_layout: WeightsLayout):
+    return load_denoiser(tiny_layout, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def prompt_encoder(tiny_layout: WeightsLayout):
+    return load_prompt_encoder(tiny_layout, device="cpu", dtype="float32")
