@@ -11,6 +11,7 @@ residuals and the face-token attention.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,11 +32,14 @@ from .text import PromptEmbeddings
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Per-request sampling parameters (the published demo's defaults)."""
+    """Per-request sampling parameters (the published demo's defaults).
 
-    width: int
-    height: int
-    seed: int
+    ``width``/``height`` may be left None until face analysis has fixed the output size (``sized``).
+    """
+
+    width: int | None = None
+    height: int | None = None
+    seed: int = 0
     num_images: int = 1
     num_inference_steps: int = 30
     guidance_scale: float = 5.0
@@ -49,6 +53,9 @@ class GenerationParams:
     @property
     def do_classifier_free_guidance(self) -> bool:
         return self.guidance_scale > 1.0
+
+    def sized(self, width: int, height: int) -> GenerationParams:
+        return dataclasses.replace(self, width=width, height=height)
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share UNet/IdentityNet forwards (same latent shape and timesteps)."""
@@ -123,6 +130,8 @@ class InstantIDDenoiser:
     def _prepare_job(self, job: DenoiseJob) -> None:
         """Scheduler, generator, initial latents and conditioning of one job (as diffusers orders them)."""
         p = job.params
+        if p.width is None or p.height is None:
+            raise InvalidParameterError("the output size is not set (GenerationParams.sized)")
         if p.width % self.vae_scale_factor or p.height % self.vae_scale_factor:
             raise InvalidParameterError(f"width and height must be multiples of {self.vae_scale_factor}")
         scheduler = make_scheduler(p.scheduler, self.scheduler_config)

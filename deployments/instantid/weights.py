@@ -35,7 +35,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("INSTANTID_CACHE", Path.home() / ".cache" / "instantid"))
 
 
-def resolve_source(source: str | Path, cache_dir: Path | None = None, *, what: str = "weights") -> Path:
+def resolve_source(source: str | Path, cache_dir: str | Path | None = None, *, what: str = "weights") -> Path:
     """A local folder for ``source``: an existing path, ``s3://bucket/prefix``, or a hub repo id.
 
     Anything that is neither an existing path nor ``s3://`` and looks like ``owner/name`` is a hub repo id;
@@ -46,7 +46,7 @@ def resolve_source(source: str | Path, cache_dir: Path | None = None, *, what: s
         from deployments.storage.s3 import S3Settings, download_prefix, make_client, parse_s3_uri
 
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        dest = (cache_dir or default_cache_dir()) / "s3" / digest
+        dest = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "s3" / digest
         try:
             bucket, _ = parse_s3_uri(text)
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -92,9 +92,14 @@ class WeightsLayout:
         sdxl: str | None = None,
         instantid: str | None = None,
         antelopev2: str | None = None,
-        cache_dir: Path | None = None,
+        cache_dir: str | Path | None = None,
+        parts: tuple[str, ...] = PARTS,
     ) -> WeightsLayout:
-        """Each part from its own source when given, else ``root/<part>``; sources resolved to folders."""
+        """Each part from its own source when given, else ``root/<part>``, resolved to a local folder.
+
+        Only ``parts`` are fetched (a face-analysis replica needs no SDXL download); the others keep their
+        unresolved location and must not be used.
+        """
         explicit = {"sdxl": sdxl, "instantid": instantid, "antelopev2": antelopev2}
         folders: dict[str, Path] = {}
         for part in PARTS:
@@ -103,7 +108,7 @@ class WeightsLayout:
                 if root is None:
                     raise WeightsError(f"no source for {part}: give a weights root or a {part} source")
                 source = str(root).rstrip("/") + "/" + part if str(root).startswith("s3://") else Path(root) / part
-            folders[part] = resolve_source(source, cache_dir, what=part)
+            folders[part] = resolve_source(source, cache_dir, what=part) if part in parts else Path(str(source))
         return cls(**folders)
 
     @property

@@ -1,0 +1,54 @@
+"""PromptEncoder deployment (small GPU): prompts -> SDXL text embeddings, batched across requests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray import serve
+
+from deployments.instantid.loading import load_prompt_encoder
+from deployments.instantid.weights import WeightsLayout
+from deployments.messages import PromptRequest, PromptResult, stage_timer
+
+
+@serve.deployment(name="PromptEncoder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
+class PromptEncoderDeployment:
+    def __init__(
+        self,
+        weights: dict[str, Any],
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.01,
+    ) -> None:
+        layout = WeightsLayout.resolve(**weights, parts=("sdxl",))
+        self.encoder = load_prompt_encoder(layout, device=device, dtype=dtype)
+        self._encode_batch.set_max_batch_size(max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def encode(self, request: PromptRequest) -> PromptResult:
+        return await self._encode_batch(request)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _encode_batch(self, requests: list[PromptRequest]) -> list[PromptResult]:
+        return await asyncio.to_thread(self._encode_now, requests)
+
+    def _encode_now(self, requests: list[PromptRequest]) -> list[PromptResult]:
+        results: list[PromptResult | None] = [None] * len(requests)
+        for cfg in (True, False):  # one forward per CFG mode
+            rows = [i for i, r in enumerate(requests) if r.do_classifier_free_guidance == cfg]
+            if not rows:
+                continue
+            timings: dict[str, dict[str, float]] = {}
+            with stage_timer(timings, "prompt"):
+                embeddings = self.encoder.encode(
+                    [requests[i].prompt for i in rows], [requests[i].negative_prompt for i in rows], cfg
+                )
+            for i, emb in zip(rows, embeddings, strict=True):
+                results[i] = PromptResult(emb, dict(timings))
+        return [r for r in results if r is not None]
+
+    def check_health(self) -> None:
+        if next(self.encoder.encoders[1].parameters()).isnan().any():
+            raise RuntimeError("text encoder weights are corrupted (NaN)")

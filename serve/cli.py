@@ -1,0 +1,204 @@
+"""The ``instantid`` command line: demo, serve, generate, weights."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+HOME_ENV = "INSTANTID_HOME"
+
+
+def instantid_home() -> Path:
+    """Where the CLI keeps tiny weights, the embedded S3 data and demo outputs (``INSTANTID_HOME``)."""
+    return Path(os.environ.get(HOME_ENV, Path.home() / ".instantid")).expanduser()
+
+
+class CliError(Exception):
+    """A one-line reason to exit non-zero."""
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="one generation in-process (no Ray)")
+    p.add_argument("--weights", required=True, type=Path, help="weights folder (sdxl/, instantid/, antelopev2/)")
+    p.add_argument("--face", required=True, type=Path, help="identity photo")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--style", default=None, help="style preset (default: the API's default)")
+    p.add_argument("--pose", type=Path, default=None, help="photo whose largest face sets pose and size")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--identitynet-strength", type=float, default=None)
+    p.add_argument("--adapter-strength", type=float, default=None)
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--no-enhance-face-region", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", required=True, type=Path, help="output file (.png, .jpg, .webp)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from serve.schemas import GenerationOptions
+
+    given = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "style": args.style,
+        "seed": args.seed,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "identitynet_strength": args.identitynet_strength,
+        "adapter_strength": args.adapter_strength,
+        "scheduler": args.scheduler,
+        "width": args.width,
+        "height": args.height,
+    }
+    if args.no_enhance_face_region:
+        given["enhance_face_region"] = False
+    try:
+        options = GenerationOptions(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        from serve.api import _validation_message
+
+        raise CliError(_validation_message(exc)) from None
+    suffix = args.out.suffix.lower()
+    if suffix not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise CliError(f"--out must end in .png, .jpg or .webp (got {args.out.name})")
+
+    from deployments.instantid.images import decode_image
+    from deployments.instantid.weights import WeightsLayout
+
+    face = decode_image(_read(args.face, "--face"))
+    pose = decode_image(_read(args.pose, "--pose")) if args.pose else None
+    pipeline, params, seed = _pipeline_and_params(WeightsLayout.from_root(args.weights), options, args)
+    output = pipeline(face, options.prompt, options.negative_prompt, params=params, style=options.style, pose_rgb=pose)
+    _write_images(output.images, args.out, options.output_quality)
+    print(f"wrote {args.out} ({output.params.width}x{output.params.height}, seed {seed})")
+    return 0
+
+
+def _pipeline_and_params(layout, options, args):
+    import secrets
+
+    from deployments.instantid.generate import InstantIDPipeline
+    from deployments.instantid.pipeline import GenerationParams
+    from serve.schemas import MAX_SEED
+
+    seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    params = GenerationParams(
+        width=options.width,
+        height=options.height,
+        seed=seed,
+        num_images=options.num_images,
+        num_inference_steps=options.num_inference_steps,
+        guidance_scale=options.guidance_scale,
+        identitynet_strength=options.identitynet_strength,
+        adapter_strength=options.adapter_strength,
+        control_guidance_start=options.control_guidance_start,
+        control_guidance_end=options.control_guidance_end,
+        enhance_face_region=options.enhance_face_region,
+        scheduler=options.scheduler,
+    )
+    pipeline = InstantIDPipeline.from_layout(layout, device=args.device, dtype=args.dtype)
+    return pipeline, params, seed
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+
+
+def _write_images(images, out: Path, quality: int) -> None:
+    from PIL import Image
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for index, rgb in enumerate(images):
+        path = out if index == 0 else out.with_name(f"{out.stem}-{index}{out.suffix}")
+        kwargs = {} if out.suffix.lower() == ".png" else {"quality": quality}
+        Image.fromarray(rgb).save(path, **kwargs)
+
+
+def cmd_weights_tiny(args: argparse.Namespace) -> int:
+    from deployments.instantid.tiny import write_tiny_weights
+
+    write_tiny_weights(args.dir, seed=args.seed)
+    print(f"wrote tiny weights to {args.dir} (random: the pictures they make are meaningless)")
+    return 0
+
+
+def cmd_weights_download(args: argparse.Namespace) -> int:
+    from serve.download import download_real_weights
+
+    download_real_weights(args.dir, sdxl_repo=args.sdxl, antelopev2_repo=args.antelopev2)
+    print(f"downloaded real weights to {args.dir}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.runner import run_config
+
+    run_config(args.config, port=args.port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from serve.demo import run_demo
+
+    run_demo(instantid_home() if args.home is None else args.home)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instantid", description="InstantID on Ray Serve")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="local Ray + embedded S3 + tiny weights + one request through HTTP")
+    demo.add_argument("--home", type=Path, default=None, help=f"state folder (default ${HOME_ENV} or ~/.instantid)")
+    demo.set_defaults(func=cmd_demo)
+
+    serve_p = sub.add_parser("serve", help="run a Serve config file (local or production)")
+    serve_p.add_argument("config", type=Path)
+    serve_p.add_argument("--port", type=int, default=None, help="override http_options.port")
+    serve_p.set_defaults(func=cmd_serve)
+
+    _add_generate(sub)
+    sub.choices["generate"].set_defaults(func=cmd_generate)
+
+    weights = sub.add_parser("weights", help="write tiny weights or download real ones")
+    wsub = weights.add_subparsers(dest="weights_command", required=True)
+    tiny = wsub.add_parser("tiny", help="tiny random weights in the published formats")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_weights_tiny)
+    download = wsub.add_parser("download", help="InstantX/InstantID + an SDXL base + antelopev2 from the hub")
+    download.add_argument("dir", type=Path)
+    download.add_argument("--sdxl", default="stabilityai/stable-diffusion-xl-base-1.0", help="SDXL base repo id")
+    download.add_argument("--antelopev2", default="DIAMONIK7777/antelopev2", help="hub repo with the 5 .onnx files")
+    download.set_defaults(func=cmd_weights_download)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from deployments.instantid.errors import InstantIDError
+
+    try:
+        return args.func(args)
+    except (CliError, InstantIDError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

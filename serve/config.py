@@ -1,0 +1,133 @@
+"""The application's typed configuration: the ``args`` of a Serve config file (local.yaml, production.yaml).
+
+One pydantic model per concern; each deployment's Ray options (replicas or autoscaling, actor resources,
+queue limits) live next to its model options, so a cluster can size every stage on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.storage.s3 import S3Settings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve options of one deployment (passed to ``Deployment.options``)."""
+
+    num_replicas: int | Literal["auto"] | None = Field(default=None, description="Fixed replicas (or autoscaling).")
+    autoscaling_config: dict[str, Any] | None = Field(
+        default=None, description="Ray Serve AutoscalingConfig: min_replicas, max_replicas, target_ongoing_requests..."
+    )
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=dict, description="num_cpus, num_gpus, memory, resources, accelerator_type, label_selector..."
+    )
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    max_queued_requests: int | None = Field(default=None, description="-1: unbounded; beyond it callers get 503.")
+    health_check_period_s: float | None = Field(default=None, gt=0)
+    health_check_timeout_s: float | None = Field(default=None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> DeploymentOptions:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        return self
+
+    def to_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class WeightsConfig(_Strict):
+    """Where weights come from: a root with the standard layout, or a source per part.
+
+    A source is a local folder, ``s3://bucket/prefix`` (copied into ``cache_dir`` on replica start) or a
+    Hugging Face repo id.
+    """
+
+    root: str | None = None
+    sdxl: str | None = None
+    instantid: str | None = None
+    antelopev2: str | None = None
+    cache_dir: str | None = Field(default=None, description="Node-local cache for s3:// sources.")
+    make_tiny_if_missing: bool = Field(
+        default=False, description="`instantid serve`/`demo` write tiny random weights at `root` when it is empty."
+    )
+
+    @model_validator(mode="after")
+    def _has_sources(self) -> WeightsConfig:
+        if self.root is None and None in (self.sdxl, self.instantid, self.antelopev2):
+            raise ValueError("weights need a root, or all of sdxl, instantid and antelopev2")
+        return self
+
+
+class BatchOptions(_Strict):
+    max_batch_size: int = Field(default=8, ge=1, description="Denoiser: latents per batch; encoder: prompts.")
+    batch_wait_timeout_s: float = Field(default=0.02, ge=0)
+
+
+class FaceConfig(_Strict):
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    providers: list[str] | None = Field(default=None, description="onnxruntime providers; None: CUDA if present.")
+    long_side: int = Field(default=1280, ge=256, le=2048, description="Reference size rule's long side.")
+
+
+class PromptConfig(_Strict):
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    batching: BatchOptions = Field(default_factory=lambda: BatchOptions(max_batch_size=16, batch_wait_timeout_s=0.01))
+
+
+class DenoiserConfig(_Strict):
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    vae_batch_size: int = Field(default=2, ge=1)
+    batching: BatchOptions = Field(default_factory=BatchOptions)
+
+    @model_validator(mode="after")
+    def _room_for_one_request(self) -> DenoiserConfig:
+        if self.batching.max_batch_size < 8:
+            raise ValueError("denoiser batching.max_batch_size counts latents and must be >= 8 (num_images max)")
+        return self
+
+
+class StoreConfig(_Strict):
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+
+class StorageConfig(_Strict):
+    s3: S3Settings
+    embedded_data_dir: str | None = Field(
+        default=None,
+        description="When set, `instantid serve`/`demo` start the embedded SeaweedFS with this data folder "
+        "and pass its endpoint and credentials to Ray through the environment.",
+    )
+
+
+class ApiConfig(_Strict):
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="Per image, after base64 decoding.")
+    max_image_pixels: int = Field(default=40_000_000, ge=65_536, description="Decoded-size guard (bombs).")
+    allowed_input_buckets: list[str] = Field(
+        default_factory=list, description="Buckets s3:// inputs may come from; the results bucket is never implied."
+    )
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class AppConfig(_Strict):
+    """Everything ``serve.app:build_app`` needs."""
+
+    weights: WeightsConfig
+    storage: StorageConfig
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    ingress: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    face: FaceConfig = Field(default_factory=FaceConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)

@@ -1,0 +1,82 @@
+"""``instantid weights download DIR``: the real weights into the layout ``instantid weights tiny`` writes.
+
+Sources (Hugging Face hub): ``InstantX/InstantID`` (IdentityNet + ip-adapter.bin), an SDXL base in
+diffusers format, and a repo holding the five antelopev2 .onnx files (insightface's own download URL is
+dead). Every LFS file's sha256, which the hub publishes, is checked after download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from deployments.instantid.errors import WeightsError
+from deployments.instantid.faces import ANTELOPEV2_FILES
+
+INSTANTID_REPO = "InstantX/InstantID"
+INSTANTID_FILES = (
+    "ControlNetModel/config.json",
+    "ControlNetModel/diffusion_pytorch_model.safetensors",
+    "ip-adapter.bin",
+)
+SDXL_PATTERNS = (
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*",
+    "tokenizer_2/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch(repo: str, dest: Path, patterns: tuple[str, ...]) -> None:
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        info = HfApi().model_info(repo, files_metadata=True)
+        snapshot = Path(snapshot_download(repo_id=repo, allow_patterns=list(patterns)))
+    except Exception as exc:  # offline, no such repo, gated repo without a token
+        raise WeightsError(f"cannot download {repo} from the Hugging Face hub: {type(exc).__name__}: {exc}") from None
+    wanted = [s for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in patterns)]
+    if not wanted:
+        raise WeightsError(f"{repo} has none of the expected files ({', '.join(patterns)})")
+    for sibling in wanted:
+        source = snapshot / sibling.rfilename
+        expected = getattr(getattr(sibling, "lfs", None), "sha256", None)
+        if expected and _sha256(source) != expected:
+            raise WeightsError(f"{repo}/{sibling.rfilename}: sha256 mismatch (corrupted download)")
+        target = dest / sibling.rfilename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
+def download_real_weights(directory: Path, *, sdxl_repo: str, antelopev2_repo: str) -> Path:
+    """Download into ``directory/{sdxl,instantid,antelopev2}``; one clear error when offline."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise WeightsError("HF_HUB_OFFLINE=1: cannot download weights (copy them into the layout instead)")
+    directory = Path(directory)
+    _fetch(INSTANTID_REPO, directory / "instantid", INSTANTID_FILES)
+    _fetch(sdxl_repo, directory / "sdxl", SDXL_PATTERNS)
+    _fetch(antelopev2_repo, directory / "antelopev2", tuple(f"*{name}" for name in ANTELOPEV2_FILES))
+    nested = [p for p in (directory / "antelopev2").rglob("*.onnx") if p.parent != directory / "antelopev2"]
+    for path in nested:  # repos that keep the files in a subfolder: flatten into the expected layout
+        path.replace(directory / "antelopev2" / path.name)
+    return directory

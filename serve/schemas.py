@@ -1,0 +1,148 @@
+"""The public request and response models: the single source of truth for defaults and ranges.
+
+Used by the HTTP routes (JSON and multipart), by Python ``DeploymentHandle`` callers and for OpenAPI.
+Defaults follow the public InstantID demo (REFERENCE.md §6).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.instantid.schedulers import DEFAULT_SCHEDULER, SchedulerName
+from deployments.instantid.styles import DEFAULT_STYLE, StyleName
+
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 2000
+MAX_SIDE = 2048
+MIN_SIDE = 256
+MAX_PIXELS = 2048 * 2048
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
+
+
+class GenerationOptions(BaseModel):
+    """Everything about a generation except the images themselves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    style: StyleName = Field(default=DEFAULT_STYLE, description="Prompt template preset ('none' to disable).")
+    num_inference_steps: int = Field(default=30, ge=1, le=100)
+    guidance_scale: float = Field(default=5.0, ge=0.0, le=20.0)
+    identitynet_strength: float = Field(default=0.8, ge=0.0, le=1.5, description="IdentityNet (ControlNet) scale.")
+    adapter_strength: float = Field(default=0.8, ge=0.0, le=1.5, description="Face-token attention scale.")
+    control_guidance_start: float = Field(default=0.0, ge=0.0, le=1.0)
+    control_guidance_end: float = Field(default=1.0, ge=0.0, le=1.0)
+    enhance_face_region: bool = Field(default=True, description="Confine IdentityNet and face tokens to the face.")
+    scheduler: SchedulerName = DEFAULT_SCHEDULER
+    width: Side | None = Field(default=None, description="With height; absent: the reference size rule.")
+    height: Side | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Absent: drawn and returned.")
+    num_images: int = Field(default=1, ge=1, le=8)
+    output_format: OutputFormat = "webp"
+    output_quality: int = Field(default=95, ge=1, le=100, description="JPEG/WebP quality.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> GenerationOptions:
+        if self.control_guidance_start >= self.control_guidance_end:
+            raise ValueError("control_guidance_start must be less than control_guidance_end")
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both width and height, or neither")
+        if self.width is not None and self.height is not None and self.width * self.height > MAX_PIXELS:
+            raise ValueError(f"width*height must be at most {MAX_PIXELS} pixels")
+        return self
+
+
+class GenerateRequest(GenerationOptions):
+    """JSON body of ``POST /v1/generate`` and the argument of ``Ingress.generate`` over a handle.
+
+    Images come as base64 (``*_b64``) or as ``s3://`` URIs in an allowed bucket (``*_uri``); multipart
+    uploads fill ``*_b64``'s place with the file bytes.
+    """
+
+    face_image_b64: str | None = Field(default=None, description="The identity photo, base64.")
+    face_image_uri: str | None = Field(default=None, description="The identity photo as s3://bucket/key.")
+    pose_image_b64: str | None = Field(default=None, description="Optional pose/composition photo, base64.")
+    pose_image_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _check_images(self) -> GenerateRequest:
+        if (self.face_image_b64 is None) == (self.face_image_uri is None):
+            raise ValueError("give exactly one of face_image_b64 and face_image_uri")
+        if self.pose_image_b64 is not None and self.pose_image_uri is not None:
+            raise ValueError("give at most one of pose_image_b64 and pose_image_uri")
+        return self
+
+    def options(self) -> GenerationOptions:
+        return GenerationOptions(**self.model_dump(include=set(GenerationOptions.model_fields)))
+
+
+class FacesRequest(BaseModel):
+    """JSON body of ``POST /v1/faces``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_b64: str | None = None
+    image_uri: str | None = None
+    include_keypoint_image: bool = False
+
+    @model_validator(mode="after")
+    def _check_image(self) -> FacesRequest:
+        if (self.image_b64 is None) == (self.image_uri is None):
+            raise ValueError("give exactly one of image_b64 and image_uri")
+        return self
+
+
+class FaceInfo(BaseModel):
+    box: list[float] = Field(description="x1, y1, x2, y2 in the analysed image's pixels.")
+    keypoints: list[list[float]] = Field(description="5 points: eyes, nose, mouth corners.")
+    score: float
+
+
+class StoredImage(BaseModel):
+    uri: str
+    url: str = Field(description="Presigned GET URL; expires.")
+    width: int
+    height: int
+    bytes: int
+    content_type: str
+
+
+class StageTiming(BaseModel):
+    start: float = Field(description="Unix time, seconds.")
+    end: float
+    seconds: float
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    request_id: str
+    images: list[StoredImage]
+    seed: int
+    face: FaceInfo
+    timings: dict[str, StageTiming]
+    parameters: dict[str, Any] = Field(description="The effective parameters, defaults filled in.")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class FacesResponse(BaseModel):
+    request_id: str
+    width: int
+    height: int
+    faces: list[FaceInfo]
+    chosen: int | None = Field(description="Index of the face generation would use (the largest).")
+    keypoint_image_png_b64: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
