@@ -157,6 +157,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_render(args: argparse.Namespace) -> int:
+    from serve.cluster import render_main
+
+    return render_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instantid", description="InstantID on Ray Serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--sdxl", default="stabilityai/stable-diffusion-xl-base-1.0", help="SDXL base repo id")
     download.add_argument("--antelopev2", default="DIAMONIK7777/antelopev2", help="hub repo with the 5 .onnx files")
     download.set_defaults(func=cmd_weights_download)
+
+    cluster = sub.add_parser("cluster", help="KubeRay manifests")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True)
+    render = csub.add_parser("render", help="write cluster/rayservice.yaml's serveConfigV2 from production.yaml")
+    render.add_argument("--config", type=Path, default=None, help="Serve config (default: the packaged production.yaml)")
+    render.add_argument("--out", type=Path, default=None, help="manifest to update (default: cluster/rayservice.yaml)")
+    render.add_argument("--check", action="store_true", help="exit 1 if the manifest is out of date")
+    render.set_defaults(func=cmd_cluster_render)
     return parser
 
 
