@@ -5,7 +5,7 @@ the Denoiser's response straight into the ResultStore call, so no image passes t
 A response is sent only after the store confirmed every object in S3.
 """
 
-from __future__ import annotations
+# No "from __future__ import annotations": FastAPI must see real types on the ingress methods.
 
 import asyncio
 import base64
@@ -83,6 +83,8 @@ class ApiError(Exception):
 
 
 def _request_id(request: Request) -> str:
+    """Serve's proxy puts the request id (the client's X-Request-ID, or a new one) on the request and on
+    every response; we reuse it so logs, errors, bodies and meta.json all carry the same id."""
     rid = getattr(request.state, "request_id", None)
     if rid is None:
         given = request.headers.get(REQUEST_ID_HEADER, "")
@@ -94,7 +96,7 @@ def _request_id(request: Request) -> str:
 def _error(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None):
     rid = _request_id(request)
     body = {"error": {"code": code, "message": message, "request_id": rid}}
-    return JSONResponse(body, status_code=status, headers={REQUEST_ID_HEADER: rid, **(headers or {})})
+    return JSONResponse(body, status_code=status, headers=headers or {})
 
 
 def _validation_message(exc: ValidationError | RequestValidationError) -> str:
@@ -271,20 +273,20 @@ class Ingress:
         rid = _request_id(request)
         fields = await self._read_body(request, file_fields=("face_image", "pose_image"))
         result = await self.generate(GenerateRequest(**fields), rid)
-        return JSONResponse(result.model_dump(mode="json"), headers={REQUEST_ID_HEADER: rid})
+        return JSONResponse(result.model_dump(mode="json"))
 
     @app.post("/v1/faces", response_model=FacesResponse, summary="Detect faces; show the one generation would use")
     async def http_faces(self, request: Request) -> JSONResponse:
         rid = _request_id(request)
         fields = await self._read_body(request, file_fields=("image",))
         result = await self.analyze_faces(FacesRequest(**fields), rid)
-        return JSONResponse(result.model_dump(mode="json"), headers={REQUEST_ID_HEADER: rid})
+        return JSONResponse(result.model_dump(mode="json"))
 
     @app.get("/v1/generations/{generation_id}", summary="Stored metadata of a generation, with fresh URLs")
     async def http_get_generation(self, generation_id: str, request: Request) -> JSONResponse:
         rid = _request_id(request)
         meta = await self.get_generation(generation_id)
-        return JSONResponse(meta, headers={REQUEST_ID_HEADER: rid})
+        return JSONResponse(meta)
 
     @app.get("/healthz", summary="Liveness of the ingress")
     async def http_health(self) -> dict[str, str]:

@@ -11,6 +11,8 @@ import pytest
 
 from serve.seaweed import EmbeddedS3
 
+pytest_plugins = ["tests.weights_fixtures", "tests.serve_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def embedded_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:

@@ -18,6 +18,15 @@ from .weights import WeightsLayout, load_ip_adapter, read_scheduler_config, sdxl
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def quiet_progress_bars() -> None:
+    """Loading bars are noise in server logs and CLI output (they are process-wide switches)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,6 +49,7 @@ def load_denoiser(
     """UNet + VAE from the SDXL folder, IdentityNet + resampler + face K/V from the InstantID folder."""
     layout.check_sdxl()
     layout.check_instantid()
+    quiet_progress_bars()
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     try:
@@ -71,6 +81,7 @@ def load_denoiser(
 
 
 def load_prompt_encoder(layout: WeightsLayout, *, device: str = "auto", dtype: str = "auto") -> SDXLPromptEncoder:
+    quiet_progress_bars()
     dev = pick_device(device)
     return SDXLPromptEncoder.from_pretrained(layout.sdxl, device=dev, dtype=pick_dtype(dtype, dev))
 

@@ -147,7 +147,7 @@ class InstantIDDenoiser:
         latents = latents * scheduler.init_noise_sigma
 
         cfg = p.do_classifier_free_guidance
-        embedding = torch.as_tensor(np.asarray(job.face_embedding, dtype=np.float32))[None]
+        embedding = torch.tensor(np.asarray(job.face_embedding, dtype=np.float32))[None]
         face_pos, face_neg = self.resampler.face_tokens(embedding, with_negative=cfg)
         keypoint_image = draw_keypoint_image(np.asarray(job.keypoints, dtype=np.float32), p.width, p.height)
         control_image = torch.from_numpy(keypoint_image).float().div(255.0).permute(2, 0, 1)[None]

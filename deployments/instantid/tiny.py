@@ -124,6 +124,9 @@ def _wake_zero_layers(model: torch.nn.Module, generator: torch.Generator) -> Non
 
 def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
     """Write ``sdxl/``, ``instantid/`` and ``antelopev2/`` under ``directory`` (replacing them atomically)."""
+    from .loading import quiet_progress_bars
+
+    quiet_progress_bars()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory))
