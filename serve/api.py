@@ -284,7 +284,6 @@ class Ingress:
 
     @app.get("/v1/generations/{generation_id}", summary="Stored metadata of a generation, with fresh URLs")
     async def http_get_generation(self, generation_id: str, request: Request) -> JSONResponse:
-        rid = _request_id(request)
         meta = await self.get_generation(generation_id)
         return JSONResponse(meta)
 

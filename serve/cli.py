@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = sub.add_parser("cluster", help="KubeRay manifests")
     csub = cluster.add_subparsers(dest="cluster_command", required=True)
     render = csub.add_parser("render", help="write cluster/rayservice.yaml's serveConfigV2 from production.yaml")
-    render.add_argument("--config", type=Path, default=None, help="Serve config (default: the packaged production.yaml)")
+    render.add_argument("--config", type=Path, default=None, help="Serve config (default: packaged production.yaml)")
     render.add_argument("--out", type=Path, default=None, help="manifest to update (default: cluster/rayservice.yaml)")
     render.add_argument("--check", action="store_true", help="exit 1 if the manifest is out of date")
     render.set_defaults(func=cmd_cluster_render)
