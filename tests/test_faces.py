@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -204,6 +205,14 @@ def test_detected_face_value_object(analyzer: FaceAnalyzer, astronaut: np.ndarra
         DetectedFace([0, 0, 4], np.zeros((5, 2)), 0.9)
 
 
+def test_detected_face_pickles_for_ray(analyzer: FaceAnalyzer, astronaut: np.ndarray) -> None:
+    face = analyzer.analyze(astronaut)
+    copy = pickle.loads(pickle.dumps(face))
+    np.testing.assert_array_equal(copy.embedding, face.embedding)
+    np.testing.assert_array_equal(copy.kps, face.kps)
+    assert copy.det_score == face.det_score
+
+
 def test_check_health(analyzer: FaceAnalyzer) -> None:
     analyzer.check_health()
 
@@ -249,6 +258,14 @@ def test_nested_folder_names_the_path_to_use(pack: Path, tmp_path: Path) -> None
     assert "antelopev2/" in message  # what was found: the inner folder
     _assert_names_expected(message)
     FaceAnalyzer(outer / "antelopev2", providers=CPU)  # and the suggestion works
+
+
+def test_doubly_nested_folder(pack: Path, tmp_path: Path) -> None:
+    inner = tmp_path / "models" / "antelopev2" / "antelopev2"
+    shutil.copytree(pack, inner)
+    with pytest.raises(WeightsError) as info:
+        FaceAnalyzer(tmp_path / "models", providers=CPU)
+    assert f"Use {inner} as the antelopev2 folder" in info.value.message
 
 
 def test_folder_lacking_recognizer(pack: Path, tmp_path: Path) -> None:

@@ -249,6 +249,12 @@ def test_too_many_bytes() -> None:
     assert decode_image(data, max_bytes=len(data)).shape == (32, 48, 3)
 
 
+def test_type_is_checked_before_size() -> None:
+    # An oversized GIF is refused for its type (415): the magic bytes are looked at first.
+    with pytest.raises(UnsupportedImageTypeError):
+        decode_image(b"GIF89a" + b"\x00" * 100, max_bytes=10)
+
+
 def test_bomb_header_refused_before_decoding() -> None:
     # 50000 x 50000 claimed by a 100-byte file: refused from the header (Pillow's own bomb error included).
     data = png_header_only(50_000, 50_000)

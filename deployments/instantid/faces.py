@@ -112,16 +112,22 @@ def _listing(directory: Path, limit: int = 12) -> str:
     return ", ".join(names) + more
 
 
-def _nested_pack(directory: Path) -> Path | None:
-    """A sub-folder (up to two levels down) holding the required files: the classic double-unzip layout."""
+def _subfolders(directory: Path) -> list[Path]:
     try:
-        candidates = sorted(p for p in directory.rglob(DETECTOR_FILE) if p.parent != directory)
+        return sorted(p for p in directory.iterdir() if p.is_dir())
     except OSError:
-        return None
-    for candidate in candidates:
-        depth = len(candidate.parent.relative_to(directory).parts)
-        if depth <= 2 and all((candidate.parent / name).is_file() for name in REQUIRED_FILES):
-            return candidate.parent
+        return []
+
+
+def _nested_pack(directory: Path) -> Path | None:
+    """A sub-folder, one or two levels down, holding the required files: the classic double-unzip layout.
+
+    Only those two levels are listed (no recursive walk), so pointing at a large tree stays fast.
+    """
+    for child in _subfolders(directory):
+        for candidate in (child, *_subfolders(child)):
+            if all((candidate / name).is_file() for name in REQUIRED_FILES):
+                return candidate
     return None
 
 
@@ -149,7 +155,7 @@ def validate_model_dir(model_dir: str | Path) -> Path:
     nested = _nested_pack(directory)
     if nested is not None:
         raise WeightsError(
-            f"antelopev2 face model folder {directory} has the model files one level down, in {nested} "
+            f"antelopev2 face model folder {directory} has the model files in a sub-folder, {nested} "
             f"(unzipping antelopev2.zip inside a folder named antelopev2 gives antelopev2/antelopev2/). "
             f"Use {nested} as the antelopev2 folder instead, or move its files up; {_expected_text()}. "
             f"Found in {directory}: {found}."

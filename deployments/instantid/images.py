@@ -2,12 +2,11 @@
 
 Uploads are untrusted, so the order of checks matters:
 
-1. size in bytes (cheap, before anything else);
-2. magic bytes: only PNG, JPEG and WebP reach a decoder at all (no GIF/TIFF/BMP/... parser runs on
-   user data), and each reaches only its own Pillow plugin;
-3. the header's pixel count, read lazily by ``Image.open`` before any pixel is decoded: a tiny file that
+1. magic bytes: only PNG, JPEG and WebP reach a decoder at all (no GIF/TIFF/BMP/... parser runs on
+   user data), and each reaches only its own Pillow plugin; then the size in bytes;
+2. the header's pixel count, read lazily by ``Image.open`` before any pixel is decoded: a tiny file that
    claims 50000x50000 (a decompression bomb) is refused without allocating it;
-4. decoding, with truncation and corruption reported as a client error rather than a 500.
+3. decoding, with truncation and corruption reported as a client error rather than a 500.
 
 Then what users expect from a photo viewer: EXIF orientation applied (phone photos are stored sideways),
 the first frame of an animation, transparency composited on white, and every pixel format (palette,
@@ -90,13 +89,13 @@ def decode_image(
         raise InvalidImageError(f"expected image bytes, got {type(data).__name__}")
     if not data:
         raise InvalidImageError("the image is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise ImageTooLargeError(f"the image is {len(data)} bytes; the limit is {max_bytes} bytes")
     fmt = sniff_format(data)
     if fmt is None:
         raise UnsupportedImageTypeError(
             f"unsupported image type ({_describe_unsupported(data)}); accepted types: {_ACCEPTED_TEXT}"
         )
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"the image is {len(data)} bytes; the limit is {max_bytes} bytes")
     limit = _pixel_limit(max_pixels)
     try:
         # The "error" filter turns Pillow's DecompressionBombWarning into an exception. catch_warnings is
