@@ -24,12 +24,14 @@ class FaceAnalyzerDeployment:
         weights: dict[str, Any],
         providers: list[str] | None = None,
         long_side: int = 1280,
+        min_face_px: int = 32,
         max_image_bytes: int = 20 * 1024 * 1024,
         max_image_pixels: int = 40_000_000,
     ) -> None:
         layout = WeightsLayout.resolve(**weights, parts=("antelopev2",))
         self.analyzer = FaceAnalyzer(layout.antelopev2, providers=providers)
         self.long_side = long_side
+        self.min_face_px = min_face_px
         self.limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels}
 
     def analyze(self, request: FaceRequest) -> FaceResult:
@@ -38,7 +40,13 @@ class FaceAnalyzerDeployment:
             face_rgb = decode_image(request.face_image, **self.limits)
             pose_rgb = decode_image(request.pose_image, **self.limits) if request.pose_image is not None else None
             condition = prepare_face_condition(
-                self.analyzer, face_rgb, pose_rgb, width=request.width, height=request.height, long_side=self.long_side
+                self.analyzer,
+                face_rgb,
+                pose_rgb,
+                width=request.width,
+                height=request.height,
+                long_side=self.long_side,
+                min_face_px=self.min_face_px,
             )
         return FaceResult(condition, timings)
 

@@ -10,21 +10,24 @@ A response is sent only after the store confirmed every object in S3.
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import re
 import secrets
 import time
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
@@ -40,6 +43,7 @@ from deployments.instantid.styles import apply_style
 from deployments.messages import FaceRequest, PromptRequest
 from deployments.storage.results import GenerationNotFound, new_generation_id, validate_generation_id
 from deployments.storage.s3 import S3Settings, make_client, parse_s3_uri
+from serve.auth import ANONYMOUS, ApiKeys, AuthError
 from serve.config import ApiConfig
 from serve.schemas import (
     MAX_SEED,
@@ -58,6 +62,7 @@ logger = logging.getLogger("ray.serve")
 API_VERSION = "1"
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "application/octet-stream"}
 
 app = FastAPI(
@@ -66,10 +71,13 @@ app = FastAPI(
     description="Identity-preserving SDXL generation (InstantID) on Ray Serve; results in S3.",
     responses={
         400: {"model": ErrorResponse},
+        401: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
         413: {"model": ErrorResponse},
         415: {"model": ErrorResponse},
         422: {"model": ErrorResponse},
         503: {"model": ErrorResponse},
+        504: {"model": ErrorResponse},
     },
 )
 
@@ -93,10 +101,20 @@ def _request_id(request: Request) -> str:
     return rid
 
 
-def _error(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-    rid = _request_id(request)
-    body = {"error": {"code": code, "message": message, "request_id": rid}}
-    return JSONResponse(body, status_code=status, headers=headers or {})
+@dataclass
+class ErrorInfo:
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+    generation_id: str | None = None
+
+
+def _error(request: Request, info: ErrorInfo) -> JSONResponse:
+    body: dict[str, Any] = {"code": info.code, "message": info.message, "request_id": _request_id(request)}
+    if info.generation_id:
+        body["generation_id"] = info.generation_id
+    return JSONResponse({"error": body}, status_code=info.status, headers=info.headers)
 
 
 def _validation_message(exc: ValidationError | RequestValidationError) -> str:
@@ -107,40 +125,47 @@ def _validation_message(exc: ValidationError | RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def classify_error(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
-    """(status, code, message, headers) for any exception reaching the API, downstream ones included."""
+_OVERLOADED = ("overloaded", "the service is at capacity; retry shortly")
+# A replica that died or is being replaced: the request may simply be retried.
+_REPLICA_GONE = (RayActorError, ActorUnavailableError, DeploymentUnavailableError)
+
+
+def classify_error(exc: BaseException) -> ErrorInfo:
+    """Status, code, message and headers for any exception reaching the API, downstream ones included."""
     if isinstance(exc, ApiError):
-        return exc.status, exc.code, exc.message, exc.headers
+        return ErrorInfo(exc.status, exc.code, exc.message, exc.headers)
     if isinstance(exc, (ValidationError, RequestValidationError)):
-        return 422, "invalid_parameter", _validation_message(exc), {}
-    if isinstance(exc, BackPressureError):
-        return 503, "overloaded", "the service is at capacity; retry shortly", {"Retry-After": "5"}
-    # Errors raised in another deployment arrive wrapped (RayTaskError); the original is its cause.
-    cause = exc
-    for _ in range(4):
+        return ErrorInfo(422, "invalid_parameter", _validation_message(exc))
+    # Errors raised in another deployment arrive wrapped (RayTaskError); the original is in the cause chain.
+    cause: BaseException | None = exc
+    for _ in range(6):
+        if cause is None:
+            break
         if isinstance(cause, InstantIDError):
             headers = {"Retry-After": "10"} if cause.status == 503 else {}
-            return cause.status, cause.code, cause.message, headers
+            return ErrorInfo(cause.status, cause.code, cause.message, headers, getattr(cause, "generation_id", None))
         if isinstance(cause, BackPressureError):
-            return 503, "overloaded", "the service is at capacity; retry shortly", {"Retry-After": "5"}
+            return ErrorInfo(503, *_OVERLOADED, {"Retry-After": "5"})
+        if isinstance(cause, _REPLICA_GONE):
+            return ErrorInfo(
+                503, "replica_unavailable", "a worker failed while serving the request; retry", {"Retry-After": "5"}
+            )
         nxt = getattr(cause, "cause", None) or cause.__cause__
-        if nxt is None or nxt is cause:
-            break
-        cause = nxt
-    return 500, "internal_error", "internal error; quote the request id when reporting it", {}
+        cause = None if nxt is cause else nxt
+    return ErrorInfo(500, "internal_error", "internal error; quote the request id when reporting it")
 
 
 @app.exception_handler(Exception)
 async def _any_error(request: Request, exc: Exception) -> JSONResponse:
-    status, code, message, headers = classify_error(exc)
-    if status >= 500:
-        logger.error("request %s failed: %s", _request_id(request), exc, exc_info=status == 500)
-    return _error(request, status, code, message, headers)
+    info = classify_error(exc)
+    if info.status >= 500:
+        logger.error("request %s failed: %s", _request_id(request), exc, exc_info=info.status == 500)
+    return _error(request, info)
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error(request, 422, "invalid_parameter", _validation_message(exc))
+    return _error(request, classify_error(exc))
 
 
 def _decode_b64(data: str, field: str, limit: int) -> bytes:
@@ -176,12 +201,89 @@ class Ingress:
         self.api = ApiConfig(**api)
         self.results = S3Settings(**storage)
         self.weights = weights
+        self.keys = ApiKeys(self.api.auth)
         self._input_clients: dict[str, Any] = {}
+        self._in_flight = 0
+        self._idempotent: dict[str, asyncio.Future] = {}
+        if self.api.auth.required and self.keys.count == 0 and self.api.auth.keys_file is None:
+            logger.warning("API keys are required but none are configured: every request will get 401")
 
     # ------------------------------------------------------------------------------ Python handle API
-    async def generate(self, request: GenerateRequest, request_id: str | None = None) -> GenerateResponse:
-        """Run one generation. Handle callers pass a :class:`GenerateRequest` (base64 or s3:// images)."""
+    async def generate(
+        self,
+        request: GenerateRequest,
+        request_id: str | None = None,
+        owner: str = ANONYMOUS,
+        idempotency_key: str | None = None,
+    ) -> GenerateResponse:
+        """Run one generation. Handle callers pass a :class:`GenerateRequest` (base64 or s3:// images).
+
+        With an ``idempotency_key``, a repeated call (same owner, key and request) returns the first
+        call's result without generating again; the same key with a different request is refused.
+        """
         request_id = request_id or uuid.uuid4().hex
+        if idempotency_key is None:
+            return await self._admitted(request, request_id, owner)
+        if not _IDEMPOTENCY_KEY.match(idempotency_key):
+            raise ApiError(422, "invalid_parameter", "Idempotency-Key must be 1-128 characters [A-Za-z0-9._:-]")
+        digest = hashlib.sha256(f"{owner}\0{idempotency_key}".encode()).hexdigest()
+        fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        running = self._idempotent.get(digest)
+        if running is not None:  # the same key is being served by this replica right now
+            first_fingerprint, response = await asyncio.shield(running)
+            return self._replay(first_fingerprint, fingerprint, response)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._idempotent[digest] = future
+        try:
+            record = await self.store.read_idempotency.remote(digest)
+            if record is not None:
+                response = await self._refreshed(GenerateResponse.model_validate(record["response"]))
+                future.set_result((record["fingerprint"], response))
+                return self._replay(record["fingerprint"], fingerprint, response)
+            response = await self._admitted(request, request_id, owner)
+            await self.store.write_idempotency.remote(
+                digest, {"fingerprint": fingerprint, "response": response.model_dump(mode="json")}
+            )
+            future.set_result((fingerprint, response))
+            return response
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            raise
+        finally:
+            self._idempotent.pop(digest, None)
+
+    @staticmethod
+    def _replay(first: str, now: str, response: GenerateResponse) -> GenerateResponse:
+        if first != now:
+            raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
+        return response
+
+    async def _refreshed(self, response: GenerateResponse) -> GenerateResponse:
+        """A stored response with fresh presigned URLs (the old ones may have expired)."""
+        meta = await self.store.get.remote(response.id)
+        urls = {image["uri"]: image["url"] for image in meta.get("images", []) if "url" in image}
+        images = [image.model_copy(update={"url": urls.get(image.uri, image.url)}) for image in response.images]
+        return response.model_copy(update={"images": images})
+
+    async def _admitted(self, request: GenerateRequest, request_id: str, owner: str) -> GenerateResponse:
+        """Bounded admission: beyond ``max_in_flight`` the answer is an immediate JSON 503, not a queue."""
+        if self._in_flight >= self.api.max_in_flight:
+            raise ApiError(503, *_OVERLOADED, {"Retry-After": "5"})
+        self._in_flight += 1
+        try:
+            try:
+                return await self._generate(request, request_id, owner)
+            except _REPLICA_GONE:
+                # A replica died mid-request; Serve is replacing it. Generation is deterministic for the
+                # seed, so one transparent retry is safe; a second failure reaches the client as a 503.
+                logger.warning("request %s: a replica failed; retrying once", request_id)
+                return await self._generate(request, request_id, owner)
+        finally:
+            self._in_flight -= 1
+
+    async def _generate(self, request: GenerateRequest, request_id: str, owner: str) -> GenerateResponse:
         started = time.time()
         options = request.options()
         face_image = await self._load_input(request.face_image_b64, request.face_image_uri, "face_image")
@@ -210,16 +312,21 @@ class Ingress:
         record = {
             "id": generation_id,
             "request_id": request_id,
+            "owner": owner,
             "created_at": datetime.now(timezone.utc).isoformat(),
             "prompt": prompt,
             "negative_prompt": negative,
             "parameters": effective,
             "pose_image_given": pose_image is not None,
+            "inputs_stored": request.store_inputs,
             "models": self.weights,
         }
+        inputs = None
+        if request.store_inputs:
+            inputs = {"face": face_image, **({"pose": pose_image} if pose_image is not None else {})}
         try:
             stored = await asyncio.wait_for(
-                self.store.save.remote(record, images, options.output_format, options.output_quality),
+                self.store.save.remote(record, images, options.output_format, options.output_quality, inputs),
                 timeout=self.api.request_timeout_s,
             )
         except asyncio.TimeoutError:
@@ -260,39 +367,64 @@ class Ingress:
             keypoint_image_png_b64=result["keypoint_image_png_b64"],
         )
 
-    async def get_generation(self, generation_id: str) -> dict[str, Any]:
+    async def get_generation(self, generation_id: str, owner: str | None = None) -> dict[str, Any]:
+        """Stored metadata with fresh URLs. With ``owner``, another principal's generation is "not found"."""
+        meta = await self.store.get.remote(self._checked_id(generation_id))
+        if owner is not None and self.api.auth.required and meta.get("owner") != owner:
+            raise GenerationNotFound(f"generation {generation_id} not found")
+        return meta
+
+    async def delete_generation(self, generation_id: str, owner: str | None = None) -> int:
+        """Delete outputs and metadata (and kept inputs); only the owner may. Returns objects removed."""
+        await self.get_generation(generation_id, owner)  # existence and ownership
+        return await self.store.delete.remote(generation_id)
+
+    @staticmethod
+    def _checked_id(generation_id: str) -> str:
         try:
-            validate_generation_id(generation_id)
+            return validate_generation_id(generation_id)
         except ValueError:
             raise GenerationNotFound(f"generation {generation_id} not found") from None
-        return await self.store.get.remote(generation_id)
+
+    def _principal(self, request: Request) -> str:
+        try:
+            return self.keys.authenticate(request.headers.get("authorization"))
+        except AuthError as exc:
+            raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"}) from None
 
     # ------------------------------------------------------------------------------------ HTTP routes
     @app.post("/v1/generate", response_model=GenerateResponse, summary="Generate images of the face in a photo")
     async def http_generate(self, request: Request) -> JSONResponse:
-        rid = _request_id(request)
+        owner = self._principal(request)
         fields = await self._read_body(request, file_fields=("face_image", "pose_image"))
-        result = await self.generate(GenerateRequest(**fields), rid)
+        result = await self.generate(
+            GenerateRequest(**fields), _request_id(request), owner, request.headers.get("idempotency-key")
+        )
         return JSONResponse(result.model_dump(mode="json"))
 
     @app.post("/v1/faces", response_model=FacesResponse, summary="Detect faces; show the one generation would use")
     async def http_faces(self, request: Request) -> JSONResponse:
-        rid = _request_id(request)
+        self._principal(request)
         fields = await self._read_body(request, file_fields=("image",))
-        result = await self.analyze_faces(FacesRequest(**fields), rid)
+        result = await self.analyze_faces(FacesRequest(**fields), _request_id(request))
         return JSONResponse(result.model_dump(mode="json"))
 
     @app.get("/v1/generations/{generation_id}", summary="Stored metadata of a generation, with fresh URLs")
     async def http_get_generation(self, generation_id: str, request: Request) -> JSONResponse:
-        meta = await self.get_generation(generation_id)
-        return JSONResponse(meta)
+        return JSONResponse(await self.get_generation(generation_id, self._principal(request)))
+
+    @app.delete("/v1/generations/{generation_id}", status_code=204, summary="Delete a generation's objects")
+    async def http_delete_generation(self, generation_id: str, request: Request) -> Response:
+        await self.delete_generation(generation_id, self._principal(request))
+        return Response(status_code=204)
 
     @app.get("/healthz", summary="Liveness of the ingress")
     async def http_health(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/v1/models", summary="The models this deployment serves")
-    async def http_models(self) -> dict[str, Any]:
+    async def http_models(self, request: Request) -> dict[str, Any]:
+        self._principal(request)
         info = await self.denoiser.model_info.remote()
         return {"weights": self.weights, "denoiser": info, "api_version": API_VERSION}
 

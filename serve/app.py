@@ -28,6 +28,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         weights,
         providers=config.face.providers,
         long_side=config.face.long_side,
+        min_face_px=config.face.min_face_px,
         max_image_bytes=config.api.max_upload_bytes,
         max_image_pixels=config.api.max_image_pixels,
     )
@@ -46,7 +47,9 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         max_batch_size=config.denoiser.batching.max_batch_size,
         batch_wait_timeout_s=config.denoiser.batching.batch_wait_timeout_s,
     )
-    store = ResultStoreDeployment.options(**config.store.deployment.to_options()).bind(config.storage.s3.model_dump())
+    store = ResultStoreDeployment.options(**config.store.deployment.to_options()).bind(
+        config.storage.s3.model_dump(), spool_dir=config.storage.spool_dir, spool_retry_s=config.storage.spool_retry_s
+    )
     return Ingress.options(**config.ingress.to_options()).bind(
         face,
         prompt,

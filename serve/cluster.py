@@ -19,6 +19,10 @@ from pathlib import Path
 import yaml
 
 PACKAGED_CONFIG = ("configs", "production.yaml")
+# Constant on purpose: --check compares content, so the header must not depend on where the config was read from.
+GENERATED_HEADER = (
+    "# GENERATED from serve/configs/production.yaml by `instantid cluster render`: edit that file, not this block."
+)
 DEFAULT_MANIFEST = Path("cluster") / "rayservice.yaml"
 _KEY = "serveConfigV2"
 # The key line, at any indentation, followed by a block scalar, a quoted/plain scalar, or nothing.
@@ -41,14 +45,6 @@ def _packaged_config() -> Iterator[Path]:
         yield Path(path)
 
 
-def _source_label(config_path: Path) -> str:
-    """How the header names the source: stable across machines, so --check never fails on a path alone."""
-    with _packaged_config() as packaged:
-        if config_path.resolve() == packaged.resolve():
-            return "serve/configs/" + PACKAGED_CONFIG[-1]
-    return config_path.name
-
-
 def render_serve_config_v2(config_path: Path | str) -> str:
     """The ``serveConfigV2`` text for ``config_path``: validated, copied verbatim, under a generated header.
 
@@ -64,10 +60,7 @@ def render_serve_config_v2(config_path: Path | str) -> str:
         raise RenderError(f"{path} is not a valid Serve config: {exc}") from exc
     # Trailing spaces cannot survive a literal block scalar reliably: drop them so render is a fixed point.
     body = "\n".join(line.rstrip() for line in path.read_text(encoding="utf-8").splitlines()).strip("\n")
-    header = (
-        f"# GENERATED from {_source_label(path)} by `instantid cluster render`: edit that file, not this block.\n"
-    )
-    return header + body + "\n"
+    return GENERATED_HEADER + "\n" + body + "\n"
 
 
 def _block_scalar(text: str, indent: str) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.storage.s3 import S3Settings
+from serve.auth import AuthConfig
 
 
 class _Strict(BaseModel):
@@ -32,6 +33,9 @@ class DeploymentOptions(_Strict):
     health_check_period_s: float | None = Field(default=None, gt=0)
     health_check_timeout_s: float | None = Field(default=None, gt=0)
     graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
+    backpressure_config: dict[str, Any] | None = Field(
+        default=None, description="Serve's answer when max_queued_requests is exceeded: status_code, retry_after_s."
+    )
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> DeploymentOptions:
@@ -75,6 +79,7 @@ class FaceConfig(_Strict):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     providers: list[str] | None = Field(default=None, description="onnxruntime providers; None: CUDA if present.")
     long_side: int = Field(default=1280, ge=256, le=2048, description="Reference size rule's long side.")
+    min_face_px: int = Field(default=32, ge=1, description="Smaller faces (box side, in photo pixels) are refused.")
 
 
 class PromptConfig(_Strict):
@@ -109,6 +114,12 @@ class StorageConfig(_Strict):
         description="When set, `instantid serve`/`demo` start the embedded SeaweedFS with this data folder "
         "and pass its endpoint and credentials to Ray through the environment.",
     )
+    spool_dir: str | None = Field(
+        default=None,
+        description="Where finished generations wait when S3 fails (a persistent volume on Kubernetes); "
+        "None: no spool, S3 failures lose the result (the client still gets a 503).",
+    )
+    spool_retry_s: float = Field(default=5.0, gt=0, description="How often the spool retries its uploads.")
 
 
 class ApiConfig(_Strict):
@@ -118,6 +129,10 @@ class ApiConfig(_Strict):
         default_factory=list, description="Buckets s3:// inputs may come from; the results bucket is never implied."
     )
     request_timeout_s: float = Field(default=600.0, gt=0)
+    max_in_flight: int = Field(
+        default=32, ge=1, description="Generations one ingress replica admits at once; beyond: JSON 503 + Retry-After."
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
 class AppConfig(_Strict):

@@ -68,6 +68,9 @@ class GenerateRequest(GenerationOptions):
     face_image_uri: str | None = Field(default=None, description="The identity photo as s3://bucket/key.")
     pose_image_b64: str | None = Field(default=None, description="Optional pose/composition photo, base64.")
     pose_image_uri: str | None = None
+    store_inputs: bool = Field(
+        default=False, description="Keep the input photos next to the results (biometric data: off by default)."
+    )
 
     @model_validator(mode="after")
     def _check_images(self) -> GenerateRequest:
@@ -142,6 +145,9 @@ class ErrorBody(BaseModel):
     code: str
     message: str
     request_id: str
+    generation_id: str | None = Field(
+        default=None, description="Set when the images were made but S3 failed: they are kept and uploaded later."
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidParameterError, NoFaceError
+from .errors import FaceTooSmallError, InvalidParameterError, NoFaceError
 from .faces import DetectedFace, FaceAnalyzer
 from .keypoints import CropTransform, reference_size
 
@@ -60,9 +60,15 @@ def prepare_face_condition(
     width: int | None = None,
     height: int | None = None,
     long_side: int = 1280,
+    min_face_px: int = 1,
 ) -> FaceCondition:
     """Analyse the face photo (largest face, with embedding) and the optional pose photo (largest face)."""
     identity = analyzer.analyze(face_rgb)
+    x1, y1, x2, y2 = (float(v) for v in identity.bbox)
+    if min(x2 - x1, y2 - y1) < min_face_px:
+        raise FaceTooSmallError(
+            f"the largest face is {x2 - x1:.0f}x{y2 - y1:.0f} px; at least {min_face_px} px across is needed"
+        )
     pose_face = None
     source_face, source_image = identity, face_rgb
     if pose_rgb is not None:

@@ -48,6 +48,12 @@ class NoFaceError(InstantIDError):
     status = 422
 
 
+class FaceTooSmallError(NoFaceError):
+    """The largest face is too small to carry an identity (a few pixels across)."""
+
+    code = "face_too_small"
+
+
 class InvalidParameterError(InstantIDError):
     """A parameter is out of range or inconsistent with another."""
 

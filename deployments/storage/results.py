@@ -21,6 +21,7 @@ import json
 import re
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import PurePath
 from typing import Any, Literal
@@ -40,6 +41,7 @@ __all__ = [
     "META_NAME",
     "GenerationNotFound",
     "ImageFormat",
+    "PreparedGeneration",
     "ResultWriter",
     "StorageError",
     "StoredGeneration",
@@ -188,6 +190,19 @@ class StoredImage(BaseModel):
     sha256: str
 
 
+@dataclass
+class PreparedGeneration:
+    """A generation encoded and ready to upload: ``objects`` are ``(key, bytes, content_type)``, meta.json last."""
+
+    generation_id: str
+    objects: list[tuple[str, bytes, str]]
+    image_records: list[dict[str, Any]]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return json.loads(self.objects[-1][1])
+
+
 class StoredGeneration(BaseModel):
     """What :meth:`ResultWriter.write` confirmed in S3: the id, the meta.json key, and the images."""
 
@@ -242,6 +257,73 @@ class ResultWriter:
         except _S3_ERRORS as exc:
             raise StorageError(f"bucket {self.settings.bucket!r} is not usable: {_describe(exc)}") from exc
 
+    def prepare(
+        self,
+        generation_id: str,
+        images: Sequence[np.ndarray],
+        fmt: ImageFormat,
+        quality: int,
+        meta: dict[str, Any],
+        extra_objects: Sequence[tuple[str, bytes, str]] = (),
+    ) -> PreparedGeneration:
+        """Encode everything a generation stores, without touching S3 (so it can be spooled and replayed).
+
+        meta.json receives ``id`` and ``images`` (key, bytes, sha256, content type, size in pixels), which
+        overwrite same-named caller keys: the store's record of what it stored is authoritative. Bad
+        arguments (including meta that is not JSON-serialisable) raise ``ValueError``/``TypeError``.
+        ``extra_objects`` are ``(name, bytes, content_type)`` stored next to the images (e.g. input photos
+        the client asked to keep); names are fixed by the server.
+        """
+        validate_generation_id(generation_id)
+        if not images:
+            raise ValueError("prepare() needs at least one image")
+        base = generation_prefix(self.settings.prefix, generation_id)
+        objects: list[tuple[str, bytes, str]] = []
+        image_records = []
+        for index, rgb in enumerate(images):
+            data, content_type = encode_image(rgb, fmt, quality)
+            key = self.image_key(generation_id, index, fmt)
+            objects.append((key, data, content_type))
+            image_records.append(
+                {
+                    "key": key,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "content_type": content_type,
+                    "width": rgb.shape[1],
+                    "height": rgb.shape[0],
+                }
+            )
+        for name, data, content_type in extra_objects:
+            if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9]+)?", name):
+                raise ValueError(f"invalid object name {name!r}")
+            objects.append((f"{base}/{name}", data, content_type))
+        meta_bytes = encode_meta({**meta, "id": generation_id, "images": image_records})
+        objects.append((self.meta_key(generation_id), meta_bytes, "application/json"))
+        return PreparedGeneration(generation_id, objects, image_records)
+
+    def upload(self, prepared: PreparedGeneration) -> StoredGeneration:
+        """Upload every object (meta.json last) and confirm each (HEAD, size) before returning.
+
+        On any S3 failure the objects of this generation are deleted (best effort) and
+        :class:`StorageError` is raised, so success is only ever reported for objects that are really there.
+        """
+        attempted: list[str] = []
+        try:
+            for key, data, content_type in prepared.objects:
+                attempted.append(key)
+                self._put_and_confirm(key, data, content_type)
+        except (*_S3_ERRORS, StorageError) as exc:
+            self._delete_keys_quietly(attempted)
+            if isinstance(exc, StorageError):
+                raise
+            raise StorageError(f"could not store generation {prepared.generation_id}: {_describe(exc)}") from exc
+        stored = [
+            StoredImage(uri=self._uri(record["key"]), url=self.presign(record["key"]), **record)
+            for record in prepared.image_records
+        ]
+        return StoredGeneration(id=prepared.generation_id, meta_key=prepared.objects[-1][0], images=stored)
+
     def write(
         self,
         generation_id: str,
@@ -250,53 +332,8 @@ class ResultWriter:
         quality: int,
         meta: dict[str, Any],
     ) -> StoredGeneration:
-        """Upload the images, then meta.json, and confirm each object (HEAD, size) before returning.
-
-        meta.json receives ``id`` and ``images`` (key, bytes, sha256, content type, size in pixels), which
-        overwrite same-named caller keys: the store's record of what it stored is authoritative. Bad
-        arguments (including meta that is not JSON-serialisable) raise ``ValueError``/``TypeError`` before
-        anything is uploaded. On any S3 failure the objects of this generation are deleted (best effort) and
-        :class:`StorageError` is raised, so success is only ever reported for objects that are really there.
-        """
-        validate_generation_id(generation_id)
-        if not images:
-            raise ValueError("write() needs at least one image")
-        encoded: list[tuple[str, bytes, str, int, int]] = []
-        for index, rgb in enumerate(images):
-            data, content_type = encode_image(rgb, fmt, quality)
-            encoded.append((self.image_key(generation_id, index, fmt), data, content_type, rgb.shape[1], rgb.shape[0]))
-        image_records = [
-            {
-                "key": key,
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "content_type": content_type,
-                "width": width,
-                "height": height,
-            }
-            for key, data, content_type, width, height in encoded
-        ]
-        meta_key = self.meta_key(generation_id)
-        meta_bytes = encode_meta({**meta, "id": generation_id, "images": image_records})
-
-        attempted: list[str] = []
-        try:
-            for key, data, content_type, _, _ in encoded:
-                attempted.append(key)
-                self._put_and_confirm(key, data, content_type)
-            attempted.append(meta_key)
-            self._put_and_confirm(meta_key, meta_bytes, "application/json")
-        except (*_S3_ERRORS, StorageError) as exc:
-            self._delete_keys_quietly(attempted)
-            if isinstance(exc, StorageError):
-                raise
-            raise StorageError(f"could not store generation {generation_id}: {_describe(exc)}") from exc
-
-        stored = [
-            StoredImage(uri=self._uri(record["key"]), url=self.presign(record["key"]), **record)
-            for record in image_records
-        ]
-        return StoredGeneration(id=generation_id, meta_key=meta_key, images=stored)
+        """:meth:`prepare` then :meth:`upload`."""
+        return self.upload(self.prepare(generation_id, images, fmt, quality, meta))
 
     def _put_and_confirm(self, key: str, data: bytes, content_type: str) -> None:
         self.client.put_object(Bucket=self.settings.bucket, Key=key, Body=data, ContentType=content_type)
@@ -330,7 +367,10 @@ class ResultWriter:
 
     def get(self, generation_id: str) -> StoredGeneration:
         """:meth:`read` as a :class:`StoredGeneration` with fresh presigned URLs (for the GET endpoint)."""
-        meta = self.read(generation_id)
+        return self.get_from_meta(generation_id, self.read(generation_id))
+
+    def get_from_meta(self, generation_id: str, meta: dict[str, Any]) -> StoredGeneration:
+        """A :class:`StoredGeneration` with fresh presigned URLs from an already-read meta.json."""
         try:
             images = [
                 StoredImage(uri=self._uri(record["key"]), url=self.presign(record["key"]), **record)
@@ -339,6 +379,28 @@ class ResultWriter:
         except (TypeError, ValueError, KeyError) as exc:
             raise StorageError(f"meta.json of generation {generation_id} has an unexpected image list") from exc
         return StoredGeneration(id=generation_id, meta_key=self.meta_key(generation_id), images=images)
+
+    def _record_key(self, digest: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError("idempotency digests are sha256 hex strings")
+        return f"{self.settings.prefix}/idempotency/{digest}.json"
+
+    def read_idempotency(self, digest: str) -> dict[str, Any] | None:
+        """The record a completed request left under its idempotency digest, or None."""
+        key = self._record_key(digest)
+        try:
+            body = self.client.get_object(Bucket=self.settings.bucket, Key=key)["Body"].read()
+        except _S3_ERRORS as exc:
+            if is_not_found(exc):
+                return None
+            raise StorageError(f"could not read an idempotency record: {_describe(exc)}") from exc
+        return json.loads(body)
+
+    def write_idempotency(self, digest: str, record: dict[str, Any]) -> None:
+        try:
+            self._put_and_confirm(self._record_key(digest), encode_meta(record), "application/json")
+        except _S3_ERRORS as exc:
+            raise StorageError(f"could not write an idempotency record: {_describe(exc)}") from exc
 
     def presign(self, key: str) -> str:
         """A presigned GET URL valid ``settings.presign_expiry_s``; only for keys under our prefix.

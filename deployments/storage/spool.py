@@ -1,0 +1,63 @@
+"""A disk spool for finished generations that S3 would not take, uploaded later: nothing finished is lost.
+
+Each generation is one folder ``SPOOL/ID/`` holding its objects as files plus ``manifest.json``; it is
+written in a temporary sibling and renamed, so a crash never leaves a half-spooled generation, and it
+survives replica restarts (on Kubernetes the spool is a persistent volume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .results import PreparedGeneration, validate_generation_id
+
+MANIFEST = "manifest.json"
+
+
+class Spool:
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory).expanduser()
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, generation_id: str) -> Path:
+        return self.directory / validate_generation_id(generation_id)
+
+    def put(self, prepared: PreparedGeneration) -> Path:
+        target = self._path(prepared.generation_id)
+        staging = Path(tempfile.mkdtemp(prefix=".spool-", dir=self.directory))
+        try:
+            entries = []
+            for index, (key, data, content_type) in enumerate(prepared.objects):
+                name = f"object-{index}"
+                (staging / name).write_bytes(data)
+                entries.append({"file": name, "key": key, "content_type": content_type})
+            manifest = {"id": prepared.generation_id, "objects": entries, "image_records": prepared.image_records}
+            (staging / MANIFEST).write_text(json.dumps(manifest))
+            for path in staging.iterdir():  # data on disk before the rename makes it visible
+                with path.open("rb") as handle:
+                    os.fsync(handle.fileno())
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def pending(self) -> list[str]:
+        """Spooled generation ids, oldest first (ids sort by creation time)."""
+        return sorted(p.name for p in self.directory.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+
+    def contains(self, generation_id: str) -> bool:
+        return (self._path(generation_id) / MANIFEST).is_file()
+
+    def load(self, generation_id: str) -> PreparedGeneration:
+        folder = self._path(generation_id)
+        manifest = json.loads((folder / MANIFEST).read_text())
+        objects = [(e["key"], (folder / e["file"]).read_bytes(), e["content_type"]) for e in manifest["objects"]]
+        return PreparedGeneration(manifest["id"], objects, manifest["image_records"])
+
+    def remove(self, generation_id: str) -> None:
+        shutil.rmtree(self._path(generation_id), ignore_errors=True)
