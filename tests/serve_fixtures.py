@@ -33,6 +33,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _free_low_port() -> int:
+    """A free port whose gRPC twin (+10000, SeaweedFS's rule) also fits below 65536."""
+    import random
+
+    for _ in range(100):
+        port = random.randint(20000, 29999)
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair found")
+
+
 @dataclass
 class ServeStack:
     url: str
@@ -60,3 +76,84 @@ def serve_stack(tiny_weights: Path, embedded_s3) -> Iterator[ServeStack]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+API_KEYS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef01"}
+
+
+@dataclass
+class SecureStack:
+    """An app with API keys required, a small admission limit and a spool, beside the main one."""
+
+    url: str
+    keys_file: Path
+    spool_dir: Path
+    s3: Any
+    max_in_flight: int
+
+
+@pytest.fixture(scope="session")
+def secure_stack(serve_stack: ServeStack, tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory):
+    from ray import serve
+
+    from serve.app import build_app
+
+    folder = tmp_path_factory.mktemp("secure")
+    keys_file = folder / "api-keys"
+    keys_file.write_text("".join(f"{name}:{token}\n" for name, token in API_KEYS.items()))
+    config = local_app_config(
+        tiny_weights,
+        serve_stack.s3.bucket,
+        api={"max_in_flight": 2, "request_timeout_s": 120, "auth": {"required": True, "keys_file": str(keys_file)}},
+    )
+    config = config.model_copy(
+        update={"storage": config.storage.model_copy(update={"spool_dir": str(folder / "spool")})}
+    )
+    serve.run(build_app(config), name="secure", route_prefix="/secure")
+    yield SecureStack(f"{serve_stack.url}/secure", keys_file, folder / "spool", serve_stack.s3, 2)
+    serve.delete("secure")
+
+
+@dataclass
+class FaultStack:
+    """An app whose results go to its own SeaweedFS (same keys, fixed port) that tests may stop and restart."""
+
+    url: str
+    s3: Any  # EmbeddedS3, restartable on the same endpoint
+    spool_dir: Path
+
+
+@pytest.fixture(scope="session")
+def fault_stack(serve_stack: ServeStack, tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory):
+    import shutil
+
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.seaweed import EmbeddedS3
+
+    folder = tmp_path_factory.mktemp("faults")
+    data_dir = folder / "s3"
+    data_dir.mkdir(mode=0o700)
+    # The same credentials as the session store: Ray workers know only one set (the environment's).
+    shutil.copy(serve_stack.s3.data_dir / "credentials.json", data_dir / "credentials.json")
+    flaky = EmbeddedS3(data_dir, port=_free_low_port(), bucket="flaky")
+    flaky.start(timeout_s=60)
+    config = local_app_config(tiny_weights, "flaky")
+    s3 = {
+        "bucket": "flaky",
+        "prefix": "generations",
+        "create_bucket": True,
+        "endpoint_url": flaky.endpoint_url,
+        "connect_timeout_s": 0.5,
+        "read_timeout_s": 3,
+        "max_attempts": 2,
+    }
+    storage = {"s3": s3, "spool_dir": str(folder / "spool"), "spool_retry_s": 1.0}
+    config = config.model_validate({**config.model_dump(), "storage": storage})
+    serve.run(build_app(config), name="faults", route_prefix="/faults")
+    try:
+        yield FaultStack(f"{serve_stack.url}/faults", flaky, folder / "spool")
+    finally:
+        serve.delete("faults")
+        flaky.stop()
