@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -127,10 +128,8 @@ def _ray_rss_bytes() -> int:
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
         if "ray::" in cmdline or "ray/_private" in cmdline or "raylet" in cmdline:
-            try:
+            with contextlib.suppress(psutil.Error):
                 total += proc.memory_info().rss
-            except psutil.Error:
-                pass
     return total
 
 
