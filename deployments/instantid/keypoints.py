@@ -9,9 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
-from PIL import Image
 
 # RGB colour of keypoints 0..4: left eye, right eye, nose, left mouth corner, right mouth corner.
 KEYPOINT_COLOURS: tuple[tuple[int, int, int], ...] = (
@@ -33,9 +31,12 @@ def draw_keypoint_image(kps: np.ndarray, width: int, height: int) -> np.ndarray:
 
     cv2 draws whatever tuple it is given into channels 0, 1, 2 in that order; it never reorders. The canvas
     is RGB and the colours are RGB triples, so no BGR conversion happens anywhere here.
+    (OpenCV is imported here, not at module level, so the denoiser imports on machines without it.)
     The keypoints' own dtype is kept for the limb arithmetic (insightface gives float32), as in the
     reference, so that int() truncations land on the same pixels.
     """
+    import cv2
+
     points = np.asarray(kps)
     if points.shape != (5, 2):
         raise ValueError(f"kps must have shape (5, 2), got {points.shape}")
@@ -134,6 +135,8 @@ class CropTransform:
         Pillow's ``box`` argument takes the source rectangle in the same continuous coordinates, so the image
         and the points stay exactly consistent.
         """
+        from PIL import Image
+
         x0 = -self.offset_x / self.scale_x
         y0 = -self.offset_y / self.scale_y
         box = (x0, y0, x0 + self.width / self.scale_x, y0 + self.height / self.scale_y)

@@ -79,6 +79,7 @@ class DenoiseJob:
     keypoints: np.ndarray  # (5, 2) in output-image pixels
     face_box: np.ndarray  # (4,) x1, y1, x2, y2 in output-image pixels (the enhance-region mask)
     prompt: PromptEmbeddings
+    control_image: np.ndarray | None = None  # (H, W, 3) uint8; None: drawn from ``keypoints`` (the normal case)
     _state: dict = field(default_factory=dict, repr=False)
 
 
@@ -149,7 +150,11 @@ class InstantIDDenoiser:
         cfg = p.do_classifier_free_guidance
         embedding = torch.tensor(np.asarray(job.face_embedding, dtype=np.float32))[None]
         face_pos, face_neg = self.resampler.face_tokens(embedding, with_negative=cfg)
-        keypoint_image = draw_keypoint_image(np.asarray(job.keypoints, dtype=np.float32), p.width, p.height)
+        keypoint_image = job.control_image
+        if keypoint_image is None:
+            keypoint_image = draw_keypoint_image(np.asarray(job.keypoints, dtype=np.float32), p.width, p.height)
+        elif keypoint_image.shape != (p.height, p.width, 3) or keypoint_image.dtype != np.uint8:
+            raise InvalidParameterError(f"control_image must be uint8 ({p.height}, {p.width}, 3)")
         control_image = torch.from_numpy(keypoint_image).float().div(255.0).permute(2, 0, 1)[None]
         mask = None
         if p.enhance_face_region:
