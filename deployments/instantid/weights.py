@@ -50,7 +50,15 @@ def resolve_source(source: str | Path, cache_dir: str | Path | None = None, *, w
         try:
             bucket, _ = parse_s3_uri(text)
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            client = make_client(S3Settings(bucket=bucket, endpoint_url=endpoint, read_timeout_s=120))
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+            settings = S3Settings(
+                bucket=bucket,
+                endpoint_url=endpoint,
+                region=region,
+                read_timeout_s=120,
+                addressing_style="path" if endpoint else "auto",
+            )
+            client = make_client(settings)
             return download_prefix(client, text, dest)
         except Exception as exc:
             raise WeightsError(f"could not copy {what} from {text}: {exc}") from exc
