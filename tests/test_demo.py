@@ -31,7 +31,6 @@ def test_demo_prints_an_s3_object_that_exists_and_a_local_copy(tmp_path: Path):
 
     # The embedded store keeps its data folder: start it again and find the object the demo named.
     bucket, key = uri[len("s3://") :].split("/", 1)
-    with EmbeddedS3(tmp_path / "home" / "s3", bucket=bucket) as store:
-        store.start()
+    with EmbeddedS3(tmp_path / "home" / "s3", bucket=bucket) as store:  # starts it
         stored = store.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     assert stored == local.read_bytes()
