@@ -26,10 +26,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.instantid.errors import (
     ImageTooLargeError,
@@ -63,6 +64,7 @@ API_VERSION = "1"
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+BODY_IDLE_TIMEOUT_S = 60.0  # longest pause while a request body arrives before the answer is a 408
 _IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "application/octet-stream"}
 
 app = FastAPI(
@@ -73,6 +75,7 @@ app = FastAPI(
         400: {"model": ErrorResponse},
         401: {"model": ErrorResponse},
         404: {"model": ErrorResponse},
+        408: {"model": ErrorResponse},
         413: {"model": ErrorResponse},
         415: {"model": ErrorResponse},
         422: {"model": ErrorResponse},
@@ -163,16 +166,34 @@ async def _any_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(request, info)
 
 
+# Starlette sends the catch-all (Exception) handler's response and then re-raises, so Serve would log every
+# refused request as a failure with a traceback, in the replica and again in the proxy (which must unpickle
+# our exception, importing this whole module: a stall of seconds on its first 4xx). The errors we expect
+# are answered here instead, without re-raising; only unexpected ones still reach the catch-all.
+for _expected in (ApiError, InstantIDError, ValidationError, RayError, RayServeException):
+    app.add_exception_handler(_expected, _any_error)
+
+
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     return _error(request, classify_error(exc))
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (unknown path, wrong method) in the same JSON error shape as everything else."""
+    code = _HTTP_CODES.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "internal_error")
+    return _error(request, ErrorInfo(exc.status_code, code, str(exc.detail), dict(exc.headers or {})))
 
 
 def _decode_b64(data: str, field: str, limit: int) -> bytes:
     if len(data) > limit * 4 // 3 + 8:
         raise ImageTooLargeError(f"{field} is larger than {limit} bytes")
     try:
-        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
+        raw = base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidImageError(f"{field} is not valid base64") from None
     if not raw:
@@ -440,7 +461,14 @@ class Ingress:
             if int(declared) > max_body:
                 raise ImageTooLargeError(f"request body is larger than {max_body} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
+        stream = request.stream()
+        while True:
+            try:  # a client that stops sending (slowloris) must not hold an ingress slot forever
+                chunk = await asyncio.wait_for(anext(stream), BODY_IDLE_TIMEOUT_S)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise ApiError(408, "request_timeout", f"no body data for {BODY_IDLE_TIMEOUT_S:.0f} s") from None
             size += len(chunk)
             if size > max_body:
                 raise ImageTooLargeError(f"request body is larger than {max_body} bytes")
@@ -451,7 +479,7 @@ class Ingress:
         if content_type == "application/json":
             try:
                 fields = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
                 raise ApiError(400, "invalid_request", "the body is not valid JSON") from None
             if not isinstance(fields, dict):
                 raise ApiError(422, "invalid_parameter", "the JSON body must be an object")
@@ -467,6 +495,8 @@ class Ingress:
                 if isinstance(value, UploadFile):
                     if name not in file_fields:
                         raise ApiError(422, "invalid_parameter", f"unexpected file field {name!r}")
+                    if name in files:
+                        raise ApiError(422, "invalid_parameter", f"file {name!r} given twice")
                     kind = (value.content_type or "application/octet-stream").split(";")[0].strip().lower()
                     if kind not in _IMAGE_CONTENT_TYPES:
                         raise UnsupportedImageTypeError(f"{name}: content type {kind} is not an image we accept")

@@ -72,6 +72,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if suffix not in (".png", ".jpg", ".jpeg", ".webp"):
         raise CliError(f"--out must end in .png, .jpg or .webp (got {args.out.name})")
 
+    _check_device(args.device, args.dtype)
+
     from deployments.instantid.images import decode_image
     from deployments.instantid.weights import WeightsLayout
 
@@ -79,9 +81,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pose = decode_image(_read(args.pose, "--pose")) if args.pose else None
     pipeline, params, seed = _pipeline_and_params(WeightsLayout.from_root(args.weights), options, args)
     output = pipeline(face, options.prompt, options.negative_prompt, params=params, style=options.style, pose_rgb=pose)
-    _write_images(output.images, args.out, options.output_quality)
+    try:
+        _write_images(output.images, args.out, options.output_quality)
+    except OSError as exc:
+        raise CliError(f"--out: cannot write {args.out}: {exc}") from None
     print(f"wrote {args.out} ({output.params.width}x{output.params.height}, seed {seed})")
     return 0
+
+
+def _check_device(device: str, dtype: str) -> None:
+    """Refuse an unknown or absent --device and an unknown --dtype before any weights load."""
+    import torch
+
+    from deployments.instantid.loading import pick_device, pick_dtype
+
+    try:
+        dev = pick_device(device)
+    except RuntimeError as exc:
+        raise CliError(f"--device: {exc}") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise CliError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} available)")
+    try:
+        pick_dtype(dtype, dev)
+    except ValueError as exc:
+        raise CliError(f"--dtype: {exc}") from None
 
 
 def _pipeline_and_params(layout, options, args):
@@ -130,7 +153,10 @@ def _write_images(images, out: Path, quality: int) -> None:
 def cmd_weights_tiny(args: argparse.Namespace) -> int:
     from deployments.instantid.tiny import write_tiny_weights
 
-    write_tiny_weights(args.dir, seed=args.seed)
+    try:
+        write_tiny_weights(args.dir, seed=args.seed)
+    except OSError as exc:
+        raise CliError(f"cannot write tiny weights to {args.dir}: {exc}") from None
     print(f"wrote tiny weights to {args.dir} (random: the pictures they make are meaningless)")
     return 0
 
@@ -161,6 +187,13 @@ def cmd_cluster_render(args: argparse.Namespace) -> int:
     from serve.cluster import render_main
 
     return render_main(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``instantid bench serve|face|denoise``: only the chosen benchmark's module (and its deps) is imported."""
+    from serve.bench import run_bench
+
+    return run_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", type=Path, default=None, help="manifest to update (default: cluster/rayservice.yaml)")
     render.add_argument("--check", action="store_true", help="exit 1 if the manifest is out of date")
     render.set_defaults(func=cmd_cluster_render)
+
+    from serve.bench import add_bench_parser  # argparse definitions only: nothing heavy is imported
+
+    add_bench_parser(sub).set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,7 +1,7 @@
 """The ``instantid`` command line, run as real processes: tiny weights, generate, and one-line errors.
 
-Each CLI process pays several seconds of imports, so the processes a module needs are started together
-(two at a time) by module fixtures and the tests inspect their results.
+Each CLI process pays seconds of imports, so one module fixture starts every process this module needs,
+two at a time and longest first, and the tests inspect the results.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import insightface
 import numpy as np
@@ -21,10 +22,17 @@ from PIL import Image
 from skimage import data
 
 from deployments.instantid.keypoints import reference_size
+from serve.cli import main
 
 POSE_PHOTO = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "instantid"
 TIMEOUT_S = 300
+SMALL = ("--width", "256", "--height", "256")
+
+
+class Run(NamedTuple):
+    result: subprocess.CompletedProcess[str]
+    out: Path  # what the command was asked to write
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -33,20 +41,14 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(args: Sequence[str | Path], *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: Sequence[str | Path], *, env: dict[str, str] | None = None, script: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """The installed ``instantid`` console script, or ``python -m serve.cli`` (the same ``main``)."""
+    program = [str(CONSOLE_SCRIPT)] if script else [sys.executable, "-m", "serve.cli"]
     return subprocess.run(
-        [sys.executable, "-m", "serve.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env or cli_env(),
-        timeout=TIMEOUT_S,
+        [*program, *map(str, args)], capture_output=True, text=True, env=env or cli_env(), timeout=TIMEOUT_S
     )
-
-
-def run_many(commands: dict[str, Sequence[str | Path]]) -> dict[str, subprocess.CompletedProcess[str]]:
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run_cli, args) for name, args in commands.items()}
-        return {name: future.result() for name, future in futures.items()}
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -68,6 +70,47 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: 
     return lines[0]
 
 
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def generate_args(weights: Path, face: Path, out: Path, *flags: str | Path) -> list[str | Path]:
+    common = ["--prompt", "an astronaut", "--style", "none"]
+    return ["generate", "--weights", weights, "--face", face, *common, "--out", out, *flags]
+
+
+ERROR_CASES = {
+    # name: (flags replacing the defaults (relative paths are in the work folder), what the error line holds)
+    "face image without a face": ({"--face": "grey.jpg"}, ("no face",)),
+    "missing face file": ({"--face": "missing.jpg"}, ("--face", "cannot read", "missing.jpg")),
+    "zero steps": ({"--steps": "0"}, ("num_inference_steps",)),
+    "width not a multiple of 8": ({"--width": "250"}, ("width",)),
+    "text file as face": ({"--face": "notes.txt"}, ("unsupported image type",)),
+    "gif output": ({"--out": "out.gif"}, ("--out", "out.gif")),
+    "no weights folder": ({"--weights": "nowhere"}, ("nowhere", "does not exist")),
+}
+
+
+def failing_generate(weights: Path, work: Path, name: str) -> tuple[list[str | Path], Path]:
+    options: dict[str, str | Path] = {
+        "--weights": weights,
+        "--face": "astronaut.jpg",
+        "--prompt": "an astronaut",
+        "--seed": "7",
+        "--steps": "3",
+        "--width": "256",
+        "--height": "256",
+        "--style": "none",
+        "--out": f"fail-{list(ERROR_CASES).index(name)}.png",
+    }
+    options.update(ERROR_CASES[name][0])
+    for flag in ("--face", "--out", "--weights"):
+        options[flag] = work / options[flag]
+    return ["generate", *(item for pair in options.items() for item in pair)], Path(options["--out"])
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cli")
@@ -78,61 +121,37 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_cli(work: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """``instantid weights tiny DIR`` through the installed console script."""
+def runs(tiny_weights: Path, work: Path) -> dict[str, Run]:
+    """Every CLI process of the module: two at a time (imports are single-threaded), each with one intra-op
+    thread so the two do not oversubscribe a small machine (the pixel comparisons share that setting)."""
     assert CONSOLE_SCRIPT.is_file(), f"the project's console script is not installed at {CONSOLE_SCRIPT}"
-    folder = work / "weights"
-    result = subprocess.run(
-        [str(CONSOLE_SCRIPT), "weights", "tiny", str(folder)],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=TIMEOUT_S,
-    )
-    return result, folder
-
-
-@pytest.fixture(scope="module")
-def weights(tiny_cli: tuple[subprocess.CompletedProcess[str], Path]) -> Path:
-    result, folder = tiny_cli
-    assert result.returncode == 0, result.stderr
-    return folder
-
-
-def generate_args(weights: Path, face: Path, out: Path, *extra: str | Path, size: bool = True) -> list[str | Path]:
-    args: list[str | Path] = ["generate", "--weights", weights, "--face", face, "--prompt", "an astronaut portrait"]
-    args += ["--style", "none", "--out", out]
-    if size:
-        args += ["--width", "256", "--height", "256"]
-    return [*args, *extra]
-
-
-@pytest.fixture(scope="module")
-def generations(weights: Path, work: Path) -> dict[str, tuple[subprocess.CompletedProcess[str], Path]]:
     face = work / "astronaut.jpg"
-    outs = {name: work / f"{name}.png" for name in ("seed7", "seed7_again", "seed8", "pose")}
-    commands = {
-        "seed7": generate_args(weights, face, outs["seed7"], "--seed", "7", "--steps", "3"),
-        "seed7_again": generate_args(weights, face, outs["seed7_again"], "--seed", "7", "--steps", "3"),
-        "seed8": generate_args(weights, face, outs["seed8"], "--seed", "8", "--steps", "3"),
-        "pose": generate_args(
-            weights, face, outs["pose"], "--seed", "7", "--steps", "1", "--pose", POSE_PHOTO, size=False
-        ),
+    generations = {  # longest first
+        "pose": ("--seed", "7", "--steps", "1", "--pose", POSE_PHOTO),
+        "seed7": ("--seed", "7", "--steps", "3", *SMALL),
+        "seed7_again": ("--seed", "7", "--steps", "3", *SMALL),
+        "seed8": ("--seed", "8", "--steps", "3", *SMALL),
     }
-    results = run_many(commands)
-    return {name: (results[name], outs[name]) for name in commands}
+    commands: dict[str, tuple[list[str | Path], Path]] = {
+        name: (generate_args(tiny_weights, face, work / f"{name}.png", *flags), work / f"{name}.png")
+        for name, flags in generations.items()
+    }
+    commands["weights tiny"] = (["weights", "tiny", work / "weights"], work / "weights")
+    for name in ERROR_CASES:
+        commands[name] = failing_generate(tiny_weights, work, name)
+    env = cli_env(OMP_NUM_THREADS="1")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            name: pool.submit(run_cli, args, env=env, script=name == "weights tiny")
+            for name, (args, _) in commands.items()
+        }
+        return {name: Run(futures[name].result(), commands[name][1]) for name in commands}
 
 
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        return np.asarray(image.convert("RGB")).astype(int)
-
-
-def test_weights_tiny_writes_the_layout(tiny_cli, tiny_weights: Path) -> None:
-    result, folder = tiny_cli
+def test_weights_tiny_writes_the_layout(runs: dict[str, Run], tiny_weights: Path) -> None:
+    result, folder = runs["weights tiny"]
     assert result.returncode == 0, result.stderr
-    assert str(folder) in result.stdout
+    assert f"wrote tiny weights to {folder}" in result.stdout
     assert sorted(p.name for p in folder.iterdir()) == ["antelopev2", "instantid", "sdxl"]
     assert (folder / "sdxl" / "model_index.json").is_file()
     assert (folder / "instantid" / "ControlNetModel" / "config.json").is_file()
@@ -141,8 +160,8 @@ def test_weights_tiny_writes_the_layout(tiny_cli, tiny_weights: Path) -> None:
     assert file_hashes(folder) == file_hashes(tiny_weights)
 
 
-def test_generate_writes_a_png_of_the_asked_size(generations) -> None:
-    result, out = generations["seed7"]
+def test_generate_writes_a_png_of_the_asked_size(runs: dict[str, Run]) -> None:
+    result, out = runs["seed7"]
     assert result.returncode == 0, result.stderr
     assert f"wrote {out} (256x256, seed 7)" in result.stdout
     image = pixels(out)
@@ -150,16 +169,16 @@ def test_generate_writes_a_png_of_the_asked_size(generations) -> None:
     assert image.std() > 0  # not a blank canvas
 
 
-def test_generate_same_seed_same_pixels_other_seed_differs(generations) -> None:
+def test_generate_same_seed_same_pixels_other_seed_differs(runs: dict[str, Run]) -> None:
     for name in ("seed7", "seed7_again", "seed8"):
-        assert generations[name][0].returncode == 0, generations[name][0].stderr
-    first, again, other = (pixels(generations[name][1]) for name in ("seed7", "seed7_again", "seed8"))
+        assert runs[name].result.returncode == 0, runs[name].result.stderr
+    first, again, other = (pixels(runs[name].out) for name in ("seed7", "seed7_again", "seed8"))
     assert np.array_equal(first, again)
     assert np.abs(first - other).max() > 0
 
 
-def test_generate_with_a_pose_photo_takes_its_reference_size(generations) -> None:
-    result, out = generations["pose"]
+def test_generate_with_a_pose_photo_takes_its_reference_size(runs: dict[str, Run]) -> None:
+    result, out = runs["pose"]
     assert result.returncode == 0, result.stderr
     with Image.open(POSE_PHOTO) as photo:
         width, height = reference_size(*photo.size)
@@ -168,46 +187,9 @@ def test_generate_with_a_pose_photo_takes_its_reference_size(generations) -> Non
     assert f"({width}x{height}, seed 7)" in result.stdout
 
 
-ERROR_CASES = {
-    # name: (arguments replacing the defaults, fragments the one error line must hold)
-    "missing face file": ({"--face": "missing.jpg"}, ("--face", "cannot read", "missing.jpg")),
-    "face image without a face": ({"--face": "grey.jpg"}, ("no face",)),
-    "zero steps": ({"--steps": "0"}, ("num_inference_steps",)),
-    "width not a multiple of 8": ({"--width": "250"}, ("width",)),
-    "text file as face": ({"--face": "notes.txt"}, ("unsupported image type",)),
-    "gif output": ({"--out": "out.gif"}, ("--out", "out.gif")),
-    "no weights folder": ({"--weights": "nowhere"}, ("nowhere", "does not exist")),
-}
-
-
-@pytest.fixture(scope="module")
-def failures(weights: Path, work: Path) -> dict[str, tuple[subprocess.CompletedProcess[str], Path]]:
-    commands: dict[str, list[str | Path]] = {}
-    outs: dict[str, Path] = {}
-    for name, (changes, _) in ERROR_CASES.items():
-        options: dict[str, str | Path] = {
-            "--weights": weights,
-            "--face": "astronaut.jpg",
-            "--prompt": "an astronaut",
-            "--seed": "7",
-            "--steps": "3",
-            "--width": "256",
-            "--height": "256",
-            "--style": "none",
-            "--out": f"fail-{len(outs)}.png",
-        }
-        options.update(changes)
-        for flag in ("--face", "--out", "--weights"):  # relative names live in the work folder
-            options[flag] = work / options[flag]
-        outs[name] = Path(options["--out"])
-        commands[name] = ["generate", *(item for pair in options.items() for item in pair)]
-    results = run_many(commands)
-    return {name: (results[name], outs[name]) for name in commands}
-
-
 @pytest.mark.parametrize("case", list(ERROR_CASES))
-def test_bad_input_exits_with_one_error_line(failures, case: str) -> None:
-    result, out = failures[case]
+def test_bad_input_exits_with_one_error_line(runs: dict[str, Run], case: str) -> None:
+    result, out = runs[case]
     assert_one_error_line(result, *ERROR_CASES[case][1])
     assert result.returncode == 2
     assert not out.exists()
@@ -221,3 +203,45 @@ def test_weights_download_offline_fails_with_one_line_and_writes_nothing(tmp_pat
     assert "offline" in line.lower() or "HF_HUB_OFFLINE" in line
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# More bad input through the same ``main``, in-process (another CLI process would cost seconds of imports).
+
+
+def run_main(args: Sequence[str | Path], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return code, lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--dtype", "float64"], ("--dtype", "float64", "float32")),
+        (["--device", "gpu0"], ("--device", "gpu0")),
+        (["--device", "cuda:7"], ("--device cuda:7", "no such CUDA device")),
+    ],
+)
+def test_bad_device_or_dtype_is_refused_before_loading(
+    tmp_path: Path, work: Path, capsys, flags: list[str], fragments: tuple[str, ...]
+) -> None:
+    nowhere = tmp_path / "no-weights"  # were the weights loaded first, the error would be about them
+    args = generate_args(nowhere, work / "astronaut.jpg", tmp_path / "out.png", "--steps", "1", *flags)
+    code, line = run_main(args, capsys)
+    assert code == 2
+    assert all(fragment in line for fragment in fragments), line
+    assert "no-weights" not in line
+
+
+def test_unwritable_outputs_are_one_line_errors(tiny_weights: Path, work: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    code, line = run_main(["weights", "tiny", blocker], capsys)
+    assert code == 2 and "cannot write tiny weights" in line and "a-file" in line
+    args = generate_args(tiny_weights, work / "astronaut.jpg", blocker / "out.png", "--steps", "1", *SMALL)
+    code, line = run_main(args, capsys)
+    assert code == 2 and line.startswith("error: --out: cannot write") and "a-file" in line
+    assert blocker.read_text() == "in the way"

@@ -313,10 +313,21 @@ def test_ip_adapter_with_a_missing_key_is_refused_naming_it(tmp_path: Path, tiny
     assert key in str(err.value)
 
 
-def test_ip_adapter_with_the_wrong_top_level_keys_is_refused(tmp_path: Path, tiny_weights: Path) -> None:
-    state = tiny_ip_adapter(tiny_weights)
-    layout = instantid_with(tmp_path / "w", tiny_weights, {"image_proj": state["image_proj"]})
-    with pytest.raises(WeightsError, match="exactly 'image_proj' and 'ip_adapter'"):
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda s: {"image_proj": s["image_proj"]}, "exactly 'image_proj' and 'ip_adapter'"),
+        (lambda s: {0: s["image_proj"], "ip_adapter": s["ip_adapter"]}, "exactly 'image_proj' and 'ip_adapter'"),
+        (lambda s: [s["image_proj"], s["ip_adapter"]], "exactly 'image_proj' and 'ip_adapter'"),
+        (lambda s: {"image_proj": torch.zeros(3), "ip_adapter": s["ip_adapter"]}, "'image_proj' must be a state dict"),
+        (lambda s: {"image_proj": s["image_proj"], "ip_adapter": [1, 2]}, "'ip_adapter' must be a state dict"),
+        (lambda s: {**s, "ip_adapter": {**s["ip_adapter"], "x": 1}}, "'ip_adapter' must be a state dict"),
+    ],
+    ids=["no ip_adapter", "int key", "a list", "tensor image_proj", "list ip_adapter", "non-tensor value"],
+)
+def test_ip_adapter_of_the_wrong_shape_is_refused(tmp_path: Path, tiny_weights: Path, content, message: str) -> None:
+    layout = instantid_with(tmp_path / "w", tiny_weights, content(tiny_ip_adapter(tiny_weights)))
+    with pytest.raises(WeightsError, match=message):
         load_denoiser(layout, device="cpu")
 
 

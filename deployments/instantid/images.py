@@ -27,6 +27,9 @@ from .errors import ImageTooLargeError, InvalidImageError, UnsupportedImageTypeE
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
+# Longest side over shortest side. Beyond ~640:1 the face detector's resize yields a zero side and OpenCV
+# raises (a 500); no photo is anywhere near this, so such images are refused as unusable before decoding.
+MAX_ASPECT_RATIO = 100
 ACCEPTED_TYPES = ("PNG", "JPEG", "WebP")
 _ACCEPTED_TEXT = ", ".join(ACCEPTED_TYPES)
 
@@ -111,6 +114,10 @@ def decode_image(
             if width * height > limit:
                 raise ImageTooLargeError(
                     f"the image is {width}x{height} = {width * height} pixels; the limit is {limit} pixels"
+                )
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise InvalidImageError(
+                    f"the image is {width}x{height}: one side may be at most {MAX_ASPECT_RATIO} times the other"
                 )
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)  # animations: the first frame is the photo

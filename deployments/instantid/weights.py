@@ -173,8 +173,14 @@ def load_ip_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     except Exception as exc:
         raise WeightsError(f"{path} is not a loadable tensor file: {exc}") from exc
     if not isinstance(state, dict) or set(state) != {"image_proj", "ip_adapter"}:
-        keys = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        keys = sorted(map(str, state))[:6] if isinstance(state, dict) else type(state).__name__
         raise WeightsError(f"{path} must hold exactly 'image_proj' and 'ip_adapter' (found {keys})")
+    for name in ("image_proj", "ip_adapter"):
+        part = state[name]
+        if not isinstance(part, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()
+        ):
+            raise WeightsError(f"{path}: {name!r} must be a state dict of named tensors (got {type(part).__name__})")
     return state["image_proj"], state["ip_adapter"]
 
 

@@ -1,0 +1,192 @@
+"""``instantid bench``: each benchmark runs end to end at a tiny size and reports what it promises.
+
+No timing is asserted anywhere (these machines are shared and slow): only that the numbers exist, are
+positive and finite, that both sides of every comparison ran, and that the full-size SDXL configuration
+builds (on the meta device) with the published parameter counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serve.bench import percentile
+from serve.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    """``instantid ARGV`` in this process; stdout must be exactly one JSON document."""
+    assert cli_main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+# ------------------------------------------------------------------------------------------ denoise
+
+
+@pytest.fixture(scope="module")
+def denoise_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "denoise.json"
+    argv = ["bench", "denoise", "--profile", "tiny", "--device", "cpu", "--steps", "2", "--size", "64"]
+    assert cli_main([*argv, "--batch", "1", "--repeats", "1", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_denoise_tiny_reports_ours_and_the_stock_pipeline(denoise_report: dict[str, Any]) -> None:
+    report = denoise_report
+    assert report["benchmark"] == "denoise" and report["profile"] == "tiny"
+    for side in ("ours", "baseline"):
+        run = report[side]["batch_1"]
+        assert positive(run["seconds_per_image"]) and positive(run["images_per_min"])
+        assert run["images_per_min"] == pytest.approx(60 / run["seconds_per_image"], rel=1e-3)
+        assert run["finite"] is True  # the warm-up's latents (ours) / decoded images (stock) were finite
+        assert run["peak_memory_gib"] is None  # CPU: no CUDA allocator to ask
+    assert positive(report["ours_over_baseline_seconds_per_image"]["batch_1"])
+    assert positive(report["prompt_encoding"]["seconds"])
+    assert report["settings"]["cfg"] is True and report["settings"]["size"] == 64
+    assert report["machine"]["gpu"] is None and report["machine"]["packages"]["diffusers"]
+
+
+def test_denoise_cold_start_loads_the_saved_layout_in_a_fresh_process(denoise_report: dict[str, Any]) -> None:
+    cold = denoise_report["cold_start"]
+    assert positive(denoise_report["cold_start_s"]) and denoise_report["cold_start_s"] == cold["cold_start_s"]
+    for key in ("load_denoiser_s", "load_prompt_encoder_s", "first_image_s", "process_s"):
+        assert positive(cold[key]), key
+    assert cold["image_shape"] == [1, 64, 64, 3]
+    assert cold["peak_memory_gib"] is None
+    assert denoise_report["saved_weights"]["bytes"] > 0
+
+
+def test_denoise_full_size_builds_on_the_meta_device_with_the_published_sizes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report = run_cli(capsys, "bench", "denoise", "--profile", "sdxl-random", "--dry-run")
+    counts = report["parameters"]
+    # REFERENCE.md §7: UNet 2.57 B, IdentityNet 1.25 B, resampler 82 M, face K/V 341 M, text encoders 818 M.
+    assert counts["unet"] == pytest.approx(2.57e9, rel=0.005)
+    assert counts["identitynet"] == pytest.approx(1.25e9, rel=0.005)
+    assert counts["resampler"] == pytest.approx(82e6, rel=0.01)
+    assert counts["face_kv"] == pytest.approx(341e6, rel=0.005)
+    assert counts["text_encoder"] + counts["text_encoder_2"] == pytest.approx(818e6, rel=0.005)
+    assert report["weights_gib"] == pytest.approx(10.3e9 / 2**30, rel=0.1)  # fp16 stack, fp32 VAE
+
+
+def test_denoise_bench_runs_without_ray_opencv_insightface_or_onnxruntime(tmp_path: Path) -> None:
+    """The GPU machines lack these: the module, the tiny run and the stock baseline must not need them."""
+    blocked = ("ray", "cv2", "insightface", "onnxruntime", "boto3", "fastapi", "skimage")
+    script = textwrap.dedent(
+        f"""
+        import runpy, sys
+
+        for name in {blocked!r}:
+            sys.modules[name] = None  # import fails, importlib.util.find_spec says absent: as if not installed
+        sys.argv = ["denoise_bench", "--profile", "tiny", "--device", "cpu", "--steps", "1", "--size", "64",
+                    "--batch", "1", "--repeats", "1", "--no-cold-start", "--out", {str(tmp_path / "d.json")!r}]
+        runpy.run_module("serve.bench.denoise_bench", run_name="__main__")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["face_analysis_stubbed"] is True
+    assert report["ours"]["batch_1"]["finite"] and report["baseline"]["batch_1"]["finite"]
+
+
+def test_keypoint_image_has_the_published_colours_at_the_keypoints() -> None:
+    from deployments.instantid.keypoints import KEYPOINT_COLOURS
+    from serve.bench.denoise_bench import FACE_KEYPOINTS, keypoint_image
+
+    image = keypoint_image(256, 192)
+    assert image.shape == (192, 256, 3) and image.dtype == np.uint8
+    for (x, y), colour in zip(FACE_KEYPOINTS * [256, 192], KEYPOINT_COLOURS, strict=True):
+        assert tuple(image[int(y), int(x)]) == colour
+    assert image[0, 0].tolist() == [0, 0, 0]
+
+
+def test_no_cuda_gives_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli_main(["bench", "denoise", "--profile", "sdxl-random", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --device cuda: CUDA is not available")
+
+
+# ------------------------------------------------------------------------------------------ face
+
+
+def test_face_reports_both_configurations(capsys: pytest.CaptureFixture[str]) -> None:
+    report = run_cli(capsys, "bench", "face", "--images", "2")
+    ours, default = report["ours"], report["insightface_default"]
+    for side in (ours, default):
+        assert side["images"] == 2
+        assert positive(side["images_per_s"]) and positive(side["median_ms_per_image"]) and positive(side["load_s"])
+    assert ours["models"] == ["detection", "recognition"]
+    assert sorted(default["models"]) == ["detection", "genderage", "landmark_2d_106", "landmark_3d_68", "recognition"]
+    assert set(ours["faces_analysed_per_photo"]) == {"astronaut", "t1"}
+    assert positive(report["ours_over_default_images_per_s"])
+    assert report["settings"]["photos"]["t1"] == [886, 1280, 3]
+
+
+# ------------------------------------------------------------------------------------------ serve
+
+
+def test_stage_breakdown_overheads() -> None:
+    from serve.bench.serve_bench import stage_breakdown
+
+    timings = [{"face": 0.2, "prompt": 0.1, "denoise": 1.0, "store": 0.1, "total": 1.5}]
+    out = stage_breakdown(timings, [1.6], concurrent_face_prompt=True)
+    assert out["overhead_s"] == pytest.approx(0.1)  # total - every stage
+    assert out["critical_path_overhead_s"] == pytest.approx(0.2)  # face and prompt overlap
+    assert out["http_s"] == pytest.approx(0.1)
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 95) is None
+
+
+@pytest.mark.slow
+def test_serve_reports_latency_throughput_breakdown_and_ratios(tmp_path: Path) -> None:
+    """In a subprocess: the bench starts its own Ray (and SeaweedFS), apart from the session's cluster."""
+    out = tmp_path / "serve.json"
+    argv = ["--requests", "2", "--concurrency", "2", "--steps", "1", "--size", "256", "--max-seconds", "240"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve.cli", "bench", "serve", *argv, "--home", str(tmp_path), "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report == json.loads(out.read_text())
+
+    served, local = report["serve"], report["in_process"]
+    c1, cn = served["concurrency_1"], served["concurrency_n"]
+    assert c1["latency"]["requests"] == 2 and cn["latency"]["requests"] == 2
+    assert positive(c1["latency"]["median_s"]) and positive(c1["latency"]["p95_s"])
+    assert positive(cn["throughput_images_per_s"]) and cn["concurrency"] == 2
+    for stage in ("face_s", "prompt_s", "denoise_s", "store_s", "total_s"):
+        assert positive(c1["breakdown"][stage]), stage
+    for key in ("overhead_s", "critical_path_overhead_s", "http_s"):
+        assert isinstance(c1["breakdown"][key], float), key
+    assert positive(local["latency"]["median_s"]) and positive(local["throughput_images_per_s"])
+    for ratio in ("latency_median", "latency_p95", "throughput"):
+        assert positive(report["serve_over_in_process"][ratio]), ratio
+    assert (tmp_path / "weights" / "tiny" / "sdxl").is_dir()  # made because missing
+    assert not report["settings"]["stopped_by_deadline"]
