@@ -82,7 +82,7 @@ def local_stack(serve_file: ServeFile, *, port: int | None = None) -> Iterator[d
                 write_tiny_weights(Path(root).expanduser())
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
-            address=os.environ.get("RAY_ADDRESS"),
+            address=os.environ.get("RAY_ADDRESS") or "local",  # never join a stray local cluster
             include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.WARNING,

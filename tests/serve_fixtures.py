@@ -66,7 +66,9 @@ def serve_stack(tiny_weights: Path, embedded_s3) -> Iterator[ServeStack]:
 
     os.environ.update(embedded_s3.env())  # Ray workers inherit it: the standard credential chain
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs: several apps on 2 cores
+    ray.init(
+        address="local", num_cpus=8, include_dashboard=False, log_to_driver=False
+    )  # logical CPUs: several apps on 2 cores
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
     config = local_app_config(tiny_weights, embedded_s3.bucket)
