@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import re
-import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,7 +38,6 @@ from deployments.instantid.errors import (
     InvalidParameterError,
     UnsupportedImageTypeError,
 )
-from deployments.instantid.pipeline import GenerationParams
 from deployments.instantid.styles import apply_style
 from deployments.messages import FaceRequest, PromptRequest
 from deployments.storage.results import GenerationNotFound, new_generation_id, validate_generation_id
@@ -47,7 +45,6 @@ from deployments.storage.s3 import S3Settings, make_client, parse_s3_uri
 from serve.auth import ANONYMOUS, ApiKeys, AuthError
 from serve.config import ApiConfig
 from serve.schemas import (
-    MAX_SEED,
     ErrorResponse,
     FaceInfo,
     FacesRequest,
@@ -311,20 +308,9 @@ class Ingress:
         pose_image = None
         if request.pose_image_b64 is not None or request.pose_image_uri is not None:
             pose_image = await self._load_input(request.pose_image_b64, request.pose_image_uri, "pose_image")
-        seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        seed = options.resolved_seed()
         prompt, negative = apply_style(options.style, options.prompt, options.negative_prompt)
-        params = GenerationParams(
-            seed=seed,
-            num_images=options.num_images,
-            num_inference_steps=options.num_inference_steps,
-            guidance_scale=options.guidance_scale,
-            identitynet_strength=options.identitynet_strength,
-            adapter_strength=options.adapter_strength,
-            control_guidance_start=options.control_guidance_start,
-            control_guidance_end=options.control_guidance_end,
-            enhance_face_region=options.enhance_face_region,
-            scheduler=options.scheduler,
-        )
+        params = options.sampling_params(seed)
         face = self.face.analyze.remote(FaceRequest(face_image, pose_image, options.width, options.height))
         encoded = self.prompt.encode.remote(PromptRequest(prompt, negative, params.do_classifier_free_guidance))
         images = self.denoiser.generate.remote(params, face, encoded)

@@ -108,27 +108,10 @@ def _check_device(device: str, dtype: str) -> None:
 
 
 def _pipeline_and_params(layout, options, args):
-    import secrets
-
     from deployments.instantid.generate import InstantIDPipeline
-    from deployments.instantid.pipeline import GenerationParams
-    from serve.schemas import MAX_SEED
 
-    seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    params = GenerationParams(
-        width=options.width,
-        height=options.height,
-        seed=seed,
-        num_images=options.num_images,
-        num_inference_steps=options.num_inference_steps,
-        guidance_scale=options.guidance_scale,
-        identitynet_strength=options.identitynet_strength,
-        adapter_strength=options.adapter_strength,
-        control_guidance_start=options.control_guidance_start,
-        control_guidance_end=options.control_guidance_end,
-        enhance_face_region=options.enhance_face_region,
-        scheduler=options.scheduler,
-    )
+    seed = options.resolved_seed()
+    params = options.sampling_params(seed)
     pipeline = InstantIDPipeline.from_layout(layout, device=args.device, dtype=args.dtype)
     return pipeline, params, seed
 

@@ -6,10 +6,12 @@ Defaults follow the public InstantID demo (REFERENCE.md §6).
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.instantid.pipeline import GenerationParams
 from deployments.instantid.schedulers import DEFAULT_SCHEDULER, SchedulerName
 from deployments.instantid.styles import DEFAULT_STYLE, StyleName
 
@@ -45,6 +47,27 @@ class GenerationOptions(BaseModel):
     num_images: int = Field(default=1, ge=1, le=8)
     output_format: OutputFormat = "webp"
     output_quality: int = Field(default=95, ge=1, le=100, description="JPEG/WebP quality.")
+
+    def sampling_params(self, seed: int) -> GenerationParams:
+        """The model-level parameters (one mapping, shared by the ingress and `instantid generate`)."""
+        return GenerationParams(
+            width=self.width,
+            height=self.height,
+            seed=seed,
+            num_images=self.num_images,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            identitynet_strength=self.identitynet_strength,
+            adapter_strength=self.adapter_strength,
+            control_guidance_start=self.control_guidance_start,
+            control_guidance_end=self.control_guidance_end,
+            enhance_face_region=self.enhance_face_region,
+            scheduler=self.scheduler,
+        )
+
+    def resolved_seed(self) -> int:
+        """The given seed, or a fresh random one (returned to the client so it can reproduce the image)."""
+        return self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> GenerationOptions:
