@@ -71,6 +71,17 @@ def test_denoise_cold_start_loads_the_saved_layout_in_a_fresh_process(denoise_re
     assert denoise_report["saved_weights"]["bytes"] > 0
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_denoise_half_precision_runs_both_pipelines(capsys: pytest.CaptureFixture[str], dtype: str) -> None:
+    """The GPU runs are half precision: the stock pipeline must decode its half latents (it once met our
+    fp32 VAE and failed with a dtype mismatch), and ours must keep its fp32 decode for float16."""
+    argv = ["bench", "denoise", "--profile", "tiny", "--device", "cpu", "--dtype", dtype, "--steps", "1"]
+    report = run_cli(capsys, *argv, "--size", "64", "--batch", "1", "--repeats", "1", "--no-cold-start")
+    assert report["settings"]["dtype"] == dtype
+    assert report["settings"]["vae_dtype"] == ("float32" if dtype == "float16" else dtype)
+    assert report["ours"]["batch_1"]["finite"] is True and report["baseline"]["batch_1"]["finite"] is True
+
+
 def test_denoise_full_size_builds_on_the_meta_device_with_the_published_sizes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

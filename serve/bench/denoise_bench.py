@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -429,8 +430,12 @@ class BaselineRunner:
     def __init__(self, models: Models, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> None:
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
 
+        # Stock usage loads the whole pipeline in one dtype; its decode upcasts a float16 VAE to fp32 by itself
+        # (force_upcast) and feeds a bfloat16 one bf16 latents. The shared VAE is fp32 (ours decodes in fp32),
+        # which the stock decode cannot take half latents into, so the baseline gets its own copy (84 M params).
+        self.vae = copy.deepcopy(models.vae).to(dtype)
         self.pipe = StableDiffusionXLControlNetPipeline(
-            vae=models.vae,
+            vae=self.vae,
             text_encoder=models.text_encoder,
             text_encoder_2=models.text_encoder_2,
             tokenizer=models.tokenizer,
@@ -744,6 +749,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats,
             "ours_batch": "N single-image requests in one generate() call (how the Denoiser batches)",
             "baseline_batch": "num_images_per_prompt=N, with the same precomputed prompt embeddings as ours",
+            "baseline_vae": "its own copy in the model dtype; diffusers upcasts a float16 VAE to fp32 to decode",
         },
         "parameters": counts,
         "build_s": build_s,
