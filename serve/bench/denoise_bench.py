@@ -349,27 +349,66 @@ def memory(device: torch.device) -> tuple[int | None, int | None]:
     return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
 
 
-def measure(run: Callable[[], Any], check: Callable[[], bool], batch: int, repeats: int, device: torch.device):
-    """Warm-up (checked for finite output), then ``repeats`` timed runs; per-image figures from the median."""
-    reset_peak(device)
-    resident, _ = memory(device)
-    warm_s, _ = timed(run, device)
-    finite = check()
-    runs = [timed(run, device)[0] for _ in range(repeats)]
-    _, peak = memory(device)
-    per_run = statistics.median(runs)
-    per_image = per_run / batch
-    return {
-        "batch": batch,
-        "seconds_per_run": per_run,
-        "seconds_per_image": per_image,
-        "images_per_min": 60.0 / per_image,
-        "runs_s": runs,
-        "warmup_s": warm_s,
-        "peak_memory_gib": None if peak is None else peak / 2**30,
-        "resident_memory_gib": None if resident is None else resident / 2**30,
-        "finite": finite,
-    }
+@dataclass
+class Contender:
+    """One pipeline under test: ``run(batch)``, ``check()`` on the warm-up's output, and the state it runs in."""
+
+    run: Callable[[int], Any]
+    check: Callable[[], bool]
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+
+
+def _timed_run(contender: Contender, batch: int, device: torch.device) -> tuple[float, int | None]:
+    """Seconds of one run inside the contender's context (switching is not timed), and its peak memory."""
+    with contender.context():
+        reset_peak(device)
+        seconds, _ = timed(lambda: contender.run(batch), device)
+        return seconds, memory(device)[1]
+
+
+def measure_interleaved(
+    contenders: dict[str, Contender], batch: int, repeats: int, device: torch.device
+) -> dict[str, dict[str, Any]]:
+    """A checked warm-up each, then ``repeats`` rounds that alternate the contenders (ABBA order).
+
+    Interleaving puts clock ramps, heat and neighbours' load on both sides alike; measured one after the
+    other, a drift of a few per cent reads as a difference between pipelines. Per-image figures come from
+    the median run, peak memory from the largest run.
+    """
+    names = list(contenders)
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[str, list[int | None]] = {name: [] for name in names}
+    warm: dict[str, float] = {}
+    finite: dict[str, bool] = {}
+    resident: dict[str, int | None] = {}
+    for name, contender in contenders.items():
+        with contender.context():
+            resident[name] = memory(device)[0]
+        warm[name], peak = _timed_run(contender, batch, device)
+        finite[name] = contender.check()
+        peaks[name].append(peak)
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            seconds, peak = _timed_run(contenders[name], batch, device)
+            runs[name].append(seconds)
+            peaks[name].append(peak)
+    report = {}
+    for name in names:
+        per_run = statistics.median(runs[name])
+        per_image = per_run / batch
+        known_peaks = [p for p in peaks[name] if p is not None]
+        report[name] = {
+            "batch": batch,
+            "seconds_per_run": per_run,
+            "seconds_per_image": per_image,
+            "images_per_min": 60.0 / per_image,
+            "runs_s": runs[name],
+            "warmup_s": warm[name],
+            "peak_memory_gib": max(known_peaks) / 2**30 if known_peaks else None,
+            "resident_memory_gib": None if resident[name] is None else resident[name] / 2**30,
+            "finite": finite[name],
+        }
+    return report
 
 
 @contextlib.contextmanager
@@ -683,25 +722,24 @@ def measure_pipelines(
     control = keypoint_image(args.size, args.size)
 
     ours = OursRunner(models, device, dtype, args)
-    results: dict[str, Any] = {"ours": {}, "baseline": {}}
-    for batch in args.batch:
-        progress(f"ours, batch {batch}: {args.steps} steps at {args.size}x{args.size}")
-        results["ours"][f"batch_{batch}"] = measure(
-            lambda b=batch: ours.run(b, args.size, prompt, control), ours.check, batch, args.repeats, device
-        )
+    contenders = {"ours": Contender(lambda b: ours.run(b, args.size, prompt, control), ours.check)}
     if not args.no_baseline:
         baseline = BaselineRunner(models, device, dtype, args)
-        # The baseline's own modules only: the face K/V and the resampler leave the GPU meanwhile.
-        with models.standard_attention(), parked([models.resampler, models.face_layers], device):
-            for batch in args.batch:
-                progress(f"baseline (diffusers StableDiffusionXLControlNetPipeline), batch {batch}")
-                results["baseline"][f"batch_{batch}"] = measure(
-                    lambda b=batch: baseline.run(b, args.size, prompt, control),
-                    baseline.check,
-                    batch,
-                    args.repeats,
-                    device,
-                )
+
+        @contextlib.contextmanager
+        def stock_state() -> Iterator[None]:
+            # The baseline's own modules only: the face K/V and the resampler leave the GPU meanwhile.
+            with models.standard_attention(), parked([models.resampler, models.face_layers], device):
+                yield
+
+        contenders["baseline"] = Contender(
+            lambda b: baseline.run(b, args.size, prompt, control), baseline.check, stock_state
+        )
+    results: dict[str, Any] = {"ours": {}, "baseline": {}}
+    for batch in args.batch:
+        progress(f"batch {batch}: {' and '.join(contenders)} interleaved, {args.steps} steps at {args.size}px")
+        for name, report in measure_interleaved(contenders, batch, args.repeats, device).items():
+            results[name][f"batch_{batch}"] = report
     results["prompt_encoding"] = {
         "seconds": statistics.median(t for t, _ in prompt_runs),
         "note": "one prompt + its CFG negative (zeros); outside the denoise timings of both pipelines",
@@ -747,6 +785,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "enhance_face_region": True,
             "batches": list(args.batch),
             "repeats": args.repeats,
+            "order": "per batch: one checked warm-up each, then the timed runs alternate ours/baseline (ABBA)",
             "ours_batch": "N single-image requests in one generate() call (how the Denoiser batches)",
             "baseline_batch": "num_images_per_prompt=N, with the same precomputed prompt embeddings as ours",
             "baseline_vae": "its own copy in the model dtype; diffusers upcasts a float16 VAE to fp32 to decode",
