@@ -27,7 +27,7 @@ CONDITIONING_KWARG = "face"  # the cross_attention_kwargs key the processors rea
 
 @dataclass
 class FaceConditioning:
-    """What the face-token attention needs for one UNet call.
+    """What the face-token attention needs for the UNet calls of one batch (constant across steps).
 
     ``scale``: adapter strength per batch row, shape (rows,).
     ``region_mask``: optional (rows, 1, H, W) mask at image resolution; the face-token attention output is
@@ -38,20 +38,28 @@ class FaceConditioning:
     scale: torch.Tensor
     num_tokens: int
     region_mask: torch.Tensor | None = None
-    _resized: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _weights: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def mask_for(self, sequence_length: int) -> torch.Tensor | None:
-        """The region mask at an attention resolution of ``sequence_length`` pixels, as (rows, seq, 1)."""
-        if self.region_mask is None:
-            return None
-        cached = self._resized.get(sequence_length)
+    def weight_for(self, sequence_length: int, dtype: torch.dtype) -> torch.Tensor:
+        """What multiplies the face-token attention output at ``sequence_length`` pixels: strength x mask.
+
+        Shape (rows, seq, 1) with a mask, else (rows, 1, 1). Computed once per resolution and dtype and
+        kept: the pipeline makes one FaceConditioning per generate() call, and 70 layers x every step
+        would otherwise redo the resize and two casts (small kernels whose launches dominate at batch 1).
+        """
+        key = (sequence_length, dtype)
+        cached = self._weights.get(key)
         if cached is None:
-            height, width = self.region_mask.shape[-2:]
-            factor = math.sqrt(height * width / sequence_length)
-            size = (round(height / factor), round(width / factor))
-            resized = F.interpolate(self.region_mask, size=size, mode="nearest")
-            cached = resized.flatten(1)[:, :, None]
-            self._resized[sequence_length] = cached
+            scale = self.scale.view(-1, 1, 1)
+            if self.region_mask is None:
+                cached = scale.to(dtype)
+            else:
+                height, width = self.region_mask.shape[-2:]
+                factor = math.sqrt(height * width / sequence_length)
+                size = (round(height / factor), round(width / factor))
+                resized = F.interpolate(self.region_mask, size=size, mode="nearest").flatten(1)[:, :, None]
+                cached = (scale * resized).to(dtype)
+            self._weights[key] = cached
         return cached
 
 
@@ -152,10 +160,7 @@ class FaceTokenAttnProcessor(nn.Module):
 
         if face_tokens is not None:
             face_out = _attend(attn, query, face_tokens, self.to_k_ip, self.to_v_ip, None)
-            mask = face.mask_for(face_out.shape[1])
-            if mask is not None:
-                face_out = face_out * mask.to(face_out.dtype)
-            out = out + face.scale.to(out.dtype).view(-1, 1, 1) * face_out
+            out = out + face_out * face.weight_for(face_out.shape[1], face_out.dtype)
 
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
