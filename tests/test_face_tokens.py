@@ -72,6 +72,13 @@ def test_resampler_load_is_strict():
         Resampler.from_state_dict(state)
 
 
+def test_resampler_tensor_of_an_inconsistent_size_is_a_weights_error():
+    state = Resampler(ResamplerConfig(dim=128, depth=2, heads=2, output_dim=64)).state_dict()
+    state["layers.1.0.to_kv.weight"] = torch.zeros(7, 128)  # layer 0 gives the sizes; layer 1 disagrees
+    with pytest.raises(WeightsError, match=r"inconsistent sizes(.|\n)*layers\.1\.0\.to_kv\.weight"):
+        Resampler.from_state_dict(state)
+
+
 def test_resampler_matches_diffusers_ip_adapter_plus_projection():
     torch.manual_seed(0)
     ours = Resampler(ResamplerConfig(dim=128, heads=2, output_dim=64))

@@ -81,15 +81,14 @@ def tiny_ip_adapter(tiny_weights: Path) -> dict[str, dict[str, torch.Tensor]]:
 # -- the tiny writer ------------------------------------------------------------------------------------
 
 
-def test_tiny_weights_are_deterministic_small_and_fast(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_tiny_weights_are_deterministic_small_and_leave_the_global_rng_alone(tmp_path: Path) -> None:
+    rng_before = torch.random.get_rng_state()
     first = write_tiny_weights(tmp_path / "a", seed=0)
-    elapsed = time.perf_counter() - start
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # a caller's seeded run stays reproducible
     second = write_tiny_weights(tmp_path / "b", seed=0)
     other = write_tiny_weights(tmp_path / "c", seed=1)
 
     hashes = file_hashes(first)
-    assert elapsed < 10, f"writing tiny weights took {elapsed:.1f}s"
     assert sum(p.stat().st_size for p in first.rglob("*") if p.is_file()) < 40 * 1024 * 1024
     assert set(TENSOR_FILES) <= set(hashes)
     assert file_hashes(second) == hashes  # same relative files, same bytes

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
 from .attention import load_face_attention
 from .errors import WeightsError
-from .faces import FaceAnalyzer
 from .pipeline import InstantIDDenoiser
 from .resampler import Resampler
 from .text import SDXLPromptEncoder
 from .weights import WeightsLayout, load_ip_adapter, read_scheduler_config, sdxl_variant
+
+if TYPE_CHECKING:
+    from .faces import FaceAnalyzer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -87,4 +90,8 @@ def load_prompt_encoder(layout: WeightsLayout, *, device: str = "auto", dtype: s
 
 
 def load_face_analyzer(layout: WeightsLayout, *, providers: Sequence[str] | None = None) -> FaceAnalyzer:
+    """The antelopev2 detector + recognizer. insightface/onnxruntime are imported here, not at module level:
+    the GPU loaders above must work where face analysis is not installed (a denoise-only machine)."""
+    from .faces import FaceAnalyzer
+
     return FaceAnalyzer(layout.antelopev2, providers=providers)

@@ -122,7 +122,10 @@ class Resampler(nn.Module):
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> Resampler:
         """Build with sizes read from the state dict and load it strictly."""
         model = cls(ResamplerConfig.from_state_dict(state_dict))
-        result = model.load_state_dict(state_dict, strict=False)
+        try:
+            result = model.load_state_dict(state_dict, strict=False)
+        except RuntimeError as exc:  # a tensor whose size disagrees with the sizes read from the others
+            raise WeightsError(f"image_proj tensors have inconsistent sizes: {exc}") from exc
         if result.missing_keys or result.unexpected_keys:
             raise WeightsError(
                 "image_proj does not match the published resampler layout: "

@@ -131,36 +131,10 @@ def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory))
     try:
-        torch.manual_seed(seed)
-        tokenizer = byte_level_tokenizer()
-        tokenizer_2 = byte_level_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
-        text_encoder = CLIPTextModel(_text_config(len(tokenizer), "quick_gelu"))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), "gelu", projection_dim=TEXT_HIDDEN))
-        unet = tiny_unet()
-        vae = tiny_vae()
-        pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            scheduler=sdxl_scheduler(),
-        )
-        pipe.save_pretrained(staging / "sdxl", safe_serialization=True)
-
-        generator = torch.Generator().manual_seed(seed + 1)
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
-        _wake_zero_layers(controlnet, generator)
-        controlnet.save_pretrained(staging / "instantid" / CONTROLNET_DIR, safe_serialization=True)
-
-        resampler = Resampler(ResamplerConfig(dim=128, heads=2, output_dim=unet.config.cross_attention_dim))
-        face_layers = install_face_attention(unet)
-        torch.save(
-            {"image_proj": resampler.state_dict(), "ip_adapter": face_layers.state_dict()},
-            staging / "instantid" / IP_ADAPTER_FILE,
-        )
-        write_tiny_antelopev2(staging / "antelopev2", seed=seed)
+        # Seeded from ``seed`` alone, and the caller's global RNG is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _write_parts(staging, seed)
 
         for part in ("sdxl", "instantid", "antelopev2"):
             target = directory / part
@@ -170,6 +144,39 @@ def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _write_parts(staging: Path, seed: int) -> None:
+    """The three folders of the tiny layout, written into ``staging`` (global torch RNG already seeded)."""
+    tokenizer = byte_level_tokenizer()
+    tokenizer_2 = byte_level_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer), "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), "gelu", projection_dim=TEXT_HIDDEN))
+    unet = tiny_unet()
+    vae = tiny_vae()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=sdxl_scheduler(),
+    )
+    pipe.save_pretrained(staging / "sdxl", safe_serialization=True)
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    _wake_zero_layers(controlnet, generator)
+    controlnet.save_pretrained(staging / "instantid" / CONTROLNET_DIR, safe_serialization=True)
+
+    resampler = Resampler(ResamplerConfig(dim=128, heads=2, output_dim=unet.config.cross_attention_dim))
+    face_layers = install_face_attention(unet)
+    torch.save(
+        {"image_proj": resampler.state_dict(), "ip_adapter": face_layers.state_dict()},
+        staging / "instantid" / IP_ADAPTER_FILE,
+    )
+    write_tiny_antelopev2(staging / "antelopev2", seed=seed)
 
 
 def tiny_weights_present(directory: str | Path) -> bool:

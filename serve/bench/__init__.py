@@ -55,10 +55,14 @@ def median(values: Sequence[float]) -> float | None:
     return percentile(values, 50.0)
 
 
-def rounded(value: Any, digits: int = 4) -> Any:
-    """Round floats (recursively) so the JSON stays readable; timings beyond 0.1 ms are noise anyway."""
+def rounded(value: Any, digits: int = 5) -> Any:
+    """Round floats (recursively) to ``digits`` significant digits so the JSON stays readable.
+
+    Significant digits, not decimal places: a 0.0453 s step and a 1324 images/min rate both keep the same
+    relative precision (1e-5), so ratios recomputed from the report agree with the ones in it.
+    """
     if isinstance(value, float):
-        return round(value, digits) if math.isfinite(value) else None
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: rounded(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -18,10 +18,11 @@ Cold start: the random weights are saved once in the ``instantid weights tiny`` 
 ``instantid/ControlNetModel``, ``instantid/ip-adapter.bin``); a fresh process then times
 ``load_denoiser`` + ``load_prompt_encoder`` up to the first finished image.
 
-Portability: the GPU machines have torch/transformers/accelerate/safetensors/onnx but no diffusers,
-Ray, insightface or OpenCV. This module therefore imports only torch and numpy at module level; diffusers
-(and Pillow, which diffusers imports) travel as wheels (``serve/bench/gpu_wheels.sh``), and the keypoint
-image is drawn here with numpy. Run it as ``python -m serve.bench.denoise_bench`` there.
+Portability: the lent GPU machines have torch, transformers, accelerate, safetensors, onnx and Pillow but
+no diffusers, Ray or insightface, and no network. This module therefore imports only torch and numpy at
+module level, needs neither Ray nor face analysis (``loading`` imports insightface only to load it), draws
+the keypoint image with numpy (no OpenCV), and gets diffusers from wheels that travel with the code
+(``serve/bench/gpu_wheels.sh``). Run it as ``python -m serve.bench.denoise_bench`` there.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -528,9 +528,10 @@ def save_layout(models: Models, root: Path) -> dict[str, Any]:
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+    from deployments.instantid.loading import quiet_progress_bars
     from deployments.instantid.weights import CONTROLNET_DIR, IP_ADAPTER_FILE
 
-    _import_loading()[0].quiet_progress_bars()
+    quiet_progress_bars()
     start = time.perf_counter()
     with models.standard_attention():
         pipe = StableDiffusionXLPipeline(
@@ -557,36 +558,10 @@ def save_layout(models: Models, root: Path) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start, "bytes": size, "gib": size / 2**30}
 
 
-def _import_loading() -> tuple[types.ModuleType, bool]:
-    """``deployments.instantid.loading``, with a placeholder face module where insightface is missing.
-
-    loading.py imports the face analyzer at module level; the GPU machines have no insightface/OpenCV and
-    the denoise benchmark needs neither, so a stand-in whose ``FaceAnalyzer`` refuses to run is installed
-    there. Returns ``(module, stubbed)``.
-    """
-    try:
-        import deployments.instantid.faces  # noqa: F401
-    except ImportError as exc:
-        reason = f"face analysis is unavailable in this environment ({exc})"
-        stub = types.ModuleType("deployments.instantid.faces")
-
-        class FaceAnalyzer:  # the name loading.py imports
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                raise ImportError(reason)
-
-        stub.FaceAnalyzer = FaceAnalyzer  # type: ignore[attr-defined]
-        stub.BENCH_STUB = True  # type: ignore[attr-defined]
-        sys.modules["deployments.instantid.faces"] = stub
-    import deployments.instantid.loading as loading
-
-    stubbed = bool(getattr(sys.modules["deployments.instantid.faces"], "BENCH_STUB", False))
-    return loading, stubbed
-
-
 def cold_start_child(args: argparse.Namespace) -> dict[str, Any]:
     """In a fresh process: load the saved folder with the serving loaders and finish one image."""
     process_start = time.perf_counter()
-    loading, stubbed = _import_loading()
+    import deployments.instantid.loading as loading
     from deployments.instantid.weights import WeightsLayout
 
     import_s = time.perf_counter() - process_start
@@ -619,7 +594,6 @@ def cold_start_child(args: argparse.Namespace) -> dict[str, Any]:
         "cold_start_s": load_denoiser_s + load_prompt_s + first_image_s,
         "peak_memory_gib": None if peak is None else peak / 2**30,
         "image_shape": list(images[0].shape),
-        "face_analysis_stubbed": stubbed,
     }
 
 
@@ -756,8 +730,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.dry_run:
         return dry_run(args, dtype)
 
-    loading, stubbed = _import_loading()
-    loading.quiet_progress_bars()
+    from deployments.instantid.loading import quiet_progress_bars
+
+    quiet_progress_bars()
     progress(f"building {args.profile} models on {device} ({dtype_name}, random weights)")
     build_s, models = timed(lambda: build_models(args.profile, device, dtype), device)
     counts = models.parameter_counts()
@@ -798,7 +773,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ours_over_baseline_seconds_per_image": ratio or None,
         "cold_start_s": None,
         "cold_start": None,
-        "face_analysis_stubbed": stubbed,
     }
     if args.no_cold_start:
         return report
