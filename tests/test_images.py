@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -259,10 +258,9 @@ def test_bomb_header_refused_before_decoding() -> None:
     # 50000 x 50000 claimed by a 100-byte file: refused from the header (Pillow's own bomb error included).
     data = png_header_only(50_000, 50_000)
     assert len(data) < 200
-    start = time.perf_counter()
+    # The file holds no pixel data: a decode attempt would fail as truncated, not as too large.
     with pytest.raises(ImageTooLargeError):
         decode_image(data)
-    assert time.perf_counter() - start < 1.0
 
 
 def test_pixel_limit_checked_on_header_not_data() -> None:
