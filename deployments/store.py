@@ -15,6 +15,7 @@ from typing import Any
 from ray import serve
 
 from deployments.messages import DenoiseResult
+from deployments.storage.idempotency import IdempotencyRecord, IdempotencyRecords
 from deployments.storage.results import GenerationNotFound, ResultWriter, StorageError
 from deployments.storage.s3 import S3Settings, make_client
 from deployments.storage.spool import Spool
@@ -38,6 +39,7 @@ class ResultStoreDeployment:
     def __init__(self, s3: dict[str, Any], spool_dir: str | None = None, spool_retry_s: float = 5.0) -> None:
         settings = S3Settings(**s3)
         self.writer = ResultWriter(make_client(settings), settings)
+        self.idempotency = IdempotencyRecords(self.writer.client, settings)
         self.spool = Spool(spool_dir) if spool_dir else None
         self._stop = threading.Event()
         try:
@@ -128,11 +130,18 @@ class ResultStoreDeployment:
             removed += 1
         return removed + self.writer.delete(generation_id)
 
-    def read_idempotency(self, digest: str) -> dict[str, Any] | None:
-        return self.writer.read_idempotency(digest)
+    # Idempotency records: conditional S3 writes, so ingress replicas coordinate (serve/idempotency.py).
+    def read_idempotency(self, digest: str) -> IdempotencyRecord | None:
+        return self.idempotency.read(digest)
 
-    def write_idempotency(self, digest: str, record: dict[str, Any]) -> None:
-        self.writer.write_idempotency(digest, record)
+    def claim_idempotency(self, digest: str, body: dict[str, Any]) -> str | None:
+        return self.idempotency.claim(digest, body)
+
+    def replace_idempotency(self, digest: str, body: dict[str, Any], etag: str) -> str | None:
+        return self.idempotency.replace(digest, body, etag)
+
+    def release_idempotency(self, digest: str) -> None:
+        self.idempotency.release(digest)
 
     def drain_spool(self) -> int:
         """Upload what the spool holds; returns how many generations were uploaded (stops at the first error)."""

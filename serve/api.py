@@ -40,10 +40,12 @@ from deployments.instantid.errors import (
 )
 from deployments.instantid.styles import apply_style
 from deployments.messages import FaceRequest, PromptRequest
+from deployments.storage.idempotency import IdempotencyRecord
 from deployments.storage.results import GenerationNotFound, new_generation_id, validate_generation_id
 from deployments.storage.s3 import S3Settings, make_client, parse_s3_uri
 from serve.auth import ANONYMOUS, ApiKeys, AuthError
 from serve.config import ApiConfig
+from serve.idempotency import IdempotencyGuard, IdempotencyInProgress, IdempotencyKeyReused
 from serve.schemas import (
     ErrorResponse,
     FaceInfo,
@@ -88,6 +90,25 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+class _StoreRecords:
+    """The ResultStore deployment's idempotency-record methods, as serve.idempotency.RecordStore."""
+
+    def __init__(self, store: DeploymentHandle) -> None:
+        self.store = store
+
+    async def read(self, digest: str) -> IdempotencyRecord | None:
+        return await self.store.read_idempotency.remote(digest)
+
+    async def claim(self, digest: str, body: dict[str, Any]) -> str | None:
+        return await self.store.claim_idempotency.remote(digest, body)
+
+    async def replace(self, digest: str, body: dict[str, Any], etag: str) -> str | None:
+        return await self.store.replace_idempotency.remote(digest, body, etag)
+
+    async def release(self, digest: str) -> None:
+        await self.store.release_idempotency.remote(digest)
 
 
 def _request_id(request: Request) -> str:
@@ -222,7 +243,8 @@ class Ingress:
         self.keys = ApiKeys(self.api.auth)
         self._input_clients: dict[str, Any] = {}
         self._in_flight = 0
-        self._idempotent: dict[str, asyncio.Future] = {}
+        # A claimant may run the request and its one replica-loss retry, each bounded by the timeout.
+        self.idempotency = IdempotencyGuard(_StoreRecords(store), lease_s=2 * self.api.request_timeout_s + 60)
         if self.api.auth.required and self.keys.count == 0 and self.api.auth.keys_file is None:
             logger.warning("API keys are required but none are configured: every request will get 401")
 
@@ -237,7 +259,9 @@ class Ingress:
         """Run one generation. Handle callers pass a :class:`GenerateRequest` (base64 or s3:// images).
 
         With an ``idempotency_key``, a repeated call (same owner, key and request) returns the first
-        call's result without generating again; the same key with a different request is refused.
+        call's result without generating again, also when it reaches another ingress replica (the claim
+        is a conditional S3 write, see serve/idempotency.py); the same key with a different request is
+        refused (422), and a repeat that outwaits a still-running first call gets a 409.
         """
         request_id = request_id or uuid.uuid4().hex
         if idempotency_key is None:
@@ -246,37 +270,25 @@ class Ingress:
             raise ApiError(422, "invalid_parameter", "Idempotency-Key must be 1-128 characters [A-Za-z0-9._:-]")
         digest = hashlib.sha256(f"{owner}\0{idempotency_key}".encode()).hexdigest()
         fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
-        running = self._idempotent.get(digest)
-        if running is not None:  # the same key is being served by this replica right now
-            first_fingerprint, response = await asyncio.shield(running)
-            return self._replay(first_fingerprint, fingerprint, response)
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._idempotent[digest] = future
-        try:
-            record = await self.store.read_idempotency.remote(digest)
-            if record is not None:
-                response = await self._refreshed(GenerateResponse.model_validate(record["response"]))
-                future.set_result((record["fingerprint"], response))
-                return self._replay(record["fingerprint"], fingerprint, response)
-            response = await self._admitted(request, request_id, owner)
-            await self.store.write_idempotency.remote(
-                digest, {"fingerprint": fingerprint, "response": response.model_dump(mode="json")}
-            )
-            future.set_result((fingerprint, response))
-            return response
-        except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
-            raise
-        finally:
-            self._idempotent.pop(digest, None)
 
-    @staticmethod
-    def _replay(first: str, now: str, response: GenerateResponse) -> GenerateResponse:
-        if first != now:
-            raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
-        return response
+        async def produce() -> dict[str, Any]:
+            return (await self._admitted(request, request_id, owner)).model_dump(mode="json")
+
+        try:
+            body, replayed = await self.idempotency.run(digest, fingerprint, produce, wait_s=self.api.request_timeout_s)
+        except IdempotencyKeyReused:
+            raise ApiError(
+                422, "idempotency_key_reused", "this Idempotency-Key was used with a different request"
+            ) from None
+        except IdempotencyInProgress:
+            raise ApiError(
+                409,
+                "idempotency_key_in_progress",
+                "the request that first used this Idempotency-Key is still running; retry later",
+                {"Retry-After": "10"},
+            ) from None
+        response = GenerateResponse.model_validate(body)
+        return await self._refreshed(response) if replayed else response
 
     async def _refreshed(self, response: GenerateResponse) -> GenerateResponse:
         """A stored response with fresh presigned URLs (the old ones may have expired)."""

@@ -39,6 +39,7 @@ __all__ = [
     "CONTENT_TYPES",
     "EXTENSIONS",
     "META_NAME",
+    "S3_ERRORS",
     "GenerationNotFound",
     "ImageFormat",
     "PreparedGeneration",
@@ -46,6 +47,7 @@ __all__ = [
     "StorageError",
     "StoredGeneration",
     "StoredImage",
+    "describe_error",
     "encode_image",
     "encode_meta",
     "generation_date",
@@ -58,7 +60,7 @@ ImageFormat = Literal["png", "jpeg", "webp"]
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 META_NAME = "meta.json"
-_S3_ERRORS = (BotoCoreError, ClientError)
+S3_ERRORS = (BotoCoreError, ClientError)
 
 _ID_RE = re.compile(r"^(?P<stamp>[0-9]{8}T[0-9]{6}Z)-(?P<rand>[0-9a-f]{16})$")
 _ID_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -254,8 +256,8 @@ class ResultWriter:
             ensure_bucket(
                 self.client, self.settings.bucket, region=self.settings.region, create=self.settings.create_bucket
             )
-        except _S3_ERRORS as exc:
-            raise StorageError(f"bucket {self.settings.bucket!r} is not usable: {_describe(exc)}") from exc
+        except S3_ERRORS as exc:
+            raise StorageError(f"bucket {self.settings.bucket!r} is not usable: {describe_error(exc)}") from exc
 
     def prepare(
         self,
@@ -313,11 +315,11 @@ class ResultWriter:
             for key, data, content_type in prepared.objects:
                 attempted.append(key)
                 self._put_and_confirm(key, data, content_type)
-        except (*_S3_ERRORS, StorageError) as exc:
+        except (*S3_ERRORS, StorageError) as exc:
             self._delete_keys_quietly(attempted)
             if isinstance(exc, StorageError):
                 raise
-            raise StorageError(f"could not store generation {prepared.generation_id}: {_describe(exc)}") from exc
+            raise StorageError(f"could not store generation {prepared.generation_id}: {describe_error(exc)}") from exc
         stored = [
             StoredImage(uri=self._uri(record["key"]), url=self.presign(record["key"]), **record)
             for record in prepared.image_records
@@ -345,7 +347,7 @@ class ResultWriter:
     def _delete_keys_quietly(self, keys: Sequence[str]) -> None:
         """Best effort: S3 may be the thing that is down, so errors here are swallowed."""
         for key in keys:
-            with contextlib.suppress(*_S3_ERRORS):
+            with contextlib.suppress(*S3_ERRORS):
                 self.client.delete_object(Bucket=self.settings.bucket, Key=key)
 
     def read(self, generation_id: str) -> dict[str, Any]:
@@ -353,10 +355,10 @@ class ResultWriter:
         key = self.meta_key(generation_id)
         try:
             body = self.client.get_object(Bucket=self.settings.bucket, Key=key)["Body"].read()
-        except _S3_ERRORS as exc:
+        except S3_ERRORS as exc:
             if is_not_found(exc):
                 raise GenerationNotFound(f"generation {generation_id} not found") from None
-            raise StorageError(f"could not read generation {generation_id}: {_describe(exc)}") from exc
+            raise StorageError(f"could not read generation {generation_id}: {describe_error(exc)}") from exc
         try:
             meta = json.loads(body)
         except ValueError as exc:
@@ -380,28 +382,6 @@ class ResultWriter:
             raise StorageError(f"meta.json of generation {generation_id} has an unexpected image list") from exc
         return StoredGeneration(id=generation_id, meta_key=self.meta_key(generation_id), images=images)
 
-    def _record_key(self, digest: str) -> str:
-        if not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise ValueError("idempotency digests are sha256 hex strings")
-        return f"{self.settings.prefix}/idempotency/{digest}.json"
-
-    def read_idempotency(self, digest: str) -> dict[str, Any] | None:
-        """The record a completed request left under its idempotency digest, or None."""
-        key = self._record_key(digest)
-        try:
-            body = self.client.get_object(Bucket=self.settings.bucket, Key=key)["Body"].read()
-        except _S3_ERRORS as exc:
-            if is_not_found(exc):
-                return None
-            raise StorageError(f"could not read an idempotency record: {_describe(exc)}") from exc
-        return json.loads(body)
-
-    def write_idempotency(self, digest: str, record: dict[str, Any]) -> None:
-        try:
-            self._put_and_confirm(self._record_key(digest), encode_meta(record), "application/json")
-        except _S3_ERRORS as exc:
-            raise StorageError(f"could not write an idempotency record: {_describe(exc)}") from exc
-
     def presign(self, key: str) -> str:
         """A presigned GET URL valid ``settings.presign_expiry_s``; only for keys under our prefix.
 
@@ -417,7 +397,7 @@ class ResultWriter:
                 ExpiresIn=self.settings.presign_expiry_s,
             )
         except BotoCoreError as exc:  # e.g. no credentials at all
-            raise StorageError(f"could not presign {self._uri(key)}: {_describe(exc)}") from exc
+            raise StorageError(f"could not presign {self._uri(key)}: {describe_error(exc)}") from exc
 
     def delete(self, generation_id: str) -> int:
         """Delete every object of the generation; returns how many were deleted (0: nothing was there)."""
@@ -442,12 +422,12 @@ class ResultWriter:
                         f"could not delete {len(response['Errors'])} object(s) of generation {generation_id}, "
                         f"e.g. {first.get('Key')}: {first.get('Code')}"
                     )
-        except _S3_ERRORS as exc:
-            raise StorageError(f"could not delete generation {generation_id}: {_describe(exc)}") from exc
+        except S3_ERRORS as exc:
+            raise StorageError(f"could not delete generation {generation_id}: {describe_error(exc)}") from exc
         return len(keys)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """A short reason for logs and API errors; botocore messages carry no credentials."""
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})

@@ -1,0 +1,104 @@
+"""Idempotency records in S3, written with conditional PUTs so that replicas coordinate through S3 alone.
+
+One object per (owner, key) digest: ``{prefix}/idempotency/{sha256}.json``. It is *claimed* with
+``If-None-Match: *`` (exactly one writer can create it), moved from ``pending`` to ``done`` with
+``If-Match: <etag of the claim>`` (nobody else's claim is overwritten), and deleted when the claimed request
+fails so that a retry can run. AWS S3 (since 2024) and SeaweedFS both honour these headers; a store that
+ignored them would make every claim succeed, which is the old, race-prone behaviour, never a lost result.
+
+The protocol that uses these operations lives at the API boundary (``serve/idempotency.py``); this module
+only speaks S3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from .results import S3_ERRORS, StorageError, describe_error, encode_meta
+from .s3 import S3Client, S3Settings, is_not_found
+
+# 412: the precondition failed (the object exists / changed). 409: AWS's answer to two conditional writes
+# racing on one key. Either way somebody else's write won.
+_LOST_RACE_STATUS = {409, 412}
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """A record's JSON body and the ETag to make a conditional replace against."""
+
+    body: dict[str, Any]
+    etag: str
+
+
+def _status(exc: ClientError) -> int | None:
+    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _lost_race(exc: BaseException) -> bool:
+    if not isinstance(exc, ClientError):
+        return False
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return _status(exc) in _LOST_RACE_STATUS or code in {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+class IdempotencyRecords:
+    """Read, claim, replace and release idempotency records under ``settings.prefix``."""
+
+    def __init__(self, client: S3Client, settings: S3Settings) -> None:
+        self.client = client
+        self.settings = settings
+
+    def key(self, digest: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError("idempotency digests are sha256 hex strings")
+        return f"{self.settings.prefix}/idempotency/{digest}.json"
+
+    def read(self, digest: str) -> IdempotencyRecord | None:
+        """The record under ``digest`` with its ETag, or None when there is none."""
+        try:
+            response = self.client.get_object(Bucket=self.settings.bucket, Key=self.key(digest))
+            body = response["Body"].read()
+        except S3_ERRORS as exc:
+            if is_not_found(exc):
+                return None
+            raise StorageError(f"could not read an idempotency record: {describe_error(exc)}") from exc
+        try:
+            record = json.loads(body)
+        except ValueError as exc:
+            raise StorageError(f"the idempotency record {digest[:12]}... is not JSON") from exc
+        return IdempotencyRecord(body=record, etag=response["ETag"])
+
+    def claim(self, digest: str, body: dict[str, Any]) -> str | None:
+        """Create the record only if none exists: its ETag, or None when another writer got there first."""
+        return self._put(digest, body, IfNoneMatch="*")
+
+    def replace(self, digest: str, body: dict[str, Any], etag: str) -> str | None:
+        """Overwrite the record only if it is still the version ``etag``: the new ETag, or None if it changed
+        or was deleted meanwhile."""
+        return self._put(digest, body, IfMatch=etag)
+
+    def release(self, digest: str) -> None:
+        """Delete the record (best effort: a record left behind only delays a retry until its lease ends)."""
+        with contextlib.suppress(*S3_ERRORS):
+            self.client.delete_object(Bucket=self.settings.bucket, Key=self.key(digest))
+
+    def _put(self, digest: str, body: dict[str, Any], **condition: str) -> str | None:
+        try:
+            response = self.client.put_object(
+                Bucket=self.settings.bucket,
+                Key=self.key(digest),
+                Body=encode_meta(body),
+                ContentType="application/json",
+                **condition,
+            )
+        except S3_ERRORS as exc:
+            if _lost_race(exc) or ("IfMatch" in condition and is_not_found(exc)):
+                return None
+            raise StorageError(f"could not write an idempotency record: {describe_error(exc)}") from exc
+        return response["ETag"]

@@ -1,0 +1,122 @@
+"""At most one generation per (owner, Idempotency-Key), across every ingress replica.
+
+Replicas share nothing but S3, so the S3 record is the lock: the first replica to *claim* the key (a
+conditional create) runs the request; every other caller with the same key and the same request waits for
+the record to turn ``done`` and replays its response. Same key, different request: refused. The claimant's
+failure deletes the claim, so a retry runs afresh; a claimant that died without a word is presumed dead
+once its claim is older than the lease, and the next caller takes the claim over (a conditional replace,
+so two waiters cannot both take it).
+
+The record store is any object with the four async operations of :class:`RecordStore`; the ingress adapts
+the ResultStore deployment's handle to it, tests may adapt a plain ``IdempotencyRecords``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from deployments.storage.idempotency import IdempotencyRecord
+
+PENDING = "pending"
+DONE = "done"
+
+
+class RecordStore(Protocol):
+    async def read(self, digest: str) -> IdempotencyRecord | None: ...
+    async def claim(self, digest: str, body: dict[str, Any]) -> str | None: ...
+    async def replace(self, digest: str, body: dict[str, Any], etag: str) -> str | None: ...
+    async def release(self, digest: str) -> None: ...
+
+
+class IdempotencyKeyReused(Exception):
+    """The key was first used with a different request (HTTP 422)."""
+
+
+class IdempotencyInProgress(Exception):
+    """The request holding the key did not finish while this caller waited (HTTP 409; retry later)."""
+
+
+class IdempotencyGuard:
+    """Runs ``produce`` at most once per digest among all guards sharing the record store.
+
+    ``lease_s``: how long a ``pending`` claim is trusted; longer than any request can run (the ingress
+    passes its request timeout plus a margin), since a live claimant's request must never be taken over.
+    ``poll_s``: how often a waiting caller rereads the record. ``clock``: wall-clock seconds (claims are
+    compared across machines, so this is time.time, not a monotonic clock).
+    """
+
+    def __init__(
+        self,
+        records: RecordStore,
+        *,
+        lease_s: float,
+        poll_s: float = 0.25,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.records = records
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.clock = clock
+
+    async def run(
+        self,
+        digest: str,
+        fingerprint: str,
+        produce: Callable[[], Awaitable[dict[str, Any]]],
+        *,
+        wait_s: float,
+    ) -> tuple[dict[str, Any], bool]:
+        """``(response, replayed)``: ``produce()``'s JSON response, or the first caller's (replayed=True).
+
+        Raises :class:`IdempotencyKeyReused` for a different request under the same digest and
+        :class:`IdempotencyInProgress` when the claimant is still running after ``wait_s``.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            record = await self.records.read(digest)
+            if record is None:
+                etag = await self.records.claim(digest, self._pending(fingerprint))
+                if etag is not None:
+                    return await self._produce(digest, fingerprint, etag, produce), False
+                continue  # another caller claimed it between our read and our claim: read theirs
+            body = record.body
+            if body.get("fingerprint") != fingerprint:
+                raise IdempotencyKeyReused(digest)
+            if body.get("state") == DONE:
+                return body["response"], True
+            if self.clock() - float(body.get("claimed_at", 0.0)) > self.lease_s:
+                etag = await self.records.replace(digest, self._pending(fingerprint), record.etag)
+                if etag is not None:  # the claimant is presumed dead: its request is ours now
+                    return await self._produce(digest, fingerprint, etag, produce), False
+                continue
+            if time.monotonic() >= deadline:
+                raise IdempotencyInProgress(digest)
+            await asyncio.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+
+    def _pending(self, fingerprint: str) -> dict[str, Any]:
+        return {"state": PENDING, "fingerprint": fingerprint, "claimed_at": self.clock()}
+
+    async def _produce(
+        self, digest: str, fingerprint: str, etag: str, produce: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
+        try:
+            response = await produce()
+        except BaseException:
+            # Free the key for a retry. Shielded: a cancelled request must still release its claim.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.records.release(digest))
+            raise
+        done = {"state": DONE, "fingerprint": fingerprint, "claimed_at": self.clock(), "response": response}
+        try:
+            # None: the claim was taken over after our lease ran out; our caller's result stands regardless.
+            await self.records.replace(digest, done, etag)
+        except Exception:
+            # The result is stored, only its record is not: answer it, and free the key rather than leave a
+            # claim that would hold retries off until the lease ends (a retry then generates again).
+            with contextlib.suppress(Exception):
+                await self.records.release(digest)
+        return response
