@@ -75,6 +75,7 @@ app = FastAPI(
         401: {"model": ErrorResponse},
         404: {"model": ErrorResponse},
         408: {"model": ErrorResponse},
+        409: {"model": ErrorResponse},
         413: {"model": ErrorResponse},
         415: {"model": ErrorResponse},
         422: {"model": ErrorResponse},
