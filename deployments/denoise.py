@@ -18,7 +18,7 @@ from ray import serve
 from deployments.instantid.errors import InstantIDError
 from deployments.instantid.loading import load_denoiser
 from deployments.instantid.pipeline import DenoiseJob, GenerationParams
-from deployments.instantid.weights import WeightsLayout
+from deployments.instantid.weights import DENOISER_COMPONENTS, WeightsLayout
 from deployments.messages import DenoiseResult, FaceResult, PromptResult, stage_timer
 
 logger = logging.getLogger("ray.serve")
@@ -53,7 +53,7 @@ class DenoiserDeployment:
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.02,
     ) -> None:
-        layout = WeightsLayout.resolve(**weights, parts=("sdxl", "instantid"))
+        layout = WeightsLayout.resolve(**weights, parts=("sdxl", "instantid"), sdxl_components=DENOISER_COMPONENTS)
         self.model = load_denoiser(layout, device=device, dtype=dtype, vae_batch_size=vae_batch_size)
         self.models = layout.describe()
         self._batch.set_max_batch_size(max_batch_size)

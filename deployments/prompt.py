@@ -8,7 +8,7 @@ from typing import Any
 from ray import serve
 
 from deployments.instantid.loading import load_prompt_encoder
-from deployments.instantid.weights import WeightsLayout
+from deployments.instantid.weights import PROMPT_COMPONENTS, WeightsLayout
 from deployments.messages import PromptRequest, PromptResult, stage_timer
 
 
@@ -22,7 +22,7 @@ class PromptEncoderDeployment:
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.01,
     ) -> None:
-        layout = WeightsLayout.resolve(**weights, parts=("sdxl",))
+        layout = WeightsLayout.resolve(**weights, parts=("sdxl",), sdxl_components=PROMPT_COMPONENTS)
         self.encoder = load_prompt_encoder(layout, device=device, dtype=dtype)
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)

@@ -414,6 +414,21 @@ def test_download_prefix_copies_skips_and_refreshes(weights_prefix: tuple[Any, s
     assert sorted(p.name for p in dest.parent.iterdir()) == [".weights.lock", "weights"]  # no temp leftovers
 
 
+def test_download_prefix_copies_only_matching_objects(weights_prefix: tuple[Any, str, str], tmp_path: Path) -> None:
+    client, uri, _ = weights_prefix
+    counting = _CountingClient(client)
+    dest = download_prefix(counting, uri, tmp_path / "unet-only", patterns=("unet/*.bin", "config.json"))
+    tree = _tree(dest)
+    marker = json.loads(tree.pop(COMPLETE_MARKER))
+    assert tree == {"config.json": b'{"a": 1}', "unet/model.bin": b"\x00\x01" * 5000}  # not unet/deep/x.txt
+    assert counting.gets == 2 and len(marker["objects"]) == 2
+    download_prefix(counting, uri, dest, patterns=("unet/*.bin", "config.json"))
+    assert counting.gets == 2  # the same selection is complete: nothing fetched
+    with pytest.raises(FileNotFoundError, match="match vae/"):
+        download_prefix(counting, uri, tmp_path / "none", patterns=("vae/*",))
+    assert not (tmp_path / "none").exists()
+
+
 def test_download_prefix_never_trusts_a_half_copy(weights_prefix: tuple[Any, str, str], tmp_path: Path) -> None:
     client, uri, _ = weights_prefix
     dest = tmp_path / "weights"

@@ -19,11 +19,18 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from deployments.instantid.attention import install_face_attention
 from deployments.instantid.errors import WeightsError
 from deployments.instantid.faces import ANTELOPEV2_FILES
-from deployments.instantid.loading import load_denoiser, load_face_analyzer
+from deployments.instantid.loading import load_denoiser, load_face_analyzer, load_prompt_encoder
 from deployments.instantid.pipeline import InstantIDDenoiser
 from deployments.instantid.resampler import Resampler, ResamplerConfig
 from deployments.instantid.tiny import write_tiny_weights
-from deployments.instantid.weights import SDXL_SUBFOLDERS, WeightsLayout, load_ip_adapter, resolve_source
+from deployments.instantid.weights import (
+    DENOISER_COMPONENTS,
+    PROMPT_COMPONENTS,
+    SDXL_SUBFOLDERS,
+    WeightsLayout,
+    load_ip_adapter,
+    resolve_source,
+)
 from deployments.storage.s3 import COMPLETE_MARKER
 from serve.seaweed import EmbeddedS3
 
@@ -472,6 +479,35 @@ def test_s3_resolve_of_one_part_downloads_only_that_part(s3_weights: str, tmp_pa
     assert sorted(p.name for p in layout.antelopev2.iterdir()) == sorted((*ANTELOPEV2_FILES, COMPLETE_MARKER))
     assert not layout.sdxl.exists() and cache not in layout.sdxl.parents
     load_face_analyzer(layout)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("s3_env")
+def test_s3_sdxl_components_copy_only_what_each_replica_reads(
+    s3_weights: str, tiny_weights: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    prompt = WeightsLayout.resolve(s3_weights, cache_dir=cache, parts=("sdxl",), sdxl_components=PROMPT_COMPONENTS)
+    copied = set(file_hashes(prompt.sdxl)) - {COMPLETE_MARKER}
+    expected = {
+        f for f in file_hashes(tiny_weights / "sdxl") if f.split("/")[0] in (*PROMPT_COMPONENTS, "model_index.json")
+    }
+    assert copied == expected and not (prompt.sdxl / "unet").exists()
+    encoder = load_prompt_encoder(prompt, device="cpu", dtype="float32")
+    assert encoder.encode(["a photo"], [None], True)[0].embeds.shape[0] == 77
+    with pytest.raises(WeightsError, match="missing unet, vae, scheduler"):
+        load_denoiser(prompt, device="cpu", dtype="float32")
+
+    before = file_stats(prompt.sdxl)
+    denoise = WeightsLayout.resolve(
+        s3_weights, cache_dir=cache, parts=("sdxl", "instantid"), sdxl_components=DENOISER_COMPONENTS
+    )
+    assert denoise.sdxl != prompt.sdxl  # its own cache folder: neither replaces the other's copy
+    assert {p.name for p in denoise.sdxl.iterdir()} == {"unet", "vae", "scheduler", "model_index.json", COMPLETE_MARKER}
+    assert isinstance(load_denoiser(denoise, device="cpu", dtype="float32"), InstantIDDenoiser)
+    assert file_stats(prompt.sdxl) == before
+    with pytest.raises(ValueError, match="unknown SDXL components"):
+        WeightsLayout.resolve(s3_weights, cache_dir=cache, parts=("sdxl",), sdxl_components=("unet", "refiner"))
 
 
 @pytest.mark.slow

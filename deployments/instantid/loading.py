@@ -13,7 +13,14 @@ from .errors import WeightsError
 from .pipeline import InstantIDDenoiser
 from .resampler import Resampler
 from .text import SDXLPromptEncoder
-from .weights import WeightsLayout, load_ip_adapter, read_scheduler_config, sdxl_variant
+from .weights import (
+    DENOISER_COMPONENTS,
+    PROMPT_COMPONENTS,
+    WeightsLayout,
+    load_ip_adapter,
+    read_scheduler_config,
+    sdxl_variant,
+)
 
 if TYPE_CHECKING:
     from .faces import FaceAnalyzer
@@ -50,7 +57,7 @@ def load_denoiser(
     layout: WeightsLayout, *, device: str = "auto", dtype: str = "auto", vae_batch_size: int = 2
 ) -> InstantIDDenoiser:
     """UNet + VAE from the SDXL folder, IdentityNet + resampler + face K/V from the InstantID folder."""
-    layout.check_sdxl()
+    layout.check_sdxl(DENOISER_COMPONENTS)
     layout.check_instantid()
     quiet_progress_bars()
     dev = pick_device(device)
@@ -84,6 +91,7 @@ def load_denoiser(
 
 
 def load_prompt_encoder(layout: WeightsLayout, *, device: str = "auto", dtype: str = "auto") -> SDXLPromptEncoder:
+    layout.check_sdxl(PROMPT_COMPONENTS)
     quiet_progress_bars()
     dev = pick_device(device)
     return SDXLPromptEncoder.from_pretrained(layout.sdxl, device=dev, dtype=pick_dtype(dtype, dev))

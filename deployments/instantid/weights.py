@@ -26,6 +26,30 @@ from .errors import WeightsError
 
 PARTS = ("sdxl", "instantid", "antelopev2")
 SDXL_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+# The files each SDXL component is read from, as hub/S3 patterns (fnmatch on the folder-relative path).
+# Weights are safetensors only; "*" after the stem admits fp16 variants and sharded files with their index.
+SDXL_FILES: dict[str, tuple[str, ...]] = {
+    "unet": ("unet/config.json", "unet/diffusion_pytorch_model*.safetensors*"),
+    "vae": ("vae/config.json", "vae/diffusion_pytorch_model*.safetensors*"),
+    "text_encoder": ("text_encoder/config.json", "text_encoder/model*.safetensors*"),
+    "text_encoder_2": ("text_encoder_2/config.json", "text_encoder_2/model*.safetensors*"),
+    "tokenizer": ("tokenizer/*",),
+    "tokenizer_2": ("tokenizer_2/*",),
+    "scheduler": ("scheduler/scheduler_config.json",),
+}
+# What each GPU replica reads: a prompt replica never needs the 5-10 GB UNet, a denoiser no text encoder.
+DENOISER_COMPONENTS = ("unet", "vae", "scheduler")
+PROMPT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def sdxl_patterns(components: tuple[str, ...]) -> tuple[str, ...]:
+    """The file patterns of ``components`` of an SDXL folder, plus its ``model_index.json``."""
+    unknown = sorted(set(components) - set(SDXL_FILES))
+    if unknown:
+        raise ValueError(f"unknown SDXL components {unknown}; known: {', '.join(SDXL_FILES)}")
+    return ("model_index.json", *(pattern for c in components for pattern in SDXL_FILES[c]))
+
+
 CONTROLNET_DIR = "ControlNetModel"
 IP_ADAPTER_FILE = "ip-adapter.bin"
 
@@ -35,17 +59,28 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("INSTANTID_CACHE", Path.home() / ".cache" / "instantid"))
 
 
-def resolve_source(source: str | Path, cache_dir: str | Path | None = None, *, what: str = "weights") -> Path:
+def resolve_source(
+    source: str | Path,
+    cache_dir: str | Path | None = None,
+    *,
+    what: str = "weights",
+    patterns: tuple[str, ...] | None = None,
+) -> Path:
     """A local folder for ``source``: an existing path, ``s3://bucket/prefix``, or a hub repo id.
 
     Anything that is neither an existing path nor ``s3://`` and looks like ``owner/name`` is a hub repo id;
-    a path-like string that does not exist is an error (we never guess).
+    a path-like string that does not exist is an error (we never guess). ``patterns`` limit what an S3 or
+    hub source copies (a hub SDXL repo holds every weight format several times over); a local folder is
+    used as it is.
     """
     text = str(source)
     if text.startswith("s3://"):
         from deployments.storage.s3 import S3Settings, download_prefix, make_client, parse_s3_uri
 
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        # A different selection is a different cache folder: replicas of different kinds on one node
+        # must not keep replacing each other's copy.
+        selection = text if patterns is None else text + "\0" + "\0".join(patterns)
+        digest = hashlib.sha256(selection.encode()).hexdigest()[:16]
         dest = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "s3" / digest
         try:
             bucket, _ = parse_s3_uri(text)
@@ -59,7 +94,7 @@ def resolve_source(source: str | Path, cache_dir: str | Path | None = None, *, w
                 addressing_style="path" if endpoint else "auto",
             )
             client = make_client(settings)
-            return download_prefix(client, text, dest)
+            return download_prefix(client, text, dest, patterns)
         except Exception as exc:
             raise WeightsError(f"could not copy {what} from {text}: {exc}") from exc
     path = Path(text).expanduser()
@@ -71,7 +106,8 @@ def resolve_source(source: str | Path, cache_dir: str | Path | None = None, *, w
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=text, cache_dir=os.environ.get("HF_HUB_CACHE")))
+        allow = list(patterns) if patterns is not None else None
+        return Path(snapshot_download(repo_id=text, cache_dir=os.environ.get("HF_HUB_CACHE"), allow_patterns=allow))
     except Exception as exc:  # offline mode, missing repo, no network
         raise WeightsError(
             f"could not get {what} from the Hugging Face hub repo {text!r} ({type(exc).__name__}: {exc}); "
@@ -102,12 +138,15 @@ class WeightsLayout:
         antelopev2: str | None = None,
         cache_dir: str | Path | None = None,
         parts: tuple[str, ...] = PARTS,
+        sdxl_components: tuple[str, ...] | None = None,
     ) -> WeightsLayout:
         """Each part from its own source when given, else ``root/<part>``, resolved to a local folder.
 
         Only ``parts`` are fetched (a face-analysis replica needs no SDXL download); the others keep their
-        unresolved location and must not be used.
+        unresolved location and must not be used. ``sdxl_components`` (e.g. :data:`PROMPT_COMPONENTS`)
+        limit an S3 or hub SDXL copy to those subfolders' files.
         """
+        sdxl_selection = sdxl_patterns(sdxl_components) if sdxl_components is not None else None
         explicit = {"sdxl": sdxl, "instantid": instantid, "antelopev2": antelopev2}
         folders: dict[str, Path] = {}
         for part in PARTS:
@@ -116,7 +155,11 @@ class WeightsLayout:
                 if root is None:
                     raise WeightsError(f"no source for {part}: give a weights root or a {part} source")
                 source = str(root).rstrip("/") + "/" + part if str(root).startswith("s3://") else Path(root) / part
-            folders[part] = resolve_source(source, cache_dir, what=part) if part in parts else Path(str(source))
+            if part in parts:
+                patterns = sdxl_selection if part == "sdxl" else None
+                folders[part] = resolve_source(source, cache_dir, what=part, patterns=patterns)
+            else:
+                folders[part] = Path(str(source))
         return cls(**folders)
 
     @property
@@ -127,12 +170,13 @@ class WeightsLayout:
     def ip_adapter(self) -> Path:
         return self.instantid / IP_ADAPTER_FILE
 
-    def check_sdxl(self) -> None:
-        missing = [s for s in SDXL_SUBFOLDERS if not (self.sdxl / s).is_dir()]
+    def check_sdxl(self, components: tuple[str, ...] = SDXL_SUBFOLDERS) -> None:
+        """The SDXL folder has ``model_index.json`` and the ``components`` subfolders (default: all)."""
+        missing = [s for s in components if not (self.sdxl / s).is_dir()]
         if missing or not (self.sdxl / "model_index.json").is_file():
             raise WeightsError(
                 f"{self.sdxl} is not a diffusers SDXL folder: missing {', '.join(missing) or 'model_index.json'} "
-                f"(expected model_index.json and {', '.join(SDXL_SUBFOLDERS)}/)"
+                f"(expected model_index.json and {', '.join(components)}/)"
             )
 
     def check_instantid(self) -> None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import ipaddress
 import json
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -263,8 +264,11 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def download_prefix(client: S3Client, uri: str, dest: Path) -> Path:
-    """Copy every object under ``s3://bucket/prefix/`` into ``dest``, keeping relative paths; return ``dest``.
+def download_prefix(client: S3Client, uri: str, dest: Path, patterns: Sequence[str] | None = None) -> Path:
+    """Copy the objects under ``s3://bucket/prefix/`` into ``dest``, keeping relative paths; return ``dest``.
+
+    ``patterns`` (fnmatch, on the path relative to the prefix) restrict the copy to matching objects, e.g.
+    the text encoders of an SDXL folder; None copies everything.
 
     Atomic and idempotent:
 
@@ -285,6 +289,11 @@ def download_prefix(client: S3Client, uri: str, dest: Path) -> Path:
     if not objects:
         raise FileNotFoundError(f"no objects under {uri}")
     rel_paths = [_relative_path(obj["key"], prefix) for obj in objects]
+    if patterns is not None:
+        chosen = [i for i, rel in enumerate(rel_paths) if any(fnmatch.fnmatchcase(str(rel), p) for p in patterns)]
+        if not chosen:
+            raise FileNotFoundError(f"no objects under {uri} match {', '.join(patterns)}")
+        objects, rel_paths = [objects[i] for i in chosen], [rel_paths[i] for i in chosen]
     wanted = {"uri": f"s3://{bucket}/{prefix}", "objects": objects}
 
     with _locked(dest.parent / f".{dest.name}.lock"):
