@@ -262,7 +262,7 @@ def test_missing_unet_names_it_and_the_layout(tmp_path: Path, tiny_weights: Path
         load_denoiser(WeightsLayout.from_root(root), device="cpu")
     message = str(err.value)
     assert "missing unet" in message
-    assert "model_index.json" in message and all(sub in message for sub in SDXL_SUBFOLDERS)
+    assert "model_index.json" in message and all(sub in message for sub in DENOISER_COMPONENTS)
 
 
 def test_missing_ip_adapter_names_it_and_the_published_layout(tmp_path: Path, tiny_weights: Path) -> None:
