@@ -137,6 +137,28 @@ def test_face_attention_strength_is_per_row_and_zero_strength_is_text_only():
     assert not torch.allclose(row1, proc(attn, hidden[1:], context[1:], face=FaceConditioning(torch.tensor([0.0]), 16)))
 
 
+def test_text_and_face_keys_values_are_projected_once_per_context():
+    """Steps share a FaceConditioning: the K/V of the unchanging tokens are computed at the first step only,
+    a new context is projected afresh, and the cached path gives the uncached result."""
+    torch.manual_seed(0)
+    attn = _attention()
+    proc = FaceTokenAttnProcessor(64, 64)
+    calls = {"to_k": 0, "to_k_ip": 0}
+    attn.to_k.register_forward_hook(lambda *_: calls.__setitem__("to_k", calls["to_k"] + 1))
+    proc.to_k_ip.register_forward_hook(lambda *_: calls.__setitem__("to_k_ip", calls["to_k_ip"] + 1))
+    context = torch.randn(2, 93, 64)
+    conditioning = FaceConditioning(torch.tensor([0.5, 1.0]), 16)
+    steps = [proc(attn, torch.randn(2, 24, 64), context, face=conditioning) for _ in range(3)]
+    assert calls == {"to_k": 1, "to_k_ip": 1}
+    hidden = torch.randn(2, 24, 64)
+    fresh = proc(attn, hidden, context, face=FaceConditioning(torch.tensor([0.5, 1.0]), 16))
+    torch.testing.assert_close(proc(attn, hidden, context, face=conditioning), fresh, rtol=0, atol=0)
+    other = torch.randn(2, 93, 64)
+    proc(attn, hidden, other, face=conditioning)
+    assert calls == {"to_k": 3, "to_k_ip": 3}  # one for ``fresh``, one for the new context
+    assert not torch.allclose(steps[0], steps[1])  # different queries still give different outputs
+
+
 def test_face_region_mask_limits_the_face_attention_to_the_region():
     torch.manual_seed(0)
     attn = _attention()
