@@ -82,6 +82,17 @@ def test_denoise_half_precision_runs_both_pipelines(capsys: pytest.CaptureFixtur
     assert report["ours"]["batch_1"]["finite"] is True and report["baseline"]["batch_1"]["finite"] is True
 
 
+def test_denoise_count_ops_shows_ours_projects_fewer_matmuls_per_step(capsys: pytest.CaptureFixture[str]) -> None:
+    """Ours adds face attention but projects the unchanging text/face K/V once per batch, so per step it
+    dispatches fewer matmuls than the stock pipeline (which re-projects the text every step)."""
+    argv = ["bench", "denoise", "--profile", "tiny", "--device", "cpu", "--steps", "1", "--size", "64"]
+    report = run_cli(capsys, *argv, "--batch", "1", "--repeats", "1", "--no-cold-start", "--count-ops")
+    ours, stock = report["ops_per_step"]["ours"], report["ops_per_step"]["baseline"]
+    assert ours["total"] > 0 and stock["total"] > 0
+    # tiny UNet: 12 cross-attention layers x 2 text projections saved (the face ones are cached too)
+    assert stock["matmul"] - ours["matmul"] == 24
+
+
 def test_denoise_full_size_builds_on_the_meta_device_with_the_published_sizes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -208,6 +208,11 @@ def add_denoise_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cold-start", action="store_true", help="skip saving the weights and the cold start")
     p.add_argument("--workdir", type=Path, default=None, help="where the cold-start weights are saved (temp dir)")
     p.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="also count the ATen operators each pipeline dispatches per denoising step (~ kernel launches)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="build the models on the meta device and report parameter counts only (no memory, no compute)",

@@ -411,6 +411,40 @@ def measure_interleaved(
     return report
 
 
+MATMUL_OPS = frozenset({"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm"})
+
+
+def count_ops_per_step(
+    run: Callable[[int], Any], context: Callable[[], contextlib.AbstractContextManager[Any]]
+) -> dict[str, float]:
+    """ATen operators dispatched per denoising step: the count at 4 steps minus the count at 2, halved.
+
+    Below autograd, each operator is roughly one kernel launch on a GPU (view-only ones launch none), which
+    is what a launch-bound batch of one pays for. The difference removes per-generation work (decode, setup).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.total = 0
+            self.matmul = 0
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        ) -> Any:
+            self.total += 1
+            self.matmul += str(func.overloadpacket) in MATMUL_OPS
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for steps in (2, 4):
+        with context(), Counter() as counter:
+            run(steps)
+        counts.append((counter.total, counter.matmul))
+    return {"total": (counts[1][0] - counts[0][0]) / 2, "matmul": (counts[1][1] - counts[0][1]) / 2}
+
+
 @contextlib.contextmanager
 def parked(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
     """Move modules the current phase does not use off the GPU so its peak memory is its own."""
@@ -454,8 +488,10 @@ class OursRunner:
         self._finite.append(bool(torch.isfinite(latents).all()))
         return self._decode(latents)
 
-    def run(self, batch: int, size: int, prompt: Any, control: np.ndarray) -> list[np.ndarray]:
-        jobs = make_jobs(batch, size, self.args.steps, self.args.guidance, prompt, control)
+    def run(
+        self, batch: int, size: int, prompt: Any, control: np.ndarray, steps: int | None = None
+    ) -> list[np.ndarray]:
+        jobs = make_jobs(batch, size, steps or self.args.steps, self.args.guidance, prompt, control)
         return self.denoiser.generate(jobs)
 
     def check(self) -> bool:
@@ -488,7 +524,7 @@ class BaselineRunner:
         self.device, self.dtype, self.args = device, dtype, args
         self._last: np.ndarray | None = None
 
-    def run(self, batch: int, size: int, prompt: Any, control: np.ndarray) -> np.ndarray:
+    def run(self, batch: int, size: int, prompt: Any, control: np.ndarray, steps: int | None = None) -> np.ndarray:
         to = {"device": self.device, "dtype": self.dtype}
         embeddings = {
             "prompt_embeds": prompt.embeds[None].to(**to),
@@ -503,7 +539,7 @@ class BaselineRunner:
             image=image,
             height=size,
             width=size,
-            num_inference_steps=self.args.steps,
+            num_inference_steps=steps or self.args.steps,
             guidance_scale=self.args.guidance,
             controlnet_conditioning_scale=IDENTITYNET_STRENGTH,
             num_images_per_prompt=batch,
@@ -714,6 +750,17 @@ def measure_pipelines(
         progress(f"batch {batch}: {' and '.join(contenders)} interleaved, {args.steps} steps at {args.size}px")
         for name, report in measure_interleaved(contenders, batch, args.repeats, device).items():
             results[name][f"batch_{batch}"] = report
+    if args.count_ops:
+        progress("counting the operators each pipeline dispatches per step (batch 1)")
+        results["ops_per_step"] = {
+            name: count_ops_per_step(
+                (lambda s: ours.run(1, args.size, prompt, control, steps=s))
+                if name == "ours"
+                else (lambda s: baseline.run(1, args.size, prompt, control, steps=s)),
+                contender.context,
+            )
+            for name, contender in contenders.items()
+        }
     results["prompt_encoding"] = {
         "seconds": statistics.median(t for t, _ in prompt_runs),
         "note": "one prompt + its CFG negative (zeros); outside the denoise timings of both pipelines",
@@ -771,6 +818,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ours": results["ours"],
         "baseline": results["baseline"] or None,
         "ours_over_baseline_seconds_per_image": ratio or None,
+        "ops_per_step": results.get("ops_per_step"),
         "cold_start_s": None,
         "cold_start": None,
     }
