@@ -61,6 +61,9 @@ class IdempotencyGuard:
         self.lease_s = lease_s
         self.poll_s = poll_s
         self.clock = clock
+        # Callers of this replica already running a digest: a duplicate here awaits that call instead of
+        # polling S3 (a burst of retries then costs S3 nothing).
+        self._running: dict[str, asyncio.Future[tuple[str, dict[str, Any]]]] = {}
 
     async def run(
         self,
@@ -75,7 +78,38 @@ class IdempotencyGuard:
         Raises :class:`IdempotencyKeyReused` for a different request under the same digest and
         :class:`IdempotencyInProgress` when the claimant is still running after ``wait_s``.
         """
+        running = self._running.get(digest)
+        if running is not None:
+            try:
+                first_fingerprint, response = await asyncio.shield(running)
+            except IdempotencyKeyReused:
+                pass  # the first caller's request was the odd one out; ours may match the record
+            else:
+                if first_fingerprint != fingerprint:
+                    raise IdempotencyKeyReused(digest)
+                return response, True
+            return await self._run(digest, fingerprint, produce, wait_s)
+        future: asyncio.Future[tuple[str, dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._running[digest] = future
+        try:
+            response, replayed = await self._run(digest, fingerprint, produce, wait_s)
+            future.set_result((fingerprint, response))
+            return response, replayed
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()  # waiters see a cancellation, as a failed first call
+            else:
+                future.set_exception(exc)
+                future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        finally:
+            self._running.pop(digest, None)
+
+    async def _run(
+        self, digest: str, fingerprint: str, produce: Callable[[], Awaitable[dict[str, Any]]], wait_s: float
+    ) -> tuple[dict[str, Any], bool]:
         deadline = time.monotonic() + wait_s
+        poll_s = self.poll_s
         while True:
             record = await self.records.read(digest)
             if record is None:
@@ -95,7 +129,8 @@ class IdempotencyGuard:
                 continue
             if time.monotonic() >= deadline:
                 raise IdempotencyInProgress(digest)
-            await asyncio.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+            await asyncio.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+            poll_s = min(poll_s * 1.5, 2.0)  # a long generation is polled ever less often, at most every 2 s
 
     def _pending(self, fingerprint: str) -> dict[str, Any]:
         return {"state": PENDING, "fingerprint": fingerprint, "claimed_at": self.clock()}

@@ -120,6 +120,38 @@ def test_replicas_racing_on_one_key_generate_once_and_all_get_that_result(
     assert again == ({"id": "generation-1", "images": [{"uri": "s3://bucket/x.png"}]}, True) and produce.runs == 1
 
 
+class CountingStore(Replica):
+    """A replica whose S3 calls are counted."""
+
+    def __init__(self, embedded_s3: EmbeddedS3, records: IdempotencyRecords) -> None:
+        super().__init__(embedded_s3, records)
+        self.calls = 0
+
+    async def read(self, digest: str) -> IdempotencyRecord | None:
+        self.calls += 1
+        return await super().read(digest)
+
+    async def claim(self, digest: str, body: dict[str, Any]) -> str | None:
+        self.calls += 1
+        return await super().claim(digest, body)
+
+
+def test_duplicates_on_one_replica_wait_in_memory_not_on_s3(
+    embedded_s3: EmbeddedS3, records: IdempotencyRecords
+) -> None:
+    digest, produce = new_digest(), Generator(seconds=0.5)
+    store = CountingStore(embedded_s3, records)
+    guard = IdempotencyGuard(store, lease_s=600, poll_s=0.01)
+
+    async def burst() -> list[tuple[dict[str, Any], bool]]:
+        return await asyncio.gather(*(guard.run(digest, "request", produce, wait_s=30) for _ in range(20)))
+
+    results = asyncio.run(burst())
+    assert produce.runs == 1 and sum(not replayed for _, replayed in results) == 1
+    assert store.calls == 2  # the first caller's read and claim; 19 duplicates polled nothing
+    assert guard._running == {}
+
+
 def test_same_key_with_another_request_is_refused_while_running_and_after(
     embedded_s3: EmbeddedS3, records: IdempotencyRecords
 ) -> None:
