@@ -82,6 +82,10 @@ class IdempotencyGuard:
         if running is not None:
             try:
                 first_fingerprint, response = await asyncio.shield(running)
+            except asyncio.CancelledError:
+                if not running.cancelled():
+                    raise  # this caller was cancelled, not the first one
+                # the first caller was cancelled (its claim released): run on our own
             except IdempotencyKeyReused:
                 pass  # the first caller's request was the odd one out; ours may match the record
             else:

@@ -188,16 +188,22 @@ def test_a_cancelled_first_request_frees_the_key(embedded_s3: EmbeddedS3, record
     digest = new_digest()
     (guard,) = guards(embedded_s3, records, 1)
 
-    async def cancel_midway() -> None:
+    retry = Generator(seconds=0.05)
+
+    async def cancel_midway() -> tuple[dict[str, Any], bool]:
         task = asyncio.create_task(guard.run(digest, "request", Generator(seconds=5), wait_s=5))
         while records.read(digest) is None:
             await asyncio.sleep(0.02)
+        waiter = asyncio.create_task(guard.run(digest, "request", retry, wait_s=5))  # waits on the first
+        await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        return await waiter  # the waiter is not cancelled with it: it runs the request itself
 
-    asyncio.run(cancel_midway())
-    assert records.read(digest) is None
+    response, replayed = asyncio.run(cancel_midway())
+    assert (response["id"], replayed, retry.runs) == ("generation-1", False, 1)
+    assert records.read(digest).body["state"] == DONE
 
 
 def test_a_claim_older_than_the_lease_is_taken_over_by_exactly_one_caller(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -46,7 +47,8 @@ def byte_level_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
 
 
-def _text_config(vocab_size: int, act: str, **extra) -> CLIPTextConfig:
+def tiny_text_config(vocab_size: int, act: str, **extra: Any) -> CLIPTextConfig:
+    """The tiny CLIP text encoder config (both SDXL encoders differ only in activation and projection)."""
     return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN,
@@ -150,8 +152,8 @@ def _write_parts(staging: Path, seed: int) -> None:
     """The three folders of the tiny layout, written into ``staging`` (global torch RNG already seeded)."""
     tokenizer = byte_level_tokenizer()
     tokenizer_2 = byte_level_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
-    text_encoder = CLIPTextModel(_text_config(len(tokenizer), "quick_gelu"))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), "gelu", projection_dim=TEXT_HIDDEN))
+    text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer), "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(len(tokenizer), "gelu", projection_dim=TEXT_HIDDEN))
     unet = tiny_unet()
     vae = tiny_vae()
     pipe = StableDiffusionXLPipeline(

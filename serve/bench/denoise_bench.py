@@ -169,6 +169,21 @@ class Models:
         counts["total"] = sum(counts.values())
         return counts
 
+    def pipeline_components(self, **overrides: Any) -> dict[str, Any]:
+        """The modules a diffusers SDXL pipeline is built from (a fresh Euler scheduler), with ``overrides``."""
+        from diffusers import EulerDiscreteScheduler
+
+        components = {
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "text_encoder_2": self.text_encoder_2,
+            "tokenizer": self.tokenizer,
+            "tokenizer_2": self.tokenizer_2,
+            "unet": self.unet,
+            "scheduler": EulerDiscreteScheduler.from_config(self.scheduler_config),
+        }
+        return {**components, **overrides}
+
     @contextlib.contextmanager
     def standard_attention(self) -> Iterator[None]:
         """The UNet as diffusers builds it (for the baseline and for saving), then face-token attention again."""
@@ -202,6 +217,7 @@ def build_models(profile: str, device: torch.device | str, dtype: torch.dtype) -
         TEXT_HIDDEN,
         byte_level_tokenizer,
         sdxl_scheduler,
+        tiny_text_config,
         tiny_unet,
         tiny_vae,
     )
@@ -222,9 +238,9 @@ def build_models(profile: str, device: torch.device | str, dtype: torch.dtype) -
             else:
                 unet = tiny_unet()
                 controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
-                text_encoder = CLIPTextModel(_tiny_text_config(len(tokenizer), "quick_gelu", TEXT_HIDDEN))
+                text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer), "quick_gelu"))
                 text_encoder_2 = CLIPTextModelWithProjection(
-                    _tiny_text_config(len(tokenizer), "gelu", TEXT_HIDDEN, projection_dim=TEXT_HIDDEN)
+                    tiny_text_config(len(tokenizer), "gelu", projection_dim=TEXT_HIDDEN)
                 )
                 resampler = Resampler(ResamplerConfig(dim=128, heads=2, output_dim=unet.config.cross_attention_dim))
             standard = dict(unet.attn_processors)
@@ -245,25 +261,6 @@ def build_models(profile: str, device: torch.device | str, dtype: torch.dtype) -
         scheduler_config=dict(sdxl_scheduler().config),
         standard_processors=standard,
         face_processors=face,
-    )
-
-
-def _tiny_text_config(vocab_size: int, act: str, hidden: int, **extra: Any):
-    """The tiny CLIP text encoder of ``instantid weights tiny`` (sizes from deployments.instantid.tiny)."""
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        hidden_act=act,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        **extra,
     )
 
 
@@ -503,22 +500,14 @@ class BaselineRunner:
     """diffusers' StableDiffusionXLControlNetPipeline over the same modules (standard UNet attention)."""
 
     def __init__(self, models: Models, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> None:
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+        from diffusers import StableDiffusionXLControlNetPipeline
 
         # Stock usage loads the whole pipeline in one dtype; its decode upcasts a float16 VAE to fp32 by itself
         # (force_upcast) and feeds a bfloat16 one bf16 latents. The shared VAE is fp32 (ours decodes in fp32),
         # which the stock decode cannot take half latents into, so the baseline gets its own copy (84 M params).
         self.vae = copy.deepcopy(models.vae).to(dtype)
         self.pipe = StableDiffusionXLControlNetPipeline(
-            vae=self.vae,
-            text_encoder=models.text_encoder,
-            text_encoder_2=models.text_encoder_2,
-            tokenizer=models.tokenizer,
-            tokenizer_2=models.tokenizer_2,
-            unet=models.unet,
-            controlnet=models.controlnet,
-            scheduler=EulerDiscreteScheduler.from_config(models.scheduler_config),
-            add_watermarker=False,
+            **models.pipeline_components(vae=self.vae, controlnet=models.controlnet), add_watermarker=False
         )
         self.pipe.set_progress_bar_config(disable=True)
         self.device, self.dtype, self.args = device, dtype, args
@@ -562,7 +551,7 @@ def save_layout(models: Models, root: Path) -> dict[str, Any]:
     The UNet is saved with its standard processors (the face K/V live in ip-adapter.bin, as published);
     ip-adapter.bin is fp32 like the published file.
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     from deployments.instantid.loading import quiet_progress_bars
     from deployments.instantid.weights import CONTROLNET_DIR, IP_ADAPTER_FILE
@@ -570,16 +559,7 @@ def save_layout(models: Models, root: Path) -> dict[str, Any]:
     quiet_progress_bars()
     start = time.perf_counter()
     with models.standard_attention():
-        pipe = StableDiffusionXLPipeline(
-            vae=models.vae,
-            text_encoder=models.text_encoder,
-            text_encoder_2=models.text_encoder_2,
-            tokenizer=models.tokenizer,
-            tokenizer_2=models.tokenizer_2,
-            unet=models.unet,
-            scheduler=EulerDiscreteScheduler.from_config(models.scheduler_config),
-            add_watermarker=False,
-        )
+        pipe = StableDiffusionXLPipeline(**models.pipeline_components(), add_watermarker=False)
         pipe.save_pretrained(root / "sdxl", safe_serialization=True)
     models.controlnet.save_pretrained(root / "instantid" / CONTROLNET_DIR, safe_serialization=True)
 
@@ -732,9 +712,10 @@ def measure_pipelines(
     control = keypoint_image(args.size, args.size)
 
     ours = OursRunner(models, device, dtype, args)
-    contenders = {"ours": Contender(lambda b: ours.run(b, args.size, prompt, control), ours.check)}
+    runners: dict[str, OursRunner | BaselineRunner] = {"ours": ours}
+    contexts: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {"ours": contextlib.nullcontext}
     if not args.no_baseline:
-        baseline = BaselineRunner(models, device, dtype, args)
+        runners["baseline"] = BaselineRunner(models, device, dtype, args)
 
         @contextlib.contextmanager
         def stock_state() -> Iterator[None]:
@@ -742,9 +723,11 @@ def measure_pipelines(
             with models.standard_attention(), parked([models.resampler, models.face_layers], device):
                 yield
 
-        contenders["baseline"] = Contender(
-            lambda b: baseline.run(b, args.size, prompt, control), baseline.check, stock_state
-        )
+        contexts["baseline"] = stock_state
+    contenders = {
+        name: Contender(lambda b, r=runner: r.run(b, args.size, prompt, control), runner.check, contexts[name])
+        for name, runner in runners.items()
+    }
     results: dict[str, Any] = {"ours": {}, "baseline": {}}
     for batch in args.batch:
         progress(f"batch {batch}: {' and '.join(contenders)} interleaved, {args.steps} steps at {args.size}px")
@@ -753,13 +736,8 @@ def measure_pipelines(
     if args.count_ops:
         progress("counting the operators each pipeline dispatches per step (batch 1)")
         results["ops_per_step"] = {
-            name: count_ops_per_step(
-                (lambda s: ours.run(1, args.size, prompt, control, steps=s))
-                if name == "ours"
-                else (lambda s: baseline.run(1, args.size, prompt, control, steps=s)),
-                contender.context,
-            )
-            for name, contender in contenders.items()
+            name: count_ops_per_step(lambda s, r=runner: r.run(1, args.size, prompt, control, steps=s), contexts[name])
+            for name, runner in runners.items()
         }
     results["prompt_encoding"] = {
         "seconds": statistics.median(t for t, _ in prompt_runs),
