@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -293,29 +292,21 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, period_s: float = 
 # --------------------------------------------------------------------------------------------- requests
 
 
-def _face_jpeg() -> bytes:
-    from PIL import Image
-    from skimage import data
-
-    buffer = io.BytesIO()
-    Image.fromarray(data.astronaut()).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
 class Client:
     def __init__(self, url: str, bucket: str) -> None:
-        import boto3
-        from botocore.config import Config
+        from deployments.storage.s3 import S3Settings, make_client
+        from tests.support import astronaut_jpeg
 
         self.url = url
         self.bucket = bucket
-        self.face = _face_jpeg()
-        self.s3 = boto3.client(
-            "s3",
+        self.face = astronaut_jpeg()
+        settings = S3Settings(
+            bucket=bucket,
             endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"],
-            region_name=os.environ.get("AWS_REGION", "us-east-1"),
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+            region=os.environ.get("AWS_REGION", "us-east-1"),
+            max_attempts=2,
         )
+        self.s3 = make_client(settings)  # the project's client: bounded timeouts, the standard credential chain
 
     def generate(self, seed: int, timeout_s: float) -> dict[str, Any]:
         """One multipart generation; status, error code, seconds, and whether every image is in S3."""
@@ -345,15 +336,19 @@ class Client:
             result["error"] = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
             return result
         result["uris"] = [image["uri"] for image in body["images"]]
-        result["in_s3"] = all(self.exists(uri) for uri in result["uris"])
+        result["in_s3"] = bool(result["uris"]) and all(self.exists(uri) for uri in result["uris"])
         return result
 
     def exists(self, uri: str) -> bool:
         bucket, key = uri[len("s3://") :].split("/", 1)
         try:
             return self.s3.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
-        except Exception:  # missing or unreadable: not there
-            return False
+        except Exception as exc:  # only a 404 is "not there"; any other failure must not pass for it
+            from deployments.storage.s3 import is_not_found
+
+            if is_not_found(exc):
+                return False
+            raise
 
 
 # --------------------------------------------------------------------------------------------- scenario

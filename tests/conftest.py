@@ -13,6 +13,20 @@ from serve.seaweed import EmbeddedS3
 
 pytest_plugins = ["tests.weights_fixtures", "tests.serve_fixtures"]
 
+# Fixtures that start real services (SeaweedFS, a local Ray cluster): a test using any of them, directly or
+# through another fixture, is an integration test and must be marked ``slow``.
+SERVICE_FIXTURES = frozenset({"embedded_s3", "serve_stack", "secure_stack", "fault_stack"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [
+        item.nodeid
+        for item in items
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests that start SeaweedFS or Ray must be marked slow: {', '.join(unmarked)}")
+
 
 @pytest.fixture(scope="session")
 def embedded_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:

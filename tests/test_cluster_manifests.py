@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
 import re
 import shutil
 import socket
@@ -27,13 +28,25 @@ from ray.autoscaler._private.kuberay.autoscaling_config import _HEAD_GROUP_NAME 
 
 from serve import cluster
 from serve.config import AppConfig, DeploymentOptions
+from tests.support import skip_unless_required
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
 MANIFEST = CLUSTER / "rayservice.yaml"
 PRODUCTION = ROOT / "serve" / "configs" / "production.yaml"
-# KubeRay v1.7 CRDs: shared/ lies beside the checkout (developers, CI) or inside it (some runners).
-CRD_DIR = next((d for d in (ROOT.parent / "shared" / "kuberay", ROOT / "shared" / "kuberay") if d.is_dir()), None)
+# KubeRay v1.7 CRDs: INSTANTID_KUBERAY_CRDS, else shared/kuberay beside or inside the checkout.
+CRD_DIR = next(
+    (
+        d
+        for d in (
+            os.environ.get("INSTANTID_KUBERAY_CRDS"),
+            ROOT.parent / "shared" / "kuberay",
+            ROOT / "shared" / "kuberay",
+        )
+        if d and Path(d).is_dir()
+    ),
+    None,
+)
 
 # Which worker group each Serve deployment of AppConfig must land on (and only there).
 INTENDED_GROUP = {"ingress": "cpu", "face": "cpu", "store": "cpu", "prompt": "gpu-small", "denoiser": "gpu-large"}
@@ -47,9 +60,9 @@ DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 @functools.cache
 def _crd(name: str) -> dict[str, Any]:
     """A KubeRay CRD from shared/kuberay, parsed once per session (18k lines: the C loader when available)."""
-    path = CRD_DIR / name if CRD_DIR else None
+    path = Path(CRD_DIR) / name if CRD_DIR else None
     if path is None or not path.is_file():
-        pytest.skip(f"KubeRay CRD {name} not found in shared/kuberay (beside or inside the checkout)")
+        skip_unless_required("kuberay", f"KubeRay CRD {name} not found (INSTANTID_KUBERAY_CRDS or shared/kuberay)")
     return yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 

@@ -86,6 +86,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # real SeaweedFS
 def test_store_health_check_detects_lost_s3_access(embedded_s3, monkeypatch, tmp_path):
     for name, value in embedded_s3.env().items():
         monkeypatch.setenv(name, value)

@@ -37,6 +37,7 @@ from skimage import data
 from serve.api import BODY_IDLE_TIMEOUT_S
 from serve.schemas import GenerateRequest
 from tests.serve_fixtures import API_KEYS
+from tests.support import s3_object_exists
 
 pytestmark = pytest.mark.slow
 
@@ -186,12 +187,7 @@ def _keys(stack) -> set[str]:
 
 
 def _exists(stack, uri: str) -> bool:
-    bucket, key = uri[len("s3://") :].split("/", 1)
-    try:
-        _s3(stack).head_object(Bucket=bucket, Key=key)
-    except Exception:
-        return False
-    return True
+    return s3_object_exists(_s3(stack), uri)
 
 
 def _assert_json_error(response: httpx.Response, status: int | tuple[int, ...] | None, code: str | tuple | None):

@@ -17,6 +17,8 @@ from deployments.storage.idempotency import IdempotencyRecord, IdempotencyRecord
 from serve.idempotency import DONE, PENDING, IdempotencyGuard, IdempotencyInProgress, IdempotencyKeyReused
 from serve.seaweed import EmbeddedS3
 
+pytestmark = pytest.mark.slow  # real SeaweedFS
+
 
 def new_digest() -> str:
     return hashlib.sha256(uuid.uuid4().bytes).hexdigest()

@@ -14,6 +14,7 @@ from deployments.instantid.keypoints import CropTransform, draw_keypoint_image, 
 # A frontal-face layout on a 300x260 canvas: eyes at y=100, nose at (150,160), mouth corners at y=220.
 KPS = np.array([[100, 100], [200, 100], [150, 160], [110, 220], [190, 220]], dtype=np.float32)
 RED, GREEN, BLUE, YELLOW, MAGENTA = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)
+KEYPOINT_COLOURS_RGB = (RED, GREEN, BLUE, YELLOW, MAGENTA)  # keypoints 0..4, as published
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +167,65 @@ def test_face_region_mask_clamps_instead_of_wrapping() -> None:
     assert mask.sum() == 100.0 and mask[:10, :10].all()
     assert not mask[:, -8:].any() and not mask[-8:, :].any()
     assert not face_region_mask([70.0, 50.0, 90.0, 60.0], 64, 48).any()  # entirely outside
+
+
+# Off-grid keypoints: every limb midpoint has a .5 (or other fractional) part in x and y, and the limbs are
+# diagonal, so truncating the centre (the published int()) and rounding it put the limb edges on different pixels.
+OFF_GRID = np.array([[91.3, 97.8], [208.6, 102.4], [150.7, 171.2], [104.2, 221.9], [197.5, 226.6]], dtype=np.float32)
+
+
+def published_limb(p0: np.ndarray, p1: np.ndarray, width: int, height: int, centre_rule=int) -> np.ndarray:
+    """The published limb as a boolean mask: OpenCV's ellipse polygon centred at int() of the midpoint, half-axes
+    (int(length / 2), 4), rotated by int(degrees(atan2(y0 - y1, x0 - x1))), filled. The keypoints' float32
+    arithmetic is kept, as the reference computes on insightface's float32 arrays."""
+    import cv2
+
+    (x0, y0), (x1, y1) = p0, p1
+    centre = (centre_rule((x0 + x1) / 2), centre_rule((y0 + y1) / 2))
+    length = ((x0 - x1) ** 2 + (y0 - y1) ** 2) ** 0.5
+    angle = int(np.degrees(np.arctan2(y0 - y1, x0 - x1)))
+    polygon = cv2.ellipse2Poly(centre, (int(length / 2), 4), angle, 0, 360, 1)
+    mask = np.zeros((height, width), np.uint8)
+    cv2.fillConvexPoly(mask, polygon, 1)
+    return mask.astype(bool)
+
+
+def outside_circles(points: np.ndarray, width: int, height: int, radius: float = 11.5) -> np.ndarray:
+    """Pixels farther than ``radius`` from every keypoint (the circles, drawn last, cover the rest)."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    far = np.ones((height, width), bool)
+    for x, y in points.astype(int):
+        far &= (xs - x) ** 2 + (ys - y) ** 2 > radius**2
+    return far
+
+
+def test_off_grid_limbs_are_drawn_exactly_as_published() -> None:
+    width, height = 300, 260
+    canvas = draw_keypoint_image(OFF_GRID, width, height)
+    expected = np.zeros((height, width, 3), np.uint8)
+    rounded = np.zeros((height, width), bool)
+    for start in (0, 1, 3, 4):  # every limb runs from keypoint `start` to the nose (2)
+        limb = published_limb(OFF_GRID[start], OFF_GRID[2], width, height)
+        expected[limb] = np.array(KEYPOINT_COLOURS_RGB[start]) * 153 // 255
+        rounded |= published_limb(OFF_GRID[start], OFF_GRID[2], width, height, centre_rule=round)
+    far = outside_circles(OFF_GRID, width, height)
+    np.testing.assert_array_equal(canvas[far], expected[far])
+    drawn = expected.any(axis=2)
+    # The points discriminate: a rounded centre would move limb pixels that lie outside every circle.
+    assert (rounded[far] != drawn[far]).sum() >= 10
+
+
+def test_limb_ends_meet_the_circles_in_the_limb_colour() -> None:
+    canvas = draw_keypoint_image(OFF_GRID, 300, 260)
+    nose = OFF_GRID[2]
+    for start in (0, 1, 3, 4):
+        point = OFF_GRID[start]
+        direction = (nose - point) / np.linalg.norm(nose - point)
+        dimmed = tuple(c * 153 // 255 for c in KEYPOINT_COLOURS_RGB[start])
+        for distance in (13.0, 15.0):  # just past this keypoint's circle, and just before the nose's circle
+            x, y = (point + distance * direction).astype(int)
+            assert tuple(canvas[y, x]) == dimmed, (start, distance)
+            x, y = (nose - distance * direction).astype(int)
+            assert tuple(canvas[y, x]) == dimmed, (start, -distance)
+        x, y = point.astype(int)
+        assert tuple(canvas[y, x]) == KEYPOINT_COLOURS_RGB[start]  # the circle on top, at full colour

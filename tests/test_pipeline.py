@@ -71,9 +71,9 @@ def test_each_strength_changes_the_image(denoiser, prompt):
         {"guidance_scale": 1.0},
     ):
         other = denoiser.generate([job(prompt, dataclasses.replace(BASE, **change))])[0].astype(int)
-        assert np.abs(base - other).max() > 0, change
+        assert np.abs(base - other).max() > 4, change  # far beyond float tolerance (1/255)
     other_face = denoiser.generate([job(prompt, BASE, embedding_seed=1)])[0].astype(int)
-    assert np.abs(base - other_face).max() > 0
+    assert np.abs(base - other_face).max() > 4
 
 
 def test_batched_jobs_match_their_single_runs(denoiser, prompt, prompt_encoder):

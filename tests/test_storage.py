@@ -398,7 +398,9 @@ def test_download_prefix_copies_skips_and_refreshes(weights_prefix: tuple[Any, s
     marker = json.loads(tree.pop(COMPLETE_MARKER))
     assert tree == {"config.json": b'{"a": 1}', "unet/model.bin": b"\x00\x01" * 5000, "unet/deep/x.txt": b"x"}
     assert [o["key"].rsplit("/v1/", 1)[1] for o in marker["objects"]] == sorted(tree)
-    assert all(o["etag"] and o["size"] == len(tree[o["key"].rsplit("/v1/", 1)[1]]) for o in marker["objects"])
+    assert marker["objects"] and all(
+        o["etag"] and o["size"] == len(tree[o["key"].rsplit("/v1/", 1)[1]]) for o in marker["objects"]
+    )
     assert counting.gets == 3
     assert sorted(p.name for p in dest.parent.iterdir()) == [".weights.lock", "weights"]
 

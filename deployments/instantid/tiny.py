@@ -115,13 +115,49 @@ def sdxl_scheduler() -> EulerDiscreteScheduler:
     )
 
 
-def _wake_zero_layers(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """ControlNets start with zero convolutions (no effect until trained); give them small random values
-    so tests can see IdentityNet's strength change the result."""
+# Sized so that every IdentityNet input visibly moves a 64x64 test image (the keypoint image by tens of levels
+# out of 255): with default initialisation the eight small conditioning convolutions shrink the keypoint dots to
+# nothing, and no test could see a keypoint bug. A test asserts the sensitivity on seed 0 (the tests' and the
+# demo's seed); other seeds vary with the random UNet around IdentityNet.
+_CONDITIONING_OUT_GAIN = 8.0  # conv_out of the conditioning embedding, x 1/sqrt(fan_in)
+_ZERO_CONV_GAIN = 0.3  # the residual ("zero") convolutions, x 1/sqrt(fan_in)
+_INIT_NOISE = 0.1
+_INIT_BIAS = 0.05
+
+
+def _make_identitynet_visible(controlnet: ControlNetModel, generator: torch.Generator) -> None:
+    """Give the tiny IdentityNet's conditioning path and zero convolutions values its inputs can be seen through.
+
+    A trained IdentityNet reacts strongly to its keypoint image; a randomly initialised one does not (its zero
+    convolutions are exactly zero and its conditioning convolutions wash the sparse keypoint drawing out). So
+    the conditioning convolutions pass their input through (each output channel starts as a copy of one input
+    channel at the kernel centre, plus a little noise), the first one mixes the three colour channels at
+    random, and the output and residual convolutions are random at the gains above. Only values change:
+    names, shapes and formats stay those of ``ControlNetModel.from_unet``.
+    """
+
+    def normal(shape: torch.Size, std: float) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * std
+
+    embedding = controlnet.controlnet_cond_embedding
     with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim > 1 and not param.any():
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        for conv in (embedding.conv_in, *embedding.blocks):
+            out_channels, in_channels = conv.weight.shape[:2]
+            if in_channels == 3:  # the RGB keypoint image: a random colour mix per channel, centre tap only
+                weight = torch.zeros_like(conv.weight)
+                weight[:, :, 1, 1] = normal(torch.Size((out_channels, in_channels)), 1.0)
+            else:
+                weight = normal(conv.weight.shape, _INIT_NOISE / conv.weight[0].numel() ** 0.5)
+                for channel in range(out_channels):
+                    weight[channel, channel % in_channels, 1, 1] += 1.0
+            conv.weight.copy_(weight)
+            conv.bias.copy_(normal(conv.bias.shape, _INIT_BIAS))
+        for conv, gain in (
+            (embedding.conv_out, _CONDITIONING_OUT_GAIN),
+            *((c, _ZERO_CONV_GAIN) for c in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block)),
+        ):
+            conv.weight.copy_(normal(conv.weight.shape, gain / conv.weight[0].numel() ** 0.5))
+            conv.bias.copy_(normal(conv.bias.shape, _INIT_BIAS))
 
 
 def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
@@ -169,7 +205,7 @@ def _write_parts(staging: Path, seed: int) -> None:
 
     generator = torch.Generator().manual_seed(seed + 1)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
-    _wake_zero_layers(controlnet, generator)
+    _make_identitynet_visible(controlnet, generator)
     controlnet.save_pretrained(staging / "instantid" / CONTROLNET_DIR, safe_serialization=True)
 
     resampler = Resampler(ResamplerConfig(dim=128, heads=2, output_dim=unet.config.cross_attention_dim))
