@@ -1,4 +1,9 @@
-"""The compact messages the deployments pass to each other (plain dataclasses, pickled by Ray)."""
+"""The messages the deployments pass to each other, in one place (dataclasses and pydantic models, pickled by Ray).
+
+Every value that crosses a deployment boundary is one of these types: no dictionary is read by string keys on
+the other side. JSON documents that are only stored or returned verbatim (meta.json, the effective request
+parameters) stay dictionaries.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,48 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.instantid.conditioning import FaceCondition
-from deployments.instantid.pipeline import GenerationParams
+from deployments.instantid.faces import DetectedFace
+from deployments.instantid.params import GenerationParams
 from deployments.instantid.text import PromptEmbeddings
+from deployments.storage.generations import StoredGeneration, StoredImage
+
+
+# When a stage ran: wall-clock start and end (unix seconds) and its duration, from one pair of clock reads.
+# (Also part of API responses, whose schema would show a class docstring.)
+class StageTiming(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    start: float = Field(description="Unix time, seconds.")
+    end: float
+    seconds: float
+
+    @classmethod
+    def since(cls, start: float) -> StageTiming:
+        """The stage that started at ``start`` and ends now."""
+        end = time.time()
+        return cls(start=start, end=end, seconds=end - start)
+
+
+Timings = dict[str, StageTiming]
 
 
 @contextmanager
-def stage_timer(timings: dict[str, dict[str, float]], stage: str) -> Iterator[None]:
-    """Record a stage's wall-clock start and end (unix seconds) into ``timings[stage]``."""
+def timed(timings: Timings, stage: str) -> Iterator[None]:
+    """Record the enclosed block as ``timings[stage]`` (also when it raises)."""
     start = time.time()
     try:
         yield
     finally:
-        end = time.time()
-        timings[stage] = {"start": start, "end": end, "seconds": end - start}
+        timings[stage] = StageTiming.since(start)
+
+
+# ---------------------------------------------------------------------------------------------- face analysis
 
 
 @dataclass
@@ -37,7 +66,21 @@ class FaceRequest:
 @dataclass
 class FaceResult:
     condition: FaceCondition
-    timings: dict[str, dict[str, float]]
+    timings: Timings
+
+
+@dataclass
+class FaceListing:
+    """``POST /v1/faces``: every face of one photo, largest first, and the one a generation would use."""
+
+    width: int
+    height: int
+    faces: list[DetectedFace]  # without embeddings
+    chosen: int | None
+    keypoint_image_png: bytes | None = None
+
+
+# ---------------------------------------------------------------------------------------------- prompt encoding
 
 
 @dataclass
@@ -50,7 +93,10 @@ class PromptRequest:
 @dataclass
 class PromptResult:
     embeddings: PromptEmbeddings
-    timings: dict[str, dict[str, float]]
+    timings: Timings
+
+
+# ----------------------------------------------------------------------------------------------------- denoising
 
 
 @dataclass
@@ -59,6 +105,46 @@ class DenoiseResult:
 
     images: np.ndarray  # (num_images, H, W, 3) uint8
     params: GenerationParams  # sized
-    face: dict[str, Any]
+    face: DetectedFace  # the identity face, in face-photo pixels, without its embedding
     prompt_truncated: bool
-    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    timings: Timings = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------------- storage
+
+
+@dataclass
+class GenerationRecord:
+    """What the ingress knows about a request, for meta.json (the store adds what the stages made)."""
+
+    id: str
+    request_id: str
+    owner: str
+    created_at: str  # ISO 8601, UTC
+    prompt: str  # after the style template
+    negative_prompt: str | None
+    parameters: dict[str, Any]  # the effective request options (a JSON document)
+    pose_image_given: bool
+    inputs_stored: bool
+    models: dict[str, Any]
+
+
+@dataclass
+class SavedGeneration:
+    """``ResultStore.save``: what is confirmed in S3, and how the request went through the stages."""
+
+    stored: StoredGeneration
+    params: GenerationParams  # sized
+    face: DetectedFace
+    prompt_truncated: bool
+    timings: Timings
+
+
+@dataclass
+class GenerationMeta:
+    """``ResultStore.get``: a generation's meta.json (with fresh presigned URLs) and what the ingress checks."""
+
+    document: dict[str, Any]  # returned to its owner as it is
+    owner: str | None
+    images: list[StoredImage]
+    status: Literal["stored", "pending_upload"]

@@ -9,53 +9,68 @@ from typing import Any
 
 from ray.serve import Application
 
-from deployments.denoise import DenoiserDeployment
-from deployments.face import FaceAnalyzerDeployment
-from deployments.prompt import PromptEncoderDeployment
-from deployments.store import ResultStoreDeployment
+from deployments.denoiser import DenoiserDeployment
+from deployments.face_analyzer import FaceAnalyzerDeployment
+from deployments.prompt_encoder import PromptEncoderDeployment
+from deployments.result_store import ResultStoreDeployment
 from serve.api import Ingress
 from serve.config import AppConfig
 
 APP_NAME = "instantid"
 
 
+def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
+    """The constructor arguments of the four model and storage deployments, from the config.
+
+    ``build_app`` binds them; tests construct a deployment's class directly with the same arguments.
+    """
+    weights = config.weights.model_dump(exclude_none=True, exclude={"make_tiny_if_missing"})
+    return {
+        "face": {
+            "weights": weights,
+            "providers": config.face.providers,
+            "long_side": config.face.long_side,
+            "min_face_px": config.face.min_face_px,
+            "max_image_bytes": config.api.max_upload_bytes,
+            "max_image_pixels": config.api.max_image_pixels,
+        },
+        "prompt": {
+            "weights": weights,
+            "device": config.prompt.device,
+            "dtype": config.prompt.dtype,
+            "max_batch_size": config.prompt.batching.max_batch_size,
+            "batch_wait_timeout_s": config.prompt.batching.batch_wait_timeout_s,
+        },
+        "denoiser": {
+            "weights": weights,
+            "device": config.denoiser.device,
+            "dtype": config.denoiser.dtype,
+            "vae_batch_size": config.denoiser.vae_batch_size,
+            "max_batch_size": config.denoiser.batching.max_batch_size,
+            "batch_wait_timeout_s": config.denoiser.batching.batch_wait_timeout_s,
+        },
+        "store": {
+            "s3": config.storage.s3.model_dump(),
+            "spool_dir": config.storage.spool_dir,
+            "spool_retry_s": config.storage.spool_retry_s,
+        },
+    }
+
+
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     """Bind the five deployments, each with its own Ray options from ``args``."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
-    weights = config.weights.model_dump(exclude_none=True, exclude={"make_tiny_if_missing"})
-
-    face = FaceAnalyzerDeployment.options(**config.face.deployment.to_options()).bind(
-        weights,
-        providers=config.face.providers,
-        long_side=config.face.long_side,
-        min_face_px=config.face.min_face_px,
-        max_image_bytes=config.api.max_upload_bytes,
-        max_image_pixels=config.api.max_image_pixels,
-    )
-    prompt = PromptEncoderDeployment.options(**config.prompt.deployment.to_options()).bind(
-        weights,
-        device=config.prompt.device,
-        dtype=config.prompt.dtype,
-        max_batch_size=config.prompt.batching.max_batch_size,
-        batch_wait_timeout_s=config.prompt.batching.batch_wait_timeout_s,
-    )
-    denoiser = DenoiserDeployment.options(**config.denoiser.deployment.to_options()).bind(
-        weights,
-        device=config.denoiser.device,
-        dtype=config.denoiser.dtype,
-        vae_batch_size=config.denoiser.vae_batch_size,
-        max_batch_size=config.denoiser.batching.max_batch_size,
-        batch_wait_timeout_s=config.denoiser.batching.batch_wait_timeout_s,
-    )
-    store = ResultStoreDeployment.options(**config.store.deployment.to_options()).bind(
-        config.storage.s3.model_dump(), spool_dir=config.storage.spool_dir, spool_retry_s=config.storage.spool_retry_s
-    )
-    return Ingress.options(**config.ingress.to_options()).bind(
+    arguments = stage_arguments(config)
+    face = FaceAnalyzerDeployment.options(**config.face.deployment.to_options()).bind(**arguments["face"])
+    prompt = PromptEncoderDeployment.options(**config.prompt.deployment.to_options()).bind(**arguments["prompt"])
+    denoiser = DenoiserDeployment.options(**config.denoiser.deployment.to_options()).bind(**arguments["denoiser"])
+    store = ResultStoreDeployment.options(**config.store.deployment.to_options()).bind(**arguments["store"])
+    return Ingress.options(**config.ingress.deployment.to_options()).bind(
         face,
         prompt,
         denoiser,
         store,
         api=config.api.model_dump(),
         storage=config.storage.s3.model_dump(),
-        weights=weights,
+        weights=arguments["denoiser"]["weights"],
     )

@@ -65,9 +65,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         options = GenerationOptions(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
-        from serve.api import _validation_message
+        from serve.errors import validation_message
 
-        raise CliError(_validation_message(exc)) from None
+        raise CliError(validation_message(exc)) from None
     suffix = args.out.suffix.lower()
     if suffix not in (".png", ".jpg", ".jpeg", ".webp"):
         raise CliError(f"--out must end in .png, .jpg or .webp (got {args.out.name})")
@@ -108,7 +108,7 @@ def _check_device(device: str, dtype: str) -> None:
 
 
 def _pipeline_and_params(layout, options, args):
-    from deployments.instantid.generate import InstantIDPipeline
+    from deployments.instantid.pipeline import InstantIDPipeline
 
     seed = options.resolved_seed()
     params = options.sampling_params(seed)

@@ -10,6 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.instantid.denoiser import DEFAULT_VAE_BATCH_SIZE
+from deployments.instantid.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from deployments.instantid.keypoints import REFERENCE_LONG_SIDE
 from deployments.storage.s3 import S3Settings
 from serve.auth import AuthConfig
 
@@ -75,10 +78,14 @@ class BatchOptions(_Strict):
     batch_wait_timeout_s: float = Field(default=0.02, ge=0)
 
 
+class IngressConfig(_Strict):
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+
 class FaceConfig(_Strict):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     providers: list[str] | None = Field(default=None, description="onnxruntime providers; None: CUDA if present.")
-    long_side: int = Field(default=1280, ge=256, le=2048, description="Reference size rule's long side.")
+    long_side: int = Field(default=REFERENCE_LONG_SIDE, ge=256, le=2048, description="Reference size rule's long side.")
     min_face_px: int = Field(default=32, ge=1, description="Smaller faces (box side, in photo pixels) are refused.")
 
 
@@ -93,7 +100,7 @@ class DenoiserConfig(_Strict):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    vae_batch_size: int = Field(default=2, ge=1)
+    vae_batch_size: int = Field(default=DEFAULT_VAE_BATCH_SIZE, ge=1, description="Latents decoded at once.")
     batching: BatchOptions = Field(default_factory=BatchOptions)
 
     @model_validator(mode="after")
@@ -123,12 +130,15 @@ class StorageConfig(_Strict):
 
 
 class ApiConfig(_Strict):
-    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="Per image, after base64 decoding.")
-    max_image_pixels: int = Field(default=40_000_000, ge=65_536, description="Decoded-size guard (bombs).")
+    max_upload_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024, description="Per image, after base64 decoding.")
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=65_536, description="Decoded-size guard (bombs).")
     allowed_input_buckets: list[str] = Field(
         default_factory=list, description="Buckets s3:// inputs may come from; the results bucket is never implied."
     )
     request_timeout_s: float = Field(default=600.0, gt=0)
+    body_idle_timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest pause while a request body arrives before the answer is a 408."
+    )
     max_in_flight: int = Field(
         default=32, ge=1, description="Generations one ingress replica admits at once; beyond: JSON 503 + Retry-After."
     )
@@ -141,7 +151,7 @@ class AppConfig(_Strict):
     weights: WeightsConfig
     storage: StorageConfig
     api: ApiConfig = Field(default_factory=ApiConfig)
-    ingress: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
     face: FaceConfig = Field(default_factory=FaceConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)

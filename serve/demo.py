@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import time
+import urllib.error
 import urllib.request
 from importlib import resources
 from pathlib import Path

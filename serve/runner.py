@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import yaml
@@ -54,20 +55,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _install_sigterm(handler: Any) -> None:
+    """Make ``handler`` (a ``signal.getsignal`` result) this process's SIGTERM handler, in Python *and* in C.
+
+    Ray changes SIGTERM under our feet: ``ray.init`` sets a Python handler of its own (``sys.exit(15)``),
+    and the core worker it creates installs absl's C++ failure-signal handler on SIGTERM with ``sigaction``,
+    beneath Python: a SIGTERM then never reaches Python; absl prints a native stack trace and aborts the
+    process (exit 134), skipping every ``finally`` and ``atexit``, so Serve, Ray's processes and SeaweedFS
+    are left running. ``ray.shutdown`` then resets SIGTERM to SIG_DFL in C while Python still lists the old
+    handler. ``signal.signal`` always installs Python's C handler again, whatever Python believed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (and ray.init sets none then)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
+
+
+def _local_ray_node_died() -> bool:
+    """Whether the raylet or GCS that ``ray.init`` started in this process has exited (never for a joined cluster)."""
+    try:
+        import ray._private.worker as ray_worker
+
+        node = ray_worker._global_node
+        return node is not None and any(kind in ("raylet", "gcs_server") for kind, _ in node.dead_processes())
+    except Exception:  # a private API: should it change, take the orderly path
+        return False
+
+
+def _shutdown_serve() -> None:
+    """Serve's shutdown, given up as soon as the local Ray node dies (``ray.shutdown`` then stops the rest).
+
+    A SIGTERM sent to the whole process group (``timeout``, a shell's job control) or cgroup (systemd's default
+    ``KillMode``) reaches the raylet and GCS together with us: ``serve.shutdown`` would then wait its full 30 s
+    for a controller that can no longer answer.
+    """
+    import asyncio
+
+    from ray import serve as ray_serve
+
+    async def shutdown() -> None:
+        task = asyncio.ensure_future(ray_serve.shutdown_async())
+        while not task.done() and not _local_ray_node_died():
+            await asyncio.wait({task}, timeout=0.2)
+        task.cancel()  # nothing when done
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    asyncio.run(shutdown())
+
+
 @contextlib.contextmanager
 def local_stack(serve_file: ServeFile, *, port: int | None = None) -> Iterator[dict[str, Any]]:
     """Embedded S3 (when configured) + tiny weights (when asked) + local Ray + Serve with every app.
 
-    Yields ``{"url": ..., "s3": EmbeddedS3 | None}``; tears everything down on exit.
+    Yields ``{"url": ..., "ray_address": GCS address, "s3": EmbeddedS3 | None}``; tears everything down on
+    exit. While Ray runs, SIGTERM keeps the handler the caller had, and a default one raises KeyboardInterrupt
+    (so that ``docker stop``, systemd or Kubernetes tear the stack down as Ctrl-C does); it is restored after.
     """
     import ray
-    from ray import serve
+    from ray import serve as ray_serve
 
     from deployments.instantid.tiny import tiny_weights_present, write_tiny_weights
     from serve.app import build_app
     from serve.seaweed import EmbeddedS3
 
     embedded: EmbeddedS3 | None = None
+    caller_sigterm = signal.getsignal(signal.SIGTERM)
+    sigterm = _raise_keyboard_interrupt if caller_sigterm in (None, signal.SIG_DFL) else caller_sigterm
     try:
         for _, config in serve_file.app_configs():
             if config.storage.embedded_data_dir and embedded is None:
@@ -81,35 +138,74 @@ def local_stack(serve_file: ServeFile, *, port: int | None = None) -> Iterator[d
                 print(f"making tiny weights in {root} ...", flush=True)
                 write_tiny_weights(Path(root).expanduser())
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or "local",  # never join a stray local cluster
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        try:
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS") or "local",  # never join a stray local cluster
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        finally:
+            _install_sigterm(sigterm)  # ray.init replaced it (see _install_sigterm)
         http = dict(serve_file.raw.get("http_options") or {})
         http.setdefault("host", "127.0.0.1")
         if port is not None:
             http["port"] = port
-        serve.start(http_options=http, logging_config=serve_file.raw.get("logging_config"))
+        ray_serve.start(http_options=http, logging_config=serve_file.raw.get("logging_config"))
         for app, config in serve_file.app_configs():
-            serve.run(build_app(config), name=app.get("name", "instantid"), route_prefix=app.get("route_prefix", "/"))
-        yield {"url": f"http://{http['host']}:{http.get('port', 8000)}", "s3": embedded}
+            ray_serve.run(
+                build_app(config), name=app.get("name", "instantid"), route_prefix=app.get("route_prefix", "/")
+            )
+        yield {
+            "url": f"http://{http['host']}:{http.get('port', 8000)}",
+            "ray_address": ray.get_runtime_context().gcs_address,
+            "s3": embedded,
+        }
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        with contextlib.suppress(Exception):
-            ray.shutdown()
-        if embedded is not None:
-            embedded.stop()
+        if ray.is_initialized():  # else serve.shutdown would start a Ray just to look for Serve in it
+            with contextlib.suppress(Exception):
+                _shutdown_serve()
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        _install_sigterm(sigterm)  # ray.shutdown left SIG_DFL in C: a second SIGTERM would kill us right here
+        try:
+            if embedded is not None:
+                embedded.stop()
+        finally:
+            _install_sigterm(caller_sigterm)
+
+
+class _StopRequested(KeyboardInterrupt):
+    """SIGINT or SIGTERM during start-up: unwinds it (stopping what was started) like Ctrl-C would."""
 
 
 def run_config(path: Path, *, port: int | None = None) -> None:
-    """``instantid serve CONFIG``: run until SIGINT/SIGTERM."""
+    """``instantid serve CONFIG``: run until SIGINT or SIGTERM, then stop everything and return.
+
+    SIGINT (Ctrl-C) and SIGTERM (``docker stop``, systemd, Kubernetes) are handled alike: the first one stops
+    Serve, Ray and the embedded S3 in order and this returns (exit status 0), during start-up too (it is
+    interrupted); later ones are ignored so that they cannot cut the shutdown short.
+    """
     serve_file = ServeFile.load(path)
     stop = threading.Event()
+    serving = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        first = not stop.is_set()
+        stop.set()
+        if first and not serving.is_set():
+            raise _StopRequested
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with local_stack(serve_file, port=port) as stack:
-        print(f"serving on {stack['url']} (OpenAPI at {stack['url']}/docs); Ctrl-C to stop", flush=True)
-        stop.wait()
+        signal.signal(sig, on_signal)
+    try:
+        with local_stack(serve_file, port=port) as stack:
+            serving.set()
+            print(
+                f"serving on {stack['url']} (OpenAPI at {stack['url']}/docs, Ray at {stack['ray_address']});"
+                " Ctrl-C to stop",
+                flush=True,
+            )
+            stop.wait()
+    except _StopRequested:
+        pass  # local_stack stopped what it had started

@@ -1,7 +1,7 @@
-"""The public request and response models: the single source of truth for defaults and ranges.
+"""The public request and response models: the single source of truth for the API's ranges.
 
 Used by the HTTP routes (JSON and multipart), by Python ``DeploymentHandle`` callers and for OpenAPI.
-Defaults follow the public InstantID demo (REFERENCE.md §6).
+Generation defaults are the published InstantID demo's, read from ``GenerationParams`` (defined there once).
 """
 
 from __future__ import annotations
@@ -9,17 +9,21 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from deployments.instantid.pipeline import GenerationParams
-from deployments.instantid.schedulers import DEFAULT_SCHEDULER, SchedulerName
+from deployments.instantid.faces import DetectedFace
+from deployments.instantid.params import DEFAULT_PARAMS, GenerationParams
+from deployments.instantid.schedulers import SchedulerName
 from deployments.instantid.styles import DEFAULT_STYLE, StyleName
+from deployments.messages import StageTiming
+from deployments.storage.generations import StoredImage
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 2000
 MAX_SIDE = 2048
 MIN_SIDE = 256
 MAX_PIXELS = 2048 * 2048
+MAX_IMAGES = 8
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
@@ -33,18 +37,24 @@ class GenerationOptions(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     style: StyleName = Field(default=DEFAULT_STYLE, description="Prompt template preset ('none' to disable).")
-    num_inference_steps: int = Field(default=30, ge=1, le=100)
-    guidance_scale: float = Field(default=5.0, ge=0.0, le=20.0)
-    identitynet_strength: float = Field(default=0.8, ge=0.0, le=1.5, description="IdentityNet (ControlNet) scale.")
-    adapter_strength: float = Field(default=0.8, ge=0.0, le=1.5, description="Face-token attention scale.")
-    control_guidance_start: float = Field(default=0.0, ge=0.0, le=1.0)
-    control_guidance_end: float = Field(default=1.0, ge=0.0, le=1.0)
-    enhance_face_region: bool = Field(default=True, description="Confine IdentityNet and face tokens to the face.")
-    scheduler: SchedulerName = DEFAULT_SCHEDULER
+    num_inference_steps: int = Field(default=DEFAULT_PARAMS.num_inference_steps, ge=1, le=100)
+    guidance_scale: float = Field(default=DEFAULT_PARAMS.guidance_scale, ge=0.0, le=20.0)
+    identitynet_strength: float = Field(
+        default=DEFAULT_PARAMS.identitynet_strength, ge=0.0, le=1.5, description="IdentityNet (ControlNet) scale."
+    )
+    adapter_strength: float = Field(
+        default=DEFAULT_PARAMS.adapter_strength, ge=0.0, le=1.5, description="Face-token attention scale."
+    )
+    control_guidance_start: float = Field(default=DEFAULT_PARAMS.control_guidance_start, ge=0.0, le=1.0)
+    control_guidance_end: float = Field(default=DEFAULT_PARAMS.control_guidance_end, ge=0.0, le=1.0)
+    enhance_face_region: bool = Field(
+        default=DEFAULT_PARAMS.enhance_face_region, description="Confine IdentityNet and face tokens to the face."
+    )
+    scheduler: SchedulerName = DEFAULT_PARAMS.scheduler  # type: ignore[assignment]
     width: Side | None = Field(default=None, description="With height; absent: the reference size rule.")
     height: Side | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Absent: drawn and returned.")
-    num_images: int = Field(default=1, ge=1, le=8)
+    num_images: int = Field(default=DEFAULT_PARAMS.num_images, ge=1, le=MAX_IMAGES)
     output_format: OutputFormat = "webp"
     output_quality: int = Field(default=95, ge=1, le=100, description="JPEG/WebP quality.")
 
@@ -108,12 +118,18 @@ class GenerateRequest(GenerationOptions):
 
 
 class FacesRequest(BaseModel):
-    """JSON body of ``POST /v1/faces``."""
+    """JSON body of ``POST /v1/faces``; ``face_image_b64``/``face_image_uri`` are accepted as on ``/v1/generate``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    image_b64: str | None = None
-    image_uri: str | None = None
+    image_b64: str | None = Field(
+        default=None, validation_alias=AliasChoices("image_b64", "face_image_b64"), description="The photo, base64."
+    )
+    image_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("image_uri", "face_image_uri"),
+        description="The photo as s3://bucket/key.",
+    )
     include_keypoint_image: bool = False
 
     @model_validator(mode="after")
@@ -128,20 +144,9 @@ class FaceInfo(BaseModel):
     keypoints: list[list[float]] = Field(description="5 points: eyes, nose, mouth corners.")
     score: float
 
-
-class StoredImage(BaseModel):
-    uri: str
-    url: str = Field(description="Presigned GET URL; expires.")
-    width: int
-    height: int
-    bytes: int
-    content_type: str
-
-
-class StageTiming(BaseModel):
-    start: float = Field(description="Unix time, seconds.")
-    end: float
-    seconds: float
+    @classmethod
+    def of(cls, face: DetectedFace) -> FaceInfo:
+        return cls(box=[float(v) for v in face.bbox], keypoints=face.kps.tolist(), score=face.det_score)
 
 
 class GenerateResponse(BaseModel):

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "cluster" / "rayservice.yaml"
@@ -89,12 +90,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SimCluster:
     """A ``ray.cluster_utils.Cluster`` whose nodes are the manifest's node types."""
 
@@ -120,10 +115,10 @@ class SimCluster:
         if type_name == HEAD:
             # Explicit free ports: the defaults (6379, 52365...) may be held by another local Ray instance.
             kwargs.update(
-                gcs_server_port=_free_port(),
+                gcs_server_port=free_port(),
                 include_dashboard=False,
-                dashboard_agent_listen_port=_free_port(),
-                runtime_env_agent_port=_free_port(),
+                dashboard_agent_listen_port=free_port(),
+                runtime_env_agent_port=free_port(),
             )
         node = self.cluster.add_node(wait=True, **kwargs)
         self.nodes[type_name] = node
@@ -190,7 +185,7 @@ def sim_app_args(weights: Path, bucket: str, workdir: Path, request_timeout_s: f
     for stage in ("prompt", "denoiser"):
         args[stage].update(device="cpu", dtype="float32")
     args["face"]["providers"] = ["CPUExecutionProvider"]
-    for options in (args["ingress"], *(args[k]["deployment"] for k in ("face", "prompt", "denoiser", "store"))):
+    for options in (args[k]["deployment"] for k in ("ingress", "face", "prompt", "denoiser", "store")):
         options.pop("autoscaling_config", None)
         options["num_replicas"] = 1
     return args
@@ -265,9 +260,9 @@ def proxy_nodes() -> list[str]:
 
 
 def app_status() -> dict[str, Any]:
-    from ray import serve
+    from ray import serve as ray_serve
 
-    app = serve.status().applications.get(APP_NAME)
+    app = ray_serve.status().applications.get(APP_NAME)
     if app is None:
         return {"status": "MISSING", "deployments": {}}
     deployments = {
@@ -399,7 +394,7 @@ def recover(
 
 def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     import ray
-    from ray import serve
+    from ray import serve as ray_serve
 
     from serve.app import build_app
     from serve.config import AppConfig
@@ -417,8 +412,8 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             if name != HEAD:
                 sim.add(name)
         result["nodes"] = nodes_report(sim)
-        port = _free_port()
-        serve.start(
+        port = free_port()
+        ray_serve.start(
             proxy_location=args.proxy_location,
             http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": args.request_timeout_s + 20},
             logging_config={"enable_access_log": False},
@@ -427,10 +422,10 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             sim_app_args(Path(args.weights), args.bucket, workdir, args.request_timeout_s)
         )
         result["actor_options"] = {
-            "ingress": config.ingress.ray_actor_options,
-            **{k: getattr(config, k).deployment.ray_actor_options for k in ("face", "prompt", "denoiser", "store")},
+            k: getattr(config, k).deployment.ray_actor_options
+            for k in ("ingress", "face", "prompt", "denoiser", "store")
         }
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        ray_serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         result["deploy_s"] = round(time.monotonic() - t0, 1)
         result["status"] = app_status()
         result["placement"] = placement(sim)
@@ -446,9 +441,9 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         result["finished"] = True
     finally:
         t1 = time.monotonic()
-        if ray.is_initialized():  # serve.shutdown() would otherwise start a local Ray just to find nothing
+        if ray.is_initialized():  # ray_serve.shutdown() would otherwise start a local Ray just to find nothing
             try:
-                serve.shutdown()
+                ray_serve.shutdown()
             except Exception as exc:  # shut the cluster down regardless
                 result.setdefault("cleanup_errors", []).append(repr(exc))
             ray.shutdown()

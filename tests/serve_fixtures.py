@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from serve.config import AppConfig
+from tests.support import free_port, free_port_pair
 
 LOCAL_CONFIG = Path(__file__).resolve().parents[1] / "serve" / "configs" / "local.yaml"
 
@@ -22,31 +22,10 @@ def local_app_config(weights_root: Path, bucket: str, **overrides: Any) -> AppCo
     args = yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]["args"]
     args["weights"] = {"root": str(weights_root)}
     args["storage"] = {"s3": {"bucket": bucket, "prefix": "generations", "create_bucket": True}}
+    args["api"]["body_idle_timeout_s"] = 10.0  # a stalled upload is answered (408) without a minute's wait
     for key, value in overrides.items():
         args[key] = value
     return AppConfig.model_validate(args)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_low_port() -> int:
-    """A free port whose gRPC twin (+10000, SeaweedFS's rule) also fits below 65536."""
-    import random
-
-    for _ in range(100):
-        port = random.randint(20000, 29999)
-        with socket.socket() as a, socket.socket() as b:
-            try:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port pair found")
 
 
 @dataclass
@@ -60,7 +39,7 @@ class ServeStack:
 @pytest.fixture(scope="session")
 def serve_stack(tiny_weights: Path, embedded_s3) -> Iterator[ServeStack]:
     import ray
-    from ray import serve
+    from ray import serve as ray_serve
 
     from serve.app import build_app
 
@@ -69,14 +48,14 @@ def serve_stack(tiny_weights: Path, embedded_s3) -> Iterator[ServeStack]:
     ray.init(
         address="local", num_cpus=8, include_dashboard=False, log_to_driver=False
     )  # logical CPUs: several apps on 2 cores
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+    port = free_port()
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
     config = local_app_config(tiny_weights, embedded_s3.bucket)
-    serve.run(build_app(config), name="instantid", route_prefix="/")
+    ray_serve.run(build_app(config), name="instantid", route_prefix="/")
     try:
         yield ServeStack(f"http://127.0.0.1:{port}", "instantid", embedded_s3, config)
     finally:
-        serve.shutdown()
+        ray_serve.shutdown()
         ray.shutdown()
 
 
@@ -96,7 +75,7 @@ class SecureStack:
 
 @pytest.fixture(scope="session")
 def secure_stack(serve_stack: ServeStack, tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory):
-    from ray import serve
+    from ray import serve as ray_serve
 
     from serve.app import build_app
 
@@ -111,9 +90,9 @@ def secure_stack(serve_stack: ServeStack, tiny_weights: Path, tmp_path_factory: 
     config = config.model_copy(
         update={"storage": config.storage.model_copy(update={"spool_dir": str(folder / "spool")})}
     )
-    serve.run(build_app(config), name="secure", route_prefix="/secure")
+    ray_serve.run(build_app(config), name="secure", route_prefix="/secure")
     yield SecureStack(f"{serve_stack.url}/secure", keys_file, folder / "spool", serve_stack.s3, 2)
-    serve.delete("secure")
+    ray_serve.delete("secure")
 
 
 @dataclass
@@ -129,7 +108,7 @@ class FaultStack:
 def fault_stack(serve_stack: ServeStack, tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory):
     import shutil
 
-    from ray import serve
+    from ray import serve as ray_serve
 
     from serve.app import build_app
     from serve.seaweed import EmbeddedS3
@@ -139,7 +118,7 @@ def fault_stack(serve_stack: ServeStack, tiny_weights: Path, tmp_path_factory: p
     data_dir.mkdir(mode=0o700)
     # The same credentials as the session store: Ray workers know only one set (the environment's).
     shutil.copy(serve_stack.s3.data_dir / "credentials.json", data_dir / "credentials.json")
-    flaky = EmbeddedS3(data_dir, port=_free_low_port(), bucket="flaky")
+    flaky = EmbeddedS3(data_dir, port=free_port_pair(), bucket="flaky")
     flaky.start(timeout_s=60)
     config = local_app_config(tiny_weights, "flaky")
     s3 = {
@@ -153,9 +132,9 @@ def fault_stack(serve_stack: ServeStack, tiny_weights: Path, tmp_path_factory: p
     }
     storage = {"s3": s3, "spool_dir": str(folder / "spool"), "spool_retry_s": 1.0}
     config = config.model_validate({**config.model_dump(), "storage": storage})
-    serve.run(build_app(config), name="faults", route_prefix="/faults")
+    ray_serve.run(build_app(config), name="faults", route_prefix="/faults")
     try:
         yield FaultStack(f"{serve_stack.url}/faults", flaky, folder / "spool")
     finally:
-        serve.delete("faults")
+        ray_serve.delete("faults")
         flaky.stop()

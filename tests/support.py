@@ -11,6 +11,8 @@ import functools
 import io
 import random
 import socket
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +24,39 @@ from PIL import Image
 # skip for lack of one of them fails instead, so CI never passes by skipping.
 REQUIRE_ENV = "INSTANTID_TEST_REQUIRE"
 
-# A generation request that takes a fraction of a second on tiny weights (without the images).
-FAST_REQUEST: dict[str, Any] = {
-    "prompt": "an astronaut",
+# Generation options that take a fraction of a second on tiny weights, and a whole request (without images).
+FAST_OPTIONS: dict[str, Any] = {
     "num_inference_steps": 2,
     "width": 256,
     "height": 256,
     "style": "none",
     "output_format": "png",
 }
+FAST_REQUEST: dict[str, Any] = {"prompt": "an astronaut", **FAST_OPTIONS}
 
 
 def encode_image(image: Image.Image | np.ndarray, fmt: str = "JPEG", **options: Any) -> bytes:
-    """``image`` (Pillow or RGB uint8 array) encoded as ``fmt`` bytes."""
+    """``image`` (Pillow or RGB uint8 array) encoded as ``fmt`` bytes (Pillow's options, e.g. ``quality``)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    if fmt == "JPEG":
-        options.setdefault("quality", 92)
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A ~70-byte PNG whose header claims ``width`` x ``height`` RGB pixels (the shape of a decompression bomb)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def astronaut_rgb() -> np.ndarray:
@@ -53,7 +68,7 @@ def astronaut_rgb() -> np.ndarray:
 @functools.cache
 def astronaut_jpeg() -> bytes:
     """A real 512x512 portrait as JPEG bytes."""
-    return encode_image(astronaut_rgb())
+    return encode_image(astronaut_rgb(), quality=92)
 
 
 def astronaut_b64() -> str:
@@ -115,3 +130,31 @@ def skip_unless_required(requirement: str, reason: str) -> None:
     if requirement in required:
         pytest.fail(f"{reason} ({REQUIRE_ENV} requires {requirement!r})")
     pytest.skip(reason)
+
+
+def published_image_proj_keys(depth: int = 4) -> set[str]:
+    """The ``image_proj`` key set of InstantX/InstantID's ip-adapter.bin, written out by hand."""
+    keys = {
+        "latents",
+        "proj_in.weight",
+        "proj_in.bias",
+        "proj_out.weight",
+        "proj_out.bias",
+        "norm_out.weight",
+        "norm_out.bias",
+    }
+    for i in range(depth):
+        keys |= {
+            f"layers.{i}.0.norm1.weight",
+            f"layers.{i}.0.norm1.bias",
+            f"layers.{i}.0.norm2.weight",
+            f"layers.{i}.0.norm2.bias",
+            f"layers.{i}.0.to_q.weight",
+            f"layers.{i}.0.to_kv.weight",
+            f"layers.{i}.0.to_out.weight",
+            f"layers.{i}.1.0.weight",
+            f"layers.{i}.1.0.bias",
+            f"layers.{i}.1.1.weight",
+            f"layers.{i}.1.3.weight",
+        }
+    return keys

@@ -98,7 +98,7 @@ def test_denoise_full_size_builds_on_the_meta_device_with_the_published_sizes(
 ) -> None:
     report = run_cli(capsys, "bench", "denoise", "--profile", "sdxl-random", "--dry-run")
     counts = report["parameters"]
-    # REFERENCE.md §7: UNet 2.57 B, IdentityNet 1.25 B, resampler 82 M, face K/V 341 M, text encoders 818 M.
+    # The published sizes: UNet 2.57 B, IdentityNet 1.25 B, resampler 82 M, face K/V 341 M, text encoders 818 M.
     assert counts["unet"] == pytest.approx(2.57e9, rel=0.005)
     assert counts["identitynet"] == pytest.approx(1.25e9, rel=0.005)
     assert counts["resampler"] == pytest.approx(82e6, rel=0.01)

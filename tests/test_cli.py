@@ -15,16 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-import insightface
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data
 
 from deployments.instantid.keypoints import reference_size
 from serve.cli import main
+from tests.support import astronaut_jpeg, group_photo_path
 
-POSE_PHOTO = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+POSE_PHOTO = group_photo_path()
 CONSOLE_SCRIPT = Path(sys.executable).parent / "instantid"
 TIMEOUT_S = 300
 SMALL = ("--width", "256", "--height", "256")
@@ -114,7 +113,7 @@ def failing_generate(weights: Path, work: Path, name: str) -> tuple[list[str | P
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cli")
-    Image.fromarray(data.astronaut()).save(folder / "astronaut.jpg", quality=92)
+    (folder / "astronaut.jpg").write_bytes(astronaut_jpeg())
     Image.new("RGB", (256, 256), (128, 128, 128)).save(folder / "grey.jpg", quality=92)
     (folder / "notes.txt").write_text("not an image\n")
     return folder

@@ -1,7 +1,7 @@
 """Offline checks of cluster/: KubeRay manifests, the embedded Serve config, placement and the image pin.
 
 Nothing here needs a Kubernetes cluster, Docker or network. The manifests are validated against the KubeRay v1.7
-CRDs in shared/kuberay (made strict: the API server prunes unknown fields silently, so a typo like `minReplica`
+CRDs (made strict: the API server prunes unknown fields silently, so a typo like `minReplica`
 would otherwise be accepted and ignored), plus the operator's own semantic checks that the schema cannot express.
 Placement is computed with Ray's KubeRay autoscaler code itself, i.e. what decides scale-ups in the cluster.
 """
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
 MANIFEST = CLUSTER / "rayservice.yaml"
 PRODUCTION = ROOT / "serve" / "configs" / "production.yaml"
-# KubeRay v1.7 CRDs: INSTANTID_KUBERAY_CRDS, else shared/kuberay beside or inside the checkout.
+# The KubeRay v1.7 CRDs: INSTANTID_KUBERAY_CRDS, else a shared/kuberay folder beside or inside the checkout.
 CRD_DIR = next(
     (
         d
@@ -59,7 +59,7 @@ DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 @functools.cache
 def _crd(name: str) -> dict[str, Any]:
-    """A KubeRay CRD from shared/kuberay, parsed once per session (18k lines: the C loader when available)."""
+    """A KubeRay CRD, parsed once per session (18k lines: the C loader when available)."""
     path = Path(CRD_DIR) / name if CRD_DIR else None
     if path is None or not path.is_file():
         skip_unless_required("kuberay", f"KubeRay CRD {name} not found (INSTANTID_KUBERAY_CRDS or shared/kuberay)")
@@ -448,13 +448,11 @@ def test_replace_turns_any_scalar_into_a_literal_block() -> None:
 
 def deployment_options(config: AppConfig) -> dict[str, DeploymentOptions]:
     """Every deployment of AppConfig by its config key (a new deployment shows up here automatically)."""
-    found: dict[str, DeploymentOptions] = {}
-    for name, value in config:
-        if isinstance(value, DeploymentOptions):
-            found[name] = value
-        elif isinstance(getattr(value, "deployment", None), DeploymentOptions):
-            found[name] = value.deployment
-    return found
+    return {
+        name: value.deployment
+        for name, value in config
+        if isinstance(getattr(value, "deployment", None), DeploymentOptions)
+    }
 
 
 def demand(options: DeploymentOptions) -> dict[str, float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,18 @@ import torch
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.denoise import DenoiserDeployment
-from deployments.face import FaceAnalyzerDeployment
+from deployments.denoiser import DenoiserDeployment
+from deployments.face_analyzer import FaceAnalyzerDeployment
 from deployments.instantid.errors import WeightsError
-from deployments.prompt import PromptEncoderDeployment
-from deployments.storage.results import StorageError
+from deployments.prompt_encoder import PromptEncoderDeployment
+from deployments.result_store import ResultStoreDeployment
+from deployments.storage.generations import StorageError
 from deployments.storage.s3 import make_client
-from deployments.store import ResultStoreDeployment
-from serve.app import build_app
+from serve.app import build_app, stage_arguments
+from serve.config import AppConfig
 from serve.runner import ServeFile
+from tests.serve_fixtures import local_app_config
+from tests.support import free_port
 
 CONFIGS = Path(__file__).resolve().parents[1] / "serve" / "configs"
 
@@ -34,7 +36,7 @@ def test_config_files_are_serve_configs_that_build(name):
 def test_local_config_fits_two_cores_and_production_separates_node_types():
     local = ServeFile.load(CONFIGS / "local.yaml").app_configs()[0][1]
     stages = [
-        local.ingress,
+        local.ingress.deployment,
         local.face.deployment,
         local.prompt.deployment,
         local.denoiser.deployment,
@@ -47,18 +49,19 @@ def test_local_config_fits_two_cores_and_production_separates_node_types():
     assert production.denoiser.deployment.ray_actor_options["num_gpus"] == 1
     assert "large_gpu_pool" in production.denoiser.deployment.ray_actor_options["resources"]
     assert "small_gpu_pool" in production.prompt.deployment.ray_actor_options["resources"]
-    for stage in (production.ingress, production.face.deployment, production.store.deployment):
+    for stage in (production.ingress.deployment, production.face.deployment, production.store.deployment):
         assert "num_gpus" not in stage.ray_actor_options and "cpu_pool" in stage.ray_actor_options["resources"]
         assert stage.autoscaling_config["max_replicas"] > stage.autoscaling_config["min_replicas"]
 
 
-def _instance(deployment, *args, **kwargs):
-    """The user class behind a Serve deployment, constructed directly (no Ray): its health check is plain code."""
-    return deployment.func_or_class(*args, **kwargs)
+def _instance(deployment, stage: str, config: AppConfig, **overrides):
+    """The user class behind a Serve deployment, constructed directly (no Ray) with the arguments the app
+    builder binds for ``stage``: its health check is plain code."""
+    return deployment.func_or_class(**{**stage_arguments(config)[stage], **overrides})
 
 
 def test_face_health_check_detects_a_broken_session(tiny_weights):
-    face = _instance(FaceAnalyzerDeployment, {"root": str(tiny_weights)}, providers=["CPUExecutionProvider"])
+    face = _instance(FaceAnalyzerDeployment, "face", local_app_config(tiny_weights, "unused"))
     face.check_health()
     face.analyzer._recognizer.session = None  # a session that went away
     with pytest.raises(WeightsError, match="broken"):
@@ -66,9 +69,9 @@ def test_face_health_check_detects_a_broken_session(tiny_weights):
 
 
 def test_model_health_checks_detect_corrupted_weights(tiny_weights):
-    weights = {"root": str(tiny_weights)}
-    prompt = _instance(PromptEncoderDeployment, weights, device="cpu", dtype="float32")
-    denoiser = _instance(DenoiserDeployment, weights, device="cpu", dtype="float32")
+    config = local_app_config(tiny_weights, "unused")
+    prompt = _instance(PromptEncoderDeployment, "prompt", config)
+    denoiser = _instance(DenoiserDeployment, "denoiser", config)
     prompt.check_health()
     denoiser.check_health()
     with torch.no_grad():
@@ -80,25 +83,22 @@ def test_model_health_checks_detect_corrupted_weights(tiny_weights):
         denoiser.check_health()
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # real SeaweedFS
-def test_store_health_check_detects_lost_s3_access(embedded_s3, monkeypatch, tmp_path):
+def test_store_health_check_detects_lost_s3_access(embedded_s3, tiny_weights, monkeypatch, tmp_path):
     for name, value in embedded_s3.env().items():
         monkeypatch.setenv(name, value)
     settings = embedded_s3.settings(timeout_s=1, attempts=1).model_dump()
-    store = _instance(ResultStoreDeployment, settings)
+    config = local_app_config(tiny_weights, embedded_s3.bucket)
+    store = _instance(ResultStoreDeployment, "store", config, s3=settings, spool_dir=None)
     store.check_health()
     gone = embedded_s3.settings(timeout_s=1, attempts=1).model_copy(
-        update={"endpoint_url": f"http://127.0.0.1:{_closed_port()}"}
+        update={"endpoint_url": f"http://127.0.0.1:{free_port()}"}
     )
-    store.writer.client = make_client(gone, session=embedded_s3.session())
+    store.generations.client = make_client(gone, session=embedded_s3.session())
     with pytest.raises(StorageError):
         store.check_health()
-    spooled = _instance(ResultStoreDeployment, settings, spool_dir=str(tmp_path / "spool"), spool_retry_s=60)
-    spooled.writer.client = make_client(gone, session=embedded_s3.session())
+    spooled = _instance(
+        ResultStoreDeployment, "store", config, s3=settings, spool_dir=str(tmp_path / "spool"), spool_retry_s=60
+    )
+    spooled.generations.client = make_client(gone, session=embedded_s3.session())
     spooled.check_health()  # S3 down but results are kept: the replica is still useful

@@ -16,34 +16,7 @@ from deployments.instantid.attention import (
 from deployments.instantid.errors import WeightsError
 from deployments.instantid.resampler import Resampler, ResamplerConfig
 from deployments.instantid.tiny import tiny_unet
-
-
-def published_image_proj_keys(depth: int = 4) -> set[str]:
-    """The ``image_proj`` key set of InstantX/InstantID's ip-adapter.bin, written out from REFERENCE.md §4."""
-    keys = {
-        "latents",
-        "proj_in.weight",
-        "proj_in.bias",
-        "proj_out.weight",
-        "proj_out.bias",
-        "norm_out.weight",
-        "norm_out.bias",
-    }
-    for i in range(depth):
-        keys |= {
-            f"layers.{i}.0.norm1.weight",
-            f"layers.{i}.0.norm1.bias",
-            f"layers.{i}.0.norm2.weight",
-            f"layers.{i}.0.norm2.bias",
-            f"layers.{i}.0.to_q.weight",
-            f"layers.{i}.0.to_kv.weight",
-            f"layers.{i}.0.to_out.weight",
-            f"layers.{i}.1.0.weight",
-            f"layers.{i}.1.0.bias",
-            f"layers.{i}.1.1.weight",
-            f"layers.{i}.1.3.weight",
-        }
-    return keys
+from tests.support import published_image_proj_keys
 
 
 def test_resampler_state_dict_has_the_published_keys_and_shapes():

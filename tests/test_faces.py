@@ -13,10 +13,8 @@ import shutil
 from pathlib import Path
 
 import cv2
-import insightface
 import numpy as np
 import pytest
-import skimage.data
 from insightface.app import FaceAnalysis
 from insightface.model_zoo import get_model
 from insightface.model_zoo.arcface_onnx import ArcFaceONNX
@@ -29,6 +27,7 @@ from deployments.instantid.errors import NoFaceError, WeightsError
 from deployments.instantid.faces import ANTELOPEV2_FILES, DetectedFace, FaceAnalyzer
 from deployments.instantid.images import decode_image
 from deployments.instantid.tiny_faces import write_tiny_antelopev2
+from tests.support import astronaut_rgb, group_photo_jpeg
 
 CPU = ["CPUExecutionProvider"]
 # insightface 2.1's norm_crop uses a scikit-image API deprecated in 0.26; faces.py silences it at import, but
@@ -50,13 +49,12 @@ def analyzer(pack: Path) -> FaceAnalyzer:
 
 @pytest.fixture(scope="module")
 def astronaut() -> np.ndarray:
-    return np.ascontiguousarray(skimage.data.astronaut())
+    return astronaut_rgb()
 
 
 @pytest.fixture(scope="module")
 def group_photo() -> np.ndarray:
-    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-    return decode_image(path.read_bytes())
+    return decode_image(group_photo_jpeg())
 
 
 # --- the tiny pack --------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from deployments.storage.idempotency import IdempotencyRecord, IdempotencyRecords
-from serve.idempotency import DONE, PENDING, IdempotencyGuard, IdempotencyInProgress, IdempotencyKeyReused
+from deployments.storage.idempotency_records import IdempotencyRecord, IdempotencyRecords
+from serve.idempotency_guard import DONE, PENDING, IdempotencyGuard, IdempotencyInProgress, IdempotencyKeyReused
 from serve.seaweed import EmbeddedS3
 
 pytestmark = pytest.mark.slow  # real SeaweedFS

@@ -32,10 +32,11 @@ from diffusers import ControlNetModel, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
 
-from deployments.instantid.generate import InstantIDPipeline
+from deployments.instantid.denoiser import DenoiseJob
 from deployments.instantid.images import decode_image
 from deployments.instantid.keypoints import CropTransform, draw_keypoint_image
-from deployments.instantid.pipeline import DenoiseJob, GenerationParams
+from deployments.instantid.params import GenerationParams
+from deployments.instantid.pipeline import InstantIDPipeline
 from deployments.instantid.schedulers import make_scheduler
 from tests.support import astronaut_jpeg, group_photo_jpeg
 

@@ -1,6 +1,6 @@
 """The IdentityNet condition image, the reference size rule and source->output geometry, checked by hand.
 
-Expected values are computed by hand from the published rules (REFERENCE.md §2), not by re-running the
+Expected values are computed by hand from the published rules (InstantID's draw_kps), not by re-running the
 code under test, so a wrong colour order, rounding or offset shows up here.
 """
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from deployments.instantid.pipeline import DenoiseJob, GenerationParams, control_keep
+from deployments.instantid.denoiser import DenoiseJob, control_keep
+from deployments.instantid.params import GenerationParams
 from deployments.instantid.schedulers import SCHEDULER_NAMES
 
 KEYPOINTS = np.array([[22, 24], [42, 24], [32, 34], [24, 46], [40, 46]], dtype=np.float32)

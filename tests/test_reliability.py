@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import psutil
 import pytest
-from PIL import Image
-from skimage import data
 
 from tests.serve_fixtures import API_KEYS
-from tests.support import s3_object_exists
+from tests.support import FAST_REQUEST, astronaut_b64, s3_object_exists
 
 pytestmark = pytest.mark.slow
-
-FAST = {"num_inference_steps": 2, "width": 256, "height": 256, "style": "none", "output_format": "png"}
-
-
-def _jpeg(rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-FACE_B64 = base64.b64encode(_jpeg(data.astronaut())).decode()
 
 
 def _generate(url: str, key: str | None = None, timeout: float = 120, headers: dict | None = None, **fields):
     all_headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
-    body = {"prompt": "an astronaut", "face_image_b64": FACE_B64, **FAST, **fields}
+    body = {**FAST_REQUEST, "face_image_b64": astronaut_b64(), **fields}
     return httpx.post(f"{url}/v1/generate", json=body, headers=all_headers, timeout=timeout)
 
 
@@ -197,7 +181,7 @@ def test_s3_outage_mid_stream_loses_nothing(fault_stack):
 
 def test_a_killed_denoiser_replica_is_replaced_and_requests_succeed(serve_stack):
     import ray
-    from ray import serve
+    from ray import serve as ray_serve
 
     def denoiser_replicas() -> list[str]:
         return [
@@ -221,7 +205,7 @@ def test_a_killed_denoiser_replica_is_replaced_and_requests_succeed(serve_stack)
             assert response.json()["error"]["code"] in ("replica_unavailable", "overloaded")
     deadline = time.time() + 120
     while time.time() < deadline:
-        status = serve.status().applications["instantid"]
+        status = ray_serve.status().applications["instantid"]
         if status.status == "RUNNING" and denoiser_replicas() and denoiser_replicas() != replicas:
             break
         time.sleep(1)

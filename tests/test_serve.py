@@ -12,26 +12,18 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data
 
-from deployments.instantid.generate import InstantIDPipeline
 from deployments.instantid.images import decode_image
-from deployments.instantid.pipeline import GenerationParams
+from deployments.instantid.params import GenerationParams
+from deployments.instantid.pipeline import InstantIDPipeline
 from deployments.instantid.weights import WeightsLayout
 from serve.schemas import GenerateRequest, GenerateResponse
+from tests.support import FAST_OPTIONS, astronaut_jpeg, encode_image, group_photo_jpeg
 
 pytestmark = pytest.mark.slow
 
-FAST = {"num_inference_steps": 3, "width": 256, "height": 256, "style": "none", "output_format": "png"}
-
-
-def _jpeg(rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
-
-
-ASTRONAUT = _jpeg(data.astronaut())
+FAST = FAST_OPTIONS
+ASTRONAUT = astronaut_jpeg()
 
 
 def _keys(stack) -> set[str]:
@@ -81,15 +73,15 @@ def test_http_multipart_generation_is_stored_in_s3_with_metadata(serve_stack):
 
 
 def test_handle_call_with_the_same_request_model(serve_stack):
-    from ray import serve
+    from ray import serve as ray_serve
 
-    handle = serve.get_app_handle(serve_stack.app_name)
+    handle = ray_serve.get_app_handle(serve_stack.app_name)
     request = GenerateRequest(
         prompt="an astronaut", seed=11, face_image_b64=base64.b64encode(ASTRONAUT).decode(), **FAST
     )
     result = handle.generate.remote(request).result(timeout_s=120)
     assert isinstance(result, GenerateResponse)
-    assert result.seed == 11 and result.parameters["num_inference_steps"] == 3
+    assert result.seed == 11 and result.parameters["num_inference_steps"] == FAST["num_inference_steps"]
     assert _object(serve_stack, result.images[0].uri)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -169,9 +161,7 @@ def test_generation_can_be_fetched_again_with_fresh_urls(serve_stack):
 
 
 def test_faces_endpoint_lists_faces_and_the_chosen_one(serve_stack):
-    import insightface
-
-    group = (Path(insightface.__file__).parent / "data" / "images" / "t1.jpg").read_bytes()
+    group = group_photo_jpeg()
     response = httpx.post(
         f"{serve_stack.url}/v1/faces",
         files={"image": ("t1.jpg", group, "image/jpeg")},
@@ -187,9 +177,28 @@ def test_faces_endpoint_lists_faces_and_the_chosen_one(serve_stack):
     assert keypoint_png.mode == "RGB" and max(keypoint_png.size) == 512  # local.yaml's long side
 
 
+def test_faces_endpoint_takes_the_photo_under_the_generate_field_names(serve_stack):
+    """``face_image`` (multipart) and ``face_image_b64`` (JSON) work as on /v1/generate, ``image`` still does."""
+    url = f"{serve_stack.url}/v1/faces"
+    answers = [
+        httpx.post(url, files={"face_image": ("a.jpg", ASTRONAUT, "image/jpeg")}, timeout=60),
+        httpx.post(url, files={"image": ("a.jpg", ASTRONAUT, "image/jpeg")}, timeout=60),
+        httpx.post(url, json={"face_image_b64": base64.b64encode(ASTRONAUT).decode()}, timeout=60),
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    bodies = [a.json() for a in answers]
+    assert bodies[0]["faces"] and all(b["faces"] == bodies[0]["faces"] for b in bodies)
+    both = httpx.post(
+        url,
+        files=[("face_image", ("a.jpg", ASTRONAUT, "image/jpeg")), ("image", ("b.jpg", ASTRONAUT, "image/jpeg"))],
+        timeout=60,
+    )
+    assert both.status_code == 422 and both.json()["error"]["code"] == "invalid_parameter"
+
+
 def test_no_face_is_a_422_from_downstream_and_leaves_nothing(serve_stack):
     before = _keys(serve_stack)
-    blank = _jpeg(np.full((300, 300, 3), 128, np.uint8))
+    blank = encode_image(np.full((300, 300, 3), 128, np.uint8))
     response = _post_multipart(serve_stack, {"prompt": "x", **FAST}, image=blank)
     assert response.status_code == 422
     error = response.json()["error"]

@@ -1,4 +1,4 @@
-"""deployments.storage against a real S3 (the session's SeaweedFS): settings, ids, the result writer,
+"""deployments.storage against a real S3 (the session's SeaweedFS): settings, ids, the generation store,
 presigned URLs, prefix downloads, and bounded failure when S3 is down."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from deployments.instantid.errors import InstantIDError
 from deployments.storage import (
     GenerationNotFound,
-    ResultWriter,
+    GenerationStore,
     S3Settings,
     StorageError,
     download_prefix,
@@ -36,7 +36,7 @@ from deployments.storage import (
     parse_s3_uri,
     validate_generation_id,
 )
-from deployments.storage.s3 import COMPLETE_MARKER, _relative_path
+from deployments.storage.s3 import COMPLETE_MARKER, safe_relative_path
 from serve.seaweed import EmbeddedS3
 
 pytestmark = pytest.mark.slow
@@ -60,13 +60,13 @@ def _keys(client: Any, bucket: str, prefix: str) -> list[str]:
 
 
 @pytest.fixture
-def writer(embedded_s3: EmbeddedS3, request: pytest.FixtureRequest) -> ResultWriter:
-    """A writer under a prefix of its own, so tests sharing the session store never see each other."""
+def store(embedded_s3: EmbeddedS3, request: pytest.FixtureRequest) -> GenerationStore:
+    """A store under a prefix of its own, so tests sharing the session store never see each other."""
     prefix = "results-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
     settings = embedded_s3.settings(prefix=prefix)
-    writer = ResultWriter(embedded_s3.client(settings), settings)
-    writer.ensure_bucket()
-    return writer
+    store = GenerationStore(embedded_s3.client(settings), settings)
+    store.ensure_bucket()
+    return store
 
 
 def _closed_port() -> int:
@@ -135,14 +135,14 @@ def test_generation_ids() -> None:
             validate_generation_id(bad)
 
 
-def test_invalid_ids_never_reach_s3(writer: ResultWriter) -> None:
+def test_invalid_ids_never_reach_s3(store: GenerationStore) -> None:
     for bad in ("../x", "20250101T000000Z-../../../../x", "a" * 33):
         with pytest.raises(ValueError):
-            writer.read(bad)
+            store.read(bad)
         with pytest.raises(ValueError):
-            writer.delete(bad)
+            store.delete(bad)
         with pytest.raises(ValueError):
-            writer.write(bad, [_noise()], "png", 90, {})
+            store.write(bad, [_noise()], "png", 90, {})
 
 
 def test_encode_image_rejects_bad_input() -> None:
@@ -156,35 +156,36 @@ def test_encode_image_rejects_bad_input() -> None:
         encode_image(np.zeros((4, 4, 3), np.uint8), "gif", 90)  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------------------- the writer
+# --------------------------------------------------------------------------------------- the store
 
 
-def test_write_layout_content_types_and_meta(writer: ResultWriter) -> None:
+def test_write_layout_content_types_and_meta(store: GenerationStore) -> None:
     gid = new_generation_id()
     images = [_noise(), _noise()]
     meta_in = {"prompt": "a snowman ☃", "seed": np.int64(42), "guidance": np.float32(5.0), "images": "ignored"}
-    stored = writer.write(gid, images, "png", 95, meta_in)
+    stored = store.write(gid, images, "png", 95, meta_in)
 
-    base = generation_prefix(writer.settings.prefix, gid)
+    base = generation_prefix(store.settings.prefix, gid)
     day = gid[:4] + "/" + gid[4:6] + "/" + gid[6:8]
-    assert base == f"{writer.settings.prefix}/{day}/{gid}"
+    assert base == f"{store.settings.prefix}/{day}/{gid}"
     expected = [f"{base}/image-0.png", f"{base}/image-1.png", f"{base}/meta.json"]
-    assert _keys(writer.client, writer.settings.bucket, writer.settings.prefix + "/") == expected
+    assert _keys(store.client, store.settings.bucket, store.settings.prefix + "/") == expected
     assert stored.id == gid and stored.meta_key == f"{base}/meta.json"
     assert [img.key for img in stored.images] == expected[:2]
 
-    bucket = writer.settings.bucket
+    bucket = store.settings.bucket
+    recorded = {record["key"]: record for record in store.read(gid)["images"]}
     for img, array in zip(stored.images, images, strict=True):
-        head = writer.client.head_object(Bucket=bucket, Key=img.key)
+        head = store.client.head_object(Bucket=bucket, Key=img.key)
         assert head["ContentType"] == "image/png" == img.content_type
         assert head["ContentLength"] == img.bytes
         assert img.uri == f"s3://{bucket}/{img.key}"
         assert (img.width, img.height) == (64, 48)
-        data = writer.client.get_object(Bucket=bucket, Key=img.key)["Body"].read()
-        assert hashlib.sha256(data).hexdigest() == img.sha256
+        data = store.client.get_object(Bucket=bucket, Key=img.key)["Body"].read()
+        assert hashlib.sha256(data).hexdigest() == recorded[img.key]["sha256"]  # meta.json's integrity record
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), array)
 
-    meta_obj = writer.client.get_object(Bucket=bucket, Key=stored.meta_key)
+    meta_obj = store.client.get_object(Bucket=bucket, Key=stored.meta_key)
     assert meta_obj["ContentType"] == "application/json"
     raw = meta_obj["Body"].read()
     meta = json.loads(raw.decode("utf-8"))
@@ -195,67 +196,69 @@ def test_write_layout_content_types_and_meta(writer: ResultWriter) -> None:
     assert meta["images"][0] == {
         "key": stored.images[0].key,
         "bytes": stored.images[0].bytes,
-        "sha256": stored.images[0].sha256,
+        "sha256": hashlib.sha256(
+            store.client.get_object(Bucket=bucket, Key=stored.images[0].key)["Body"].read()
+        ).hexdigest(),
         "content_type": "image/png",
         "width": 64,
         "height": 48,
     }
-    assert writer.read(gid) == meta
-    again = writer.get(gid)
+    assert store.read(gid) == meta
+    again = store.get(gid)
     assert [i.key for i in again.images] == [i.key for i in stored.images]
 
 
 @pytest.mark.parametrize(
     ("fmt", "ext", "content_type"), [("jpeg", "jpg", "image/jpeg"), ("webp", "webp", "image/webp")]
 )
-def test_lossy_formats_round_trip_closely(writer: ResultWriter, fmt: str, ext: str, content_type: str) -> None:
+def test_lossy_formats_round_trip_closely(store: GenerationStore, fmt: str, ext: str, content_type: str) -> None:
     gid = new_generation_id()
     array = _smooth()
-    stored = writer.write(gid, [array], fmt, 92, {})  # type: ignore[arg-type]
+    stored = store.write(gid, [array], fmt, 92, {})  # type: ignore[arg-type]
     img = stored.images[0]
     assert img.key.endswith(f"/image-0.{ext}") and img.content_type == content_type
-    head = writer.client.head_object(Bucket=writer.settings.bucket, Key=img.key)
+    head = store.client.head_object(Bucket=store.settings.bucket, Key=img.key)
     assert head["ContentType"] == content_type
-    data = writer.client.get_object(Bucket=writer.settings.bucket, Key=img.key)["Body"].read()
+    data = store.client.get_object(Bucket=store.settings.bucket, Key=img.key)["Body"].read()
     decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
     assert decoded.shape == array.shape
     assert np.abs(decoded - array).mean() < 3.0
 
 
-def test_presigned_url_serves_the_bytes(writer: ResultWriter) -> None:
-    stored = writer.write(new_generation_id(), [_noise()], "png", 90, {})
+def test_presigned_url_serves_the_bytes(store: GenerationStore) -> None:
+    stored = store.write(new_generation_id(), [_noise()], "png", 90, {})
     img = stored.images[0]
     with urllib.request.urlopen(img.url, timeout=5) as response:
         body = response.read()
         assert response.headers["Content-Type"] == "image/png"
-    assert hashlib.sha256(body).hexdigest() == img.sha256
-    assert f"X-Amz-Expires={writer.settings.presign_expiry_s}" in img.url
+    assert body == store.client.get_object(Bucket=store.settings.bucket, Key=img.key)["Body"].read()
+    assert f"X-Amz-Expires={store.settings.presign_expiry_s}" in img.url
     tampered = img.url.replace("X-Amz-Signature=", "X-Amz-Signature=0")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(tampered, timeout=5)
     assert info.value.code == 403
     with pytest.raises(ValueError):
-        writer.presign("other-prefix/secret.txt")
+        store.presign("other-prefix/secret.txt")
 
 
-def test_read_unknown_generation_is_not_found(writer: ResultWriter) -> None:
+def test_read_unknown_generation_is_not_found(store: GenerationStore) -> None:
     with pytest.raises(GenerationNotFound) as info:
-        writer.read(new_generation_id())
+        store.read(new_generation_id())
     assert isinstance(info.value, KeyError) and isinstance(info.value, InstantIDError)
     assert info.value.status == 404 and info.value.code == "not_found"
 
 
-def test_delete_removes_everything(writer: ResultWriter) -> None:
-    keep = writer.write(new_generation_id(), [_noise()], "png", 90, {})
+def test_delete_removes_everything(store: GenerationStore) -> None:
+    keep = store.write(new_generation_id(), [_noise()], "png", 90, {})
     gid = new_generation_id()
-    writer.write(gid, [_noise(), _noise(), _noise()], "webp", 80, {"k": 1})
-    assert writer.delete(gid) == 4
-    prefix = generation_prefix(writer.settings.prefix, gid) + "/"
-    assert _keys(writer.client, writer.settings.bucket, prefix) == []
+    store.write(gid, [_noise(), _noise(), _noise()], "webp", 80, {"k": 1})
+    assert store.delete(gid) == 4
+    prefix = generation_prefix(store.settings.prefix, gid) + "/"
+    assert _keys(store.client, store.settings.bucket, prefix) == []
     with pytest.raises(GenerationNotFound):
-        writer.read(gid)
-    assert writer.delete(gid) == 0
-    assert writer.read(keep.id)["id"] == keep.id  # a neighbour is untouched
+        store.read(gid)
+    assert store.delete(gid) == 0
+    assert store.read(keep.id)["id"] == keep.id  # a neighbour is untouched
 
 
 class _FailOnMeta:
@@ -273,41 +276,41 @@ class _FailOnMeta:
         return getattr(self._client, name)
 
 
-def test_failed_write_cleans_up_and_raises_storage_error(writer: ResultWriter) -> None:
-    broken = ResultWriter(_FailOnMeta(writer.client), writer.settings)
+def test_failed_write_cleans_up_and_raises_storage_error(store: GenerationStore) -> None:
+    broken = GenerationStore(_FailOnMeta(store.client), store.settings)
     gid = new_generation_id()
     with pytest.raises(StorageError) as info:
         broken.write(gid, [_noise(), _noise()], "png", 90, {})
     assert info.value.status == 503 and info.value.code == "storage_unavailable"
-    prefix = generation_prefix(writer.settings.prefix, gid) + "/"
-    assert _keys(writer.client, writer.settings.bucket, prefix) == []
+    prefix = generation_prefix(store.settings.prefix, gid) + "/"
+    assert _keys(store.client, store.settings.bucket, prefix) == []
 
 
-def test_unserialisable_meta_fails_before_upload(writer: ResultWriter) -> None:
+def test_unserialisable_meta_fails_before_upload(store: GenerationStore) -> None:
     gid = new_generation_id()
     with pytest.raises(TypeError):
-        writer.write(gid, [_noise()], "png", 90, {"bad": object()})
+        store.write(gid, [_noise()], "png", 90, {"bad": object()})
     with pytest.raises(ValueError):
-        writer.write(gid, [_noise()], "png", 90, {"bad": float("nan")})
-    assert _keys(writer.client, writer.settings.bucket, generation_prefix(writer.settings.prefix, gid)) == []
+        store.write(gid, [_noise()], "png", 90, {"bad": float("nan")})
+    assert _keys(store.client, store.settings.bucket, generation_prefix(store.settings.prefix, gid)) == []
 
 
 def test_unreachable_s3_fails_fast_with_storage_error() -> None:
     """A closed port: bounded timeouts and retries turn into a 503 within seconds, not minutes."""
     settings = S3Settings(bucket="bucket", endpoint_url=f"http://127.0.0.1:{_closed_port()}")
     session = boto3.session.Session(aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="x" * 40)
-    writer = ResultWriter(make_client(settings, session=session), settings)
+    store = GenerationStore(make_client(settings, session=session), settings)
     t0 = time.monotonic()
     with pytest.raises(StorageError):
-        writer.write(new_generation_id(), [_noise()], "png", 90, {})
+        store.write(new_generation_id(), [_noise()], "png", 90, {})
     with pytest.raises(StorageError):
-        writer.read(new_generation_id())
+        store.read(new_generation_id())
     with pytest.raises(StorageError) as info:
-        writer.ensure_bucket()
+        store.ensure_bucket()
     elapsed = time.monotonic() - t0
     assert isinstance(info.value.__cause__, EndpointConnectionError)  # it really tried the port
     assert elapsed < 30, f"failing took {elapsed:.1f} s"
-    assert writer.presign(f"{settings.prefix}/x.png").startswith(settings.endpoint_url or "")  # signing is local
+    assert store.presign(f"{settings.prefix}/x.png").startswith(settings.endpoint_url or "")  # signing is local
 
 
 def test_silent_s3_times_out_with_storage_error() -> None:
@@ -322,10 +325,10 @@ def test_silent_s3_times_out_with_storage_error() -> None:
             max_attempts=2,
         )
         session = boto3.session.Session(aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="x" * 40)
-        writer = ResultWriter(make_client(settings, session=session), settings)
+        store = GenerationStore(make_client(settings, session=session), settings)
         t0 = time.monotonic()
         with pytest.raises(StorageError) as info:
-            writer.read(new_generation_id())
+            store.read(new_generation_id())
         elapsed = time.monotonic() - t0
     assert isinstance(info.value.__cause__, ReadTimeoutError)
     assert elapsed < 15, f"failing took {elapsed:.1f} s"
@@ -335,10 +338,10 @@ def test_ensure_bucket_creates_only_when_asked(embedded_s3: EmbeddedS3) -> None:
     name = "created-" + new_generation_id()[-8:]
     no_create = embedded_s3.settings().model_copy(update={"bucket": name, "create_bucket": False})
     with pytest.raises(StorageError):
-        ResultWriter(embedded_s3.client(no_create), no_create).ensure_bucket()
+        GenerationStore(embedded_s3.client(no_create), no_create).ensure_bucket()
     create = no_create.model_copy(update={"create_bucket": True})
-    ResultWriter(embedded_s3.client(create), create).ensure_bucket()
-    ResultWriter(embedded_s3.client(create), create).ensure_bucket()  # idempotent
+    GenerationStore(embedded_s3.client(create), create).ensure_bucket()
+    GenerationStore(embedded_s3.client(create), create).ensure_bucket()  # idempotent
     assert name in [b["Name"] for b in embedded_s3.client().list_buckets()["Buckets"]]
 
 
@@ -452,7 +455,7 @@ def test_download_prefix_refuses_escaping_keys(weights_prefix: tuple[Any, str, s
         assert hostile.gets == 0  # refused before any byte was fetched
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     with pytest.raises(ValueError):
-        _relative_path("p/..", "p")
+        safe_relative_path("p/..", "p")
 
 
 def test_download_prefix_empty_prefix_is_an_error(embedded_s3: EmbeddedS3, tmp_path: Path) -> None:

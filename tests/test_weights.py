@@ -17,10 +17,10 @@ from diffusers import ControlNetModel, StableDiffusionXLPipeline, UNet2DConditio
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from deployments.instantid.attention import install_face_attention
+from deployments.instantid.denoiser import InstantIDDenoiser
 from deployments.instantid.errors import WeightsError
 from deployments.instantid.faces import ANTELOPEV2_FILES
 from deployments.instantid.loading import load_denoiser, load_face_analyzer, load_prompt_encoder
-from deployments.instantid.pipeline import InstantIDDenoiser
 from deployments.instantid.resampler import Resampler, ResamplerConfig
 from deployments.instantid.tiny import write_tiny_weights
 from deployments.instantid.weights import (
@@ -33,26 +33,8 @@ from deployments.instantid.weights import (
 )
 from deployments.storage.s3 import COMPLETE_MARKER
 from serve.seaweed import EmbeddedS3
+from tests.support import published_image_proj_keys
 
-# The published image_proj keys of InstantX/InstantID's ip-adapter.bin (REFERENCE.md §4).
-IMAGE_PROJ_KEYS = {
-    "latents",
-    *(f"{m}.{p}" for m in ("proj_in", "proj_out", "norm_out") for p in ("weight", "bias")),
-    *(
-        key
-        for i in range(4)
-        for key in (
-            *(f"layers.{i}.0.{n}.{p}" for n in ("norm1", "norm2") for p in ("weight", "bias")),
-            f"layers.{i}.0.to_q.weight",
-            f"layers.{i}.0.to_kv.weight",
-            f"layers.{i}.0.to_out.weight",
-            f"layers.{i}.1.0.weight",
-            f"layers.{i}.1.0.bias",
-            f"layers.{i}.1.1.weight",
-            f"layers.{i}.1.3.weight",
-        )
-    ),
-}
 TENSOR_FILES = (  # every file holding random tensors: each must change with the seed
     "sdxl/unet/diffusion_pytorch_model.safetensors",
     "sdxl/vae/diffusion_pytorch_model.safetensors",
@@ -166,7 +148,7 @@ def test_tiny_identitynet_config_has_the_published_size_independent_values(tiny_
 def test_tiny_ip_adapter_has_the_published_keys(tiny_weights: Path) -> None:
     state = tiny_ip_adapter(tiny_weights)
     assert set(state) == {"image_proj", "ip_adapter"}
-    assert set(state["image_proj"]) == IMAGE_PROJ_KEYS
+    assert set(state["image_proj"]) == published_image_proj_keys()
     assert all(t.dtype == torch.float32 for part in state.values() for t in part.values())
 
     # k indexes the UNet's attention processors in attn_processors order; the cross-attention ones (attn2)

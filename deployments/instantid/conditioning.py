@@ -7,13 +7,12 @@ because it crosses process boundaries. The keypoint image itself is drawn by the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from .errors import FaceTooSmallError, InvalidParameterError, NoFaceError
 from .faces import DetectedFace, FaceAnalyzer
-from .keypoints import CropTransform, reference_size
+from .keypoints import REFERENCE_LONG_SIDE, CropTransform, reference_size
 
 
 @dataclass
@@ -28,12 +27,9 @@ class FaceCondition:
     face: DetectedFace  # the identity face, in face-photo pixels (reported to the client)
     pose_face: DetectedFace | None = None
 
-    def face_info(self) -> dict[str, Any]:
-        return self.face.to_dict()
-
 
 def output_size(
-    src_width: int, src_height: int, width: int | None, height: int | None, long_side: int = 1280
+    src_width: int, src_height: int, width: int | None, height: int | None, long_side: int = REFERENCE_LONG_SIDE
 ) -> tuple[int, int, CropTransform]:
     """The output size and the source->output transform.
 
@@ -59,7 +55,7 @@ def prepare_face_condition(
     *,
     width: int | None = None,
     height: int | None = None,
-    long_side: int = 1280,
+    long_side: int = REFERENCE_LONG_SIDE,
     min_face_px: int = 1,
 ) -> FaceCondition:
     """Analyse the face photo (largest face, with embedding) and the optional pose photo (largest face)."""

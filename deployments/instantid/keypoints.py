@@ -1,7 +1,8 @@
 """The IdentityNet condition image, the output-size rule and source->output geometry.
 
-Everything here follows the published InstantID method pixel for pixel (REFERENCE.md §2), because the
-ControlNet was trained on exactly these drawings and users compare our outputs with the reference demo's.
+Everything here follows the published InstantID method pixel for pixel, because the ControlNet was trained on
+exactly these drawings and users compare our outputs with the reference demo's: five coloured keypoints,
+limbs from each to the nose drawn as thin filled ellipses at 60% intensity, full-colour circles on top.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ LIMBS: tuple[tuple[int, int], ...] = ((0, 2), (1, 2), (3, 2), (4, 2))
 LIMB_HALF_WIDTH = 4
 LIMB_DIM = 0.6  # limbs end at 60% intensity (255 -> 153); circles are drawn afterwards at full colour
 CIRCLE_RADIUS = 10
+# The reference demo's resize rule: long side 1280 (1024 in its multi-ControlNet demo), sides floored to 64.
+REFERENCE_LONG_SIDE = 1280
 
 
 def draw_keypoint_image(kps: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -63,7 +66,7 @@ def draw_keypoint_image(kps: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def reference_size(
-    width: int, height: int, long_side: int = 1280, multiple: int = 64, *, short_side: int = 1024
+    width: int, height: int, long_side: int = REFERENCE_LONG_SIDE, multiple: int = 64, *, short_side: int = 1024
 ) -> tuple[int, int]:
     """The output size the public demo derives from an input of ``width`` x ``height``.
 

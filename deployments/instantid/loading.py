@@ -9,8 +9,8 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
 from .attention import load_face_attention
+from .denoiser import DEFAULT_VAE_BATCH_SIZE, InstantIDDenoiser
 from .errors import WeightsError
-from .pipeline import InstantIDDenoiser
 from .resampler import Resampler
 from .text import SDXLPromptEncoder
 from .weights import (
@@ -54,7 +54,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_denoiser(
-    layout: WeightsLayout, *, device: str = "auto", dtype: str = "auto", vae_batch_size: int = 2
+    layout: WeightsLayout, *, device: str = "auto", dtype: str = "auto", vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE
 ) -> InstantIDDenoiser:
     """UNet + VAE from the SDXL folder, IdentityNet + resampler + face K/V from the InstantID folder."""
     layout.check_sdxl(DENOISER_COMPONENTS)

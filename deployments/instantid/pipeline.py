@@ -1,310 +1,85 @@
-"""The InstantID denoising loop: face tokens -> IdentityNet + SDXL UNet -> VAE decode.
+"""The whole InstantID generation in one process, no Ray: for notebooks, ``instantid generate`` and parity.
 
-Written for batches of *requests* ("jobs"): one UNet/IdentityNet forward per step serves every latent
-of every job, while each job keeps its own scheduler instance, its own seeded generator (drawn exactly as a
-single-request diffusers pipeline draws it) and its own strengths, so batching changes a result only
-within float tolerance. Differences from stock diffusers SDXL ControlNet pipelines, as published:
-IdentityNet receives the 16 face tokens (not the text) as ``encoder_hidden_states``; the UNet's
-cross-attention context is text tokens + face tokens; an optional face-region mask scales IdentityNet's
-residuals and the face-token attention.
+The served pipeline runs the very same steps, split across deployments: style -> prompt encoding,
+face analysis -> :class:`FaceCondition`, then the denoiser with the size the face stage fixed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from diffusers.utils.torch_utils import randn_tensor
 
-from .attention import CONDITIONING_KWARG, FaceConditioning
-from .errors import InvalidParameterError
-from .keypoints import draw_keypoint_image, face_region_mask
-from .resampler import Resampler
-from .schedulers import DEFAULT_SCHEDULER, make_scheduler
-from .text import PromptEmbeddings
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Per-request sampling parameters (the published demo's defaults).
-
-    ``width``/``height`` may be left None until face analysis has fixed the output size (``sized``).
-    """
-
-    width: int | None = None
-    height: int | None = None
-    seed: int = 0
-    num_images: int = 1
-    num_inference_steps: int = 30
-    guidance_scale: float = 5.0
-    identitynet_strength: float = 0.8
-    adapter_strength: float = 0.8
-    control_guidance_start: float = 0.0
-    control_guidance_end: float = 1.0
-    enhance_face_region: bool = True
-    scheduler: str = DEFAULT_SCHEDULER
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self.guidance_scale > 1.0
-
-    def sized(self, width: int, height: int) -> GenerationParams:
-        return dataclasses.replace(self, width=width, height=height)
-
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys can share UNet/IdentityNet forwards (same latent shape and timesteps)."""
-        return (
-            self.width,
-            self.height,
-            self.num_inference_steps,
-            self.scheduler,
-            self.do_classifier_free_guidance,
-            self.control_guidance_start,
-            self.control_guidance_end,
-        )
+from .conditioning import FaceCondition, prepare_face_condition
+from .denoiser import DenoiseJob, InstantIDDenoiser
+from .faces import FaceAnalyzer
+from .keypoints import REFERENCE_LONG_SIDE
+from .loading import load_denoiser, load_face_analyzer, load_prompt_encoder
+from .params import GenerationParams
+from .styles import apply_style
+from .text import SDXLPromptEncoder
+from .weights import WeightsLayout
 
 
 @dataclass
-class DenoiseJob:
-    """One request at the denoiser: identity, keypoints in output coordinates, prompt embeddings, params."""
-
-    params: GenerationParams
-    face_embedding: np.ndarray  # (512,) raw identity vector
-    keypoints: np.ndarray  # (5, 2) in output-image pixels
-    face_box: np.ndarray  # (4,) x1, y1, x2, y2 in output-image pixels (the enhance-region mask)
-    prompt: PromptEmbeddings
-    control_image: np.ndarray | None = None  # (H, W, 3) uint8; None: drawn from ``keypoints`` (the normal case)
-    _state: dict = field(default_factory=dict, repr=False)
+class GenerationOutput:
+    images: np.ndarray  # (num_images, H, W, 3) uint8 RGB
+    condition: FaceCondition
+    params: GenerationParams  # with the output size filled in
+    prompt: str  # after the style template
+    negative_prompt: str | None
+    truncated: bool  # the prompt lost tokens to CLIP's 77-token limit
 
 
-def control_keep(step: int, num_steps: int, start: float, end: float) -> float:
-    """1.0 when IdentityNet is on at ``step`` of ``num_steps`` (diffusers' control_guidance window)."""
-    return 1.0 - float(step / num_steps < start or (step + 1) / num_steps > end)
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move to ``device`` and cast only when needed (diffusers warns on redundant dtype casts)."""
-    params = list(module.parameters())
-    if any(p.dtype != dtype for p in params):
-        module = module.to(dtype=dtype)
-    if any(p.device != device for p in params):
-        module = module.to(device=device)
-    return module.eval()
-
-
-class InstantIDDenoiser:
-    """IdentityNet + UNet (with face-token attention installed) + VAE + resampler, on one device."""
+class InstantIDPipeline:
+    """Face analyzer + prompt encoder + denoiser in one object."""
 
     def __init__(
         self,
-        unet: UNet2DConditionModel,
-        controlnet: ControlNetModel,
-        vae: AutoencoderKL,
-        resampler: Resampler,
-        scheduler_config: dict,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        vae_batch_size: int = 2,
+        analyzer: FaceAnalyzer,
+        prompt_encoder: SDXLPromptEncoder,
+        denoiser: InstantIDDenoiser,
+        long_side: int = REFERENCE_LONG_SIDE,
     ) -> None:
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.unet = _place(unet, self.device, dtype)
-        self.controlnet = _place(controlnet, self.device, dtype)
-        # SDXL's VAE overflows in fp16: decode in fp32 unless the VAE says it is safe (e.g. the fp16-fix VAE).
-        vae_fp32 = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", True))
-        self.vae_dtype = torch.float32 if vae_fp32 else dtype
-        self.vae = _place(vae, self.device, self.vae_dtype)
-        self.resampler = _place(resampler, self.device, dtype)
-        self.scheduler_config = dict(scheduler_config)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.vae_batch_size = vae_batch_size
-        self.num_face_tokens = resampler.config.num_queries
+        self.analyzer = analyzer
+        self.prompt_encoder = prompt_encoder
+        self.denoiser = denoiser
+        self.long_side = long_side
 
-    # ----------------------------------------------------------------------------------------------------
-    def _prepare_job(self, job: DenoiseJob) -> None:
-        """Scheduler, generator, initial latents and conditioning of one job (as diffusers orders them)."""
-        p = job.params
-        if p.width is None or p.height is None:
-            raise InvalidParameterError("the output size is not set (GenerationParams.sized)")
-        if p.width % self.vae_scale_factor or p.height % self.vae_scale_factor:
-            raise InvalidParameterError(f"width and height must be multiples of {self.vae_scale_factor}")
-        scheduler = make_scheduler(p.scheduler, self.scheduler_config)
-        scheduler.set_timesteps(p.num_inference_steps, device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(p.seed)
-        shape = (
-            p.num_images,
-            self.unet.config.in_channels,
-            p.height // self.vae_scale_factor,
-            p.width // self.vae_scale_factor,
-        )
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        latents = latents * scheduler.init_noise_sigma
-
-        cfg = p.do_classifier_free_guidance
-        embedding = torch.tensor(np.asarray(job.face_embedding, dtype=np.float32))[None]
-        face_pos, face_neg = self.resampler.face_tokens(embedding, with_negative=cfg)
-        keypoint_image = job.control_image
-        if keypoint_image is None:
-            keypoint_image = draw_keypoint_image(np.asarray(job.keypoints, dtype=np.float32), p.width, p.height)
-        elif keypoint_image.shape != (p.height, p.width, 3) or keypoint_image.dtype != np.uint8:
-            raise InvalidParameterError(f"control_image must be uint8 ({p.height}, {p.width}, 3)")
-        control_image = torch.from_numpy(keypoint_image).float().div(255.0).permute(2, 0, 1)[None]
-        mask = None
-        if p.enhance_face_region:
-            mask = torch.from_numpy(face_region_mask(np.asarray(job.face_box), p.width, p.height))[None, None]
-        step_kwargs = set(inspect.signature(scheduler.step).parameters)
-        job._state = {
-            "scheduler": scheduler,
-            "generator": generator,
-            "latents": latents,
-            "step_kwargs": {"generator": generator} if "generator" in step_kwargs else {},
-            "face": {"pos": face_pos, "neg": face_neg},
-            "control_image": control_image,
-            "mask": mask,
-        }
-
-    def _rows(self, jobs: Sequence[DenoiseJob], cfg: bool) -> dict[str, torch.Tensor]:
-        """Stack per-job conditioning into batch rows: [negatives of all jobs, positives of all jobs]."""
-        halves = ("neg", "pos") if cfg else ("pos",)
-        text, pooled, face, identity, adapter, control, masks = [], [], [], [], [], [], []
-        for half in halves:
-            for job in jobs:
-                n, pr, st = job.params.num_images, job.prompt, job._state
-                if half == "neg":
-                    assert pr.negative_embeds is not None and pr.negative_pooled is not None
-                    text.append(pr.negative_embeds[None].expand(n, -1, -1))
-                    pooled.append(pr.negative_pooled[None].expand(n, -1))
-                else:
-                    text.append(pr.embeds[None].expand(n, -1, -1))
-                    pooled.append(pr.pooled[None].expand(n, -1))
-                face.append(st["face"][half].expand(n, -1, -1))
-                identity.append(torch.full((n,), job.params.identitynet_strength))
-                adapter.append(torch.full((n,), job.params.adapter_strength))
-                control.append(st["control_image"].expand(n, -1, -1, -1))
-                mask = st["mask"]
-                masks.append(torch.ones_like(control[-1][:, :1]) if mask is None else mask.expand(n, -1, -1, -1))
-        p = jobs[0].params
-        time_ids = torch.tensor([[p.height, p.width, 0, 0, p.height, p.width]], dtype=torch.float32)
-        rows = sum(j.params.num_images for j in jobs) * len(halves)
-        to = {"device": self.device, "dtype": self.dtype}
-        any_mask = any(j._state["mask"] is not None for j in jobs)
-        return {
-            "text": torch.cat(text).to(**to),
-            "pooled": torch.cat(pooled).to(**to),
-            "face": torch.cat(face).to(**to),
-            "identity_strength": torch.cat(identity).to(**to),
-            "adapter_strength": torch.cat(adapter).to(**to),
-            "control_image": torch.cat(control).to(**to),
-            "mask": torch.cat(masks).to(**to) if any_mask else None,
-            "time_ids": time_ids.expand(rows, -1).to(**to),
-        }
-
-    def _identitynet(self, sample: torch.Tensor, t: torch.Tensor, rows: dict, keep: float, weights: dict):
-        """IdentityNet residuals for the batch, scaled per row by strength x face-region mask.
-
-        ``weights`` caches the per-row weight at each residual resolution for the whole generate() call:
-        the resize and the casts then run once, not 13 residuals x every step.
-        """
-        down, mid = self.controlnet(
-            sample,
-            t,
-            encoder_hidden_states=rows["face"],
-            controlnet_cond=rows["control_image"],
-            conditioning_scale=keep,
-            guess_mode=False,
-            added_cond_kwargs={"text_embeds": rows["pooled"], "time_ids": rows["time_ids"]},
-            return_dict=False,
+    @classmethod
+    def from_layout(
+        cls,
+        layout: WeightsLayout,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        providers: Sequence[str] | None = None,
+        long_side: int = REFERENCE_LONG_SIDE,
+    ) -> InstantIDPipeline:
+        return cls(
+            load_face_analyzer(layout, providers=providers),
+            load_prompt_encoder(layout, device=device, dtype=dtype),
+            load_denoiser(layout, device=device, dtype=dtype),
+            long_side=long_side,
         )
 
-        def weigh(residual: torch.Tensor) -> torch.Tensor:
-            size = tuple(residual.shape[-2:])
-            weight = weights.get(size)
-            if weight is None:
-                weight = rows["identity_strength"].view(-1, 1, 1, 1)
-                if rows["mask"] is not None:
-                    weight = weight * F.interpolate(rows["mask"], size=size, mode="bilinear")
-                weight = weights[size] = weight.to(residual.dtype)
-            return residual * weight
-
-        return [weigh(r) for r in down], weigh(mid)
-
-    @torch.no_grad()
-    def generate(self, jobs: Sequence[DenoiseJob]) -> list[np.ndarray]:
-        """Run compatible jobs together; returns one uint8 array (num_images, H, W, 3) per job."""
-        if not jobs:
-            return []
-        key = jobs[0].params.batch_key()
-        if any(j.params.batch_key() != key for j in jobs):
-            raise ValueError("generate() needs jobs with equal GenerationParams.batch_key()")
-        for job in jobs:
-            self._prepare_job(job)
-        p0 = jobs[0].params
-        cfg = p0.do_classifier_free_guidance
-        rows = self._rows(jobs, cfg)
-        timesteps = jobs[0]._state["scheduler"].timesteps
-        counts = [j.params.num_images for j in jobs]
-        guidance = [j.params.guidance_scale for j in jobs]
-        context = torch.cat([rows["text"], rows["face"]], dim=1)
-        # Built once: per-resolution weights are cached across steps. Whether IdentityNet runs at all is
-        # decided from the host-side parameters (a device check would stall the CPU every step).
-        conditioning = FaceConditioning(rows["adapter_strength"], self.num_face_tokens, rows["mask"])
-        identitynet_weights: dict[tuple[int, ...], torch.Tensor] = {}
-        identitynet_used = any(j.params.identitynet_strength != 0 for j in jobs)
-
-        for i, t in enumerate(timesteps):
-            keep = control_keep(i, len(timesteps), p0.control_guidance_start, p0.control_guidance_end)
-            scaled = torch.cat([j._state["scheduler"].scale_model_input(j._state["latents"], t) for j in jobs])
-            sample = torch.cat([scaled, scaled]) if cfg else scaled
-            down = mid = None
-            if identitynet_used and keep != 0:
-                down, mid = self._identitynet(sample, t, rows, keep, identitynet_weights)
-            noise = self.unet(
-                sample,
-                t,
-                encoder_hidden_states=context,
-                cross_attention_kwargs={CONDITIONING_KWARG: conditioning},
-                added_cond_kwargs={"text_embeds": rows["pooled"], "time_ids": rows["time_ids"]},
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-                return_dict=False,
-            )[0]
-            if cfg:
-                uncond, cond = noise.chunk(2)
-                uncond_parts, cond_parts = uncond.split(counts), cond.split(counts)
-                noise_parts = [u + g * (c - u) for u, c, g in zip(uncond_parts, cond_parts, guidance, strict=True)]
-            else:
-                noise_parts = list(noise.split(counts))
-            for job, part in zip(jobs, noise_parts, strict=True):
-                st = job._state
-                st["latents"] = st["scheduler"].step(part, t, st["latents"], **st["step_kwargs"], return_dict=False)[0]
-
-        images = [self.decode(j._state["latents"]) for j in jobs]
-        for job in jobs:
-            job._state = {}
-        return images
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> uint8 RGB (N, H, W, 3), rounded as diffusers' image processor rounds."""
-        config = self.vae.config
-        out = []
-        for chunk in latents.split(self.vae_batch_size):
-            chunk = chunk.to(self.vae_dtype)
-            mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-            if mean is not None and std is not None:
-                mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(chunk)
-                std_t = torch.tensor(std).view(1, -1, 1, 1).to(chunk)
-                chunk = chunk * std_t / config.scaling_factor + mean_t
-            else:
-                chunk = chunk / config.scaling_factor
-            image = self.vae.decode(chunk, return_dict=False)[0]
-            image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-            out.append((image * 255).round().astype(np.uint8))
-        return np.concatenate(out)
+    def __call__(
+        self,
+        face_rgb: np.ndarray,
+        prompt: str,
+        negative_prompt: str | None = None,
+        *,
+        params: GenerationParams,
+        style: str = "none",
+        pose_rgb: np.ndarray | None = None,
+    ) -> GenerationOutput:
+        styled, styled_negative = apply_style(style, prompt, negative_prompt)
+        condition = prepare_face_condition(
+            self.analyzer, face_rgb, pose_rgb, width=params.width, height=params.height, long_side=self.long_side
+        )
+        embeddings = self.prompt_encoder.encode([styled], [styled_negative], params.do_classifier_free_guidance)[0]
+        sized = params.sized(condition.width, condition.height)
+        job = DenoiseJob(sized, condition.embedding, condition.keypoints, condition.box, embeddings)
+        images = self.denoiser.generate([job])[0]
+        return GenerationOutput(images, condition, sized, styled, styled_negative, embeddings.truncated)

@@ -27,8 +27,6 @@ SchedulerName = Literal[
     "deis",
 ]
 
-DEFAULT_SCHEDULER: SchedulerName = "euler"
-
 _SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),

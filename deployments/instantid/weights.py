@@ -1,6 +1,6 @@
 """Where weights come from and how they are laid out.
 
-One layout for tiny and real weights alike (DESIGN.md)::
+One layout for tiny and real weights alike::
 
     WEIGHTS/sdxl/                       a diffusers SDXL folder (any SDXL checkpoint, finetunes too)
     WEIGHTS/instantid/ControlNetModel/  config.json + diffusion_pytorch_model.safetensors (IdentityNet)

@@ -1,12 +1,17 @@
-"""S3 storage: settings and clients (``s3``) and the generation result store (``results``).
+"""S3 storage, plain boto3/pydantic/Pillow code, no Ray.
 
-Plain boto3/pydantic/Pillow code, no Ray: the ResultStore Serve deployment and the CLI both use it.
+- ``s3``: settings, bounded clients, prefix downloads (weights);
+- ``generations``: the generation layout, ids, encoding and :class:`GenerationStore` (the ResultStore
+  deployment's storage);
+- ``idempotency_records``: conditional-write records that let ingress replicas agree on idempotency keys;
+- ``inputs``: input photos from allowed ``s3://`` buckets;
+- ``spool``: a disk spool for generations S3 would not take.
 """
 
-from .results import (
+from .generations import (
     GenerationNotFound,
+    GenerationStore,
     ImageFormat,
-    ResultWriter,
     StorageError,
     StoredGeneration,
     StoredImage,
@@ -28,8 +33,8 @@ from .s3 import (
 
 __all__ = [
     "GenerationNotFound",
+    "GenerationStore",
     "ImageFormat",
-    "ResultWriter",
     "S3Client",
     "S3Settings",
     "StorageError",

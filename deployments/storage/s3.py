@@ -41,9 +41,11 @@ __all__ = [
     "S3Settings",
     "download_prefix",
     "ensure_bucket",
+    "is_access_denied",
     "is_not_found",
     "make_client",
     "parse_s3_uri",
+    "safe_relative_path",
     "validate_bucket_name",
 ]
 
@@ -166,6 +168,14 @@ def is_not_found(exc: BaseException) -> bool:
     return str(error.get("Code")) in _NOT_FOUND_CODES or status == 404
 
 
+def is_access_denied(exc: BaseException) -> bool:
+    """True when S3 refused the request for lack of permission (403)."""
+    if not isinstance(exc, ClientError):
+        return False
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return str(exc.response.get("Error", {}).get("Code")) in ("403", "AccessDenied", "Forbidden") or status == 403
+
+
 def ensure_bucket(client: S3Client, bucket: str, *, region: str = "us-east-1", create: bool = False) -> bool:
     """Check the bucket is reachable; create it when missing and ``create`` is set.
 
@@ -215,7 +225,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def _relative_path(key: str, prefix: str) -> PurePosixPath:
+def safe_relative_path(key: str, prefix: str) -> PurePosixPath:
     """The local relative path for ``key`` under ``prefix``, refusing anything that could leave ``dest``.
 
     S3 keys are arbitrary strings: ``a/../../etc/x`` or ``/abs`` are legal keys, so a naive join would let
@@ -288,7 +298,7 @@ def download_prefix(client: S3Client, uri: str, dest: Path, patterns: Sequence[s
     objects = _list_objects(client, bucket, prefix)
     if not objects:
         raise FileNotFoundError(f"no objects under {uri}")
-    rel_paths = [_relative_path(obj["key"], prefix) for obj in objects]
+    rel_paths = [safe_relative_path(obj["key"], prefix) for obj in objects]
     if patterns is not None:
         chosen = [i for i, rel in enumerate(rel_paths) if any(fnmatch.fnmatchcase(str(rel), p) for p in patterns)]
         if not chosen:

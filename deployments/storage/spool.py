@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .results import PreparedGeneration, validate_generation_id
+from .generations import PreparedGeneration, validate_generation_id
 
 MANIFEST = "manifest.json"
 

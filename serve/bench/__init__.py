@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.instantid.errors import InstantIDError  # plain exceptions, no imports behind them
+from deployments.instantid.params import DEFAULT_PARAMS  # a plain dataclass, no imports behind it
 
 BENCH_MODULES = {"serve": "serve_bench", "face": "face_bench", "denoise": "denoise_bench"}
 
@@ -199,11 +200,21 @@ def add_denoise_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="model precision (default: float16 on CUDA, float32 on CPU)",
     )
-    p.add_argument("--steps", type=_positive, default=30, help="denoising steps (default 30)")
+    p.add_argument(
+        "--steps",
+        type=_positive,
+        default=DEFAULT_PARAMS.num_inference_steps,
+        help=f"denoising steps (default {DEFAULT_PARAMS.num_inference_steps}, the published demo's)",
+    )
     p.add_argument("--size", type=_size, default=None, help="width = height (default 1024; tiny: 256)")
     p.add_argument("--batch", type=_positive, nargs="+", default=[1, 2], help="batch sizes to measure (default 1 2)")
     p.add_argument("--repeats", type=_positive, default=3, help="timed runs per pipeline and batch (default 3)")
-    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5, the published demo's)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULT_PARAMS.guidance_scale,
+        help=f"CFG scale (default {DEFAULT_PARAMS.guidance_scale:g}, the published demo's)",
+    )
     p.add_argument("--no-baseline", action="store_true", help="measure only our denoiser")
     p.add_argument("--no-cold-start", action="store_true", help="skip saving the weights and the cold start")
     p.add_argument("--workdir", type=Path, default=None, help="where the cold-start weights are saved (temp dir)")

@@ -18,8 +18,8 @@ Cold start: the random weights are saved once in the ``instantid weights tiny`` 
 ``instantid/ControlNetModel``, ``instantid/ip-adapter.bin``); a fresh process then times
 ``load_denoiser`` + ``load_prompt_encoder`` up to the first finished image.
 
-Portability: the lent GPU machines have torch, transformers, accelerate, safetensors, onnx and Pillow but
-no diffusers, Ray or insightface, and no network. This module therefore imports only torch and numpy at
+Portability: a GPU machine set up for benchmarks may have only torch, transformers, accelerate, safetensors,
+onnx and Pillow (no diffusers, Ray or insightface) and no network. This module therefore imports only torch and numpy at
 module level, needs neither Ray nor face analysis (``loading`` imports insightface only to load it), draws
 the keypoint image with numpy (no OpenCV), and gets diffusers from wheels that travel with the code
 (``serve/bench/gpu_wheels.sh``). Run it as ``python -m serve.bench.denoise_bench`` there.
@@ -46,12 +46,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from deployments.instantid.params import DEFAULT_PARAMS
 from serve.bench import BenchError, add_denoise_arguments, emit, machine_facts, progress
 
 PROMPT = "a portrait of a person in a spacesuit, studio lighting, detailed"
 SEED = 1234
-IDENTITYNET_STRENGTH = 0.8  # the published demo's defaults, as GenerationParams has them
-ADAPTER_STRENGTH = 0.8
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DENOISE_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow")
 
@@ -64,7 +63,7 @@ FACE_BOX = np.array([0.28, 0.22, 0.72, 0.80], dtype=np.float32)  # x1, y1, x2, y
 
 
 def sdxl_unet_config() -> dict[str, Any]:
-    """SDXL base's published UNet configuration (REFERENCE.md §8)."""
+    """SDXL base's published UNet configuration (stabilityai/stable-diffusion-xl-base-1.0's unet/config.json)."""
     return {
         "sample_size": 128,
         "in_channels": 4,
@@ -298,7 +297,8 @@ def face_embedding(index: int) -> np.ndarray:
 
 def make_jobs(batch: int, size: int, steps: int, guidance: float, prompt: Any, control: np.ndarray) -> list:
     """``batch`` single-image requests with their own seeds and identities: what the Denoiser batches."""
-    from deployments.instantid.pipeline import DenoiseJob, GenerationParams
+    from deployments.instantid.denoiser import DenoiseJob
+    from deployments.instantid.params import GenerationParams
 
     jobs = []
     for i in range(batch):
@@ -308,8 +308,8 @@ def make_jobs(batch: int, size: int, steps: int, guidance: float, prompt: Any, c
             seed=SEED + i,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            identitynet_strength=IDENTITYNET_STRENGTH,
-            adapter_strength=ADAPTER_STRENGTH,
+            identitynet_strength=DEFAULT_PARAMS.identitynet_strength,
+            adapter_strength=DEFAULT_PARAMS.adapter_strength,
         )
         keypoints = FACE_KEYPOINTS * size
         box = FACE_BOX * size
@@ -465,7 +465,7 @@ class OursRunner:
     """InstantIDDenoiser over the shared modules; ``check`` says whether the last warm-up latents were finite."""
 
     def __init__(self, models: Models, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> None:
-        from deployments.instantid.pipeline import InstantIDDenoiser
+        from deployments.instantid.denoiser import InstantIDDenoiser
 
         self.denoiser = InstantIDDenoiser(
             models.unet,
@@ -530,7 +530,7 @@ class BaselineRunner:
             width=size,
             num_inference_steps=steps or self.args.steps,
             guidance_scale=self.args.guidance,
-            controlnet_conditioning_scale=IDENTITYNET_STRENGTH,
+            controlnet_conditioning_scale=DEFAULT_PARAMS.identitynet_strength,
             num_images_per_prompt=batch,
             generator=torch.Generator(device=self.device).manual_seed(SEED),
             output_type="np",
@@ -780,8 +780,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "guidance": args.guidance,
             "cfg": args.guidance > 1.0,
             "scheduler": "euler (SDXL base config)",
-            "identitynet_strength": IDENTITYNET_STRENGTH,
-            "adapter_strength": ADAPTER_STRENGTH,
+            "identitynet_strength": DEFAULT_PARAMS.identitynet_strength,
+            "adapter_strength": DEFAULT_PARAMS.adapter_strength,
             "enhance_face_region": True,
             "batches": list(args.batch),
             "repeats": args.repeats,

@@ -2,7 +2,7 @@
 
 One run measures both, on the same tiny weights, photo, size, steps and seeds:
 
-- in-process: ``instantid generate``'s code path (:class:`deployments.instantid.generate.InstantIDPipeline`)
+- in-process: ``instantid generate``'s code path (:class:`deployments.instantid.pipeline.InstantIDPipeline`)
   plus the same image encoding the ResultStore does, one request after another;
 - served: the packaged ``local.yaml`` on a local Ray with an embedded SeaweedFS, started the way
   ``instantid demo`` starts them (``serve.runner.local_stack``), over HTTP on 127.0.0.1: latency at
@@ -137,7 +137,7 @@ class InProcess:
     """
 
     def __init__(self, weights: Path, photo: bytes, args: argparse.Namespace) -> None:
-        from deployments.instantid.generate import InstantIDPipeline
+        from deployments.instantid.pipeline import InstantIDPipeline
         from deployments.instantid.weights import WeightsLayout
 
         start = time.perf_counter()
@@ -166,8 +166,8 @@ class InProcess:
     def one(self, seed: int) -> dict[str, float]:
         """One request's stage seconds and ``total``, like a served response's ``timings``."""
         from deployments.instantid.images import decode_image
-        from deployments.instantid.pipeline import GenerationParams
-        from deployments.storage.results import encode_image
+        from deployments.instantid.params import GenerationParams
+        from deployments.storage.generations import encode_image
 
         self.current = {}
         start = time.perf_counter()

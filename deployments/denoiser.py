@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from ray import serve
+from ray import serve as ray_serve
 
+from deployments.instantid.denoiser import DenoiseJob
 from deployments.instantid.errors import InstantIDError
 from deployments.instantid.loading import load_denoiser
-from deployments.instantid.pipeline import DenoiseJob, GenerationParams
+from deployments.instantid.params import GenerationParams
 from deployments.instantid.weights import DENOISER_COMPONENTS, WeightsLayout
-from deployments.messages import DenoiseResult, FaceResult, PromptResult, stage_timer
+from deployments.messages import DenoiseResult, FaceResult, PromptResult, Timings, timed
 
 logger = logging.getLogger("ray.serve")
 
@@ -42,16 +43,17 @@ def _latents(items: list[_Item]) -> int:
     return sum(item.params.num_images for item in items)
 
 
-@serve.deployment(name="Denoiser", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
+@ray_serve.deployment(name="Denoiser", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
 class DenoiserDeployment:
     def __init__(
         self,
         weights: dict[str, Any],
-        device: str = "auto",
-        dtype: str = "auto",
-        vae_batch_size: int = 2,
-        max_batch_size: int = 8,
-        batch_wait_timeout_s: float = 0.02,
+        *,
+        device: str,
+        dtype: str,
+        vae_batch_size: int,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
     ) -> None:
         layout = WeightsLayout.resolve(**weights, parts=("sdxl", "instantid"), sdxl_components=DENOISER_COMPONENTS)
         self.model = load_denoiser(layout, device=device, dtype=dtype, vae_batch_size=vae_batch_size)
@@ -68,7 +70,7 @@ class DenoiserDeployment:
             raise result
         return result
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, batch_size_fn=_latents)
+    @ray_serve.batch(batch_size_fn=_latents)  # sizes come from the config (set in __init__)
     async def _batch(self, items: list[_Item]) -> list[DenoiseResult | Exception]:
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(items):
@@ -95,9 +97,9 @@ class DenoiserDeployment:
             )
             for item in group
         ]
-        timings: dict[str, dict[str, float]] = {}
+        timings: Timings = {}
         try:
-            with stage_timer(timings, "denoise"):
+            with timed(timings, "denoise"):
                 images = self.model.generate(jobs)
         except torch.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
@@ -107,7 +109,7 @@ class DenoiserDeployment:
             DenoiseResult(
                 images=imgs,
                 params=item.params,
-                face=item.face.condition.face_info(),
+                face=replace(item.face.condition.face, embedding=None),
                 prompt_truncated=item.prompt.embeddings.truncated,
                 timings={**item.face.timings, **item.prompt.timings, **timings},
             )

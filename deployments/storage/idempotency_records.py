@@ -20,7 +20,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from .results import S3_ERRORS, StorageError, describe_error, encode_meta
+from .generations import S3_ERRORS, StorageError, describe_error, encode_meta
 from .s3 import S3Client, S3Settings, is_not_found
 
 # 412: the precondition failed (the object exists / changed). 409: AWS's answer to two conditional writes

@@ -5,22 +5,23 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ray import serve
+from ray import serve as ray_serve
 
 from deployments.instantid.loading import load_prompt_encoder
 from deployments.instantid.weights import PROMPT_COMPONENTS, WeightsLayout
-from deployments.messages import PromptRequest, PromptResult, stage_timer
+from deployments.messages import PromptRequest, PromptResult, Timings, timed
 
 
-@serve.deployment(name="PromptEncoder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
+@ray_serve.deployment(name="PromptEncoder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
 class PromptEncoderDeployment:
     def __init__(
         self,
         weights: dict[str, Any],
-        device: str = "auto",
-        dtype: str = "auto",
-        max_batch_size: int = 16,
-        batch_wait_timeout_s: float = 0.01,
+        *,
+        device: str,
+        dtype: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
     ) -> None:
         layout = WeightsLayout.resolve(**weights, parts=("sdxl",), sdxl_components=PROMPT_COMPONENTS)
         self.encoder = load_prompt_encoder(layout, device=device, dtype=dtype)
@@ -30,7 +31,7 @@ class PromptEncoderDeployment:
     async def encode(self, request: PromptRequest) -> PromptResult:
         return await self._encode_batch(request)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @ray_serve.batch  # sizes come from the config (set in __init__)
     async def _encode_batch(self, requests: list[PromptRequest]) -> list[PromptResult]:
         return await asyncio.to_thread(self._encode_now, requests)
 
@@ -40,8 +41,8 @@ class PromptEncoderDeployment:
             rows = [i for i, r in enumerate(requests) if r.do_classifier_free_guidance == cfg]
             if not rows:
                 continue
-            timings: dict[str, dict[str, float]] = {}
-            with stage_timer(timings, "prompt"):
+            timings: Timings = {}
+            with timed(timings, "prompt"):
                 embeddings = self.encoder.encode(
                     [requests[i].prompt for i in rows], [requests[i].negative_prompt for i in rows], cfg
                 )

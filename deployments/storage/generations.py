@@ -1,4 +1,4 @@
-"""The generation result store: object layout, ids, encoding, and a writer that only reports what S3 has.
+"""Generations in S3: object layout, ids, encoding, and a store that only reports what S3 really has.
 
 Layout (UTC date, keys built here only, never from user input)::
 
@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.instantid.errors import InstantIDError
 
@@ -41,9 +41,9 @@ __all__ = [
     "META_NAME",
     "S3_ERRORS",
     "GenerationNotFound",
+    "GenerationStore",
     "ImageFormat",
     "PreparedGeneration",
-    "ResultWriter",
     "StorageError",
     "StoredGeneration",
     "StoredImage",
@@ -177,19 +177,20 @@ def encode_meta(meta: dict[str, Any]) -> bytes:
 # ------------------------------------------------------------------------------------------- models
 
 
+# One image confirmed in S3; also what API responses list (its class docstring would become the schema's text).
 class StoredImage(BaseModel):
-    """One image confirmed in S3."""
-
     model_config = ConfigDict(frozen=True)
 
     uri: str
-    key: str
-    url: str
+    url: str = Field(description="Presigned GET URL; expires.")
     width: int
     height: int
     bytes: int
     content_type: str
-    sha256: str
+
+    @property
+    def key(self) -> str:
+        return self.uri.split("/", 3)[3]
 
 
 @dataclass
@@ -206,7 +207,7 @@ class PreparedGeneration:
 
 
 class StoredGeneration(BaseModel):
-    """What :meth:`ResultWriter.write` confirmed in S3: the id, the meta.json key, and the images."""
+    """What :meth:`GenerationStore.write` confirmed in S3: the id, the meta.json key, and the images."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -215,11 +216,11 @@ class StoredGeneration(BaseModel):
     images: list[StoredImage]
 
 
-# ------------------------------------------------------------------------------------------- writer
+# -------------------------------------------------------------------------------------------- store
 
 
-class ResultWriter:
-    """Writes, reads, presigns and deletes generations in one bucket/prefix.
+class GenerationStore:
+    """The generations in one bucket/prefix: writes them, reads them back, presigns their images, deletes them.
 
     Every S3 failure surfaces as :class:`StorageError` (HTTP 503) and a missing generation as
     :class:`GenerationNotFound` (404); callers never see botocore exceptions.
@@ -230,12 +231,17 @@ class ResultWriter:
         self.settings = settings
 
     def __repr__(self) -> str:
-        return f"ResultWriter(bucket={self.settings.bucket!r}, prefix={self.settings.prefix!r})"
+        return f"GenerationStore(bucket={self.settings.bucket!r}, prefix={self.settings.prefix!r})"
 
     # -- helpers ------------------------------------------------------------------------------------
 
     def _uri(self, key: str) -> str:
         return f"s3://{self.settings.bucket}/{key}"
+
+    def _stored_image(self, record: dict[str, Any]) -> StoredImage:
+        """A meta.json image record (``key``, ``bytes``, ``sha256``, ...) with its URI and a fresh presigned URL."""
+        fields = {k: v for k, v in record.items() if k not in ("key", "sha256")}  # sha256 stays in meta.json
+        return StoredImage(uri=self._uri(record["key"]), url=self.presign(record["key"]), **fields)
 
     def meta_key(self, generation_id: str) -> str:
         """Key of the generation's meta.json (validates the id)."""
@@ -320,10 +326,7 @@ class ResultWriter:
             if isinstance(exc, StorageError):
                 raise
             raise StorageError(f"could not store generation {prepared.generation_id}: {describe_error(exc)}") from exc
-        stored = [
-            StoredImage(uri=self._uri(record["key"]), url=self.presign(record["key"]), **record)
-            for record in prepared.image_records
-        ]
+        stored = [self._stored_image(record) for record in prepared.image_records]
         return StoredGeneration(id=prepared.generation_id, meta_key=prepared.objects[-1][0], images=stored)
 
     def write(
@@ -374,10 +377,7 @@ class ResultWriter:
     def get_from_meta(self, generation_id: str, meta: dict[str, Any]) -> StoredGeneration:
         """A :class:`StoredGeneration` with fresh presigned URLs from an already-read meta.json."""
         try:
-            images = [
-                StoredImage(uri=self._uri(record["key"]), url=self.presign(record["key"]), **record)
-                for record in meta.get("images", [])
-            ]
+            images = [self._stored_image(record) for record in meta.get("images", [])]
         except (TypeError, ValueError, KeyError) as exc:
             raise StorageError(f"meta.json of generation {generation_id} has an unexpected image list") from exc
         return StoredGeneration(id=generation_id, meta_key=self.meta_key(generation_id), images=images)

@@ -7,16 +7,17 @@ generations once S3 answers again, and ``get`` finds them meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from typing import Any
 
-from ray import serve
+from ray import serve as ray_serve
 
-from deployments.messages import DenoiseResult
-from deployments.storage.idempotency import IdempotencyRecord, IdempotencyRecords
-from deployments.storage.results import GenerationNotFound, ResultWriter, StorageError
+from deployments.messages import DenoiseResult, GenerationMeta, GenerationRecord, SavedGeneration, StageTiming
+from deployments.storage.generations import GenerationNotFound, GenerationStore, StorageError
+from deployments.storage.idempotency_records import IdempotencyRecord, IdempotencyRecords
 from deployments.storage.s3 import S3Settings, make_client
 from deployments.storage.spool import Spool
 
@@ -34,16 +35,16 @@ class SpooledError(StorageError):
         return (type(self), (self.message, self.generation_id))
 
 
-@serve.deployment(name="ResultStore", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
+@ray_serve.deployment(name="ResultStore", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
 class ResultStoreDeployment:
-    def __init__(self, s3: dict[str, Any], spool_dir: str | None = None, spool_retry_s: float = 5.0) -> None:
+    def __init__(self, s3: dict[str, Any], *, spool_dir: str | None, spool_retry_s: float) -> None:
         settings = S3Settings(**s3)
-        self.writer = ResultWriter(make_client(settings), settings)
-        self.idempotency = IdempotencyRecords(self.writer.client, settings)
+        self.generations = GenerationStore(make_client(settings), settings)
+        self.idempotency = IdempotencyRecords(self.generations.client, settings)
         self.spool = Spool(spool_dir) if spool_dir else None
         self._stop = threading.Event()
         try:
-            self.writer.ensure_bucket()
+            self.generations.ensure_bucket()
         except StorageError:
             if self.spool is None:
                 raise
@@ -53,12 +54,12 @@ class ResultStoreDeployment:
 
     def save(
         self,
-        record: dict[str, Any],
+        record: GenerationRecord,
         output: DenoiseResult,
         output_format: str,
         output_quality: int,
         inputs: dict[str, bytes] | None = None,
-    ) -> dict[str, Any]:
+    ) -> SavedGeneration:
         """Store one generation; returns the stored objects and every stage's timing.
 
         ``output`` arrives as the Denoiser's response, resolved by Serve. ``inputs`` (only when the client
@@ -67,70 +68,58 @@ class ResultStoreDeployment:
         """
         start = time.time()
         timings = dict(output.timings)
-        timings["store"] = {"start": start, "end": start, "seconds": 0.0}
+        # meta.json is written during this stage: it records when the stage started (its end is not known yet).
+        timings["store"] = StageTiming(start=start, end=start, seconds=0.0)
         meta = {
-            **record,
-            "parameters": {
-                **record.get("parameters", {}),
-                "width": output.params.width,
-                "height": output.params.height,
-            },
-            "face": output.face,
+            **dataclasses.asdict(record),
+            "parameters": {**record.parameters, "width": output.params.width, "height": output.params.height},
+            "face": output.face.to_dict(),
             "prompt_truncated": output.prompt_truncated,
-            "timings": timings,
+            "timings": {stage: timing.model_dump() for stage, timing in timings.items()},
         }
         extra = [
             (f"input-{name}.{_extension(data)}", data, _content_type(data)) for name, data in (inputs or {}).items()
         ]
-        prepared = self.writer.prepare(record["id"], list(output.images), output_format, output_quality, meta, extra)
+        prepared = self.generations.prepare(record.id, list(output.images), output_format, output_quality, meta, extra)
         try:
-            stored = self.writer.upload(prepared)
+            stored = self.generations.upload(prepared)
         except StorageError as exc:
             if self.spool is None:
                 raise
             self.spool.put(prepared)
-            logger.warning("S3 upload of %s failed (%s); spooled for a later upload", record["id"], exc.message)
+            logger.warning("S3 upload of %s failed (%s); spooled for a later upload", record.id, exc.message)
             raise SpooledError(
-                f"storage is unavailable; generation {record['id']} is kept and will be uploaded when it returns "
-                f"(GET /v1/generations/{record['id']})",
-                record["id"],
+                f"storage is unavailable; generation {record.id} is kept and will be uploaded when it returns "
+                f"(GET /v1/generations/{record.id})",
+                record.id,
             ) from exc
-        end = time.time()
-        timings["store"] = {"start": start, "end": end, "seconds": end - start}
-        return {
-            "stored": stored.model_dump(),
-            "timings": timings,
-            "face": output.face,
-            "width": output.params.width,
-            "height": output.params.height,
-            "prompt_truncated": output.prompt_truncated,
-        }
+        timings["store"] = StageTiming.since(start)
+        return SavedGeneration(stored, output.params, output.face, output.prompt_truncated, timings)
 
-    def get(self, generation_id: str) -> dict[str, Any]:
+    def get(self, generation_id: str) -> GenerationMeta:
         """meta.json with fresh presigned URLs, or the spooled meta (``status: pending_upload``)."""
         try:
-            meta = self.writer.read(generation_id)
+            document = self.generations.read(generation_id)
         except (GenerationNotFound, StorageError):
             if self.spool is not None and self.spool.contains(generation_id):
-                meta = self.spool.load(generation_id).meta
-                meta["status"] = "pending_upload"
-                return meta
+                document = self.spool.load(generation_id).meta
+                document["status"] = "pending_upload"
+                return GenerationMeta(document, document.get("owner"), [], "pending_upload")
             raise
-        stored = {image.key: image for image in self.writer.get_from_meta(generation_id, meta).images}
-        for image in meta.get("images", []):
-            image["url"] = stored[image["key"]].url
-            image["uri"] = stored[image["key"]].uri
-        meta["status"] = "stored"
-        return meta
+        images = self.generations.get_from_meta(generation_id, document).images
+        for record, image in zip(document.get("images", []), images, strict=True):
+            record["url"], record["uri"] = image.url, image.uri
+        document["status"] = "stored"
+        return GenerationMeta(document, document.get("owner"), images, "stored")
 
     def delete(self, generation_id: str) -> int:
         removed = 0
         if self.spool is not None and self.spool.contains(generation_id):
             self.spool.remove(generation_id)
             removed += 1
-        return removed + self.writer.delete(generation_id)
+        return removed + self.generations.delete(generation_id)
 
-    # Idempotency records: conditional S3 writes, so ingress replicas coordinate (serve/idempotency.py).
+    # Idempotency records: conditional S3 writes, so ingress replicas coordinate (serve/idempotency_guard.py).
     def read_idempotency(self, digest: str) -> IdempotencyRecord | None:
         return self.idempotency.read(digest)
 
@@ -150,7 +139,7 @@ class ResultStoreDeployment:
         uploaded = 0
         for generation_id in self.spool.pending():
             try:
-                self.writer.upload(self.spool.load(generation_id))
+                self.generations.upload(self.spool.load(generation_id))
             except StorageError:
                 break
             self.spool.remove(generation_id)
@@ -168,7 +157,7 @@ class ResultStoreDeployment:
     def check_health(self) -> None:
         """Unhealthy when S3 is unreachable and nothing would keep the results (no spool)."""
         try:
-            self.writer.ensure_bucket()
+            self.generations.ensure_bucket()
         except StorageError:
             if self.spool is None:
                 raise

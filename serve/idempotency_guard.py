@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from deployments.storage.idempotency import IdempotencyRecord
+from deployments.storage.idempotency_records import IdempotencyRecord
 
 PENDING = "pending"
 DONE = "done"

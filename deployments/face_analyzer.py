@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-import base64
+from dataclasses import replace
 from typing import Any
 
 import cv2
 import numpy as np
-from ray import serve
+from ray import serve as ray_serve
 
 from deployments.instantid.conditioning import output_size, prepare_face_condition
 from deployments.instantid.faces import FaceAnalyzer
 from deployments.instantid.images import decode_image
 from deployments.instantid.keypoints import draw_keypoint_image
 from deployments.instantid.weights import WeightsLayout
-from deployments.messages import FaceRequest, FaceResult, stage_timer
+from deployments.messages import FaceListing, FaceRequest, FaceResult, timed
 
 
-@serve.deployment(name="FaceAnalyzer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
+@ray_serve.deployment(name="FaceAnalyzer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
 class FaceAnalyzerDeployment:
     def __init__(
         self,
         weights: dict[str, Any],
-        providers: list[str] | None = None,
-        long_side: int = 1280,
-        min_face_px: int = 32,
-        max_image_bytes: int = 20 * 1024 * 1024,
-        max_image_pixels: int = 40_000_000,
+        *,
+        providers: list[str] | None,
+        long_side: int,
+        min_face_px: int,
+        max_image_bytes: int,
+        max_image_pixels: int,
     ) -> None:
         layout = WeightsLayout.resolve(**weights, parts=("antelopev2",))
         self.analyzer = FaceAnalyzer(layout.antelopev2, providers=providers)
@@ -35,8 +36,8 @@ class FaceAnalyzerDeployment:
         self.limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels}
 
     def analyze(self, request: FaceRequest) -> FaceResult:
-        timings: dict[str, dict[str, float]] = {}
-        with stage_timer(timings, "face"):
+        timings = {}
+        with timed(timings, "face"):
             face_rgb = decode_image(request.face_image, **self.limits)
             pose_rgb = decode_image(request.pose_image, **self.limits) if request.pose_image is not None else None
             condition = prepare_face_condition(
@@ -50,25 +51,19 @@ class FaceAnalyzerDeployment:
             )
         return FaceResult(condition, timings)
 
-    def faces(self, image: bytes, include_keypoint_image: bool = False) -> dict[str, Any]:
-        """Every face (largest first), the one generation would use, optionally its keypoint image."""
+    def faces(self, image: bytes, include_keypoint_image: bool = False) -> FaceListing:
+        """Every face (largest first), the one generation would use, optionally its keypoint image (PNG)."""
         rgb = decode_image(image, **self.limits)
         faces = self.analyzer.detect(rgb)
         height, width = rgb.shape[:2]
-        result: dict[str, Any] = {
-            "width": width,
-            "height": height,
-            "faces": [f.to_dict() for f in faces],
-            "chosen": 0 if faces else None,
-            "keypoint_image_png_b64": None,
-        }
+        listing = FaceListing(width, height, [replace(f, embedding=None) for f in faces], 0 if faces else None)
         if faces and include_keypoint_image:
             out_w, out_h, transform = output_size(width, height, None, None, self.long_side)
             canvas = draw_keypoint_image(transform.apply_points(faces[0].kps), out_w, out_h)
             ok, png = cv2.imencode(".png", np.ascontiguousarray(canvas[:, :, ::-1]))
             if ok:
-                result["keypoint_image_png_b64"] = base64.b64encode(png.tobytes()).decode()
-        return result
+                listing.keypoint_image_png = png.tobytes()
+        return listing
 
     def check_health(self) -> None:
         self.analyzer.check_health()

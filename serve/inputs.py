@@ -1,0 +1,155 @@
+"""Reading requests: JSON or multipart bodies with size limits, and input images from base64 or allowed ``s3://``.
+
+A multipart request becomes the same fields as the JSON body: each file part ``NAME`` arrives as
+``NAME_b64`` (its bytes in base64), every other part as a field of its own name, so one pydantic model
+validates both. The bytes of an image are checked later, by the stage that decodes them
+(``deployments.instantid.images``); here only sizes and declared types are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+
+from deployments.instantid.errors import (
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidParameterError,
+    UnsupportedImageTypeError,
+)
+from deployments.storage.inputs import S3InputReader
+from serve.errors import ApiError
+
+MAX_FORM_FIELDS = 64
+MAX_FORM_FIELD_BYTES = 64 * 1024
+_IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "application/octet-stream"}
+
+
+def max_body_bytes(max_upload_bytes: int) -> int:
+    """Two images in base64 plus the other fields: the most a well-formed body can need."""
+    return 2 * (max_upload_bytes * 4 // 3) + 256 * 1024
+
+
+async def _read_limited(request: Request, limit: int, idle_timeout_s: float) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "invalid_request", "invalid Content-Length")
+        if int(declared) > limit:
+            raise ImageTooLargeError(f"request body is larger than {limit} bytes")
+    chunks, size = [], 0
+    stream = request.stream()
+    while True:
+        try:  # a client that stops sending (slowloris) must not hold an ingress slot forever
+            chunk = await asyncio.wait_for(anext(stream), idle_timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, "request_timeout", f"no body data for {idle_timeout_s:g} s") from None
+        size += len(chunk)
+        if size > limit:
+            raise ImageTooLargeError(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_body(
+    request: Request, *, max_upload_bytes: int, idle_timeout_s: float, files: Mapping[str, str]
+) -> dict[str, Any]:
+    """The request's fields, from a JSON or a multipart body; a 408 when the body stalls for ``idle_timeout_s``.
+
+    ``files`` maps each accepted multipart file part to the field it fills (``NAME`` -> ``FIELD_b64``); several
+    part names may fill one field (aliases). The first field of ``files`` is required in multipart requests.
+    """
+    body = await _read_limited(request, max_body_bytes(max_upload_bytes), idle_timeout_s)
+    request._body = body  # starlette parses forms from the cached body
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            fields = json.loads(body)
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+            raise ApiError(400, "invalid_request", "the body is not valid JSON") from None
+        if not isinstance(fields, dict):
+            raise ApiError(422, "invalid_parameter", "the JSON body must be an object")
+        return fields
+    if content_type == "multipart/form-data":
+        return await _read_multipart(request, max_upload_bytes, files)
+    raise UnsupportedImageTypeError(
+        f"content type {content_type or '(none)'} is not accepted; use application/json or multipart/form-data"
+    )
+
+
+async def _read_multipart(request: Request, max_upload_bytes: int, files: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        form = await request.form(max_files=len(files), max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_FIELD_BYTES)
+    except Exception as exc:  # malformed multipart, too many parts
+        raise ApiError(400, "invalid_request", f"could not parse the multipart body: {exc}") from None
+    fields: dict[str, Any] = {}
+    uploads: dict[str, bytes] = {}  # target field -> bytes
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            target = files.get(name)
+            if target is None:
+                raise ApiError(422, "invalid_parameter", f"unexpected file field {name!r}")
+            if target in uploads:
+                raise ApiError(422, "invalid_parameter", f"file {name!r} given twice")
+            uploads[target] = await _read_upload(name, value, max_upload_bytes)
+        elif name in fields:
+            raise ApiError(422, "invalid_parameter", f"field {name!r} given twice")
+        elif name in files:
+            raise ApiError(422, "invalid_parameter", f"{name} must be a file part")
+        else:
+            fields[name] = value
+    required = next(iter(files.values()))
+    if required not in uploads:
+        raise ApiError(422, "invalid_parameter", f"multipart requests need a file part {required!r}")
+    for target, data in uploads.items():
+        fields[f"{target}_b64"] = base64.b64encode(data).decode()
+    return fields
+
+
+async def _read_upload(name: str, upload: UploadFile, limit: int) -> bytes:
+    kind = (upload.content_type or "application/octet-stream").split(";")[0].strip().lower()
+    if kind not in _IMAGE_CONTENT_TYPES:
+        raise UnsupportedImageTypeError(f"{name}: content type {kind} is not an image we accept")
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ImageTooLargeError(f"{name} is larger than {limit} bytes")
+    if not data:
+        raise InvalidImageError(f"{name} is empty")
+    return data
+
+
+def decode_b64(data: str, field: str, limit: int) -> bytes:
+    """Base64 (or a ``data:`` URI) to bytes, refusing more than ``limit`` decoded bytes before decoding."""
+    if len(data) > limit * 4 // 3 + 8:
+        raise ImageTooLargeError(f"{field} is larger than {limit} bytes")
+    try:
+        raw = base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImageError(f"{field} is not valid base64") from None
+    if not raw:
+        raise InvalidImageError(f"{field} is empty")
+    return raw
+
+
+class ImageInputs:
+    """Input images as bytes, from base64 or from an ``s3://`` URI in an allowed bucket (never a URL)."""
+
+    def __init__(self, reader: S3InputReader, max_bytes: int) -> None:
+        self.reader = reader
+        self.max_bytes = max_bytes
+
+    async def load(self, b64: str | None, uri: str | None, field: str) -> bytes:
+        if b64 is not None:
+            return decode_b64(b64, field, self.max_bytes)
+        if uri is None:
+            raise InvalidParameterError(f"{field} is required")
+        return await asyncio.to_thread(self.reader.read, uri, field, self.max_bytes)

@@ -1,0 +1,61 @@
+"""What ``/docs`` shows for the POST routes: both request bodies (JSON and multipart), and the error answers.
+
+The routes read the raw request themselves (one body reader for JSON and multipart, with size limits and a
+slow-client timeout), so FastAPI cannot infer their bodies; they are described here from the same pydantic
+models that validate them. In multipart, each file part replaces the JSON body's ``*_b64``/``*_uri`` pair of
+the same name, and every other field is a form field of the same name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from serve.schemas import ErrorResponse, FacesRequest, GenerateRequest
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 415, 422, 503, 504)
+}
+
+
+def _request_body(model: type[BaseModel], files: dict[str, str], required_file: str) -> dict[str, Any]:
+    """``openapi_extra`` for a route whose JSON body is ``model`` and whose multipart body has ``files``."""
+    schema = model.model_json_schema()
+    file_fields = {f"{name}{suffix}" for name in files for suffix in ("_b64", "_uri")}
+    form_properties = {name: prop for name, prop in schema["properties"].items() if name not in file_fields}
+    for name, description in files.items():
+        form_properties[name] = {"type": "string", "format": "binary", "description": description}
+    form_required = [required_file, *(name for name in schema.get("required", []) if name in form_properties)]
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema},
+                "multipart/form-data": {
+                    "schema": {
+                        "title": f"{model.__name__}Form",
+                        "type": "object",
+                        "properties": form_properties,
+                        "required": form_required,
+                    }
+                },
+            },
+        }
+    }
+
+
+GENERATE_BODY = _request_body(
+    GenerateRequest,
+    {
+        "face_image": "The identity photo (PNG, JPEG or WebP).",
+        "pose_image": "Optional photo whose largest face sets the pose, the composition and (without width/height) "
+        "the size.",
+    },
+    required_file="face_image",
+)
+FACES_BODY = _request_body(
+    FacesRequest,
+    {"image": "The photo to analyse (PNG, JPEG or WebP); the part may also be named face_image."},
+    required_file="image",
+)

@@ -1,0 +1,58 @@
+"""The OpenAPI document describes both request bodies of each POST route, from the models that validate them."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.api import app
+from serve.schemas import FacesRequest, GenerateRequest
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict:
+    return app.openapi()
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "files", "required_file"),
+    [
+        ("/v1/generate", GenerateRequest, {"face_image", "pose_image"}, "face_image"),
+        ("/v1/faces", FacesRequest, {"image"}, "image"),
+    ],
+)
+def test_post_routes_document_their_json_and_multipart_bodies(spec, path, model, files, required_file) -> None:
+    body = spec["paths"][path]["post"]["requestBody"]
+    assert body["required"] is True
+    assert set(body["content"]) == {"application/json", "multipart/form-data"}
+    json_schema = body["content"]["application/json"]["schema"]
+    expected = model.model_json_schema()
+    assert set(json_schema["properties"]) == set(expected["properties"])  # every field, by the name it is sent as
+    assert json_schema.get("required", []) == expected.get("required", [])
+    for name, prop in expected["properties"].items():  # constraints and descriptions survive FastAPI's rendering
+        for key in ("maximum", "minimum", "maxLength", "multipleOf", "enum", "description"):
+            assert json_schema["properties"][name].get(key) == prop.get(key), (name, key)
+
+    form = body["content"]["multipart/form-data"]["schema"]
+    for name in files:  # a file part instead of the JSON body's base64/URI pair
+        assert (form["properties"][name]["type"], form["properties"][name]["format"]) == ("string", "binary")
+        assert f"{name}_b64" not in form["properties"] and f"{name}_uri" not in form["properties"]
+    plain = {name for name in json_schema["properties"] if not name.endswith(("_b64", "_uri"))}
+    assert plain <= set(form["properties"])  # every other field is a form field of the same name
+    for name in plain:
+        assert form["properties"][name] == json_schema["properties"][name]
+    assert required_file in form["required"]
+    assert set(form["required"]) - {required_file} == set(json_schema.get("required", []))
+
+
+def test_generate_form_lists_every_generation_option(spec) -> None:
+    form = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"prompt", "seed", "num_inference_steps", "identitynet_strength", "store_inputs"} <= set(form["properties"])
+    assert form["required"] == ["face_image", "prompt"]
+
+
+def test_faces_request_accepts_the_generate_field_names() -> None:
+    assert FacesRequest.model_validate({"face_image_b64": "AAAA"}).image_b64 == "AAAA"
+    assert FacesRequest.model_validate({"face_image_uri": "s3://bucket/a.jpg"}).image_uri == "s3://bucket/a.jpg"
+    assert FacesRequest.model_validate({"image_b64": "AAAA"}).image_b64 == "AAAA"
+    with pytest.raises(ValueError, match="exactly one"):
+        FacesRequest.model_validate({})
