@@ -1,26 +1,32 @@
-"""Denoiser deployment (large GPU): face condition + prompt embeddings -> images.
+"""Denoiser deployment (large GPU): face condition + prompt embeddings -> images, per base and LoRA set.
 
-Requests are batched by *latents* (``num_images``), not by request count; inside a batch, jobs with
-equal size/steps/scheduler/CFG/control window share every UNet and IdentityNet forward, each keeping its
-own seeded generator and strengths.
+Bases are loaded through Serve's model multiplexing (the ingress routes by base name) and share one copy of
+InstantID's own weights (IdentityNet, resampler, face K/V). Requests are batched by *latents* (``num_images``);
+Serve splits every batch by base, and within it jobs with equal size/steps/scheduler/CFG/control window and
+LoRA set share every UNet and IdentityNet forward, each keeping its own seeded generator and strengths.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from ray import serve as ray_serve
 
-from deployments.instantid.denoiser import DenoiseJob
-from deployments.instantid.errors import InstantIDError
-from deployments.instantid.loading import load_denoiser
+from deployments.base_slots import BaseSlot, BaseSlots, multiplexed_loader, run_locked
+from deployments.instantid.bases import resolve_architecture, resolve_base
+from deployments.instantid.catalogue import ModelCatalogue, ModelChoice
+from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
+from deployments.instantid.errors import InstantIDError, ModelUnavailableError, WeightsError
+from deployments.instantid.loading import build_denoiser, load_instantid_parts, pick_device, pick_dtype
+from deployments.instantid.loras import LoraAdapters, architecture_skeletons, check_loras, resolve_lora_files
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.weights import DENOISER_COMPONENTS, WeightsLayout
-from deployments.messages import DenoiseResult, FaceResult, PromptResult, Timings, timed
+from deployments.messages import DenoiseResult, FaceResult, PromptResult, StageTiming, Timings, timed
 
 logger = logging.getLogger("ray.serve")
 
@@ -35,51 +41,105 @@ class DeviceOutOfMemoryError(InstantIDError):
 @dataclass
 class _Item:
     params: GenerationParams  # sized
+    model: ModelChoice
     face: FaceResult
     prompt: PromptResult
+    slot: BaseSlot[InstantIDDenoiser]
 
 
 def _latents(items: list[_Item]) -> int:
     return sum(item.params.num_images for item in items)
 
 
+def _span(end: float, seconds: float) -> StageTiming:
+    return StageTiming(start=end - seconds, end=end, seconds=seconds)
+
+
 @ray_serve.deployment(name="Denoiser", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
 class DenoiserDeployment:
-    def __init__(
+    async def __init__(
         self,
         weights: dict[str, Any],
         *,
+        models: dict[str, Any],
         device: str,
         dtype: str,
         vae_batch_size: int,
         max_batch_size: int,
         batch_wait_timeout_s: float,
     ) -> None:
-        layout = WeightsLayout.resolve(**weights, parts=("sdxl", "instantid"), sdxl_components=DENOISER_COMPONENTS)
-        self.model = load_denoiser(layout, device=device, dtype=dtype, vae_batch_size=vae_batch_size)
-        self.models = layout.describe()
+        self.catalogue = ModelCatalogue.model_validate(models)
+        self.catalogue.check_sources()
+        self.cache_dir = weights.get("cache_dir")
+        layout = WeightsLayout.resolve(**weights, parts=("instantid",))
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.vae_batch_size = vae_batch_size
+        self.parts = load_instantid_parts(layout, dtype=self.dtype)
+        self.architecture = resolve_architecture(str(self.catalogue.base_models["sdxl"].source), self.cache_dir)
+        self.lora_files = resolve_lora_files(self.catalogue.loras, self.cache_dir)
+        check_loras(self.lora_files, architecture_skeletons(self.architecture, ("unet",)))
+        self.instantid = {"identitynet_config": layout.describe()["identitynet_config"]}  # a config hash, no path
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.bases = BaseSlots(multiplexed_loader(self._load, self.catalogue.max_models_per_replica))
+        slot, _ = await self.bases.acquire(self.catalogue.default_base)  # the default base is warm from the start
+        slot.release()
 
-    async def generate(self, params: GenerationParams, face: FaceResult, prompt: PromptResult) -> DenoiseResult:
+    async def _load(self, name: str) -> BaseSlot[InstantIDDenoiser]:
+        return await asyncio.to_thread(self._load_now, name)
+
+    def _load_now(self, name: str) -> BaseSlot[InstantIDDenoiser]:
+        started = time.perf_counter()
+        try:
+            base = resolve_base(
+                name,
+                self.catalogue.base_models[name],
+                config_source=str(self.architecture),
+                components=DENOISER_COMPONENTS,
+                cache_dir=self.cache_dir,
+            )
+            model = build_denoiser(
+                self.parts, base, device=self.device, dtype=self.dtype, vae_batch_size=self.vae_batch_size
+            )
+        except WeightsError as exc:
+            raise ModelUnavailableError(f"base {name} could not be loaded: {exc.message}") from exc
+        adapters = LoraAdapters(
+            {"unet": model.unet},
+            self.lora_files,
+            capacity=self.catalogue.max_loras_per_replica,
+            unet_config=model.unet.config,
+        )
+        return self.bases.register(BaseSlot(name, model, adapters, time.perf_counter() - started))
+
+    async def generate(
+        self, params: GenerationParams, model: ModelChoice, face: FaceResult, prompt: PromptResult
+    ) -> DenoiseResult:
         """``face`` and ``prompt`` arrive as upstream responses resolved by Serve (no await in the caller)."""
-        condition = face.condition
-        item = _Item(params.sized(condition.width, condition.height), face, prompt)
-        result = await self._batch(item)
+        slot, waited = await self.bases.acquire(model.base)
+        try:
+            condition = face.condition
+            item = _Item(params.sized(condition.width, condition.height), model, face, prompt, slot)
+            result = await self._batch(item)
+        finally:
+            slot.release()
         if isinstance(result, Exception):  # a failed group's error, returned per item by _batch
             raise result
+        if waited:
+            result.timings["denoise_model_load"] = _span(result.timings["denoise"].start, waited)
         return result
 
-    @ray_serve.batch(batch_size_fn=_latents)  # sizes come from the config (set in __init__)
+    @ray_serve.batch(batch_size_fn=_latents)  # sizes come from the config (set in __init__); split by base
     async def _batch(self, items: list[_Item]) -> list[DenoiseResult | Exception]:
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(items):
-            groups.setdefault(item.params.batch_key(), []).append(index)
+            key = (id(item.slot), item.params.batch_key(), item.model.adapter_key())
+            groups.setdefault(key, []).append(index)
         results: list[DenoiseResult | Exception | None] = [None] * len(items)
         for indices in groups.values():
             group = [items[i] for i in indices]
             try:
-                outputs = await asyncio.to_thread(self._run, group)
+                outputs = await run_locked(group[0].slot, lambda g=group: self._run(g))
             except Exception as exc:  # one group failing must not fail the others
                 outputs = [exc] * len(group)
             for i, out in zip(indices, outputs, strict=True):
@@ -87,6 +147,9 @@ class DenoiserDeployment:
         return [r for r in results if r is not None]
 
     def _run(self, group: list[_Item]) -> list[DenoiseResult]:
+        slot = group[0].slot
+        model = slot.model
+        assert model is not None
         jobs = [
             DenoiseJob(
                 item.params,
@@ -99,26 +162,38 @@ class DenoiserDeployment:
         ]
         timings: Timings = {}
         try:
+            lora_seconds = slot.adapters.activate(group[0].model.loras)
             with timed(timings, "denoise"):
-                images = self.model.generate(jobs)
+                images = model.generate(jobs)
         except torch.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             logger.warning("out of memory on a batch of %d latents", _latents(group))
             raise DeviceOutOfMemoryError("the GPU is out of memory for this request; retry later") from exc
+        if lora_seconds:
+            timings["denoise_lora_load"] = _span(timings["denoise"].start, lora_seconds)
+        replica = ray_serve.get_replica_context().replica_id.unique_id
         return [
             DenoiseResult(
                 images=imgs,
                 params=item.params,
+                model=item.model,
                 face=replace(item.face.condition.face, embedding=None),
                 prompt_truncated=item.prompt.embeddings.truncated,
                 timings={**item.face.timings, **item.prompt.timings, **timings},
+                replicas={"face": item.face.replica, "prompt": item.prompt.replica, "denoiser": replica},
             )
             for item, imgs in zip(group, images, strict=True)
         ]
 
     def model_info(self) -> dict[str, Any]:
-        return dict(self.models)
+        """What this replica serves now: InstantID's weights, the bases it holds warm, the LoRAs each has loaded."""
+        return {
+            **self.instantid,
+            "loaded_bases": {slot.name: slot.adapters.loaded for slot in self.bases.slots()},
+        }
 
     def check_health(self) -> None:
-        if next(self.model.unet.parameters()).isnan().any():
-            raise RuntimeError("UNet weights are corrupted (NaN)")
+        for slot in self.bases.slots():
+            model = slot.model
+            if model is not None and next(model.unet.parameters()).isnan().any():
+                raise RuntimeError(f"UNet weights of base {slot.name} are corrupted (NaN)")

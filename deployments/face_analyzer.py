@@ -49,7 +49,7 @@ class FaceAnalyzerDeployment:
                 long_side=self.long_side,
                 min_face_px=self.min_face_px,
             )
-        return FaceResult(condition, timings)
+        return FaceResult(condition, timings, ray_serve.get_replica_context().replica_id.unique_id)
 
     def faces(self, image: bytes, include_keypoint_image: bool = False) -> FaceListing:
         """Every face (largest first), the one generation would use, optionally its keypoint image (PNG)."""

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.instantid.catalogue import ModelChoice
 from deployments.instantid.conditioning import FaceCondition
 from deployments.instantid.faces import DetectedFace
 from deployments.instantid.params import GenerationParams
@@ -67,6 +68,7 @@ class FaceRequest:
 class FaceResult:
     condition: FaceCondition
     timings: Timings
+    replica: str = ""
 
 
 @dataclass
@@ -88,12 +90,14 @@ class PromptRequest:
     prompt: str
     negative_prompt: str | None
     do_classifier_free_guidance: bool
+    model: ModelChoice  # the base whose text encoders encode, and the LoRAs with text-encoder parts
 
 
 @dataclass
 class PromptResult:
     embeddings: PromptEmbeddings
     timings: Timings
+    replica: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------- denoising
@@ -105,9 +109,11 @@ class DenoiseResult:
 
     images: np.ndarray  # (num_images, H, W, 3) uint8
     params: GenerationParams  # sized
+    model: ModelChoice
     face: DetectedFace  # the identity face, in face-photo pixels, without its embedding
     prompt_truncated: bool
     timings: Timings = field(default_factory=dict)
+    replicas: dict[str, str] = field(default_factory=dict)  # stage -> the Serve replica that ran it
 
 
 # ------------------------------------------------------------------------------------------------------- storage
@@ -135,9 +141,11 @@ class SavedGeneration:
 
     stored: StoredGeneration
     params: GenerationParams  # sized
+    model: ModelChoice
     face: DetectedFace
     prompt_truncated: bool
     timings: Timings
+    replicas: dict[str, str]
 
 
 @dataclass

@@ -1,41 +1,108 @@
-"""PromptEncoder deployment (small GPU): prompts -> SDXL text embeddings, batched across requests."""
+"""PromptEncoder deployment (small GPU): prompts -> SDXL text embeddings, batched, per base and LoRA set.
+
+Bases are loaded through Serve's model multiplexing (the ingress routes by base name); each base's text encoders
+carry the text-encoder parts of the catalogue's LoRAs. Serve splits every batch by base; within it, prompts
+with the same LoRA set share one forward per CFG mode.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import time
+from collections import defaultdict
 from typing import Any
 
 from ray import serve as ray_serve
 
+from deployments.base_slots import BaseSlot, BaseSlots, multiplexed_loader, run_locked
+from deployments.instantid.bases import resolve_architecture, resolve_base
+from deployments.instantid.catalogue import ModelCatalogue
+from deployments.instantid.errors import ModelUnavailableError, WeightsError
 from deployments.instantid.loading import load_prompt_encoder
-from deployments.instantid.weights import PROMPT_COMPONENTS, WeightsLayout
-from deployments.messages import PromptRequest, PromptResult, Timings, timed
+from deployments.instantid.loras import LoraAdapters, architecture_skeletons, check_loras, resolve_lora_files
+from deployments.instantid.text import SDXLPromptEncoder
+from deployments.instantid.weights import PROMPT_COMPONENTS
+from deployments.messages import PromptRequest, PromptResult, StageTiming, Timings, timed
+
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
 
 @ray_serve.deployment(name="PromptEncoder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
 class PromptEncoderDeployment:
-    def __init__(
+    async def __init__(
         self,
-        weights: dict[str, Any],
         *,
+        models: dict[str, Any],
+        cache_dir: str | None,
         device: str,
         dtype: str,
         max_batch_size: int,
         batch_wait_timeout_s: float,
     ) -> None:
-        layout = WeightsLayout.resolve(**weights, parts=("sdxl",), sdxl_components=PROMPT_COMPONENTS)
-        self.encoder = load_prompt_encoder(layout, device=device, dtype=dtype)
+        self.catalogue = ModelCatalogue.model_validate(models)
+        self.catalogue.check_sources()
+        self.cache_dir = cache_dir
+        self.device, self.dtype = device, dtype
+        self.architecture = resolve_architecture(str(self.catalogue.base_models["sdxl"].source), cache_dir)
+        self.lora_files = resolve_lora_files(self.catalogue.loras, cache_dir)
+        check_loras(self.lora_files, architecture_skeletons(self.architecture, TEXT_PARTS))
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.bases = BaseSlots(multiplexed_loader(self._load, self.catalogue.max_models_per_replica))
+        slot, _ = await self.bases.acquire(self.catalogue.default_base)  # the default base is warm from the start
+        slot.release()
+
+    async def _load(self, name: str) -> BaseSlot[SDXLPromptEncoder]:
+        import asyncio
+
+        return await asyncio.to_thread(self._load_now, name)
+
+    def _load_now(self, name: str) -> BaseSlot[SDXLPromptEncoder]:
+        started = time.perf_counter()
+        try:
+            base = resolve_base(
+                name,
+                self.catalogue.base_models[name],
+                config_source=str(self.architecture),
+                components=PROMPT_COMPONENTS,
+                cache_dir=self.cache_dir,
+            )
+            encoder = load_prompt_encoder(base=base, device=self.device, dtype=self.dtype)
+        except WeightsError as exc:
+            raise ModelUnavailableError(f"base {name} could not be loaded: {exc.message}") from exc
+        targets = dict(zip(TEXT_PARTS, encoder.encoders, strict=True))
+        adapters = LoraAdapters(targets, self.lora_files, capacity=self.catalogue.max_loras_per_replica)
+        return self.bases.register(BaseSlot(name, encoder, adapters, time.perf_counter() - started))
 
     async def encode(self, request: PromptRequest) -> PromptResult:
-        return await self._encode_batch(request)
+        slot, waited = await self.bases.acquire(request.model.base)
+        try:
+            result = await self._encode_batch((request, slot))
+        finally:
+            slot.release()
+        if waited:
+            end = time.time()
+            result.timings["prompt_model_load"] = StageTiming(start=end - waited, end=end, seconds=waited)
+        return result
 
-    @ray_serve.batch  # sizes come from the config (set in __init__)
-    async def _encode_batch(self, requests: list[PromptRequest]) -> list[PromptResult]:
-        return await asyncio.to_thread(self._encode_now, requests)
+    @ray_serve.batch  # sizes come from the config (set in __init__); Serve splits batches by base
+    async def _encode_batch(self, items: list[tuple[PromptRequest, BaseSlot]]) -> list[PromptResult]:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, (request, _) in enumerate(items):
+            groups[(id(items[index][1]), request.model.adapter_key())].append(index)
+        results: list[PromptResult | None] = [None] * len(items)
+        for indices in groups.values():
+            slot = items[indices[0]][1]
+            requests = [items[i][0] for i in indices]
+            encoded = await run_locked(slot, lambda s=slot, r=requests: self._encode_now(s, r))
+            for index, result in zip(indices, encoded, strict=True):
+                results[index] = result
+        return [r for r in results if r is not None]
 
-    def _encode_now(self, requests: list[PromptRequest]) -> list[PromptResult]:
+    def _encode_now(self, slot: BaseSlot[SDXLPromptEncoder], requests: list[PromptRequest]) -> list[PromptResult]:
+        replica = ray_serve.get_replica_context().replica_id.unique_id
+        lora_seconds = slot.adapters.activate(requests[0].model.loras)
+        encoder = slot.model
+        assert encoder is not None
         results: list[PromptResult | None] = [None] * len(requests)
         for cfg in (True, False):  # one forward per CFG mode
             rows = [i for i, r in enumerate(requests) if r.do_classifier_free_guidance == cfg]
@@ -43,13 +110,21 @@ class PromptEncoderDeployment:
                 continue
             timings: Timings = {}
             with timed(timings, "prompt"):
-                embeddings = self.encoder.encode(
+                embeddings = encoder.encode(
                     [requests[i].prompt for i in rows], [requests[i].negative_prompt for i in rows], cfg
                 )
+            if lora_seconds:
+                start = timings["prompt"].start
+                timings["prompt_lora_load"] = StageTiming(start=start, end=start + lora_seconds, seconds=lora_seconds)
             for i, emb in zip(rows, embeddings, strict=True):
-                results[i] = PromptResult(emb, dict(timings))
+                results[i] = PromptResult(emb, dict(timings), replica)
         return [r for r in results if r is not None]
 
+    def loaded_bases(self) -> list[str]:
+        return self.bases.loaded
+
     def check_health(self) -> None:
-        if next(self.encoder.encoders[1].parameters()).isnan().any():
-            raise RuntimeError("text encoder weights are corrupted (NaN)")
+        for slot in self.bases.slots():
+            encoder = slot.model
+            if encoder is not None and next(encoder.encoders[1].parameters()).isnan().any():
+                raise RuntimeError(f"text encoder weights of base {slot.name} are corrupted (NaN)")

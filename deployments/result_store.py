@@ -73,8 +73,10 @@ class ResultStoreDeployment:
         meta = {
             **dataclasses.asdict(record),
             "parameters": {**record.parameters, "width": output.params.width, "height": output.params.height},
+            "model": output.model.describe(),
             "face": output.face.to_dict(),
             "prompt_truncated": output.prompt_truncated,
+            "replicas": output.replicas,
             "timings": {stage: timing.model_dump() for stage, timing in timings.items()},
         }
         extra = [
@@ -94,7 +96,10 @@ class ResultStoreDeployment:
                 record.id,
             ) from exc
         timings["store"] = StageTiming.since(start)
-        return SavedGeneration(stored, output.params, output.face, output.prompt_truncated, timings)
+        replicas = {**output.replicas, "store": ray_serve.get_replica_context().replica_id.unique_id}
+        return SavedGeneration(
+            stored, output.params, output.model, output.face, output.prompt_truncated, timings, replicas
+        )
 
     def get(self, generation_id: str) -> GenerationMeta:
         """meta.json with fresh presigned URLs, or the spooled meta (``status: pending_upload``)."""

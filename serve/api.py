@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve as ray_serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.instantid.catalogue import ModelCatalogue
 from deployments.instantid.styles import apply_style
 from deployments.messages import (
     FaceRequest,
@@ -44,7 +45,18 @@ from serve.errors import OVERLOADED, REPLICA_GONE, ApiError, install_error_handl
 from serve.idempotency_guard import IdempotencyGuard, IdempotencyInProgress, IdempotencyKeyReused
 from serve.inputs import ImageInputs, read_body
 from serve.openapi import ERROR_RESPONSES, FACES_BODY, GENERATE_BODY
-from serve.schemas import FaceInfo, FacesRequest, FacesResponse, GenerateRequest, GenerateResponse
+from serve.schemas import (
+    BaseModelInfo,
+    FaceInfo,
+    FacesRequest,
+    FacesResponse,
+    GenerateRequest,
+    GenerateResponse,
+    LoraInfo,
+    ModeInfo,
+    ModelsResponse,
+    ModelUsed,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,10 +106,12 @@ class Ingress:
         api: dict[str, Any],
         storage: dict[str, Any],
         weights: dict[str, Any],
+        models: dict[str, Any],
     ) -> None:
         self.face, self.prompt, self.denoiser, self.store = face, prompt, denoiser, store
         self.api = ApiConfig(**api)
         self.weights = weights
+        self.catalogue = ModelCatalogue.model_validate(models)
         self.keys = ApiKeys(self.api.auth)
         reader = S3InputReader(S3Settings(**storage), self.api.allowed_input_buckets)
         self.images = ImageInputs(reader, self.api.max_upload_bytes)
@@ -162,6 +176,24 @@ class Ingress:
             keypoint_image_png_b64=None if keypoint_png is None else base64.b64encode(keypoint_png).decode(),
         )
 
+    async def models(self) -> ModelsResponse:
+        """The catalogue (names, descriptions, defaults; never where the files are) and what one denoiser holds."""
+        catalogue = self.catalogue
+        return ModelsResponse(
+            default_base=catalogue.default_base,
+            base_models={
+                name: BaseModelInfo(description=spec.description, single_file=spec.single_file)
+                for name, spec in sorted(catalogue.base_models.items())
+            },
+            loras={
+                name: LoraInfo(scale=spec.scale, description=spec.description)
+                for name, spec in sorted(catalogue.loras.items())
+            },
+            modes={name: ModeInfo(**mode.model_dump()) for name, mode in sorted(catalogue.all_modes().items())},
+            denoiser=await self.denoiser.model_info.remote(),
+            api_version=API_VERSION,
+        )
+
     async def get_generation(self, generation_id: str, owner: str | None = None) -> dict[str, Any]:
         """Stored metadata with fresh URLs. With ``owner``, another principal's generation is "not found"."""
         return (await self._owned(generation_id, owner)).document
@@ -211,11 +243,10 @@ class Ingress:
     async def http_health(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/models", summary="The models this deployment serves")
-    async def http_models(self, request: Request) -> dict[str, Any]:
+    @app.get("/v1/models", response_model=ModelsResponse, summary="The bases, LoRAs and modes a request can choose")
+    async def http_models(self, request: Request) -> JSONResponse:
         self._principal(request)
-        info = await self.denoiser.model_info.remote()
-        return {"weights": self.weights, "denoiser": info, "api_version": API_VERSION}
+        return JSONResponse((await self.models()).model_dump(mode="json"))
 
     # ------------------------------------------------------------------------------------ generation flow
     async def _admitted(self, request: GenerateRequest, request_id: str, owner: str) -> GenerateResponse:
@@ -242,12 +273,24 @@ class Ingress:
         if request.pose_image_b64 is not None or request.pose_image_uri is not None:
             pose_image = await self.images.load(request.pose_image_b64, request.pose_image_uri, "pose_image")
         seed = options.resolved_seed()
+        model, preset = self.catalogue.choose(options.base_model, options.lora_requests(), options.mode)
         prompt, negative = apply_style(options.style, options.prompt, options.negative_prompt)
-        params = options.sampling_params(seed)
+        params = options.sampling_params(seed, preset)
         face = self.face.analyze.remote(FaceRequest(face_image, pose_image, options.width, options.height))
-        encoded = self.prompt.encode.remote(PromptRequest(prompt, negative, params.do_classifier_free_guidance))
-        images = self.denoiser.generate.remote(params, face, encoded)
-        effective = {**options.model_dump(), "seed": seed}
+        # Routed by base: Serve prefers replicas that report it loaded (model multiplexing).
+        prompt_stage = self.prompt.options(multiplexed_model_id=model.base)
+        denoiser = self.denoiser.options(multiplexed_model_id=model.base)
+        cfg = params.do_classifier_free_guidance
+        encoded = prompt_stage.encode.remote(PromptRequest(prompt, negative, cfg, model))
+        images = denoiser.generate.remote(params, model, face, encoded)
+        effective = {
+            **options.model_dump(),
+            "seed": seed,
+            "base_model": model.base,
+            "num_inference_steps": params.num_inference_steps,
+            "guidance_scale": params.guidance_scale,
+            "scheduler": params.scheduler,
+        }
         record = GenerationRecord(
             id=new_generation_id(),
             request_id=request_id,
@@ -284,8 +327,10 @@ class Ingress:
             images=saved.stored.images,
             seed=seed,
             face=FaceInfo.of(saved.face),
+            model=ModelUsed.model_validate(saved.model.describe()),
             timings={**saved.timings, "total": StageTiming.since(started)},
             parameters={**effective, "width": saved.params.width, "height": saved.params.height},
+            replicas=saved.replicas,
             warnings=warnings,
         )
 

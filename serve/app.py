@@ -25,6 +25,7 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
     ``build_app`` binds them; tests construct a deployment's class directly with the same arguments.
     """
     weights = config.weights.model_dump(exclude_none=True, exclude={"make_tiny_if_missing"})
+    models = config.weights.catalogue(config.models).model_dump()
     return {
         "face": {
             "weights": weights,
@@ -35,7 +36,8 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
             "max_image_pixels": config.api.max_image_pixels,
         },
         "prompt": {
-            "weights": weights,
+            "models": models,
+            "cache_dir": config.weights.cache_dir,
             "device": config.prompt.device,
             "dtype": config.prompt.dtype,
             "max_batch_size": config.prompt.batching.max_batch_size,
@@ -43,6 +45,7 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
         },
         "denoiser": {
             "weights": weights,
+            "models": models,
             "device": config.denoiser.device,
             "dtype": config.denoiser.dtype,
             "vae_batch_size": config.denoiser.vae_batch_size,
@@ -73,4 +76,5 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         api=config.api.model_dump(),
         storage=config.storage.s3.model_dump(),
         weights=arguments["denoiser"]["weights"],
+        models=arguments["denoiser"]["models"],
     )

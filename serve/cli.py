@@ -37,6 +37,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--no-enhance-face-region", action="store_true")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="SDXL base: a diffusers folder or .safetensors file, or a name in WEIGHTS/bases/ (default: WEIGHTS/sdxl)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME_OR_PATH[:SCALE]",
+        help="a LoRA file, or a name in WEIGHTS/loras/, with an optional scale (repeatable)",
+    )
+    p.add_argument("--mode", default=None, help="fast mode preset: lcm, lightning or hyper (LoRAs from WEIGHTS/loras/)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", required=True, type=Path, help="output file (.png, .jpg, .webp)")
@@ -62,6 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     if args.no_enhance_face_region:
         given["enhance_face_region"] = False
+    given["mode"] = args.mode
     try:
         options = GenerationOptions(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
@@ -79,8 +93,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     face = decode_image(_read(args.face, "--face"))
     pose = decode_image(_read(args.pose, "--pose")) if args.pose else None
-    pipeline, params, seed = _pipeline_and_params(WeightsLayout.from_root(args.weights), options, args)
-    output = pipeline(face, options.prompt, options.negative_prompt, params=params, style=options.style, pose_rgb=pose)
+    layout = WeightsLayout.from_root(args.weights)
+    base, lora_files, loras, preset = _local_models(args.weights, args.base, args.lora, args.mode)
+    seed = options.resolved_seed()
+    params = options.sampling_params(seed, preset)
+    pipeline = _pipeline(layout, args, base, lora_files)
+    output = pipeline(
+        face, options.prompt, options.negative_prompt, params=params, style=options.style, pose_rgb=pose, loras=loras
+    )
     try:
         _write_images(output.images, args.out, options.output_quality)
     except OSError as exc:
@@ -107,13 +127,57 @@ def _check_device(device: str, dtype: str) -> None:
         raise CliError(f"--dtype: {exc}") from None
 
 
-def _pipeline_and_params(layout, options, args):
+def _pipeline(layout, args, base, lora_files):
     from deployments.instantid.pipeline import InstantIDPipeline
 
-    seed = options.resolved_seed()
-    params = options.sampling_params(seed)
-    pipeline = InstantIDPipeline.from_layout(layout, device=args.device, dtype=args.dtype)
-    return pipeline, params, seed
+    return InstantIDPipeline.from_layout(layout, device=args.device, dtype=args.dtype, base=base, lora_files=lora_files)
+
+
+def _local_models(weights: Path, base: str | None, loras: list[str], mode: str | None):
+    """``--base``/``--lora``/``--mode`` as local files: paths as given, names in the layout's bases/ and loras/.
+
+    Returns ``(SDXLBase or None, {name: file}, ((name, scale), ...), the mode's preset or None)``.
+    """
+    from deployments.instantid.bases import SDXLBase
+    from deployments.instantid.catalogue import LORAS_DIR, PRESET_LORA_FILES, PRESET_MODES
+
+    chosen_base = None
+    if base is not None:
+        path = Path(base).expanduser()
+        candidates = [path] if path.exists() else [weights / "bases" / base, weights / "bases" / f"{base}.safetensors"]
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            raise CliError(f"--base: {base} is neither a file or folder nor a name in {weights / 'bases'}")
+        if found.is_file():  # a single-file checkpoint: the layout's SDXL folder gives its architecture
+            chosen_base = SDXLBase(found.stem, file=found, config=weights / "sdxl")
+        else:
+            chosen_base = SDXLBase(found.name, folder=found)
+    files: dict[str, Path] = {}
+    chosen: list[tuple[str, float]] = []
+    for item in loras:
+        spec, scale = item, 1.0
+        head, _, tail = item.rpartition(":")
+        if head and tail.replace(".", "", 1).lstrip("-").isdigit():
+            spec, scale = head, float(tail)
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            path = weights / LORAS_DIR / f"{spec}.safetensors"
+        if not path.is_file():
+            raise CliError(f"--lora: {spec} is neither a file nor a name in {weights / LORAS_DIR}")
+        files[path.stem] = path
+        chosen.append((path.stem, scale))
+    preset = None
+    if mode is not None:
+        if mode not in PRESET_MODES:
+            raise CliError(f"--mode: choose one of {', '.join(PRESET_MODES)}")
+        preset = PRESET_MODES[mode]
+        if preset.lora is not None:
+            path = weights / LORAS_DIR / PRESET_LORA_FILES[preset.lora]
+            if not path.is_file():
+                raise CliError(f"--mode {mode}: its LoRA {path} is missing (instantid weights download)")
+            files[preset.lora] = path
+            chosen.append((preset.lora, preset.lora_scale))
+    return chosen_base, files, tuple(chosen), preset
 
 
 def _read(path: Path, flag: str) -> bytes:

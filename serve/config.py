@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.instantid.catalogue import ModelCatalogue
 from deployments.instantid.denoiser import DEFAULT_VAE_BATCH_SIZE
 from deployments.instantid.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from deployments.instantid.keypoints import REFERENCE_LONG_SIDE
@@ -71,6 +72,15 @@ class WeightsConfig(_Strict):
         if self.root is None and None in (self.sdxl, self.instantid, self.antelopev2):
             raise ValueError("weights need a root, or all of sdxl, instantid and antelopev2")
         return self
+
+    def source(self, part: str) -> str:
+        """Where ``part`` (``sdxl``, ``instantid``, ``antelopev2``) comes from: its own source, else root/part."""
+        own = getattr(self, part)
+        return own if own is not None else str(self.root).rstrip("/") + "/" + part
+
+    def catalogue(self, models: ModelCatalogue) -> ModelCatalogue:
+        """``models`` with this layout's base and preset LoRAs, every relative source under ``root``."""
+        return models.with_layout(self.source("sdxl"), self.root)
 
 
 class BatchOptions(_Strict):
@@ -149,6 +159,10 @@ class AppConfig(_Strict):
     """Everything ``serve.app:build_app`` needs."""
 
     weights: WeightsConfig
+    models: ModelCatalogue = Field(
+        default_factory=ModelCatalogue,
+        description="Bases, LoRAs and modes requests choose by name; the weights' sdxl folder is the base 'sdxl'.",
+    )
     storage: StorageConfig
     api: ApiConfig = Field(default_factory=ApiConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)

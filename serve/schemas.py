@@ -6,11 +6,13 @@ Generation defaults are the published InstantID demo's, read from ``GenerationPa
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
+from deployments.instantid.catalogue import LORA_SCALE_RANGE, MAX_REQUEST_LORAS, ModeSpec
 from deployments.instantid.faces import DetectedFace
 from deployments.instantid.params import DEFAULT_PARAMS, GenerationParams
 from deployments.instantid.schedulers import SchedulerName
@@ -29,8 +31,22 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
 
 
+class LoraChoice(BaseModel):
+    """One LoRA of the catalogue (``GET /v1/models``) and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=64)
+    scale: float | None = Field(
+        default=None, ge=LORA_SCALE_RANGE[0], le=LORA_SCALE_RANGE[1], description="Absent: the catalogue's default."
+    )
+
+
 class GenerationOptions(BaseModel):
-    """Everything about a generation except the images themselves."""
+    """Everything about a generation except the images themselves.
+
+    In multipart bodies, a list- or object-valued field (``loras``) is one form field holding its JSON.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -57,22 +73,56 @@ class GenerationOptions(BaseModel):
     num_images: int = Field(default=DEFAULT_PARAMS.num_images, ge=1, le=MAX_IMAGES)
     output_format: OutputFormat = "webp"
     output_quality: int = Field(default=95, ge=1, le=100, description="JPEG/WebP quality.")
+    base_model: str | None = Field(default=None, max_length=64, description="A base from GET /v1/models.")
+    loras: list[LoraChoice] = Field(
+        default_factory=list, max_length=MAX_REQUEST_LORAS, description="LoRAs from GET /v1/models, with scales."
+    )
+    mode: str | None = Field(
+        default=None,
+        max_length=64,
+        description="A fast-mode preset (lcm, lightning, hyper, ...): its LoRA, scheduler, steps and guidance; "
+        "fields set explicitly in the request win.",
+    )
 
-    def sampling_params(self, seed: int) -> GenerationParams:
-        """The model-level parameters (one mapping, shared by the ingress and `instantid generate`)."""
+    @model_validator(mode="before")
+    @classmethod
+    def _json_form_fields(cls, data: Any) -> Any:
+        """A multipart form carries list/object fields as JSON text; decode those (JSON bodies pass through)."""
+        if isinstance(data, dict) and isinstance(data.get("loras"), str):
+            try:
+                data = {**data, "loras": json.loads(data["loras"])}
+            except ValueError:
+                raise ValueError('loras must be a JSON list, e.g. [{"name": "x", "scale": 0.8}]') from None
+        return data
+
+    def lora_requests(self) -> list[tuple[str, float | None]]:
+        return [(lora.name, lora.scale) for lora in self.loras]
+
+    def sampling_params(self, seed: int, preset: ModeSpec | None = None) -> GenerationParams:
+        """The model-level parameters (one mapping, shared by the ingress and `instantid generate`).
+
+        A mode's preset supplies steps, guidance and scheduler unless the request set them itself.
+        """
+        given = self.model_fields_set
+
+        def pick(field: str) -> Any:
+            if preset is not None and field not in given:
+                return getattr(preset, field)
+            return getattr(self, field)
+
         return GenerationParams(
             width=self.width,
             height=self.height,
             seed=seed,
             num_images=self.num_images,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
+            num_inference_steps=pick("num_inference_steps"),
+            guidance_scale=pick("guidance_scale"),
             identitynet_strength=self.identitynet_strength,
             adapter_strength=self.adapter_strength,
             control_guidance_start=self.control_guidance_start,
             control_guidance_end=self.control_guidance_end,
             enhance_face_region=self.enhance_face_region,
-            scheduler=self.scheduler,
+            scheduler=pick("scheduler"),
         )
 
     def resolved_seed(self) -> int:
@@ -114,7 +164,9 @@ class GenerateRequest(GenerationOptions):
         return self
 
     def options(self) -> GenerationOptions:
-        return GenerationOptions(**self.model_dump(include=set(GenerationOptions.model_fields)))
+        """The generation options alone; fields the request did not set stay unset (a mode's preset fills them)."""
+        fields = self.model_dump(include=set(GenerationOptions.model_fields), exclude_unset=True)
+        return GenerationOptions(**fields)
 
 
 class FacesRequest(BaseModel):
@@ -149,14 +201,31 @@ class FaceInfo(BaseModel):
         return cls(box=[float(v) for v in face.bbox], keypoints=face.kps.tolist(), score=face.det_score)
 
 
+class LoraUsed(BaseModel):
+    name: str
+    scale: float
+
+
+class ModelUsed(BaseModel):
+    base: str = Field(description="The base model that made the images.")
+    loras: list[LoraUsed] = Field(description="Every active LoRA with its scale (a mode's LoRA last).")
+    mode: str | None
+
+
 class GenerateResponse(BaseModel):
     id: str
     request_id: str
     images: list[StoredImage]
     seed: int
     face: FaceInfo
-    timings: dict[str, StageTiming]
-    parameters: dict[str, Any] = Field(description="The effective parameters, defaults filled in.")
+    model: ModelUsed
+    timings: dict[str, StageTiming] = Field(
+        description="Per stage; *_model_load and *_lora_load appear when this request waited for a cold load."
+    )
+    parameters: dict[str, Any] = Field(
+        description="The effective parameters, defaults and the mode's preset filled in."
+    )
+    replicas: dict[str, str] = Field(default_factory=dict, description="The Serve replica that ran each stage.")
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -180,3 +249,31 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class BaseModelInfo(BaseModel):
+    description: str
+    single_file: bool = Field(description="A single-file checkpoint (else a diffusers folder).")
+
+
+class LoraInfo(BaseModel):
+    scale: float = Field(description="The scale a request gets when it names the LoRA without one.")
+    description: str
+
+
+class ModeInfo(BaseModel):
+    lora: str | None
+    lora_scale: float
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: float
+    description: str
+
+
+class ModelsResponse(BaseModel):
+    default_base: str
+    base_models: dict[str, BaseModelInfo]
+    loras: dict[str, LoraInfo]
+    modes: dict[str, ModeInfo]
+    denoiser: dict[str, Any] = Field(description="One denoiser replica: InstantID's weights, its bases and LoRAs.")
+    api_version: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,21 @@ def test_local_config_fits_two_cores_and_production_separates_node_types():
 
 def _instance(deployment, stage: str, config: AppConfig, **overrides):
     """The user class behind a Serve deployment, constructed directly (no Ray) with the arguments the app
-    builder binds for ``stage``: its health check is plain code."""
-    return deployment.func_or_class(**{**stage_arguments(config)[stage], **overrides})
+    builder binds for ``stage``: its health check is plain code. (Async constructors are run to completion.)"""
+    cls = deployment.func_or_class
+    instance = cls.__new__(cls)
+    result = instance.__init__(**{**stage_arguments(config)[stage], **overrides})
+    if asyncio.iscoroutine(result):
+        asyncio.run(result)
+    return instance
+
+
+@pytest.fixture
+def without_serve_multiplexing(monkeypatch):
+    """Outside a Serve replica, ``@serve.multiplexed`` cannot run: the GPU stages then load bases directly."""
+    import ray.serve
+
+    monkeypatch.setattr(ray.serve, "multiplexed", lambda **_: lambda load: load)
 
 
 def test_face_health_check_detects_a_broken_session(tiny_weights):
@@ -68,15 +82,16 @@ def test_face_health_check_detects_a_broken_session(tiny_weights):
         face.check_health()
 
 
-def test_model_health_checks_detect_corrupted_weights(tiny_weights):
+def test_model_health_checks_detect_corrupted_weights(tiny_weights, without_serve_multiplexing):
     config = local_app_config(tiny_weights, "unused")
     prompt = _instance(PromptEncoderDeployment, "prompt", config)
     denoiser = _instance(DenoiserDeployment, "denoiser", config)
     prompt.check_health()
     denoiser.check_health()
+    (prompt_slot,), (denoiser_slot,) = prompt.bases.slots(), denoiser.bases.slots()  # the default base, warm
     with torch.no_grad():
-        next(prompt.encoder.encoders[1].parameters()).fill_(float("nan"))
-        next(denoiser.model.unet.parameters()).fill_(float("nan"))
+        next(prompt_slot.model.encoders[1].parameters()).fill_(float("nan"))
+        next(denoiser_slot.model.unet.parameters()).fill_(float("nan"))
     with pytest.raises(RuntimeError, match="NaN"):
         prompt.check_health()
     with pytest.raises(RuntimeError, match="NaN"):

@@ -341,6 +341,6 @@ def test_every_instantid_input_visibly_moves_the_tiny_image(denoiser, prompt_enc
         "no face-region mask": image(dataclasses.replace(BASE, enhance_face_region=False)),
     }
     differences = {what: max_difference(base, other) for what, other in moved.items()}
-    at_least = {"another pose": 20, "a blank keypoint image": 20, "another identity": 20, "no face-region mask": 20}
+    at_least = {"another pose": 20, "a blank keypoint image": 20, "another identity": 10, "no face-region mask": 20}
     for what, difference in differences.items():
         assert difference > at_least.get(what, 4), differences

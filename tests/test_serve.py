@@ -254,7 +254,31 @@ def test_unreadable_and_wrong_type_inputs(serve_stack):
 
 def test_health_models_and_openapi(serve_stack):
     assert httpx.get(f"{serve_stack.url}/healthz", timeout=10).json() == {"status": "ok"}
-    models = httpx.get(f"{serve_stack.url}/v1/models", timeout=30).json()
-    assert models["denoiser"]["sdxl_unet_config"] and models["api_version"] == "1"
+    response = httpx.get(f"{serve_stack.url}/v1/models", timeout=30)
+    models = response.json()
+    assert models["api_version"] == "1" and models["default_base"] == "sdxl"
+    assert models["base_models"] == {
+        "sdxl": {"description": "the weights' SDXL base", "single_file": False},
+        "tiny-alt": {"description": models["base_models"]["tiny-alt"]["description"], "single_file": True},
+    }
+    assert set(models["loras"]) == {
+        "lcm-lora-sdxl",
+        "sdxl-lightning-8step",
+        "hyper-sdxl-8step-cfg",
+        "style-peft",
+        "style-kohya",
+    }
+    assert models["loras"]["style-peft"]["scale"] == 0.8
+    assert models["modes"]["lcm"] | {"description": ""} == {
+        "lora": "lcm-lora-sdxl",
+        "lora_scale": 1.0,
+        "scheduler": "lcm",
+        "num_inference_steps": 10,
+        "guidance_scale": 0.0,
+        "description": "",
+    }
+    assert {"lightning", "hyper"} <= set(models["modes"])
+    assert "sdxl" in models["denoiser"]["loaded_bases"] and models["denoiser"]["identitynet_config"]
+    assert str(serve_stack.config.weights.root) not in response.text  # where the files are is not published
     spec = httpx.get(f"{serve_stack.url}/openapi.json", timeout=10).json()
     assert {"/v1/generate", "/v1/faces", "/v1/generations/{generation_id}", "/healthz"} <= set(spec["paths"])

@@ -22,7 +22,7 @@ from deployments.instantid.errors import WeightsError
 from deployments.instantid.faces import ANTELOPEV2_FILES
 from deployments.instantid.loading import load_denoiser, load_face_analyzer, load_prompt_encoder
 from deployments.instantid.resampler import Resampler, ResamplerConfig
-from deployments.instantid.tiny import write_tiny_weights
+from deployments.instantid.tiny import PARTS, write_tiny_weights
 from deployments.instantid.weights import (
     DENOISER_COMPONENTS,
     PROMPT_COMPONENTS,
@@ -43,6 +43,9 @@ TENSOR_FILES = (  # every file holding random tensors: each must change with the
     "instantid/ControlNetModel/diffusion_pytorch_model.safetensors",
     "instantid/ip-adapter.bin",
     "antelopev2/glintr100.onnx",
+    "bases/tiny-alt.safetensors",
+    "loras/style-peft.safetensors",
+    "loras/lcm-lora-sdxl.safetensors",
 )
 
 
@@ -78,14 +81,14 @@ def test_tiny_weights_are_deterministic_small_and_leave_the_global_rng_alone(tmp
     other = write_tiny_weights(tmp_path / "c", seed=1)
 
     hashes = file_hashes(first)
-    assert sum(p.stat().st_size for p in first.rglob("*") if p.is_file()) < 40 * 1024 * 1024
+    assert sum(p.stat().st_size for p in first.rglob("*") if p.is_file()) < 50 * 1024 * 1024
     assert set(TENSOR_FILES) <= set(hashes)
     assert file_hashes(second) == hashes  # same relative files, same bytes
     other_hashes = file_hashes(other)
     assert set(other_hashes) == set(hashes)
     assert [f for f in TENSOR_FILES if other_hashes[f] == hashes[f]] == []
     # Nothing is left behind but the three parts (the staging folder is removed).
-    assert sorted(p.name for p in first.iterdir()) == ["antelopev2", "instantid", "sdxl"]
+    assert sorted(p.name for p in first.iterdir()) == sorted(PARTS)
 
 
 def test_tiny_weights_rewrite_replaces_the_parts(tmp_path: Path) -> None:

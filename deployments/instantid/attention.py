@@ -214,27 +214,50 @@ def _attention_layers(unet: nn.Module) -> Iterator[tuple[str, Attention]]:
         yield name, unet.get_submodule(name.removesuffix(".processor"))
 
 
-def install_face_attention(unet: nn.Module) -> nn.ModuleList:
-    """Give every attention layer of ``unet`` its face-aware processor; return them as one ModuleList.
+def face_attention_layers(unet: nn.Module) -> nn.ModuleList:
+    """New face-aware processors for every attention layer of ``unet``, in ``attn_processors`` order.
 
     The ModuleList's state dict has exactly the published ``ip_adapter`` keys (``{k}.to_k_ip.weight``,
-    ``{k}.to_v_ip.weight`` for each cross-attention index k).
+    ``{k}.to_v_ip.weight`` for each cross-attention index k). :func:`attach_face_attention` installs them.
     """
-    processors: dict[str, nn.Module] = {}
-    for name, attn in _attention_layers(unet):
+    processors: list[nn.Module] = []
+    for _, attn in _attention_layers(unet):
         if attn.is_cross_attention:
             weight = attn.to_k.weight  # create on the UNet's own device and dtype
-            processors[name] = FaceTokenAttnProcessor(attn.to_k.out_features, attn.to_k.in_features).to(weight)
+            processors.append(FaceTokenAttnProcessor(attn.to_k.out_features, attn.to_k.in_features).to(weight))
         else:
-            processors[name] = SelfAttnProcessor()
-    layers = nn.ModuleList(processors.values())
-    unet.set_attn_processor(processors)  # note: diffusers empties the dict it is given
+            processors.append(SelfAttnProcessor())
+    return nn.ModuleList(processors)
+
+
+def attach_face_attention(unet: nn.Module, layers: nn.ModuleList) -> None:
+    """Install ``layers`` (from :func:`face_attention_layers` of a UNet of the same architecture) in ``unet``.
+
+    Several SDXL bases on one replica share one set: the face K/V projections belong to InstantID, not to a base.
+    """
+    attentions = list(_attention_layers(unet))
+    if len(attentions) != len(layers):
+        raise WeightsError(
+            f"this UNet has {len(attentions)} attention layers; the face layers were made for {len(layers)}"
+        )
+    for (name, attn), layer in zip(attentions, layers, strict=True):
+        if attn.is_cross_attention != isinstance(layer, FaceTokenAttnProcessor) or (
+            isinstance(layer, FaceTokenAttnProcessor) and layer.to_k_ip.weight.shape != attn.to_k.weight.shape
+        ):
+            raise WeightsError(f"the face attention layers do not fit this UNet at {name}")
+    unet.set_attn_processor({name: layer for (name, _), layer in zip(attentions, layers, strict=True)})
+
+
+def install_face_attention(unet: nn.Module) -> nn.ModuleList:
+    """Give every attention layer of ``unet`` new face-aware processors; return them as one ModuleList."""
+    layers = face_attention_layers(unet)
+    attach_face_attention(unet, layers)
     return layers
 
 
 def load_face_attention(unet: nn.Module, ip_adapter_state: dict[str, torch.Tensor]) -> nn.ModuleList:
-    """Install the processors and load ``ip-adapter.bin``'s ``ip_adapter`` part strictly."""
-    layers = install_face_attention(unet)
+    """Install new processors and load ``ip-adapter.bin``'s ``ip_adapter`` part into them strictly."""
+    layers = face_attention_layers(unet)
     expected = set(layers.state_dict())
     given = set(ip_adapter_state)
     if expected != given:
@@ -247,4 +270,5 @@ def load_face_attention(unet: nn.Module, ip_adapter_state: dict[str, torch.Tenso
         layers.load_state_dict(ip_adapter_state, strict=True)
     except RuntimeError as exc:  # size mismatches
         raise WeightsError(f"ip_adapter weights have the wrong sizes for this UNet: {exc}") from exc
+    attach_face_attention(unet, layers)
     return layers

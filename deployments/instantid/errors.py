@@ -66,3 +66,10 @@ class WeightsError(InstantIDError):
 
     code = "weights_error"
     status = 500
+
+
+class ModelUnavailableError(InstantIDError):
+    """A model the request chose could not be loaded on this replica (the others still serve); retry later."""
+
+    code = "model_unavailable"
+    status = 503

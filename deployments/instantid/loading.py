@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 
-from .attention import load_face_attention
+from .attention import attach_face_attention, load_face_attention
+from .bases import SDXLBase, load_text_encoders, load_unet_and_vae
+from .catalogue import DEFAULT_BASE
 from .denoiser import DEFAULT_VAE_BATCH_SIZE, InstantIDDenoiser
 from .errors import WeightsError
 from .resampler import Resampler
 from .text import SDXLPromptEncoder
-from .weights import (
-    DENOISER_COMPONENTS,
-    PROMPT_COMPONENTS,
-    WeightsLayout,
-    load_ip_adapter,
-    read_scheduler_config,
-    sdxl_variant,
-)
+from .weights import DENOISER_COMPONENTS, PROMPT_COMPONENTS, WeightsLayout, load_ip_adapter
 
 if TYPE_CHECKING:
     from .faces import FaceAnalyzer
@@ -53,48 +49,106 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}") from None
 
 
-def load_denoiser(
-    layout: WeightsLayout, *, device: str = "auto", dtype: str = "auto", vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE
-) -> InstantIDDenoiser:
-    """UNet + VAE from the SDXL folder, IdentityNet + resampler + face K/V from the InstantID folder."""
-    layout.check_sdxl(DENOISER_COMPONENTS)
+@dataclass
+class InstantIDParts:
+    """IdentityNet, the resampler and the face-token attention layers: InstantID's own weights.
+
+    One copy per replica, shared by every SDXL base it loads (they belong to InstantID, not to a base).
+    """
+
+    controlnet: ControlNetModel
+    resampler: Resampler
+    face_attention: dict[str, torch.Tensor]  # the published ``ip_adapter`` part, loaded into the first UNet's layers
+    _layers: torch.nn.ModuleList | None = None
+
+    def attach(self, unet: UNet2DConditionModel) -> None:
+        """Install the face-token attention in ``unet`` (new layers the first time, the same ones afterwards)."""
+        if self.resampler.config.output_dim != unet.config.cross_attention_dim:
+            raise WeightsError(
+                f"the resampler makes {self.resampler.config.output_dim}-d face tokens but the UNet cross-attention "
+                f"expects {unet.config.cross_attention_dim}: ip-adapter.bin and the SDXL base do not belong together"
+            )
+        if self._layers is None:
+            self._layers = load_face_attention(unet, self.face_attention)
+            self.face_attention = {}  # the layers hold the tensors now
+        else:
+            attach_face_attention(unet, self._layers)
+
+
+def load_instantid_parts(layout: WeightsLayout, *, dtype: torch.dtype) -> InstantIDParts:
+    """IdentityNet + resampler + face K/V from the InstantID folder (placed on a device by the denoiser)."""
     layout.check_instantid()
     quiet_progress_bars()
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
     try:
-        unet = UNet2DConditionModel.from_pretrained(
-            layout.sdxl / "unet", variant=sdxl_variant(layout.sdxl / "unet"), torch_dtype=torch_dtype
-        )
-        vae = AutoencoderKL.from_pretrained(layout.sdxl / "vae", variant=sdxl_variant(layout.sdxl / "vae"))
-        controlnet = ControlNetModel.from_pretrained(layout.controlnet, torch_dtype=torch_dtype)
+        controlnet = ControlNetModel.from_pretrained(layout.controlnet, torch_dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise WeightsError(f"could not load SDXL/IdentityNet weights: {exc}") from exc
+        raise WeightsError(f"could not load IdentityNet weights: {exc}") from exc
     image_proj, ip_adapter = load_ip_adapter(layout.ip_adapter)
-    resampler = Resampler.from_state_dict(image_proj)
-    if resampler.config.output_dim != unet.config.cross_attention_dim:
-        raise WeightsError(
-            f"the resampler makes {resampler.config.output_dim}-d face tokens but the UNet cross-attention "
-            f"expects {unet.config.cross_attention_dim}: ip-adapter.bin and the SDXL base do not belong together"
-        )
-    load_face_attention(unet, ip_adapter)
+    return InstantIDParts(controlnet, Resampler.from_state_dict(image_proj), ip_adapter)
+
+
+def build_denoiser(
+    parts: InstantIDParts,
+    base: SDXLBase,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE,
+) -> InstantIDDenoiser:
+    """One base's UNet + VAE with InstantID's shared parts, on ``device``."""
+    base.check(DENOISER_COMPONENTS)
+    quiet_progress_bars()
+    unet, vae = load_unet_and_vae(base, dtype)
+    parts.attach(unet)
     return InstantIDDenoiser(
         unet,
-        controlnet,
+        parts.controlnet,
         vae,
-        resampler,
-        read_scheduler_config(layout.sdxl),
-        device=dev,
-        dtype=torch_dtype,
+        parts.resampler,
+        base.scheduler_config(),
+        device=device,
+        dtype=dtype,
         vae_batch_size=vae_batch_size,
     )
 
 
-def load_prompt_encoder(layout: WeightsLayout, *, device: str = "auto", dtype: str = "auto") -> SDXLPromptEncoder:
-    layout.check_sdxl(PROMPT_COMPONENTS)
+def load_denoiser(
+    layout: WeightsLayout,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE,
+    base: SDXLBase | None = None,
+) -> InstantIDDenoiser:
+    """UNet + VAE from ``base`` (default: the layout's SDXL folder), IdentityNet + resampler + face K/V from the
+    InstantID folder."""
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    parts = load_instantid_parts(layout, dtype=torch_dtype)
+    base = base if base is not None else SDXLBase(DEFAULT_BASE, folder=layout.sdxl)
+    return build_denoiser(parts, base, device=dev, dtype=torch_dtype, vae_batch_size=vae_batch_size)
+
+
+def load_prompt_encoder(
+    layout: WeightsLayout | None = None, *, device: str = "auto", dtype: str = "auto", base: SDXLBase | None = None
+) -> SDXLPromptEncoder:
+    """The two text encoders of ``base`` (default: the layout's SDXL folder)."""
+    if base is None:
+        if layout is None:
+            raise ValueError("give a weights layout or a base")
+        base = SDXLBase(DEFAULT_BASE, folder=layout.sdxl)
+    base.check(PROMPT_COMPONENTS)
     quiet_progress_bars()
     dev = pick_device(device)
-    return SDXLPromptEncoder.from_pretrained(layout.sdxl, device=dev, dtype=pick_dtype(dtype, dev))
+    torch_dtype = pick_dtype(dtype, dev)
+    tokenizer, text_encoder, tokenizer_2, text_encoder_2 = load_text_encoders(base, torch_dtype)
+    return SDXLPromptEncoder(
+        tokenizer,
+        text_encoder.to(dev),
+        tokenizer_2,
+        text_encoder_2.to(dev),
+        force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt(),
+    )
 
 
 def load_face_analyzer(layout: WeightsLayout, *, providers: Sequence[str] | None = None) -> FaceAnalyzer:

@@ -6,16 +6,19 @@ face analysis -> :class:`FaceCondition`, then the denoiser with the size the fac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from .bases import SDXLBase
 from .conditioning import FaceCondition, prepare_face_condition
 from .denoiser import DenoiseJob, InstantIDDenoiser
 from .faces import FaceAnalyzer
 from .keypoints import REFERENCE_LONG_SIDE
 from .loading import load_denoiser, load_face_analyzer, load_prompt_encoder
+from .loras import LoraAdapters
 from .params import GenerationParams
 from .styles import apply_style
 from .text import SDXLPromptEncoder
@@ -33,7 +36,7 @@ class GenerationOutput:
 
 
 class InstantIDPipeline:
-    """Face analyzer + prompt encoder + denoiser in one object."""
+    """Face analyzer + prompt encoder + denoiser in one object, with optional LoRAs (``lora_files``: name -> file)."""
 
     def __init__(
         self,
@@ -41,11 +44,19 @@ class InstantIDPipeline:
         prompt_encoder: SDXLPromptEncoder,
         denoiser: InstantIDDenoiser,
         long_side: int = REFERENCE_LONG_SIDE,
+        lora_files: Mapping[str, Path] | None = None,
     ) -> None:
         self.analyzer = analyzer
         self.prompt_encoder = prompt_encoder
         self.denoiser = denoiser
         self.long_side = long_side
+        files = dict(lora_files or {})
+        capacity = max(1, len(files))
+        text_encoders = dict(zip(("text_encoder", "text_encoder_2"), prompt_encoder.encoders, strict=True))
+        self.text_adapters = LoraAdapters(text_encoders, files, capacity=capacity, unet_config=denoiser.unet.config)
+        self.unet_adapters = LoraAdapters(
+            {"unet": denoiser.unet}, files, capacity=capacity, unet_config=denoiser.unet.config
+        )
 
     @classmethod
     def from_layout(
@@ -56,12 +67,16 @@ class InstantIDPipeline:
         dtype: str = "auto",
         providers: Sequence[str] | None = None,
         long_side: int = REFERENCE_LONG_SIDE,
+        base: SDXLBase | None = None,
+        lora_files: Mapping[str, Path] | None = None,
     ) -> InstantIDPipeline:
+        """The layout's models; ``base`` replaces its SDXL folder (a folder or a single-file checkpoint)."""
         return cls(
             load_face_analyzer(layout, providers=providers),
-            load_prompt_encoder(layout, device=device, dtype=dtype),
-            load_denoiser(layout, device=device, dtype=dtype),
+            load_prompt_encoder(layout, device=device, dtype=dtype, base=base),
+            load_denoiser(layout, device=device, dtype=dtype, base=base),
             long_side=long_side,
+            lora_files=lora_files,
         )
 
     def __call__(
@@ -73,11 +88,15 @@ class InstantIDPipeline:
         params: GenerationParams,
         style: str = "none",
         pose_rgb: np.ndarray | None = None,
+        loras: tuple[tuple[str, float], ...] = (),
     ) -> GenerationOutput:
+        """One generation; ``loras`` are (name, scale) pairs of ``lora_files``."""
         styled, styled_negative = apply_style(style, prompt, negative_prompt)
         condition = prepare_face_condition(
             self.analyzer, face_rgb, pose_rgb, width=params.width, height=params.height, long_side=self.long_side
         )
+        self.text_adapters.activate(loras)
+        self.unet_adapters.activate(loras)
         embeddings = self.prompt_encoder.encode([styled], [styled_negative], params.do_classifier_free_guidance)[0]
         sized = params.sized(condition.width, condition.height)
         job = DenoiseJob(sized, condition.embedding, condition.keypoints, condition.box, embeddings)

@@ -11,6 +11,8 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -25,6 +27,10 @@ SchedulerName = Literal[
     "unipc",
     "heun",
     "deis",
+    "lcm",
+    "tcd",
+    "euler_trailing",
+    "ddim_trailing",
 ]
 
 _SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
@@ -43,6 +49,12 @@ _SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "unipc": (UniPCMultistepScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "deis": (DEISMultistepScheduler, {}),
+    # Few-step samplers: LCM and TCD for consistency-distilled LoRAs, and trailing timesteps (the last step starts
+    # at the noisiest timestep) as SDXL-Lightning and Hyper-SD are sampled.
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
+    "euler_trailing": (EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
+    "ddim_trailing": (DDIMScheduler, {"timestep_spacing": "trailing"}),
 }
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)

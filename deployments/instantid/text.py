@@ -7,14 +7,10 @@ SDXL folder. The math is SDXL's: penultimate hidden states of CLIP-L and OpenCLI
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-from .errors import WeightsError
 
 
 @dataclass
@@ -46,24 +42,6 @@ class SDXLPromptEncoder:
         self.tokenizers = (tokenizer, tokenizer_2)
         self.encoders = (text_encoder.eval(), text_encoder_2.eval())
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-
-    @classmethod
-    def from_pretrained(
-        cls, sdxl_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-    ) -> SDXLPromptEncoder:
-        """Load from a diffusers SDXL folder (``tokenizer(_2)/``, ``text_encoder(_2)/``, ``model_index.json``)."""
-        root = Path(sdxl_dir)
-        for sub in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
-            if not (root / sub).is_dir():
-                raise WeightsError(f"SDXL folder {root} has no {sub}/ (expected a diffusers SDXL layout)")
-        index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
-        return cls(
-            CLIPTokenizer.from_pretrained(root / "tokenizer"),
-            CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device),
-            CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
-            CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", torch_dtype=dtype).to(device),
-            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
-        )
 
     @property
     def device(self) -> torch.device:

@@ -26,11 +26,18 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from .attention import install_face_attention
+from .catalogue import PRESET_LORA_FILES
 from .resampler import Resampler, ResamplerConfig
+from .sdxl_checkpoint import save_original_sdxl
 from .tiny_faces import write_tiny_antelopev2
+from .tiny_loras import random_lora, save_kohya_lora, save_peft_lora
 from .weights import CONTROLNET_DIR, IP_ADAPTER_FILE
 
-TEXT_HIDDEN = 32  # per encoder; the UNet's cross-attention width is 2 * TEXT_HIDDEN, as 768 + 1280 = 2048
+# The two text encoders have different widths, as CLIP-L (768) and OpenCLIP bigG (1280) do: diffusers' single-file
+# loader tells them apart by width. The UNet's cross-attention width is their sum, as 768 + 1280 = 2048.
+TEXT_HIDDEN = 32  # CLIP-L's place
+TEXT_HIDDEN_2 = 48  # bigG's place (its pooled projection has the same width, as bigG's has)
+CROSS_ATTENTION_DIM = TEXT_HIDDEN + TEXT_HIDDEN_2
 TIME_EMBED = 8
 
 
@@ -47,12 +54,12 @@ def byte_level_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
 
 
-def tiny_text_config(vocab_size: int, act: str, **extra: Any) -> CLIPTextConfig:
-    """The tiny CLIP text encoder config (both SDXL encoders differ only in activation and projection)."""
+def tiny_text_config(vocab_size: int, act: str, hidden: int, **extra: Any) -> CLIPTextConfig:
+    """A tiny CLIP text encoder config (SDXL's two encoders differ in width, activation and projection)."""
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=77,
@@ -61,6 +68,14 @@ def tiny_text_config(vocab_size: int, act: str, **extra: Any) -> CLIPTextConfig:
         eos_token_id=1,
         pad_token_id=1,
         **extra,
+    )
+
+
+def tiny_text_encoders(vocab_size: int) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """CLIP-L's and bigG's tiny stand-ins (random weights from the global torch RNG)."""
+    return (
+        CLIPTextModel(tiny_text_config(vocab_size, "quick_gelu", TEXT_HIDDEN)),
+        CLIPTextModelWithProjection(tiny_text_config(vocab_size, "gelu", TEXT_HIDDEN_2, projection_dim=TEXT_HIDDEN_2)),
     )
 
 
@@ -75,11 +90,11 @@ def tiny_unet() -> UNet2DConditionModel:
         layers_per_block=2,
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
-        cross_attention_dim=2 * TEXT_HIDDEN,
+        cross_attention_dim=CROSS_ATTENTION_DIM,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED,
-        projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * TIME_EMBED,
+        projection_class_embeddings_input_dim=TEXT_HIDDEN_2 + 6 * TIME_EMBED,
         norm_num_groups=32,
     )
 
@@ -122,6 +137,7 @@ def sdxl_scheduler() -> EulerDiscreteScheduler:
 _CONDITIONING_OUT_GAIN = 8.0  # conv_out of the conditioning embedding, x 1/sqrt(fan_in)
 _ZERO_CONV_GAIN = 0.3  # the residual ("zero") convolutions, x 1/sqrt(fan_in)
 _INIT_NOISE = 0.1
+_FACE_KV_GAIN = 3.0  # the face-token K/V projections, x their default initialisation
 _INIT_BIAS = 0.05
 
 
@@ -160,8 +176,18 @@ def _make_identitynet_visible(controlnet: ControlNetModel, generator: torch.Gene
             conv.bias.copy_(normal(conv.bias.shape, _INIT_BIAS))
 
 
+PARTS = ("sdxl", "instantid", "antelopev2", "bases", "loras")
+ALT_BASE = "tiny-alt"  # a second base: a diffusers folder and the single-file checkpoint written from it
+STYLE_LORAS = ("style-peft", "style-kohya")  # one random LoRA (UNet + both text encoders) in both layouts
+
+
 def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
-    """Write ``sdxl/``, ``instantid/`` and ``antelopev2/`` under ``directory`` (replacing them atomically)."""
+    """Write the tiny layout under ``directory`` (each part replaced atomically).
+
+    ``sdxl/``, ``instantid/``, ``antelopev2/`` as published; ``bases/tiny-alt/`` and
+    ``bases/tiny-alt.safetensors`` (a second base, as a folder and as a single file in the original SDXL
+    layout); ``loras/`` with the fast-mode presets' LoRA names and two style LoRAs (PEFT and kohya layouts).
+    """
     from .loading import quiet_progress_bars
 
     quiet_progress_bars()
@@ -174,7 +200,7 @@ def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
             torch.manual_seed(seed)
             _write_parts(staging, seed)
 
-        for part in ("sdxl", "instantid", "antelopev2"):
+        for part in PARTS:
             target = directory / part
             if target.exists():
                 shutil.rmtree(target)
@@ -188,8 +214,7 @@ def _write_parts(staging: Path, seed: int) -> None:
     """The three folders of the tiny layout, written into ``staging`` (global torch RNG already seeded)."""
     tokenizer = byte_level_tokenizer()
     tokenizer_2 = byte_level_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
-    text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer), "quick_gelu"))
-    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(len(tokenizer), "gelu", projection_dim=TEXT_HIDDEN))
+    text_encoder, text_encoder_2 = tiny_text_encoders(len(tokenizer))
     unet = tiny_unet()
     vae = tiny_vae()
     pipe = StableDiffusionXLPipeline(
@@ -210,13 +235,50 @@ def _write_parts(staging: Path, seed: int) -> None:
 
     resampler = Resampler(ResamplerConfig(dim=128, heads=2, output_dim=unet.config.cross_attention_dim))
     face_layers = install_face_attention(unet)
+    with torch.no_grad():  # default Linear initialisation leaves the face-token term too faint to test
+        for parameter in face_layers.parameters():
+            parameter.mul_(_FACE_KV_GAIN)
     torch.save(
         {"image_proj": resampler.state_dict(), "ip_adapter": face_layers.state_dict()},
         staging / "instantid" / IP_ADAPTER_FILE,
     )
     write_tiny_antelopev2(staging / "antelopev2", seed=seed)
+    _write_alternative_base(staging / "bases", tokenizer, tokenizer_2)
+    _write_loras(staging / "loras", unet, (text_encoder, text_encoder_2), torch.Generator().manual_seed(seed + 2))
+
+
+def _write_alternative_base(folder: Path, tokenizer: CLIPTokenizer, tokenizer_2: CLIPTokenizer) -> None:
+    """Another random SDXL of the same architecture (so IdentityNet and the face adapter fit it too)."""
+    text_encoder, text_encoder_2 = tiny_text_encoders(len(tokenizer))
+    components = {"unet": tiny_unet(), "vae": tiny_vae(), "text_encoder": text_encoder}
+    components["text_encoder_2"] = text_encoder_2
+    tokenizers = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
+    pipe = StableDiffusionXLPipeline(scheduler=sdxl_scheduler(), **tokenizers, **components)
+    pipe.save_pretrained(folder / ALT_BASE, safe_serialization=True)
+    save_original_sdxl(folder / f"{ALT_BASE}.safetensors", **components)
+
+
+def _write_loras(
+    folder: Path,
+    unet: UNet2DConditionModel,
+    text_encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
+    generator: torch.Generator,
+) -> None:
+    """The presets' LoRAs (UNet only, as published: LCM-LoRA in the PEFT layout, the others kohya) and one style
+    LoRA with text-encoder parts, written in both layouts from the same factors."""
+    folder.mkdir(parents=True)
+    unet_config = dict(unet.config)
+    for name, file in PRESET_LORA_FILES.items():
+        factors = random_lora(generator, unet)
+        if name == "lcm-lora-sdxl":
+            save_peft_lora(folder / file, factors)
+        else:
+            save_kohya_lora(folder / file, factors, unet_config)
+    style = random_lora(generator, unet, text_encoders)
+    save_peft_lora(folder / f"{STYLE_LORAS[0]}.safetensors", style)
+    save_kohya_lora(folder / f"{STYLE_LORAS[1]}.safetensors", style, unet_config)
 
 
 def tiny_weights_present(directory: str | Path) -> bool:
     directory = Path(directory)
-    return all((directory / p).is_dir() for p in ("sdxl", "instantid", "antelopev2"))
+    return all((directory / p).is_dir() for p in PARTS)

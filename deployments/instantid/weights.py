@@ -14,7 +14,6 @@ Each part may instead come from its own source: a local folder, a Hugging Face r
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +58,36 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("INSTANTID_CACHE", Path.home() / ".cache" / "instantid"))
 
 
+def _s3_client(uri: str):
+    """A client for weight copies: the standard credential chain and endpoint (``AWS_ENDPOINT_URL[_S3]``), long
+    read timeouts (weight files are gigabytes)."""
+    from deployments.storage.s3 import S3Settings, make_client, parse_s3_uri
+
+    bucket, _ = parse_s3_uri(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    settings = S3Settings(
+        bucket=bucket,
+        endpoint_url=endpoint,
+        region=region,
+        read_timeout_s=120,
+        addressing_style="path" if endpoint else "auto",
+    )
+    return make_client(settings)
+
+
+def _cache_folder(cache_dir: str | Path | None, selection: str) -> Path:
+    # A different selection is a different cache folder: replicas of different kinds on one node must not keep
+    # replacing each other's copy.
+    digest = hashlib.sha256(selection.encode()).hexdigest()[:16]
+    return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "s3" / digest
+
+
+def is_file_source(source: str | Path) -> bool:
+    """A single weights file (a single-file base, a LoRA) rather than a folder."""
+    return str(source).endswith(".safetensors")
+
+
 def resolve_source(
     source: str | Path,
     cache_dir: str | Path | None = None,
@@ -66,34 +95,24 @@ def resolve_source(
     what: str = "weights",
     patterns: tuple[str, ...] | None = None,
 ) -> Path:
-    """A local folder for ``source``: an existing path, ``s3://bucket/prefix``, or a hub repo id.
+    """A local folder (or ``.safetensors`` file) for ``source``: an existing path, ``s3://bucket/prefix`` (or
+    ``/key.safetensors``), or a hub repo id.
 
     Anything that is neither an existing path nor ``s3://`` and looks like ``owner/name`` is a hub repo id;
     a path-like string that does not exist is an error (we never guess). ``patterns`` limit what an S3 or
-    hub source copies (a hub SDXL repo holds every weight format several times over); a local folder is
+    hub folder copies (a hub SDXL repo holds every weight format several times over); a local folder is
     used as it is.
     """
     text = str(source)
     if text.startswith("s3://"):
-        from deployments.storage.s3 import S3Settings, download_prefix, make_client, parse_s3_uri
+        from deployments.storage.s3 import download_object, download_prefix
 
-        # A different selection is a different cache folder: replicas of different kinds on one node
-        # must not keep replacing each other's copy.
         selection = text if patterns is None else text + "\0" + "\0".join(patterns)
-        digest = hashlib.sha256(selection.encode()).hexdigest()[:16]
-        dest = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "s3" / digest
+        dest = _cache_folder(cache_dir, selection)
         try:
-            bucket, _ = parse_s3_uri(text)
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-            settings = S3Settings(
-                bucket=bucket,
-                endpoint_url=endpoint,
-                region=region,
-                read_timeout_s=120,
-                addressing_style="path" if endpoint else "auto",
-            )
-            client = make_client(settings)
+            client = _s3_client(text)
+            if is_file_source(text):
+                return download_object(client, text, dest)
             return download_prefix(client, text, dest, patterns)
         except Exception as exc:
             raise WeightsError(f"could not copy {what} from {text}: {exc}") from exc
@@ -102,17 +121,50 @@ def resolve_source(
         return path
     looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~")) and " " not in text
     if not looks_like_repo:
-        raise WeightsError(f"{what} folder {path} does not exist")
-    from huggingface_hub import snapshot_download
+        raise WeightsError(f"{what} {path} does not exist")
+    return resolve_hub(text, what=what, patterns=patterns)
+
+
+def resolve_hub(repo: str, file: str | None = None, *, what: str, patterns: tuple[str, ...] | None = None) -> Path:
+    """A hub repo (or one ``file`` of it) in the local hub cache, downloaded unless ``HF_HUB_OFFLINE=1``."""
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
+        if file is not None:
+            return Path(hf_hub_download(repo_id=repo, filename=file, cache_dir=os.environ.get("HF_HUB_CACHE")))
         allow = list(patterns) if patterns is not None else None
-        return Path(snapshot_download(repo_id=text, cache_dir=os.environ.get("HF_HUB_CACHE"), allow_patterns=allow))
+        return Path(snapshot_download(repo_id=repo, cache_dir=os.environ.get("HF_HUB_CACHE"), allow_patterns=allow))
     except Exception as exc:  # offline mode, missing repo, no network
         raise WeightsError(
-            f"could not get {what} from the Hugging Face hub repo {text!r} ({type(exc).__name__}: {exc}); "
+            f"could not get {what} from the Hugging Face hub repo {repo!r} ({type(exc).__name__}: {exc}); "
             "with HF_HUB_OFFLINE=1 the repo must already be in the hub cache"
         ) from exc
+
+
+def check_source(source: str, *, what: str) -> None:
+    """Fail with ``what`` named when a local or ``s3://`` source does not exist, without copying anything.
+
+    Run when a replica starts, so that a catalogue typo fails the deploy instead of a request. Hub repos are
+    checked when they are fetched (offline, only the hub cache can be asked, which a later download may fill).
+    """
+    if source.startswith("s3://"):
+        from deployments.storage.s3 import is_not_found, parse_s3_uri
+
+        bucket, key = parse_s3_uri(source)
+        client = _s3_client(source)
+        try:
+            if is_file_source(source):
+                client.head_object(Bucket=bucket, Key=key)
+                return
+            listed = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
+        except Exception as exc:
+            reason = "it does not exist" if is_not_found(exc) else f"{type(exc).__name__}: {exc}"
+            raise WeightsError(f"{what}: {source} cannot be read ({reason})") from None
+        if not listed.get("KeyCount"):
+            raise WeightsError(f"{what}: nothing under {source}")
+        return
+    if not Path(source).expanduser().exists():
+        raise WeightsError(f"{what}: {source} does not exist")
 
 
 @dataclass(frozen=True)
@@ -235,10 +287,3 @@ def sdxl_variant(folder: Path) -> str | None:
     if not plain and any(".fp16." in n for n in names):
         return "fp16"
     return None
-
-
-def read_scheduler_config(sdxl: Path) -> dict[str, Any]:
-    path = sdxl / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        raise WeightsError(f"{path} is missing (the SDXL folder's scheduler config)")
-    return json.loads(path.read_text())

@@ -39,6 +39,7 @@ __all__ = [
     "COMPLETE_MARKER",
     "S3Client",
     "S3Settings",
+    "download_object",
     "download_prefix",
     "ensure_bucket",
     "is_access_denied",
@@ -304,8 +305,36 @@ def download_prefix(client: S3Client, uri: str, dest: Path, patterns: Sequence[s
         if not chosen:
             raise FileNotFoundError(f"no objects under {uri} match {', '.join(patterns)}")
         objects, rel_paths = [objects[i] for i in chosen], [rel_paths[i] for i in chosen]
-    wanted = {"uri": f"s3://{bucket}/{prefix}", "objects": objects}
+    return _copy_objects(client, bucket, f"s3://{bucket}/{prefix}", objects, rel_paths, dest)
 
+
+def download_object(client: S3Client, uri: str, dest: Path) -> Path:
+    """Copy the one object ``s3://bucket/key`` into the folder ``dest`` (same name); return the local file.
+
+    Atomic and idempotent like :func:`download_prefix` (a HEAD request when the copy is current).
+    Raises ``FileNotFoundError`` when there is no such object.
+    """
+    bucket, key = parse_s3_uri(uri)
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if is_not_found(exc):
+            raise FileNotFoundError(f"no object {uri}") from None
+        raise
+    name = PurePosixPath(key).name
+    if not key or name in ("", ".", "..", COMPLETE_MARKER):
+        raise ValueError(f"{uri} does not name a file")
+    obj = {"key": key, "etag": str(head.get("ETag", "")), "size": int(head.get("ContentLength", 0))}
+    folder = _copy_objects(client, bucket, uri, [obj], [PurePosixPath(name)], Path(dest).absolute())
+    return folder / name
+
+
+def _copy_objects(
+    client: S3Client, bucket: str, uri: str, objects: list[dict[str, Any]], rel_paths: list[PurePosixPath], dest: Path
+) -> Path:
+    """Copy ``objects`` to ``dest/rel_paths`` through a temporary sibling and a ``.complete`` marker (see
+    :func:`download_prefix`); nothing happens when the marker already lists exactly these objects."""
+    wanted = {"uri": uri, "objects": objects}
     with _locked(dest.parent / f".{dest.name}.lock"):
         marker = _read_marker(dest)
         if marker is not None and marker.get("uri") == wanted["uri"] and marker.get("objects") == objects:

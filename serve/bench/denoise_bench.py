@@ -212,14 +212,7 @@ def build_models(profile: str, device: torch.device | str, dtype: torch.dtype) -
 
     from deployments.instantid.attention import install_face_attention
     from deployments.instantid.resampler import Resampler, ResamplerConfig
-    from deployments.instantid.tiny import (
-        TEXT_HIDDEN,
-        byte_level_tokenizer,
-        sdxl_scheduler,
-        tiny_text_config,
-        tiny_unet,
-        tiny_vae,
-    )
+    from deployments.instantid.tiny import byte_level_tokenizer, sdxl_scheduler, tiny_text_encoders, tiny_unet, tiny_vae
 
     tokenizer = byte_level_tokenizer()
     tokenizer_2 = byte_level_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
@@ -237,10 +230,7 @@ def build_models(profile: str, device: torch.device | str, dtype: torch.dtype) -
             else:
                 unet = tiny_unet()
                 controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
-                text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer), "quick_gelu"))
-                text_encoder_2 = CLIPTextModelWithProjection(
-                    tiny_text_config(len(tokenizer), "gelu", projection_dim=TEXT_HIDDEN)
-                )
+                text_encoder, text_encoder_2 = tiny_text_encoders(len(tokenizer))
                 resampler = Resampler(ResamplerConfig(dim=128, heads=2, output_dim=unet.config.cross_attention_dim))
             standard = dict(unet.attn_processors)
             face_layers = install_face_attention(unet)
