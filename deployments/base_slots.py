@@ -16,10 +16,18 @@ import asyncio
 import gc
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
-from deployments.instantid.loras import LoraAdapters
+from torch import nn
+
+from deployments.instantid.bases import SDXLBase, resolve_architecture, resolve_base
+from deployments.instantid.catalogue import ModelCatalogue
+from deployments.instantid.errors import ModelUnavailableError, WeightsError
+from deployments.instantid.loras import LoraAdapters, architecture_skeletons, check_loras, resolve_lora_files
+from deployments.messages import StageTiming
 
 ModelT = TypeVar("ModelT")
 
@@ -71,16 +79,61 @@ def _empty_device_cache() -> None:
         torch.cuda.empty_cache()
 
 
-class BaseSlots(Generic[ModelT]):
-    """The replica's bases by name, over a ``@serve.multiplexed`` loader (``load`` is that loader)."""
+@dataclass
+class ReplicaModels:
+    """A GPU replica's catalogue, checked when it starts: every source exists, every LoRA fits the architecture.
 
-    def __init__(self, load: Callable[[str], Awaitable[BaseSlot[ModelT]]]) -> None:
-        self._load = load
+    ``parts`` are the models this replica adapts (``unet``, or the two text encoders).
+    """
+
+    catalogue: ModelCatalogue
+    architecture: Path  # the default base's configs: the architecture every base and LoRA must match
+    lora_files: dict[str, Path]
+    cache_dir: str | None
+
+    @classmethod
+    def prepare(cls, models: Mapping[str, Any], cache_dir: str | None, parts: tuple[str, ...]) -> ReplicaModels:
+        catalogue = ModelCatalogue.model_validate(models)
+        catalogue.check_sources()
+        architecture = resolve_architecture(str(catalogue.base_models["sdxl"].source), cache_dir)
+        lora_files = resolve_lora_files(catalogue.loras, cache_dir)
+        check_loras(lora_files, architecture_skeletons(architecture, parts))
+        return cls(catalogue, architecture, lora_files, cache_dir)
+
+    def base(self, name: str, components: tuple[str, ...]) -> SDXLBase:
+        """Local files of base ``name`` (only ``components``' files are copied from S3 or the hub)."""
+        spec = self.catalogue.base_models[name]
+        return resolve_base(
+            name, spec, config_source=str(self.architecture), components=components, cache_dir=self.cache_dir
+        )
+
+    def adapters(self, targets: Mapping[str, nn.Module], unet_config: Any = None) -> LoraAdapters:
+        return LoraAdapters(
+            targets,
+            self.lora_files,
+            capacity=self.catalogue.max_loras_per_replica,
+            unet_config=unet_config,
+            fuse=self.catalogue.fuse_loras,
+        )
+
+
+class BaseSlots(Generic[ModelT]):
+    """The replica's bases by name, loaded by ``build`` (name -> model and its LoRA adapters) behind Serve's
+    ``@serve.multiplexed``, at most ``max_models`` at once."""
+
+    def __init__(self, build: Callable[[str], tuple[ModelT, LoraAdapters]], max_models: int) -> None:
+        self._build = build
+        self._load = multiplexed_loader(self._load_slot, max_models)
         self._slots: dict[str, BaseSlot[ModelT]] = {}
 
-    def register(self, slot: BaseSlot[ModelT]) -> BaseSlot[ModelT]:
-        """Called by the loader for each base it loads (the loader itself runs inside Serve's multiplexer)."""
-        self._slots[slot.name] = slot
+    async def _load_slot(self, name: str) -> BaseSlot[ModelT]:
+        started = time.perf_counter()
+        try:
+            model, adapters = await asyncio.to_thread(self._build, name)
+        except WeightsError as exc:  # this base is unusable; the replica still serves the others
+            raise ModelUnavailableError(f"base {name} could not be loaded: {exc.message}") from exc
+        slot = BaseSlot(name, model, adapters, time.perf_counter() - started)
+        self._slots[name] = slot
         return slot
 
     def slots(self) -> list[BaseSlot[ModelT]]:
@@ -91,16 +144,16 @@ class BaseSlots(Generic[ModelT]):
     def loaded(self) -> list[str]:
         return [slot.name for slot in self.slots()]
 
-    async def acquire(self, name: str) -> tuple[BaseSlot[ModelT], float]:
-        """The base ``name``, marked in use (call :meth:`BaseSlot.release` when done), and the seconds this call
-        spent waiting for it to load (0 when it was warm)."""
+    async def acquire(self, name: str) -> tuple[BaseSlot[ModelT], StageTiming | None]:
+        """The base ``name``, marked in use (call :meth:`BaseSlot.release` when done), and when this call waited
+        for it to load (None when it was warm)."""
         for other in [s for s in self._slots.values() if s.busy and s.name != name and s.model is not None]:
             await self._load(other.name)  # keep busy bases at the recent end of Serve's LRU
-        started = time.perf_counter()
+        started = time.time()
         warm = name in self.loaded
         slot = await self._load(name)
         slot.acquire()
-        return slot, 0.0 if warm else time.perf_counter() - started
+        return slot, None if warm else StageTiming.since(started)
 
 
 def multiplexed_loader(

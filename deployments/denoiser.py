@@ -8,25 +8,22 @@ LoRA set share every UNet and IdentityNet forward, each keeping its own seeded g
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from ray import serve as ray_serve
 
-from deployments.base_slots import BaseSlot, BaseSlots, multiplexed_loader, run_locked
-from deployments.instantid.bases import resolve_architecture, resolve_base
-from deployments.instantid.catalogue import ModelCatalogue, ModelChoice
+from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
+from deployments.instantid.catalogue import ModelChoice
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
-from deployments.instantid.errors import InstantIDError, ModelUnavailableError, WeightsError
+from deployments.instantid.errors import InstantIDError
 from deployments.instantid.loading import build_denoiser, load_instantid_parts, pick_device, pick_dtype
-from deployments.instantid.loras import LoraAdapters, architecture_skeletons, check_loras, resolve_lora_files
+from deployments.instantid.loras import LoraAdapters
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.weights import DENOISER_COMPONENTS, WeightsLayout
-from deployments.messages import DenoiseResult, FaceResult, PromptResult, StageTiming, Timings, timed
+from deployments.messages import DenoiseBatch, DenoiseResult, FaceResult, PromptResult, StageTiming, Timings, timed
 
 logger = logging.getLogger("ray.serve")
 
@@ -68,49 +65,26 @@ class DenoiserDeployment:
         max_batch_size: int,
         batch_wait_timeout_s: float,
     ) -> None:
-        self.catalogue = ModelCatalogue.model_validate(models)
-        self.catalogue.check_sources()
-        self.cache_dir = weights.get("cache_dir")
+        self.models = ReplicaModels.prepare(models, weights.get("cache_dir"), ("unet",))
         layout = WeightsLayout.resolve(**weights, parts=("instantid",))
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.vae_batch_size = vae_batch_size
         self.parts = load_instantid_parts(layout, dtype=self.dtype)
-        self.architecture = resolve_architecture(str(self.catalogue.base_models["sdxl"].source), self.cache_dir)
-        self.lora_files = resolve_lora_files(self.catalogue.loras, self.cache_dir)
-        check_loras(self.lora_files, architecture_skeletons(self.architecture, ("unet",)))
         self.instantid = {"identitynet_config": layout.describe()["identitynet_config"]}  # a config hash, no path
+        self._batches = 0
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.bases = BaseSlots(multiplexed_loader(self._load, self.catalogue.max_models_per_replica))
-        slot, _ = await self.bases.acquire(self.catalogue.default_base)  # the default base is warm from the start
+        self.bases = BaseSlots(self._build, self.models.catalogue.max_models_per_replica)
+        slot, _ = await self.bases.acquire(self.models.catalogue.default_base)  # the default base is warm at start
         slot.release()
 
-    async def _load(self, name: str) -> BaseSlot[InstantIDDenoiser]:
-        return await asyncio.to_thread(self._load_now, name)
-
-    def _load_now(self, name: str) -> BaseSlot[InstantIDDenoiser]:
-        started = time.perf_counter()
-        try:
-            base = resolve_base(
-                name,
-                self.catalogue.base_models[name],
-                config_source=str(self.architecture),
-                components=DENOISER_COMPONENTS,
-                cache_dir=self.cache_dir,
-            )
-            model = build_denoiser(
-                self.parts, base, device=self.device, dtype=self.dtype, vae_batch_size=self.vae_batch_size
-            )
-        except WeightsError as exc:
-            raise ModelUnavailableError(f"base {name} could not be loaded: {exc.message}") from exc
-        adapters = LoraAdapters(
-            {"unet": model.unet},
-            self.lora_files,
-            capacity=self.catalogue.max_loras_per_replica,
-            unet_config=model.unet.config,
+    def _build(self, name: str) -> tuple[InstantIDDenoiser, LoraAdapters]:
+        base = self.models.base(name, DENOISER_COMPONENTS)
+        model = build_denoiser(
+            self.parts, base, device=self.device, dtype=self.dtype, vae_batch_size=self.vae_batch_size
         )
-        return self.bases.register(BaseSlot(name, model, adapters, time.perf_counter() - started))
+        return model, self.models.adapters({"unet": model.unet}, model.unet.config)
 
     async def generate(
         self, params: GenerationParams, model: ModelChoice, face: FaceResult, prompt: PromptResult
@@ -125,8 +99,8 @@ class DenoiserDeployment:
             slot.release()
         if isinstance(result, Exception):  # a failed group's error, returned per item by _batch
             raise result
-        if waited:
-            result.timings["denoise_model_load"] = _span(result.timings["denoise"].start, waited)
+        if waited is not None:
+            result.timings["denoise_model_load"] = waited
         return result
 
     @ray_serve.batch(batch_size_fn=_latents)  # sizes come from the config (set in __init__); split by base
@@ -172,6 +146,8 @@ class DenoiserDeployment:
         if lora_seconds:
             timings["denoise_lora_load"] = _span(timings["denoise"].start, lora_seconds)
         replica = ray_serve.get_replica_context().replica_id.unique_id
+        self._batches += 1
+        batch = DenoiseBatch(f"{replica}-{self._batches}", len(group), _latents(group))
         return [
             DenoiseResult(
                 images=imgs,
@@ -181,6 +157,7 @@ class DenoiserDeployment:
                 prompt_truncated=item.prompt.embeddings.truncated,
                 timings={**item.face.timings, **item.prompt.timings, **timings},
                 replicas={"face": item.face.replica, "prompt": item.prompt.replica, "denoiser": replica},
+                batch=batch,
             )
             for item, imgs in zip(group, images, strict=True)
         ]

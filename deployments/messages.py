@@ -103,6 +103,15 @@ class PromptResult:
 # ----------------------------------------------------------------------------------------------------- denoising
 
 
+@dataclass(frozen=True)
+class DenoiseBatch:
+    """Which forward a job shared: jobs in one batch group ran every UNet/IdentityNet step together."""
+
+    id: str  # unique per replica and batch group
+    jobs: int
+    latents: int
+
+
 @dataclass
 class DenoiseResult:
     """The images plus everything the store must record about how they were made."""
@@ -114,6 +123,7 @@ class DenoiseResult:
     prompt_truncated: bool
     timings: Timings = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)  # stage -> the Serve replica that ran it
+    batch: DenoiseBatch | None = None
 
 
 # ------------------------------------------------------------------------------------------------------- storage
@@ -146,6 +156,7 @@ class SavedGeneration:
     prompt_truncated: bool
     timings: Timings
     replicas: dict[str, str]
+    batch: DenoiseBatch | None
 
 
 @dataclass

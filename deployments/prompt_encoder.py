@@ -7,18 +7,14 @@ with the same LoRA set share one forward per CFG mode.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from typing import Any
 
 from ray import serve as ray_serve
 
-from deployments.base_slots import BaseSlot, BaseSlots, multiplexed_loader, run_locked
-from deployments.instantid.bases import resolve_architecture, resolve_base
-from deployments.instantid.catalogue import ModelCatalogue
-from deployments.instantid.errors import ModelUnavailableError, WeightsError
+from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
 from deployments.instantid.loading import load_prompt_encoder
-from deployments.instantid.loras import LoraAdapters, architecture_skeletons, check_loras, resolve_lora_files
+from deployments.instantid.loras import LoraAdapters
 from deployments.instantid.text import SDXLPromptEncoder
 from deployments.instantid.weights import PROMPT_COMPONENTS
 from deployments.messages import PromptRequest, PromptResult, StageTiming, Timings, timed
@@ -38,40 +34,18 @@ class PromptEncoderDeployment:
         max_batch_size: int,
         batch_wait_timeout_s: float,
     ) -> None:
-        self.catalogue = ModelCatalogue.model_validate(models)
-        self.catalogue.check_sources()
-        self.cache_dir = cache_dir
+        self.models = ReplicaModels.prepare(models, cache_dir, TEXT_PARTS)
         self.device, self.dtype = device, dtype
-        self.architecture = resolve_architecture(str(self.catalogue.base_models["sdxl"].source), cache_dir)
-        self.lora_files = resolve_lora_files(self.catalogue.loras, cache_dir)
-        check_loras(self.lora_files, architecture_skeletons(self.architecture, TEXT_PARTS))
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.bases = BaseSlots(multiplexed_loader(self._load, self.catalogue.max_models_per_replica))
-        slot, _ = await self.bases.acquire(self.catalogue.default_base)  # the default base is warm from the start
+        self.bases = BaseSlots(self._build, self.models.catalogue.max_models_per_replica)
+        slot, _ = await self.bases.acquire(self.models.catalogue.default_base)  # the default base is warm at start
         slot.release()
 
-    async def _load(self, name: str) -> BaseSlot[SDXLPromptEncoder]:
-        import asyncio
-
-        return await asyncio.to_thread(self._load_now, name)
-
-    def _load_now(self, name: str) -> BaseSlot[SDXLPromptEncoder]:
-        started = time.perf_counter()
-        try:
-            base = resolve_base(
-                name,
-                self.catalogue.base_models[name],
-                config_source=str(self.architecture),
-                components=PROMPT_COMPONENTS,
-                cache_dir=self.cache_dir,
-            )
-            encoder = load_prompt_encoder(base=base, device=self.device, dtype=self.dtype)
-        except WeightsError as exc:
-            raise ModelUnavailableError(f"base {name} could not be loaded: {exc.message}") from exc
-        targets = dict(zip(TEXT_PARTS, encoder.encoders, strict=True))
-        adapters = LoraAdapters(targets, self.lora_files, capacity=self.catalogue.max_loras_per_replica)
-        return self.bases.register(BaseSlot(name, encoder, adapters, time.perf_counter() - started))
+    def _build(self, name: str) -> tuple[SDXLPromptEncoder, LoraAdapters]:
+        base = self.models.base(name, PROMPT_COMPONENTS)
+        encoder = load_prompt_encoder(base=base, device=self.device, dtype=self.dtype)
+        return encoder, self.models.adapters(dict(zip(TEXT_PARTS, encoder.encoders, strict=True)))
 
     async def encode(self, request: PromptRequest) -> PromptResult:
         slot, waited = await self.bases.acquire(request.model.base)
@@ -79,9 +53,8 @@ class PromptEncoderDeployment:
             result = await self._encode_batch((request, slot))
         finally:
             slot.release()
-        if waited:
-            end = time.time()
-            result.timings["prompt_model_load"] = StageTiming(start=end - waited, end=end, seconds=waited)
+        if waited is not None:
+            result.timings["prompt_model_load"] = waited
         return result
 
     @ray_serve.batch  # sizes come from the config (set in __init__); Serve splits batches by base

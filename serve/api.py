@@ -12,6 +12,7 @@ models in ``serve.schemas``; this module is the list of routes and the generatio
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import logging
 import re
@@ -47,6 +48,7 @@ from serve.inputs import ImageInputs, read_body
 from serve.openapi import ERROR_RESPONSES, FACES_BODY, GENERATE_BODY
 from serve.schemas import (
     BaseModelInfo,
+    BatchInfo,
     FaceInfo,
     FacesRequest,
     FacesResponse,
@@ -331,6 +333,7 @@ class Ingress:
             timings={**saved.timings, "total": StageTiming.since(started)},
             parameters={**effective, "width": saved.params.width, "height": saved.params.height},
             replicas=saved.replicas,
+            batch=BatchInfo(**dataclasses.asdict(saved.batch)) if saved.batch is not None else None,
             warnings=warnings,
         )
 

@@ -2,7 +2,8 @@
 
 Sources (Hugging Face hub): ``InstantX/InstantID`` (IdentityNet + ip-adapter.bin), an SDXL base in
 diffusers format, and a repo holding the five antelopev2 .onnx files (insightface's own download URL is
-dead). Every LFS file's sha256, which the hub publishes, is checked after download.
+dead); and the LoRAs of the fast-mode presets (LCM-LoRA SDXL, SDXL-Lightning 8-step, Hyper-SDXL 8-step CFG) into
+``loras/``. Every LFS file's sha256, which the hub publishes, is checked after download.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from deployments.instantid.catalogue import LORAS_DIR, PRESET_LORA_FILES
 from deployments.instantid.errors import WeightsError
 from deployments.instantid.faces import ANTELOPEV2_FILES
 
@@ -21,6 +23,12 @@ INSTANTID_FILES = (
     "ControlNetModel/diffusion_pytorch_model.safetensors",
     "ip-adapter.bin",
 )
+# The fast-mode presets' LoRAs, from their publishers: (repo, file in it), stored as WEIGHTS/loras/<preset name>.
+PRESET_LORA_SOURCES = {
+    "lcm-lora-sdxl": ("latent-consistency/lcm-lora-sdxl", "pytorch_lora_weights.safetensors"),
+    "sdxl-lightning-8step": ("ByteDance/SDXL-Lightning", "sdxl_lightning_8step_lora.safetensors"),
+    "hyper-sdxl-8step-cfg": ("ByteDance/Hyper-SD", "Hyper-SDXL-8steps-CFG-lora.safetensors"),
+}
 SDXL_PATTERNS = (
     "model_index.json",
     "scheduler/*",
@@ -45,7 +53,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch(repo: str, dest: Path, patterns: tuple[str, ...]) -> None:
+def _fetch(repo: str, dest: Path, patterns: tuple[str, ...], rename: dict[str, str] | None = None) -> None:
+    """Copy the files of ``repo`` matching ``patterns`` under ``dest`` (``rename``: repo file -> local name),
+    each checked against the sha256 the hub publishes for it."""
     from fnmatch import fnmatch
 
     from huggingface_hub import HfApi, snapshot_download
@@ -63,7 +73,7 @@ def _fetch(repo: str, dest: Path, patterns: tuple[str, ...]) -> None:
         expected = getattr(getattr(sibling, "lfs", None), "sha256", None)
         if expected and _sha256(source) != expected:
             raise WeightsError(f"{repo}/{sibling.rfilename}: sha256 mismatch (corrupted download)")
-        target = dest / sibling.rfilename
+        target = dest / (rename or {}).get(sibling.rfilename, sibling.rfilename)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
 
@@ -76,6 +86,8 @@ def download_real_weights(directory: Path, *, sdxl_repo: str, antelopev2_repo: s
     _fetch(INSTANTID_REPO, directory / "instantid", INSTANTID_FILES)
     _fetch(sdxl_repo, directory / "sdxl", SDXL_PATTERNS)
     _fetch(antelopev2_repo, directory / "antelopev2", tuple(f"*{name}" for name in ANTELOPEV2_FILES))
+    for name, (repo, file) in PRESET_LORA_SOURCES.items():
+        _fetch(repo, directory / LORAS_DIR, (file,), rename={file: PRESET_LORA_FILES[name]})
     nested = [p for p in (directory / "antelopev2").rglob("*.onnx") if p.parent != directory / "antelopev2"]
     for path in nested:  # repos that keep the files in a subfolder: flatten into the expected layout
         path.replace(directory / "antelopev2" / path.name)

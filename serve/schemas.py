@@ -212,6 +212,12 @@ class ModelUsed(BaseModel):
     mode: str | None
 
 
+class BatchInfo(BaseModel):
+    id: str = Field(description="Requests with the same id ran every denoising step in one forward.")
+    jobs: int
+    latents: int
+
+
 class GenerateResponse(BaseModel):
     id: str
     request_id: str
@@ -226,6 +232,7 @@ class GenerateResponse(BaseModel):
         description="The effective parameters, defaults and the mode's preset filled in."
     )
     replicas: dict[str, str] = Field(default_factory=dict, description="The Serve replica that ran each stage.")
+    batch: BatchInfo | None = Field(default=None, description="The denoising batch this request shared.")
     warnings: list[str] = Field(default_factory=list)
 
 

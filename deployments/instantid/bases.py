@@ -29,6 +29,10 @@ SDXL_CONFIG_FILES = (
 )
 
 
+# Where each component's configuration lives in a diffusers SDXL folder (a single file has none of its own).
+_CONFIG_OF = {"scheduler": "scheduler/scheduler_config.json", "tokenizer": "tokenizer/", "tokenizer_2": "tokenizer_2/"}
+
+
 @dataclass(frozen=True)
 class SDXLBase:
     """A base's local files: ``folder`` (diffusers layout), or ``file`` (single checkpoint) + ``config`` folder."""
@@ -62,7 +66,7 @@ class SDXLBase:
         if self.file is not None:
             if not self.file.is_file():
                 raise WeightsError(f"base {self.name}: {self.file} is not a file")
-            needed = ["model_index.json", *(f"{c}/config.json" for c in components if "tokenizer" not in c)]
+            needed = ["model_index.json", *(_CONFIG_OF.get(c, f"{c}/config.json") for c in components)]
         else:
             needed = ["model_index.json", *(f"{c}/" for c in components)]
         missing = [n.rstrip("/") for n in needed if not (self.architecture / n).exists()]

@@ -144,6 +144,11 @@ class ModelCatalogue(_Strict):
     modes: dict[str, ModeSpec] = Field(default_factory=dict)
     max_models_per_replica: int = Field(default=2, ge=1, description="Bases one GPU replica keeps loaded (LRU).")
     max_loras_per_replica: int = Field(default=8, ge=1, description="LoRAs one replica keeps loaded per base (LRU).")
+    fuse_loras: bool = Field(
+        default=True,
+        description="Merge a batch's LoRA set into the weights (restored exactly on a switch); false: run the LoRA "
+        "layers unfused every step. Merging is faster whenever a set serves more than about one image in a row.",
+    )
 
     @field_validator("base_models", "loras", "modes")
     @classmethod

@@ -124,8 +124,9 @@ def load_denoiser(
     InstantID folder."""
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    parts = load_instantid_parts(layout, dtype=torch_dtype)
     base = base if base is not None else SDXLBase(DEFAULT_BASE, folder=layout.sdxl)
+    base.check(DENOISER_COMPONENTS)
+    parts = load_instantid_parts(layout, dtype=torch_dtype)
     return build_denoiser(parts, base, device=dev, dtype=torch_dtype, vae_batch_size=vae_batch_size)
 
 

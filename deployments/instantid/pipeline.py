@@ -45,6 +45,7 @@ class InstantIDPipeline:
         denoiser: InstantIDDenoiser,
         long_side: int = REFERENCE_LONG_SIDE,
         lora_files: Mapping[str, Path] | None = None,
+        fuse_loras: bool = True,
     ) -> None:
         self.analyzer = analyzer
         self.prompt_encoder = prompt_encoder
@@ -53,9 +54,10 @@ class InstantIDPipeline:
         files = dict(lora_files or {})
         capacity = max(1, len(files))
         text_encoders = dict(zip(("text_encoder", "text_encoder_2"), prompt_encoder.encoders, strict=True))
-        self.text_adapters = LoraAdapters(text_encoders, files, capacity=capacity, unet_config=denoiser.unet.config)
+        config = denoiser.unet.config
+        self.text_adapters = LoraAdapters(text_encoders, files, capacity=capacity, unet_config=config, fuse=fuse_loras)
         self.unet_adapters = LoraAdapters(
-            {"unet": denoiser.unet}, files, capacity=capacity, unet_config=denoiser.unet.config
+            {"unet": denoiser.unet}, files, capacity=capacity, unet_config=config, fuse=fuse_loras
         )
 
     @classmethod
@@ -69,6 +71,7 @@ class InstantIDPipeline:
         long_side: int = REFERENCE_LONG_SIDE,
         base: SDXLBase | None = None,
         lora_files: Mapping[str, Path] | None = None,
+        fuse_loras: bool = True,
     ) -> InstantIDPipeline:
         """The layout's models; ``base`` replaces its SDXL folder (a folder or a single-file checkpoint)."""
         return cls(
@@ -77,6 +80,7 @@ class InstantIDPipeline:
             load_denoiser(layout, device=device, dtype=dtype, base=base),
             long_side=long_side,
             lora_files=lora_files,
+            fuse_loras=fuse_loras,
         )
 
     def __call__(

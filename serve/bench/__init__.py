@@ -203,8 +203,8 @@ def add_denoise_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--steps",
         type=_positive,
-        default=DEFAULT_PARAMS.num_inference_steps,
-        help=f"denoising steps (default {DEFAULT_PARAMS.num_inference_steps}, the published demo's)",
+        default=None,
+        help=f"denoising steps (default {DEFAULT_PARAMS.num_inference_steps}, the published demo's; a mode's own)",
     )
     p.add_argument("--size", type=_size, default=None, help="width = height (default 1024; tiny: 256)")
     p.add_argument("--batch", type=_positive, nargs="+", default=[1, 2], help="batch sizes to measure (default 1 2)")
@@ -212,8 +212,20 @@ def add_denoise_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance",
         type=float,
-        default=DEFAULT_PARAMS.guidance_scale,
-        help=f"CFG scale (default {DEFAULT_PARAMS.guidance_scale:g}, the published demo's)",
+        default=None,
+        help=f"CFG scale (default {DEFAULT_PARAMS.guidance_scale:g}, the published demo's; a mode's own)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("lcm", "lightning", "hyper"),
+        default=None,
+        help="a fast mode: its scheduler, steps and guidance, and a random LoRA of its published layout",
+    )
+    p.add_argument(
+        "--lora",
+        choices=("peft", "kohya"),
+        default=None,
+        help="also a random style LoRA in this layout; reports the LoRA switch and per-image costs",
     )
     p.add_argument("--no-baseline", action="store_true", help="measure only our denoiser")
     p.add_argument("--no-cold-start", action="store_true", help="skip saving the weights and the cold start")

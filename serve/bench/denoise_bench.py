@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +285,9 @@ def face_embedding(index: int) -> np.ndarray:
     return vector * (25.0 / float(np.linalg.norm(vector)))
 
 
-def make_jobs(batch: int, size: int, steps: int, guidance: float, prompt: Any, control: np.ndarray) -> list:
+def make_jobs(
+    batch: int, size: int, steps: int, guidance: float, prompt: Any, control: np.ndarray, scheduler: str = "euler"
+) -> list:
     """``batch`` single-image requests with their own seeds and identities: what the Denoiser batches."""
     from deployments.instantid.denoiser import DenoiseJob
     from deployments.instantid.params import GenerationParams
@@ -300,11 +302,94 @@ def make_jobs(batch: int, size: int, steps: int, guidance: float, prompt: Any, c
             guidance_scale=guidance,
             identitynet_strength=DEFAULT_PARAMS.identitynet_strength,
             adapter_strength=DEFAULT_PARAMS.adapter_strength,
+            scheduler=scheduler,
         )
         keypoints = FACE_KEYPOINTS * size
         box = FACE_BOX * size
         jobs.append(DenoiseJob(params, face_embedding(i), keypoints, box, prompt, control_image=control))
     return jobs
+
+
+# ------------------------------------------------------------------------------------------ LoRAs and modes
+
+
+@dataclass
+class LoraPlan:
+    """What ``--mode`` and ``--lora`` ask for: the scheduler, random LoRA files, and the set to activate."""
+
+    scheduler: str = "euler"
+    files: dict[str, Path] = field(default_factory=dict)
+    active: tuple[tuple[str, float], ...] = ()
+    first_load_s: float | None = None
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> LoraPlan:
+        return getattr(args, "lora_plan", None) or cls()
+
+
+def write_random_loras(models: Models, args: argparse.Namespace, folder: Path) -> LoraPlan:
+    """Random UNet LoRAs of a realistic rank (64 at full size) in the layouts the files are published in: the
+    mode's (LCM-LoRA: PEFT; Lightning, Hyper: kohya) and, with ``--lora LAYOUT``, a style LoRA in that layout."""
+    from deployments.instantid.catalogue import PRESET_MODES
+    from deployments.instantid.tiny_loras import random_lora, save_kohya_lora, save_peft_lora
+
+    plan = LoraPlan()
+    generator = torch.Generator().manual_seed(SEED)
+    rank = 64 if args.profile == "sdxl-random" else 4
+    unet_config = dict(models.unet.config)
+    with models.standard_attention(), building_on("cpu", torch.float32):
+        wanted: list[tuple[str, str, float]] = []
+        if args.mode is not None:
+            preset = PRESET_MODES[args.mode]
+            plan.scheduler = preset.scheduler
+            if preset.lora is not None:
+                wanted.append((preset.lora, "peft" if args.mode == "lcm" else "kohya", preset.lora_scale))
+        if args.lora is not None:
+            wanted.append((f"style-{args.lora}", args.lora, 0.8))
+        for name, layout, scale in wanted:
+            factors = random_lora(generator, copy.deepcopy(models.unet).to("cpu", torch.float32), rank=rank, std=0.01)
+            path = folder / f"{name}.safetensors"
+            save_peft_lora(path, factors) if layout == "peft" else save_kohya_lora(path, factors, unet_config)
+            plan.files[name] = path
+            plan.active += ((name, scale),)
+    return plan
+
+
+@torch.no_grad()
+def lora_costs(ours: OursRunner, size: int, prompt: Any, control: np.ndarray, device: torch.device) -> dict:
+    """What LoRAs cost our denoiser under both strategies of :class:`LoraAdapters`: one image with the set active
+    (unfused: PEFT layers run their LoRA matmuls; fused: merged into the weights), one without any LoRA, and a
+    switch (activating the set, then no set: what the serving path does between batch groups)."""
+    adapters = ours.adapters
+    active = ours.loras.active
+    assert adapters is not None
+    image = lambda: ours.run(1, size, prompt, control)  # noqa: E731
+
+    def strategy(fuse: bool) -> dict[str, float]:
+        adapters.activate(())
+        adapters.fuse = fuse
+        image()  # warm, with the set active
+        switches = [
+            timed(lambda: adapters.activate(()), device)[0] + timed(lambda: adapters.activate(active), device)[0]
+            for _ in range(3)
+        ]
+        per_image = statistics.median(timed(image, device)[0] for _ in range(3))
+        return {"seconds_per_image": per_image, "switch_s_median": statistics.median(switches)}
+
+    unfused, fused = strategy(False), strategy(True)
+    adapters.activate(())
+    ours.adapters = None  # the base layers alone
+    without = statistics.median(timed(image, device)[0] for _ in range(3))
+    ours.adapters = adapters
+    return {
+        "loras": [{"name": n, "scale": s} for n, s in active],
+        "first_load_s": ours.loras.first_load_s,
+        "no_lora_seconds_per_image": without,
+        "unfused": {**unfused, "over_no_lora": unfused["seconds_per_image"] / without},
+        "fused": {**fused, "over_no_lora": fused["seconds_per_image"] / without},
+        "note": "switch: the set on, then off, between two loaded states (unfused: adapter flags; fused: merge, "
+        "then exact restore of the saved base weights)",
+    }
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -467,6 +552,15 @@ class OursRunner:
             dtype=dtype,
         )
         self.args = args
+        self.loras = LoraPlan.of(args)
+        self.adapters = None
+        if self.loras.files:
+            from deployments.instantid.loras import LoraAdapters
+
+            self.adapters = LoraAdapters(
+                {"unet": models.unet}, self.loras.files, capacity=4, unet_config=models.unet.config
+            )
+            self.loras.first_load_s = timed(lambda: self.adapters.activate(self.loras.active), device)[0]
         self._finite: list[bool] = []
         self._decode = self.denoiser.decode
         self.denoiser.decode = self._checked_decode  # instance attribute: generate() calls self.decode
@@ -478,7 +572,11 @@ class OursRunner:
     def run(
         self, batch: int, size: int, prompt: Any, control: np.ndarray, steps: int | None = None
     ) -> list[np.ndarray]:
-        jobs = make_jobs(batch, size, steps or self.args.steps, self.args.guidance, prompt, control)
+        jobs = make_jobs(
+            batch, size, steps or self.args.steps, self.args.guidance, prompt, control, self.loras.scheduler
+        )
+        if self.adapters is not None:
+            self.adapters.activate(self.loras.active)  # the baseline's adapter may be the active one
         return self.denoiser.generate(jobs)
 
     def check(self) -> bool:
@@ -501,6 +599,12 @@ class BaselineRunner:
         )
         self.pipe.set_progress_bar_config(disable=True)
         self.device, self.dtype, self.args = device, dtype, args
+        self.loras = LoraPlan.of(args)
+        from deployments.instantid.schedulers import make_scheduler
+
+        self.pipe.scheduler = make_scheduler(self.loras.scheduler, models.scheduler_config)
+        for name, path in self.loras.files.items():
+            self.pipe.load_lora_weights(str(path), adapter_name=f"stock-{name}")
         self._last: np.ndarray | None = None
 
     def run(self, batch: int, size: int, prompt: Any, control: np.ndarray, steps: int | None = None) -> np.ndarray:
@@ -513,6 +617,8 @@ class BaselineRunner:
             embeddings["negative_prompt_embeds"] = prompt.negative_embeds[None].to(**to)
             embeddings["negative_pooled_prompt_embeds"] = prompt.negative_pooled[None].to(**to)
         image = torch.from_numpy(control).float().div(255.0).permute(2, 0, 1)[None]
+        if self.loras.active:
+            self.pipe.set_adapters([f"stock-{n}" for n, _ in self.loras.active], [s for _, s in self.loras.active])
         result = self.pipe(
             **embeddings,
             image=image,
@@ -641,6 +747,13 @@ def run_cold_start(root: Path, args: argparse.Namespace, device: torch.device, d
 
 
 def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str]:
+    from deployments.instantid.catalogue import PRESET_MODES
+
+    preset = PRESET_MODES[args.mode] if args.mode is not None else None
+    if args.steps is None:
+        args.steps = preset.num_inference_steps if preset else DEFAULT_PARAMS.num_inference_steps
+    if args.guidance is None:
+        args.guidance = preset.guidance_scale if preset else DEFAULT_PARAMS.guidance_scale
     if args.device is None:
         args.device = "cuda" if args.profile == "sdxl-random" else "cpu"
     if args.size is None:
@@ -729,6 +842,9 @@ def measure_pipelines(
             name: count_ops_per_step(lambda s, r=runner: r.run(1, args.size, prompt, control, steps=s), contexts[name])
             for name, runner in runners.items()
         }
+    if ours.adapters is not None:
+        progress("LoRA costs: a switch, and one image, unfused and fused; one image without LoRA")
+        results["lora_costs"] = lora_costs(ours, args.size, prompt, control, device)
     results["prompt_encoding"] = {
         "seconds": statistics.median(t for t, _ in prompt_runs),
         "note": "one prompt + its CFG negative (zeros); outside the denoise timings of both pipelines",
@@ -751,7 +867,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress(f"building {args.profile} models on {device} ({dtype_name}, random weights)")
     build_s, models = timed(lambda: build_models(args.profile, device, dtype), device)
     counts = models.parameter_counts()
-    results = measure_pipelines(models, device, dtype, args)
+    with contextlib.ExitStack() as loras_dir:
+        if args.mode is not None or args.lora is not None:
+            folder = Path(loras_dir.enter_context(tempfile.TemporaryDirectory(prefix="instantid-bench-loras-")))
+            progress(f"writing random LoRAs ({args.mode or ''} {args.lora or ''}) to {folder}")
+            args.lora_plan = write_random_loras(models, args, folder)
+        results = measure_pipelines(models, device, dtype, args)
     ratio = {
         key: ours_run["seconds_per_image"] / results["baseline"][key]["seconds_per_image"]
         for key, ours_run in results["ours"].items()
@@ -769,7 +890,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "steps": args.steps,
             "guidance": args.guidance,
             "cfg": args.guidance > 1.0,
-            "scheduler": "euler (SDXL base config)",
+            "scheduler": f"{LoraPlan.of(args).scheduler} (from the SDXL base config)",
+            "mode": args.mode,
+            "loras": [{"name": n, "scale": s} for n, s in LoraPlan.of(args).active],
             "identitynet_strength": DEFAULT_PARAMS.identitynet_strength,
             "adapter_strength": DEFAULT_PARAMS.adapter_strength,
             "enhance_face_region": True,
@@ -787,6 +910,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "baseline": results["baseline"] or None,
         "ours_over_baseline_seconds_per_image": ratio or None,
         "ops_per_step": results.get("ops_per_step"),
+        "lora_costs": results.get("lora_costs"),
         "cold_start_s": None,
         "cold_start": None,
     }
