@@ -214,6 +214,39 @@ def test_requests_go_to_the_replica_holding_their_base_and_idle_bases_are_evicte
         ray_serve.delete("routing")
 
 
+def test_a_base_past_the_replica_capacity_evicts_the_least_recently_used_idle_one(serve_stack, tiny_weights) -> None:
+    """One replica, room for two bases, three in the catalogue (the tiny-alt folder is a third base)."""
+    from ray import serve as ray_serve
+
+    from deployments.instantid.catalogue import BaseModelSpec
+    from serve.app import build_app
+
+    config = _routing_app(tiny_weights, serve_stack.s3.bucket, max_models_per_replica=2)
+    bases = {**config.models.base_models, "tiny-alt-folder": BaseModelSpec(source="bases/tiny-alt")}
+    single = config.denoiser.deployment.model_copy(update={"num_replicas": 1})
+    config = config.model_copy(
+        update={
+            "models": config.models.model_copy(update={"base_models": bases}),
+            "denoiser": config.denoiser.model_copy(update={"deployment": single}),
+        }
+    )
+    ray_serve.run(build_app(config), name="lru", route_prefix="/lru")
+    url = f"{serve_stack.url}/lru"
+
+    def use(base: str, then_loaded: list[str]) -> None:
+        body = generate(url, seed=3, base_model=base).json()
+        assert body["model"]["base"] == base, body
+        _wait(lambda: list(_replica_bases("lru").values()) == [then_loaded], what=f"{then_loaded} to be reported")
+
+    try:
+        use("tiny-alt", ["sdxl", "tiny-alt"])
+        use("sdxl", ["sdxl", "tiny-alt"])  # sdxl is now the more recently used
+        use("tiny-alt-folder", ["sdxl", "tiny-alt-folder"])
+        use("tiny-alt", ["tiny-alt", "tiny-alt-folder"])  # sdxl had become the least recently used
+    finally:
+        ray_serve.delete("lru")
+
+
 def test_a_missing_catalogue_source_fails_the_deploy_naming_it(serve_stack, tiny_weights) -> None:
     from ray import serve as ray_serve
 
