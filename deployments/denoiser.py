@@ -2,8 +2,9 @@
 
 Bases are loaded through Serve's model multiplexing (the ingress routes by base name) and share one copy of
 InstantID's own weights (IdentityNet, resampler, face K/V). Requests are batched by *latents* (``num_images``);
-Serve splits every batch by base, and within it jobs with equal size/steps/scheduler/CFG/control window and
-LoRA set share every UNet and IdentityNet forward, each keeping its own seeded generator and strengths.
+Serve splits every batch by base, and within it jobs with equal size/steps/scheduler/CFG/control windows, set of
+extra ControlNets, image-to-image start and LoRA set share every UNet and ControlNet forward, each keeping its own
+seeded generator, strengths and maps. A job without extra ControlNets never runs them.
 """
 
 from __future__ import annotations
@@ -16,14 +17,29 @@ import torch
 from ray import serve as ray_serve
 
 from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
-from deployments.instantid.catalogue import ModelChoice
+from deployments.instantid.catalogue import ModelChoice, WeightsSource
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
 from deployments.instantid.errors import InstantIDError
-from deployments.instantid.loading import build_denoiser, load_instantid_parts, pick_device, pick_dtype
+from deployments.instantid.loading import (
+    CONTROLNET_FILES,
+    build_denoiser,
+    load_instantid_parts,
+    pick_device,
+    pick_dtype,
+)
 from deployments.instantid.loras import LoraAdapters
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.weights import DENOISER_COMPONENTS, WeightsLayout
-from deployments.messages import DenoiseBatch, DenoiseResult, FaceResult, PromptResult, StageTiming, Timings, timed
+from deployments.messages import (
+    ControlMapsResult,
+    DenoiseBatch,
+    DenoiseResult,
+    FaceResult,
+    PromptResult,
+    StageTiming,
+    Timings,
+    timed,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -42,10 +58,15 @@ class _Item:
     face: FaceResult
     prompt: PromptResult
     slot: BaseSlot[InstantIDDenoiser]
+    controls: ControlMapsResult | None = None
 
 
 def _latents(items: list[_Item]) -> int:
     return sum(item.params.num_images for item in items)
+
+
+def _control_timings(item: _Item) -> Timings:
+    return item.controls.timings if item.controls is not None else {}
 
 
 def _span(end: float, seconds: float) -> StageTiming:
@@ -64,13 +85,20 @@ class DenoiserDeployment:
         vae_batch_size: int,
         max_batch_size: int,
         batch_wait_timeout_s: float,
+        controlnets: dict[str, dict[str, Any]],
     ) -> None:
         self.models = ReplicaModels.prepare(models, weights.get("cache_dir"), ("unet",))
         layout = WeightsLayout.resolve(**weights, parts=("instantid",))
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.vae_batch_size = vae_batch_size
-        self.parts = load_instantid_parts(layout, dtype=self.dtype)
+        folders = {
+            name: WeightsSource.model_validate(spec).resolve(
+                weights.get("cache_dir"), what=f"{name} ControlNet", patterns=CONTROLNET_FILES
+            )
+            for name, spec in controlnets.items()
+        }
+        self.parts = load_instantid_parts(layout, dtype=self.dtype, controlnets=folders)
         self.instantid = {"identitynet_config": layout.describe()["identitynet_config"]}  # a config hash, no path
         self._batches = 0
         self._batch.set_max_batch_size(max_batch_size)
@@ -87,13 +115,25 @@ class DenoiserDeployment:
         return model, self.models.adapters({"unet": model.unet}, model.unet.config)
 
     async def generate(
-        self, params: GenerationParams, model: ModelChoice, face: FaceResult, prompt: PromptResult
+        self,
+        params: GenerationParams,
+        model: ModelChoice,
+        face: FaceResult,
+        prompt: PromptResult,
+        controls: ControlMapsResult | None = None,
     ) -> DenoiseResult:
-        """``face`` and ``prompt`` arrive as upstream responses resolved by Serve (no await in the caller)."""
+        """``face``, ``prompt`` and ``controls`` (maps and init image, when the request has any) arrive as upstream
+        responses resolved by Serve (no await in the caller)."""
+        condition = face.condition
+        size = (condition.width, condition.height)
+        if controls is not None and (controls.inputs.width, controls.inputs.height) != size:
+            raise RuntimeError(  # both stages apply one rule to one photo: a mismatch is a bug, not a bad request
+                f"control maps are {controls.inputs.width}x{controls.inputs.height} but the face stage chose "
+                f"{condition.width}x{condition.height}"
+            )
         slot, waited = await self.bases.acquire(model.base)
         try:
-            condition = face.condition
-            item = _Item(params.sized(condition.width, condition.height), model, face, prompt, slot)
+            item = _Item(params.sized(condition.width, condition.height), model, face, prompt, slot, controls)
             result = await self._batch(item)
         finally:
             slot.release()
@@ -107,7 +147,8 @@ class DenoiserDeployment:
     async def _batch(self, items: list[_Item]) -> list[DenoiseResult | Exception]:
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(items):
-            key = (id(item.slot), item.params.batch_key(), item.model.adapter_key())
+            # Long prompts give longer text embeddings: rows of one forward need the same context length.
+            key = (id(item.slot), item.params.batch_key(), item.model.adapter_key(), item.prompt.embeddings.chunks)
             groups.setdefault(key, []).append(index)
         results: list[DenoiseResult | Exception | None] = [None] * len(items)
         for indices in groups.values():
@@ -131,6 +172,8 @@ class DenoiserDeployment:
                 item.face.condition.keypoints,
                 item.face.condition.box,
                 item.prompt.embeddings,
+                control_maps=item.controls.inputs.maps if item.controls is not None else {},
+                init_image=item.controls.inputs.init_image if item.controls is not None else None,
             )
             for item in group
         ]
@@ -154,9 +197,14 @@ class DenoiserDeployment:
                 params=item.params,
                 model=item.model,
                 face=replace(item.face.condition.face, embedding=None),
-                prompt_truncated=item.prompt.embeddings.truncated,
-                timings={**item.face.timings, **item.prompt.timings, **timings},
-                replicas={"face": item.face.replica, "prompt": item.prompt.replica, "denoiser": replica},
+                prompt_chunks=item.prompt.embeddings.chunks,
+                timings={**item.face.timings, **item.prompt.timings, **_control_timings(item), **timings},
+                replicas={
+                    "face": item.face.replica,
+                    "prompt": item.prompt.replica,
+                    **({"control_maps": item.controls.replica} if item.controls is not None else {}),
+                    "denoiser": replica,
+                },
                 batch=batch,
             )
             for item, imgs in zip(group, images, strict=True)
@@ -166,6 +214,7 @@ class DenoiserDeployment:
         """What this replica serves now: InstantID's weights, the bases it holds warm, the LoRAs each has loaded."""
         return {
             **self.instantid,
+            "controlnets": sorted(self.parts.controlnets),
             "loaded_bases": {slot.name: slot.adapters.loaded for slot in self.bases.slots()},
         }
 

@@ -51,14 +51,18 @@ class FaceAnalyzerDeployment:
             )
         return FaceResult(condition, timings, ray_serve.get_replica_context().replica_id.unique_id)
 
-    def faces(self, image: bytes, include_keypoint_image: bool = False) -> FaceListing:
-        """Every face (largest first), the one generation would use, optionally its keypoint image (PNG)."""
+    def faces(
+        self, image: bytes, include_keypoint_image: bool = False, width: int | None = None, height: int | None = None
+    ) -> FaceListing:
+        """Every face (largest first), the one generation would use, optionally its keypoint image (PNG) at the
+        output size a generation of ``width`` x ``height`` (or the reference rule) would have."""
         rgb = decode_image(image, **self.limits)
         faces = self.analyzer.detect(rgb)
-        height, width = rgb.shape[:2]
-        listing = FaceListing(width, height, [replace(f, embedding=None) for f in faces], 0 if faces else None)
+        listing = FaceListing(
+            rgb.shape[1], rgb.shape[0], [replace(f, embedding=None) for f in faces], 0 if faces else None
+        )
         if faces and include_keypoint_image:
-            out_w, out_h, transform = output_size(width, height, None, None, self.long_side)
+            out_w, out_h, transform = output_size(rgb.shape[1], rgb.shape[0], width, height, self.long_side)
             canvas = draw_keypoint_image(transform.apply_points(faces[0].kps), out_w, out_h)
             ok, png = cv2.imencode(".png", np.ascontiguousarray(canvas[:, :, ::-1]))
             if ok:

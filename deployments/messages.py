@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.instantid.catalogue import ModelChoice
 from deployments.instantid.conditioning import FaceCondition
+from deployments.instantid.control_inputs import ControlInputs
+from deployments.instantid.control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW
 from deployments.instantid.faces import DetectedFace
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.text import PromptEmbeddings
@@ -82,6 +84,31 @@ class FaceListing:
     keypoint_image_png: bytes | None = None
 
 
+# ----------------------------------------------------------------------------------------------- control maps
+
+
+@dataclass
+class ControlMapsRequest:
+    """The pictures an extra ControlNet or image-to-image needs, as bytes, and how to make the missing maps."""
+
+    source_image: bytes  # the keypoints' source: the pose photo when given, else the face photo
+    source_name: str  # "pose_image" or "face_image" (recorded with each map computed from it)
+    width: int | None = None
+    height: int | None = None
+    compute: tuple[str, ...] = ()  # maps to compute from the source photo
+    uploaded: dict[str, bytes] = field(default_factory=dict)  # ready-made maps, any size
+    canny_low: int = DEFAULT_CANNY_LOW
+    canny_high: int = DEFAULT_CANNY_HIGH
+    init_image: bytes | None = None
+
+
+@dataclass
+class ControlMapsResult:
+    inputs: ControlInputs  # at the output size the face stage derives from the same photo
+    timings: Timings
+    replica: str = ""
+
+
 # ---------------------------------------------------------------------------------------------- prompt encoding
 
 
@@ -120,7 +147,7 @@ class DenoiseResult:
     params: GenerationParams  # sized
     model: ModelChoice
     face: DetectedFace  # the identity face, in face-photo pixels, without its embedding
-    prompt_truncated: bool
+    prompt_chunks: int  # 77-token chunks of the longer of prompt and negative prompt (1: a short prompt)
     timings: Timings = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)  # stage -> the Serve replica that ran it
     batch: DenoiseBatch | None = None
@@ -143,6 +170,7 @@ class GenerationRecord:
     pose_image_given: bool
     inputs_stored: bool
     models: dict[str, Any]
+    init_image_given: bool = False
 
 
 @dataclass
@@ -153,7 +181,7 @@ class SavedGeneration:
     params: GenerationParams  # sized
     model: ModelChoice
     face: DetectedFace
-    prompt_truncated: bool
+    prompt_chunks: int  # 77-token chunks of the longer of prompt and negative prompt (1: a short prompt)
     timings: Timings
     replicas: dict[str, str]
     batch: DenoiseBatch | None

@@ -75,7 +75,7 @@ class ResultStoreDeployment:
             "parameters": {**record.parameters, "width": output.params.width, "height": output.params.height},
             "model": output.model.describe(),
             "face": output.face.to_dict(),
-            "prompt_truncated": output.prompt_truncated,
+            "prompt_chunks": output.prompt_chunks,
             "replicas": output.replicas,
             "batch": dataclasses.asdict(output.batch) if output.batch is not None else None,
             "timings": {stage: timing.model_dump() for stage, timing in timings.items()},
@@ -99,7 +99,7 @@ class ResultStoreDeployment:
         timings["store"] = StageTiming.since(start)
         replicas = {**output.replicas, "store": ray_serve.get_replica_context().replica_id.unique_id}
         return SavedGeneration(
-            stored, output.params, output.model, output.face, output.prompt_truncated, timings, replicas, output.batch
+            stored, output.params, output.model, output.face, output.prompt_chunks, timings, replicas, output.batch
         )
 
     def get(self, generation_id: str) -> GenerationMeta:

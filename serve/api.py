@@ -27,8 +27,12 @@ from ray import serve as ray_serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.instantid.catalogue import ModelCatalogue
+from deployments.instantid.control_inputs import COMPUTED_MAPS
+from deployments.instantid.errors import InvalidParameterError
+from deployments.instantid.params import CONTROLNET_NAMES, GenerationParams
 from deployments.instantid.styles import apply_style
 from deployments.messages import (
+    ControlMapsRequest,
     FaceRequest,
     GenerationMeta,
     GenerationRecord,
@@ -47,6 +51,7 @@ from serve.idempotency_guard import IdempotencyGuard, IdempotencyInProgress, Ide
 from serve.inputs import ImageInputs, read_body
 from serve.openapi import ERROR_RESPONSES, FACES_BODY, GENERATE_BODY
 from serve.schemas import (
+    CONTROL_IMAGE_PART,
     BaseModelInfo,
     BatchInfo,
     FaceInfo,
@@ -65,7 +70,12 @@ logger = logging.getLogger("ray.serve")
 API_VERSION = "1"
 _IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Multipart file parts -> the JSON field each fills (``NAME`` -> ``NAME_b64``); the first is required.
-GENERATE_FILES = {"face_image": "face_image", "pose_image": "pose_image"}
+GENERATE_FILES = {
+    "face_image": "face_image",
+    "pose_image": "pose_image",
+    "init_image": "init_image",
+    **{CONTROL_IMAGE_PART.format(name): CONTROL_IMAGE_PART.format(name) for name in CONTROLNET_NAMES},
+}
 FACES_FILES = {"image": "image", "face_image": "image"}  # /v1/generate's name works here too
 
 app = FastAPI(
@@ -105,15 +115,19 @@ class Ingress:
         prompt: DeploymentHandle,
         denoiser: DeploymentHandle,
         store: DeploymentHandle,
+        control_maps: DeploymentHandle,
         api: dict[str, Any],
         storage: dict[str, Any],
         weights: dict[str, Any],
         models: dict[str, Any],
+        controlnets: list[str],
     ) -> None:
         self.face, self.prompt, self.denoiser, self.store = face, prompt, denoiser, store
+        self.control_maps = control_maps
         self.api = ApiConfig(**api)
         self.weights = weights
         self.catalogue = ModelCatalogue.model_validate(models)
+        self.controlnets = [name for name in CONTROLNET_NAMES if name in controlnets]  # what the denoiser loaded
         self.keys = ApiKeys(self.api.auth)
         reader = S3InputReader(S3Settings(**storage), self.api.allowed_input_buckets)
         self.images = ImageInputs(reader, self.api.max_upload_bytes)
@@ -167,7 +181,24 @@ class Ingress:
 
     async def analyze_faces(self, request: FacesRequest, request_id: str | None = None) -> FacesResponse:
         image = await self.images.load(request.image_b64, request.image_uri, "image")
-        listing = await self.face.faces.remote(image, request.include_keypoint_image)
+        maps = None
+        if request.include_control_maps:
+            computable = [name for name in self.controlnets if name in COMPUTED_MAPS]
+            if not computable:
+                have = ", ".join(self.controlnets) or "none"
+                raise InvalidParameterError(f"this deployment computes no control maps (its extra ControlNets: {have})")
+            maps = self.control_maps.preview.remote(
+                ControlMapsRequest(
+                    image,
+                    "face_image",
+                    request.width,
+                    request.height,
+                    compute=tuple(computable),
+                    canny_low=request.canny_low,
+                    canny_high=request.canny_high,
+                )
+            )
+        listing = await self.face.faces.remote(image, request.include_keypoint_image, request.width, request.height)
         keypoint_png = listing.keypoint_image_png
         return FacesResponse(
             request_id=request_id or uuid.uuid4().hex,
@@ -176,6 +207,9 @@ class Ingress:
             faces=[FaceInfo.of(face) for face in listing.faces],
             chosen=listing.chosen,
             keypoint_image_png_b64=None if keypoint_png is None else base64.b64encode(keypoint_png).decode(),
+            control_maps_png_b64=None
+            if maps is None
+            else {name: base64.b64encode(png).decode() for name, png in (await maps).items()},
         )
 
     async def models(self) -> ModelsResponse:
@@ -192,6 +226,7 @@ class Ingress:
                 for name, spec in sorted(catalogue.loras.items())
             },
             modes={name: ModeInfo(**mode.model_dump()) for name, mode in sorted(catalogue.all_modes().items())},
+            controlnets=self.controlnets,
             denoiser=await self.denoiser.model_info.remote(),
             api_version=API_VERSION,
         )
@@ -270,28 +305,59 @@ class Ingress:
     async def _generate(self, request: GenerateRequest, request_id: str, owner: str) -> GenerateResponse:
         started = time.time()
         options = request.options()
+        model, preset = self.catalogue.choose(options.base_model, options.lora_requests(), options.mode)
+        params = options.sampling_params(options.resolved_seed(), preset, img2img=request.has_init_image)
+        self._check_controls(params, {c.name for c in request.controlnets if c.has_image})
         face_image = await self.images.load(request.face_image_b64, request.face_image_uri, "face_image")
         pose_image = None
         if request.pose_image_b64 is not None or request.pose_image_uri is not None:
             pose_image = await self.images.load(request.pose_image_b64, request.pose_image_uri, "pose_image")
-        seed = options.resolved_seed()
-        model, preset = self.catalogue.choose(options.base_model, options.lora_requests(), options.mode)
+        init_image = None
+        if request.has_init_image:
+            init_image = await self.images.load(request.init_image_b64, request.init_image_uri, "init_image")
+        active = {c.name for c in params.active_controlnets}
+        uploaded = {
+            c.name: await self.images.load(c.image_b64, c.image_uri, CONTROL_IMAGE_PART.format(c.name))
+            for c in request.controlnets
+            if c.has_image and c.name in active
+        }
         prompt, negative = apply_style(options.style, options.prompt, options.negative_prompt)
-        params = options.sampling_params(seed, preset)
         face = self.face.analyze.remote(FaceRequest(face_image, pose_image, options.width, options.height))
         # Routed by base: Serve prefers replicas that report it loaded (model multiplexing).
         prompt_stage = self.prompt.options(multiplexed_model_id=model.base)
         denoiser = self.denoiser.options(multiplexed_model_id=model.base)
         cfg = params.do_classifier_free_guidance
         encoded = prompt_stage.encode.remote(PromptRequest(prompt, negative, cfg, model))
-        images = denoiser.generate.remote(params, model, face, encoded)
+        source_name = "face_image" if pose_image is None else "pose_image"
+        controls = None
+        if active or init_image is not None:  # maps and the init image are made beside face analysis
+            controls = self.control_maps.prepare.remote(
+                ControlMapsRequest(
+                    pose_image if pose_image is not None else face_image,
+                    source_name,
+                    options.width,
+                    options.height,
+                    compute=tuple(name for name in sorted(active) if name not in uploaded),
+                    uploaded=uploaded,
+                    canny_low=options.canny_low,
+                    canny_high=options.canny_high,
+                    init_image=init_image,
+                )
+            )
+        images = denoiser.generate.remote(params, model, face, encoded, controls)
         effective = {
             **options.model_dump(),
-            "seed": seed,
+            "seed": params.seed,
             "base_model": model.base,
             "num_inference_steps": params.num_inference_steps,
             "guidance_scale": params.guidance_scale,
             "scheduler": params.scheduler,
+            "controlnets": [
+                {**dataclasses.asdict(c), "map": "uploaded" if c.name in uploaded else f"computed from {source_name}"}
+                for c in params.active_controlnets
+            ],
+            "strength": params.strength,
+            "denoising_steps": params.denoising_steps,
         }
         record = GenerationRecord(
             id=new_generation_id(),
@@ -304,10 +370,13 @@ class Ingress:
             pose_image_given=pose_image is not None,
             inputs_stored=request.store_inputs,
             models=self.weights,
+            init_image_given=init_image is not None,
         )
         inputs = None
         if request.store_inputs:
             inputs = {"face": face_image, **({"pose": pose_image} if pose_image is not None else {})}
+            inputs |= {"init": init_image} if init_image is not None else {}
+            inputs |= {f"control-{name}": data for name, data in uploaded.items()}
         try:
             saved: SavedGeneration = await asyncio.wait_for(
                 self.store.save.remote(record, images, options.output_format, options.output_quality, inputs),
@@ -320,14 +389,12 @@ class Ingress:
                 f"generation did not finish within {self.api.request_timeout_s:.0f} s",
                 {"Retry-After": "30"},
             ) from None
-        warnings = []
-        if saved.prompt_truncated:
-            warnings.append("the prompt or negative prompt was longer than 77 CLIP tokens and was truncated")
+        warnings: list[str] = []
         return GenerateResponse(
             id=record.id,
             request_id=request_id,
             images=saved.stored.images,
-            seed=seed,
+            seed=params.seed,
             face=FaceInfo.of(saved.face),
             model=ModelUsed.model_validate(saved.model.describe()),
             timings={**saved.timings, "total": StageTiming.since(started)},
@@ -336,6 +403,25 @@ class Ingress:
             batch=BatchInfo(**dataclasses.asdict(saved.batch)) if saved.batch is not None else None,
             warnings=warnings,
         )
+
+    def _check_controls(self, params: GenerationParams, with_image: set[str]) -> None:
+        """Every named ControlNet is loaded, maps that cannot be computed are uploaded, and image-to-image leaves a
+        step to run: refused before any work starts."""
+        for setting in params.controlnets:
+            if setting.name not in self.controlnets:
+                available = ", ".join(self.controlnets) or "none"
+                raise InvalidParameterError(f"this deployment has no {setting.name} ControlNet; available: {available}")
+        for setting in params.active_controlnets:
+            if setting.name not in COMPUTED_MAPS and setting.name not in with_image:
+                raise InvalidParameterError(
+                    f"the {setting.name} ControlNet needs a ready-made map ({CONTROL_IMAGE_PART.format(setting.name)} "
+                    f"or controlnets[].image_b64/image_uri): only {' and '.join(COMPUTED_MAPS)} maps are computed"
+                )
+        if params.strength is not None and params.denoising_steps == 0:
+            raise InvalidParameterError(
+                f"strength {params.strength} leaves no denoising step of {params.num_inference_steps}: "
+                "int(num_inference_steps x strength) must be at least 1"
+            )
 
     async def _refreshed(self, response: GenerateResponse) -> GenerateResponse:
         """A stored response with fresh presigned URLs (the old ones may have expired)."""
@@ -358,6 +444,7 @@ class Ingress:
         return await read_body(
             request,
             max_upload_bytes=self.api.max_upload_bytes,
+            max_request_bytes=self.api.max_request_bytes,
             idle_timeout_s=self.api.body_idle_timeout_s,
             files=files,
         )

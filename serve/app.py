@@ -9,6 +9,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.control_maps import ControlMapsDeployment
 from deployments.denoiser import DenoiserDeployment
 from deployments.face_analyzer import FaceAnalyzerDeployment
 from deployments.prompt_encoder import PromptEncoderDeployment
@@ -20,12 +21,16 @@ APP_NAME = "instantid"
 
 
 def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
-    """The constructor arguments of the four model and storage deployments, from the config.
+    """The constructor arguments of the model and storage deployments, from the config.
 
     ``build_app`` binds them; tests construct a deployment's class directly with the same arguments.
     """
     weights = config.weights.model_dump(exclude_none=True, exclude={"make_tiny_if_missing"})
     models = config.weights.catalogue(config.models).model_dump()
+    root = config.weights.root
+    controlnets = {name: spec.under(root).model_dump() for name, spec in config.denoiser.controlnets.items()}
+    depth_model = config.control_maps.depth_model
+    needs_depth = "depth" in controlnets and depth_model is not None
     return {
         "face": {
             "weights": weights,
@@ -51,6 +56,16 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
             "vae_batch_size": config.denoiser.vae_batch_size,
             "max_batch_size": config.denoiser.batching.max_batch_size,
             "batch_wait_timeout_s": config.denoiser.batching.batch_wait_timeout_s,
+            "controlnets": controlnets,
+        },
+        "control_maps": {
+            "depth_model": depth_model.under(root).model_dump() if needs_depth and depth_model else None,
+            "cache_dir": config.weights.cache_dir,
+            "device": config.control_maps.device,
+            "dtype": config.control_maps.dtype,
+            "long_side": config.face.long_side,
+            "max_image_bytes": config.api.max_upload_bytes,
+            "max_image_pixels": config.api.max_image_pixels,
         },
         "store": {
             "s3": config.storage.s3.model_dump(),
@@ -61,20 +76,24 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
-    """Bind the five deployments, each with its own Ray options from ``args``."""
+    """Bind the six deployments, each with its own Ray options from ``args``."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     arguments = stage_arguments(config)
     face = FaceAnalyzerDeployment.options(**config.face.deployment.to_options()).bind(**arguments["face"])
     prompt = PromptEncoderDeployment.options(**config.prompt.deployment.to_options()).bind(**arguments["prompt"])
     denoiser = DenoiserDeployment.options(**config.denoiser.deployment.to_options()).bind(**arguments["denoiser"])
     store = ResultStoreDeployment.options(**config.store.deployment.to_options()).bind(**arguments["store"])
+    maps_options = config.control_maps.deployment.to_options()
+    control_maps = ControlMapsDeployment.options(**maps_options).bind(**arguments["control_maps"])
     return Ingress.options(**config.ingress.deployment.to_options()).bind(
         face,
         prompt,
         denoiser,
         store,
+        control_maps,
         api=config.api.model_dump(),
         storage=config.storage.s3.model_dump(),
         weights=arguments["denoiser"]["weights"],
         models=arguments["denoiser"]["models"],
+        controlnets=sorted(arguments["denoiser"]["controlnets"]),
     )

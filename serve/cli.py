@@ -50,6 +50,24 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="a LoRA file, or a name in WEIGHTS/loras/, with an optional scale (repeatable)",
     )
     p.add_argument("--mode", default=None, help="fast mode preset: lcm, lightning or hyper (LoRAs from WEIGHTS/loras/)")
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="NAME[:STRENGTH]",
+        help="an extra ControlNet from WEIGHTS/controlnets/ (pose, canny, depth), optional strength (repeatable)",
+    )
+    p.add_argument(
+        "--control-image",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="a ready-made map for a --controlnet (else canny/depth are computed from --pose, else --face)",
+    )
+    p.add_argument("--canny-low", type=int, default=None, help="Canny's lower threshold (default 100)")
+    p.add_argument("--canny-high", type=int, default=None, help="Canny's upper threshold (default 200)")
+    p.add_argument("--init-image", type=Path, default=None, help="image-to-image: start from this picture")
+    p.add_argument("--strength", type=float, default=None, help="with --init-image: how far it is noised (default 0.8)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", required=True, type=Path, help="output file (.png, .jpg, .webp)")
@@ -76,12 +94,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.no_enhance_face_region:
         given["enhance_face_region"] = False
     given["mode"] = args.mode
+    given |= {"canny_low": args.canny_low, "canny_high": args.canny_high, "strength": args.strength}
+    given["controlnets"] = [_controlnet_item(item) for item in args.controlnet] or None
+    if args.strength is not None and args.init_image is None:
+        raise CliError("--strength is for image-to-image: give --init-image too")
     try:
         options = GenerationOptions(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         from serve.errors import validation_message
 
         raise CliError(validation_message(exc)) from None
+    control_files = _control_images(args.control_image, {c.name for c in options.controlnets})
     suffix = args.out.suffix.lower()
     if suffix not in (".png", ".jpg", ".jpeg", ".webp"):
         raise CliError(f"--out must end in .png, .jpg or .webp (got {args.out.name})")
@@ -93,13 +116,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     face = decode_image(_read(args.face, "--face"))
     pose = decode_image(_read(args.pose, "--pose")) if args.pose else None
+    init = decode_image(_read(args.init_image, "--init-image")) if args.init_image else None
+    control_images = {name: decode_image(_read(path, "--control-image")) for name, path in control_files.items()}
     layout = WeightsLayout.from_root(args.weights)
     base, lora_files, loras, preset = _local_models(args.weights, args.base, args.lora, args.mode)
     seed = options.resolved_seed()
-    params = options.sampling_params(seed, preset)
-    pipeline = _pipeline(layout, args, base, lora_files)
+    params = options.sampling_params(seed, preset, img2img=init is not None)
+    if params.strength is not None and params.denoising_steps == 0:
+        raise CliError(f"--strength {params.strength} leaves no step of {params.num_inference_steps} to run")
+    controlnets = _local_controlnets(args.weights, [c.name for c in params.active_controlnets])
+    needs_depth = any(c.name == "depth" for c in params.active_controlnets) and "depth" not in control_images
+    pipeline = _pipeline(layout, args, base, lora_files, controlnets, args.weights / "depth" if needs_depth else None)
     output = pipeline(
-        face, options.prompt, options.negative_prompt, params=params, style=options.style, pose_rgb=pose, loras=loras
+        face,
+        options.prompt,
+        options.negative_prompt,
+        params=params,
+        style=options.style,
+        pose_rgb=pose,
+        loras=loras,
+        control_images=control_images,
+        canny_thresholds=(options.canny_low, options.canny_high),
+        init_rgb=init,
     )
     try:
         _write_images(output.images, args.out, options.output_quality)
@@ -127,10 +165,50 @@ def _check_device(device: str, dtype: str) -> None:
         raise CliError(f"--dtype: {exc}") from None
 
 
-def _pipeline(layout, args, base, lora_files):
+def _pipeline(layout, args, base, lora_files, controlnets, depth_model):
     from deployments.instantid.pipeline import InstantIDPipeline
 
-    return InstantIDPipeline.from_layout(layout, device=args.device, dtype=args.dtype, base=base, lora_files=lora_files)
+    return InstantIDPipeline.from_layout(
+        layout,
+        device=args.device,
+        dtype=args.dtype,
+        base=base,
+        lora_files=lora_files,
+        controlnets=controlnets,
+        depth_model=depth_model,
+    )
+
+
+def _controlnet_item(item: str) -> dict[str, object]:
+    """``NAME[:STRENGTH]`` -> a ``controlnets`` entry."""
+    name, _, strength = item.partition(":")
+    if not strength:
+        return {"name": name}
+    try:
+        return {"name": name, "strength": float(strength)}
+    except ValueError:
+        raise CliError(f"--controlnet {item}: the strength must be a number") from None
+
+
+def _control_images(items: list[str], listed: set[str]) -> dict[str, Path]:
+    """``NAME=FILE`` pairs, each for a ControlNet that --controlnet names."""
+    files: dict[str, Path] = {}
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep or not file:
+            raise CliError(f"--control-image {item}: expected NAME=FILE")
+        if name not in listed:
+            raise CliError(f"--control-image {name}: add --controlnet {name} too")
+        files[name] = Path(file)
+    return files
+
+
+def _local_controlnets(weights: Path, names: list[str]) -> dict[str, Path]:
+    folders = {name: weights / "controlnets" / name for name in names}
+    for name, folder in folders.items():
+        if not (folder / "config.json").is_file():
+            raise CliError(f"--controlnet {name}: {folder} is not a ControlNet folder (instantid weights download)")
+    return folders
 
 
 def _local_models(weights: Path, base: str | None, loras: list[str], mode: str | None):
@@ -211,7 +289,7 @@ def cmd_weights_tiny(args: argparse.Namespace) -> int:
 def cmd_weights_download(args: argparse.Namespace) -> int:
     from serve.download import download_real_weights
 
-    download_real_weights(args.dir, sdxl_repo=args.sdxl, antelopev2_repo=args.antelopev2)
+    download_real_weights(args.dir, sdxl_repo=args.sdxl, antelopev2_repo=args.antelopev2, depth_repo=args.depth)
     print(f"downloaded real weights to {args.dir}")
     return 0
 
@@ -269,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("dir", type=Path)
     download.add_argument("--sdxl", default="stabilityai/stable-diffusion-xl-base-1.0", help="SDXL base repo id")
     download.add_argument("--antelopev2", default="DIAMONIK7777/antelopev2", help="hub repo with the 5 .onnx files")
+    download.add_argument(
+        "--depth",
+        default="depth-anything/Depth-Anything-V2-Small-hf",
+        help="transformers depth-estimation repo for the depth ControlNet's maps (e.g. Intel/dpt-hybrid-midas)",
+    )
     download.set_defaults(func=cmd_weights_download)
 
     cluster = sub.add_parser("cluster", help="KubeRay manifests")

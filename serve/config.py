@@ -10,10 +10,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.instantid.catalogue import ModelCatalogue
+from deployments.instantid.catalogue import ModelCatalogue, WeightsSource
 from deployments.instantid.denoiser import DEFAULT_VAE_BATCH_SIZE
 from deployments.instantid.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from deployments.instantid.keypoints import REFERENCE_LONG_SIDE
+from deployments.instantid.params import ControlNetName
 from deployments.storage.s3 import S3Settings
 from serve.auth import AuthConfig
 
@@ -112,12 +113,29 @@ class DenoiserConfig(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     vae_batch_size: int = Field(default=DEFAULT_VAE_BATCH_SIZE, ge=1, description="Latents decoded at once.")
     batching: BatchOptions = Field(default_factory=BatchOptions)
+    controlnets: dict[ControlNetName, WeightsSource] = Field(
+        default_factory=dict,
+        description="Extra ControlNets beside IdentityNet that requests may name (pose, canny, depth): diffusers "
+        "ControlNet folders, e.g. {source: controlnets/canny} under the weights root, or {repo: ...}.",
+    )
 
     @model_validator(mode="after")
     def _room_for_one_request(self) -> DenoiserConfig:
         if self.batching.max_batch_size < 8:
             raise ValueError("denoiser batching.max_batch_size counts latents and must be >= 8 (num_images max)")
         return self
+
+
+class ControlMapsConfig(_Strict):
+    """The deployment that makes the extra ControlNets' maps (canny, depth) and fits init images."""
+
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    depth_model: WeightsSource | None = Field(
+        default_factory=lambda: WeightsSource(source="depth"),
+        description="A transformers depth-estimation folder (loaded only when the denoiser has a depth ControlNet).",
+    )
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
 
 class StoreConfig(_Strict):
@@ -141,6 +159,11 @@ class StorageConfig(_Strict):
 
 class ApiConfig(_Strict):
     max_upload_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024, description="Per image, after base64 decoding.")
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=64 * 1024,
+        description="A whole request body (every image in base64 and every other field): bodies beyond it get a 413.",
+    )
     max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=65_536, description="Decoded-size guard (bombs).")
     allowed_input_buckets: list[str] = Field(
         default_factory=list, description="Buckets s3:// inputs may come from; the results bucket is never implied."
@@ -169,4 +192,5 @@ class AppConfig(_Strict):
     face: FaceConfig = Field(default_factory=FaceConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
+    control_maps: ControlMapsConfig = Field(default_factory=ControlMapsConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)

@@ -2,8 +2,9 @@
 
 Sources (Hugging Face hub): ``InstantX/InstantID`` (IdentityNet + ip-adapter.bin), an SDXL base in
 diffusers format, and a repo holding the five antelopev2 .onnx files (insightface's own download URL is
-dead); and the LoRAs of the fast-mode presets (LCM-LoRA SDXL, SDXL-Lightning 8-step, Hyper-SDXL 8-step CFG) into
-``loras/``. Every LFS file's sha256, which the hub publishes, is checked after download.
+dead); the LoRAs of the fast-mode presets (LCM-LoRA SDXL, SDXL-Lightning 8-step, Hyper-SDXL 8-step CFG) into
+``loras/``; the extra ControlNets of the InstantID multi-ControlNet demo into ``controlnets/{pose,canny,depth}/``
+and a depth estimator into ``depth/``. Every LFS file's sha256, which the hub publishes, is checked after download.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ PRESET_LORA_SOURCES = {
     "sdxl-lightning-8step": ("ByteDance/SDXL-Lightning", "sdxl_lightning_8step_lora.safetensors"),
     "hyper-sdxl-8step-cfg": ("ByteDance/Hyper-SD", "Hyper-SDXL-8steps-CFG-lora.safetensors"),
 }
+# The extra ControlNets the InstantID demo uses, from their publishers: (repo, its safetensors weights file), stored
+# as WEIGHTS/controlnets/<name>/{config.json, diffusion_pytorch_model.safetensors}. The openpose repo keeps its
+# diffusers-layout weights as safetensors under another name (its diffusion_pytorch_model file is a pickle).
+CONTROLNET_SOURCES = {
+    "pose": ("thibaud/controlnet-openpose-sdxl-1.0", "OpenPoseXL2.safetensors"),
+    "canny": ("diffusers/controlnet-canny-sdxl-1.0", "diffusion_pytorch_model.safetensors"),
+    "depth": ("diffusers/controlnet-depth-sdxl-1.0-small", "diffusion_pytorch_model.safetensors"),
+}
+CONTROLNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# Depth Anything V2 Small (Apache-2.0): sharper and ~5x smaller than the demo's DPT-Hybrid MiDaS, same kind of
+# output (relative inverse depth, near is bright), which is what the depth ControlNet was trained on.
+DEFAULT_DEPTH_REPO = "depth-anything/Depth-Anything-V2-Small-hf"
+DEPTH_PATTERNS = ("config.json", "preprocessor_config.json", "model.safetensors")
 SDXL_PATTERNS = (
     "model_index.json",
     "scheduler/*",
@@ -78,8 +92,11 @@ def _fetch(repo: str, dest: Path, patterns: tuple[str, ...], rename: dict[str, s
         shutil.copyfile(source, target)
 
 
-def download_real_weights(directory: Path, *, sdxl_repo: str, antelopev2_repo: str) -> Path:
-    """Download into ``directory/{sdxl,instantid,antelopev2}``; one clear error when offline."""
+def download_real_weights(
+    directory: Path, *, sdxl_repo: str, antelopev2_repo: str, depth_repo: str = DEFAULT_DEPTH_REPO
+) -> Path:
+    """Download into ``directory/{sdxl,instantid,antelopev2,loras,controlnets,depth}``; one clear error when
+    offline."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise WeightsError("HF_HUB_OFFLINE=1: cannot download weights (copy them into the layout instead)")
     directory = Path(directory)
@@ -88,6 +105,9 @@ def download_real_weights(directory: Path, *, sdxl_repo: str, antelopev2_repo: s
     _fetch(antelopev2_repo, directory / "antelopev2", tuple(f"*{name}" for name in ANTELOPEV2_FILES))
     for name, (repo, file) in PRESET_LORA_SOURCES.items():
         _fetch(repo, directory / LORAS_DIR, (file,), rename={file: PRESET_LORA_FILES[name]})
+    for name, (repo, file) in CONTROLNET_SOURCES.items():
+        _fetch(repo, directory / "controlnets" / name, ("config.json", file), rename={file: CONTROLNET_WEIGHTS})
+    _fetch(depth_repo, directory / "depth", DEPTH_PATTERNS)
     nested = [p for p in (directory / "antelopev2").rglob("*.onnx") if p.parent != directory / "antelopev2"]
     for path in nested:  # repos that keep the files in a subfolder: flatten into the expected layout
         path.replace(directory / "antelopev2" / path.name)

@@ -32,11 +32,6 @@ MAX_FORM_FIELD_BYTES = 64 * 1024
 _IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "application/octet-stream"}
 
 
-def max_body_bytes(max_upload_bytes: int) -> int:
-    """Two images in base64 plus the other fields: the most a well-formed body can need."""
-    return 2 * (max_upload_bytes * 4 // 3) + 256 * 1024
-
-
 async def _read_limited(request: Request, limit: int, idle_timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -61,14 +56,19 @@ async def _read_limited(request: Request, limit: int, idle_timeout_s: float) -> 
 
 
 async def read_body(
-    request: Request, *, max_upload_bytes: int, idle_timeout_s: float, files: Mapping[str, str]
+    request: Request,
+    *,
+    max_upload_bytes: int,
+    max_request_bytes: int,
+    idle_timeout_s: float,
+    files: Mapping[str, str],
 ) -> dict[str, Any]:
     """The request's fields, from a JSON or a multipart body; a 408 when the body stalls for ``idle_timeout_s``.
 
     ``files`` maps each accepted multipart file part to the field it fills (``NAME`` -> ``FIELD_b64``); several
     part names may fill one field (aliases). The first field of ``files`` is required in multipart requests.
     """
-    body = await _read_limited(request, max_body_bytes(max_upload_bytes), idle_timeout_s)
+    body = await _read_limited(request, max_request_bytes, idle_timeout_s)
     request._body = body  # starlette parses forms from the cached body
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":

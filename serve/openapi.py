@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from serve.schemas import ErrorResponse, FacesRequest, GenerateRequest
+from deployments.instantid.params import CONTROLNET_NAMES
+from serve.schemas import CONTROL_IMAGE_PART, ErrorResponse, FacesRequest, GenerateRequest
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 415, 422, 503, 504)
@@ -51,6 +52,12 @@ GENERATE_BODY = _request_body(
         "face_image": "The identity photo (PNG, JPEG or WebP).",
         "pose_image": "Optional photo whose largest face sets the pose, the composition and (without width/height) "
         "the size.",
+        "init_image": "Optional image-to-image start (with strength); scaled to cover the output, centre-cropped.",
+        **{
+            CONTROL_IMAGE_PART.format(name): f"Optional ready-made map for the {name} ControlNet (listed in "
+            "controlnets); scaled to cover the output, centre-cropped."
+            for name in CONTROLNET_NAMES
+        },
     },
     required_file="face_image",
 )

@@ -13,8 +13,17 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from deployments.instantid.catalogue import LORA_SCALE_RANGE, MAX_REQUEST_LORAS, ModeSpec
+from deployments.instantid.control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW
 from deployments.instantid.faces import DetectedFace
-from deployments.instantid.params import DEFAULT_PARAMS, GenerationParams
+from deployments.instantid.params import (
+    CONTROLNET_NAMES,
+    DEFAULT_CONTROLNET_STRENGTH,
+    DEFAULT_IMG2IMG_STRENGTH,
+    DEFAULT_PARAMS,
+    ControlNetName,
+    ControlSetting,
+    GenerationParams,
+)
 from deployments.instantid.schedulers import SchedulerName
 from deployments.instantid.styles import DEFAULT_STYLE, StyleName
 from deployments.messages import StageTiming
@@ -29,6 +38,25 @@ MAX_IMAGES = 8
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
+CannyThreshold = Annotated[int, Field(ge=0, le=1000)]
+JSON_FORM_FIELDS = ("loras", "controlnets")  # list-valued fields a multipart form carries as JSON text
+CONTROL_IMAGE_PART = "control_image_{}"  # multipart file part of a ready-made map, per ControlNet
+
+
+def decode_json_form_fields(data: Any) -> Any:
+    """A multipart form carries list/object fields as JSON text; decode those (JSON bodies pass through)."""
+    if not isinstance(data, dict):
+        return data
+    for name in JSON_FORM_FIELDS:
+        if isinstance(data.get(name), str):
+            try:
+                data = {**data, name: json.loads(data[name])}
+            except ValueError:
+                raise ValueError(f"{name} must be a JSON list, e.g. {_JSON_EXAMPLES[name]}") from None
+    return data
+
+
+_JSON_EXAMPLES = {"loras": '[{"name": "x", "scale": 0.8}]', "controlnets": '[{"name": "canny", "strength": 0.4}]'}
 
 
 class LoraChoice(BaseModel):
@@ -42,10 +70,38 @@ class LoraChoice(BaseModel):
     )
 
 
+class ControlNetChoice(BaseModel):
+    """One extra ControlNet beside IdentityNet (``GET /v1/models`` lists the deployment's), and optionally its map.
+
+    Without an image its map is computed from the pose photo when given, else from the face photo (canny, depth;
+    a pose map must be uploaded). A map of another size is scaled to cover the output and centre-cropped.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ControlNetName
+    strength: float = Field(default=DEFAULT_CONTROLNET_STRENGTH, ge=0.0, le=2.0, description="Residual scale.")
+    start: float | None = Field(default=None, ge=0.0, le=1.0, description="Absent: control_guidance_start.")
+    end: float | None = Field(default=None, ge=0.0, le=1.0, description="Absent: control_guidance_end.")
+    image_b64: str | None = Field(default=None, description="A ready-made map, base64 (multipart: control_image_NAME).")
+    image_uri: str | None = Field(default=None, description="A ready-made map as s3://bucket/key.")
+
+    @model_validator(mode="after")
+    def _one_image(self) -> ControlNetChoice:
+        if self.image_b64 is not None and self.image_uri is not None:
+            raise ValueError(f"controlnet {self.name}: give at most one of image_b64 and image_uri")
+        return self
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_b64 is not None or self.image_uri is not None
+
+
 class GenerationOptions(BaseModel):
     """Everything about a generation except the images themselves.
 
-    In multipart bodies, a list- or object-valued field (``loras``) is one form field holding its JSON.
+    In multipart bodies, a list- or object-valued field (``loras``, ``controlnets``) is one form field holding its
+    JSON.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -83,25 +139,46 @@ class GenerationOptions(BaseModel):
         description="A fast-mode preset (lcm, lightning, hyper, ...): its LoRA, scheduler, steps and guidance; "
         "fields set explicitly in the request win.",
     )
+    controlnets: list[ControlNetChoice] = Field(
+        default_factory=list,
+        max_length=len(CONTROLNET_NAMES),
+        description="Extra ControlNets beside IdentityNet (pose, canny, depth), each with its strength and window.",
+    )
+    canny_low: CannyThreshold = Field(default=DEFAULT_CANNY_LOW, description="Canny's lower hysteresis threshold.")
+    canny_high: CannyThreshold = Field(default=DEFAULT_CANNY_HIGH, description="Canny's upper hysteresis threshold.")
+    strength: float = Field(
+        default=DEFAULT_IMG2IMG_STRENGTH,
+        ge=0.0,
+        le=1.0,
+        description="Image-to-image (with init_image): how far the init image is noised; int(steps x strength) "
+        "steps run. 1: the init image only sets the start.",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _json_form_fields(cls, data: Any) -> Any:
-        """A multipart form carries list/object fields as JSON text; decode those (JSON bodies pass through)."""
-        if isinstance(data, dict) and isinstance(data.get("loras"), str):
-            try:
-                data = {**data, "loras": json.loads(data["loras"])}
-            except ValueError:
-                raise ValueError('loras must be a JSON list, e.g. [{"name": "x", "scale": 0.8}]') from None
-        return data
+        return decode_json_form_fields(data)
 
     def lora_requests(self) -> list[tuple[str, float | None]]:
         return [(lora.name, lora.scale) for lora in self.loras]
 
-    def sampling_params(self, seed: int, preset: ModeSpec | None = None) -> GenerationParams:
+    def control_settings(self) -> tuple[ControlSetting, ...]:
+        """The extra ControlNets with their windows (the request's window where an item sets none)."""
+        return tuple(
+            ControlSetting(
+                c.name,
+                c.strength,
+                self.control_guidance_start if c.start is None else c.start,
+                self.control_guidance_end if c.end is None else c.end,
+            )
+            for c in self.controlnets
+        )
+
+    def sampling_params(self, seed: int, preset: ModeSpec | None = None, *, img2img: bool = False) -> GenerationParams:
         """The model-level parameters (one mapping, shared by the ingress and `instantid generate`).
 
-        A mode's preset supplies steps, guidance and scheduler unless the request set them itself.
+        A mode's preset supplies steps, guidance and scheduler unless the request set them itself. ``img2img``:
+        the request has an init image (``strength`` applies).
         """
         given = self.model_fields_set
 
@@ -123,6 +200,8 @@ class GenerationOptions(BaseModel):
             control_guidance_end=self.control_guidance_end,
             enhance_face_region=self.enhance_face_region,
             scheduler=pick("scheduler"),
+            controlnets=self.control_settings(),
+            strength=self.strength if img2img else None,
         )
 
     def resolved_seed(self) -> int:
@@ -137,6 +216,15 @@ class GenerationOptions(BaseModel):
             raise ValueError("give both width and height, or neither")
         if self.width is not None and self.height is not None and self.width * self.height > MAX_PIXELS:
             raise ValueError(f"width*height must be at most {MAX_PIXELS} pixels")
+        names = [c.name for c in self.controlnets]
+        if len(set(names)) != len(names):
+            raise ValueError("each controlnet may be listed once")
+        if self.canny_low > self.canny_high:
+            raise ValueError("canny_low must be at most canny_high")
+        try:
+            self.control_settings()
+        except ValueError as exc:  # a window that is empty once the request's window fills in
+            raise ValueError(str(exc)) from None
         return self
 
 
@@ -151,9 +239,40 @@ class GenerateRequest(GenerationOptions):
     face_image_uri: str | None = Field(default=None, description="The identity photo as s3://bucket/key.")
     pose_image_b64: str | None = Field(default=None, description="Optional pose/composition photo, base64.")
     pose_image_uri: str | None = None
+    init_image_b64: str | None = Field(default=None, description="Image-to-image: the start image, base64.")
+    init_image_uri: str | None = Field(default=None, description="Image-to-image: the start image as s3://bucket/key.")
     store_inputs: bool = Field(
         default=False, description="Keep the input photos next to the results (biometric data: off by default)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _control_image_parts(cls, data: Any) -> Any:
+        """Multipart ``control_image_NAME`` parts arrive as ``control_image_NAME_b64``: into their controlnet."""
+        data = decode_json_form_fields(data)
+        if not isinstance(data, dict):
+            return data
+        keys = {name: f"{CONTROL_IMAGE_PART.format(name)}_b64" for name in CONTROLNET_NAMES}
+        parts = {name: data[key] for name, key in keys.items() if key in data}
+        if not parts:
+            return data
+        items = data.get("controlnets") or []
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            return data  # the field's own validation reports it
+        listed = {item.get("name") for item in items}
+        for name in parts:
+            if name not in listed:
+                raise ValueError(f"{CONTROL_IMAGE_PART.format(name)} was sent but controlnets does not list {name}")
+        merged = []
+        for item in items:
+            name = item.get("name")
+            if name in parts:
+                if item.get("image_b64") is not None or item.get("image_uri") is not None:
+                    raise ValueError(f"controlnet {name}: its image was given twice")
+                item = {**item, "image_b64": parts[name]}
+            merged.append(item)
+        rest = {k: v for k, v in data.items() if k not in keys.values()}
+        return {**rest, "controlnets": merged}
 
     @model_validator(mode="after")
     def _check_images(self) -> GenerateRequest:
@@ -161,11 +280,24 @@ class GenerateRequest(GenerationOptions):
             raise ValueError("give exactly one of face_image_b64 and face_image_uri")
         if self.pose_image_b64 is not None and self.pose_image_uri is not None:
             raise ValueError("give at most one of pose_image_b64 and pose_image_uri")
+        if self.init_image_b64 is not None and self.init_image_uri is not None:
+            raise ValueError("give at most one of init_image_b64 and init_image_uri")
+        if "strength" in self.model_fields_set and not self.has_init_image:
+            raise ValueError("strength is for image-to-image: give init_image too")
         return self
 
+    @property
+    def has_init_image(self) -> bool:
+        return self.init_image_b64 is not None or self.init_image_uri is not None
+
     def options(self) -> GenerationOptions:
-        """The generation options alone; fields the request did not set stay unset (a mode's preset fills them)."""
-        fields = self.model_dump(include=set(GenerationOptions.model_fields), exclude_unset=True)
+        """The generation options alone, without any image (ready-made maps stay in the request); fields the
+        request did not set stay unset (a mode's preset fills them)."""
+        fields = self.model_dump(
+            include=set(GenerationOptions.model_fields),
+            exclude={"controlnets": {"__all__": {"image_b64", "image_uri"}}},
+            exclude_unset=True,
+        )
         return GenerationOptions(**fields)
 
 
@@ -183,11 +315,22 @@ class FacesRequest(BaseModel):
         description="The photo as s3://bucket/key.",
     )
     include_keypoint_image: bool = False
+    include_control_maps: bool = Field(
+        default=False, description="Also return the canny/depth maps a generation from this photo would use."
+    )
+    width: Side | None = Field(default=None, description="With height: the output size the images are made for.")
+    height: Side | None = None
+    canny_low: CannyThreshold = DEFAULT_CANNY_LOW
+    canny_high: CannyThreshold = DEFAULT_CANNY_HIGH
 
     @model_validator(mode="after")
     def _check_image(self) -> FacesRequest:
         if (self.image_b64 is None) == (self.image_uri is None):
             raise ValueError("give exactly one of image_b64 and image_uri")
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both width and height, or neither")
+        if self.canny_low > self.canny_high:
+            raise ValueError("canny_low must be at most canny_high")
         return self
 
 
@@ -243,6 +386,9 @@ class FacesResponse(BaseModel):
     faces: list[FaceInfo]
     chosen: int | None = Field(description="Index of the face generation would use (the largest).")
     keypoint_image_png_b64: str | None = None
+    control_maps_png_b64: dict[str, str] | None = Field(
+        default=None, description="With include_control_maps: name -> PNG, at the keypoint image's size."
+    )
 
 
 class ErrorBody(BaseModel):
@@ -282,5 +428,6 @@ class ModelsResponse(BaseModel):
     base_models: dict[str, BaseModelInfo]
     loras: dict[str, LoraInfo]
     modes: dict[str, ModeInfo]
+    controlnets: list[str] = Field(description="Extra ControlNets a request may name, beside IdentityNet.")
     denoiser: dict[str, Any] = Field(description="One denoiser replica: InstantID's weights, its bases and LoRAs.")
     api_version: str

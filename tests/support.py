@@ -158,3 +158,29 @@ def published_image_proj_keys(depth: int = 4) -> set[str]:
             f"layers.{i}.1.3.weight",
         }
     return keys
+
+
+def sample_control_maps(size: int) -> dict[str, np.ndarray]:
+    """A map of the kind each extra ControlNet reads, size x size: the astronaut's edges, a smooth depth-like ramp,
+    a pose-like drawing."""
+    from deployments.instantid.control_maps import canny_map, fit_image
+    from deployments.instantid.images import decode_image
+
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    depth = np.clip(ramp[None, :] * 0.6 + ramp[:, None] * 0.4, 0, 255).astype(np.uint8)
+    pose = np.zeros((size, size, 3), dtype=np.uint8)
+    pose[size // 6 : size - size // 6, size // 2 - 2 : size // 2 + 2] = (255, 0, 0)
+    pose[size // 3 : size // 3 + 4, size // 5 : size - size // 5] = (0, 255, 0)
+    return {
+        "canny": canny_map(fit_image(decode_image(astronaut_jpeg()), size, size)),
+        "depth": np.repeat(depth[:, :, None], 3, axis=2),
+        "pose": pose,
+    }
+
+
+def sample_init_image(size: int) -> np.ndarray:
+    """The group photo, covered and centre-cropped to size x size: an image-to-image start."""
+    from deployments.instantid.control_maps import fit_image
+    from deployments.instantid.images import decode_image
+
+    return fit_image(decode_image(group_photo_jpeg()), size, size)

@@ -151,12 +151,14 @@ def test_weights_tiny_writes_the_layout(runs: dict[str, Run], tiny_weights: Path
     result, folder = runs["weights tiny"]
     assert result.returncode == 0, result.stderr
     assert f"wrote tiny weights to {folder}" in result.stdout
-    assert sorted(p.name for p in folder.iterdir()) == ["antelopev2", "bases", "instantid", "loras", "sdxl"]
+    parts = ["antelopev2", "bases", "controlnets", "depth", "instantid", "loras", "sdxl"]
+    assert sorted(p.name for p in folder.iterdir()) == parts
     assert (folder / "sdxl" / "model_index.json").is_file()
     assert (folder / "bases" / "tiny-alt.safetensors").is_file() and (folder / "bases" / "tiny-alt").is_dir()
     assert (folder / "loras" / "lcm-lora-sdxl.safetensors").is_file()
     assert (folder / "instantid" / "ControlNetModel" / "config.json").is_file()
     assert (folder / "instantid" / "ip-adapter.bin").is_file()
+    assert (folder / "controlnets" / "depth" / "config.json").is_file() and (folder / "depth" / "config.json").is_file()
     # Same bytes as the in-process writer with the default seed: deterministic across processes too.
     assert file_hashes(folder) == file_hashes(tiny_weights)
 

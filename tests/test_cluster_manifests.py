@@ -49,7 +49,14 @@ CRD_DIR = next(
 )
 
 # Which worker group each Serve deployment of AppConfig must land on (and only there).
-INTENDED_GROUP = {"ingress": "cpu", "face": "cpu", "store": "cpu", "prompt": "gpu-small", "denoiser": "gpu-large"}
+INTENDED_GROUP = {
+    "ingress": "cpu",
+    "face": "cpu",
+    "control_maps": "cpu",
+    "store": "cpu",
+    "prompt": "gpu-small",
+    "denoiser": "gpu-large",
+}
 UPGRADE_TYPES = {"NewCluster", "None", "NewClusterWithIncrementalUpgrade"}  # KubeRay's ValidateRayServiceSpec
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -605,7 +612,7 @@ def test_paths_in_the_serve_config_are_mounted_where_they_are_used(
     by_group = dict(groups(rayservice["spec"]["rayClusterConfig"]))
     writable: dict[str, tuple[str, ...]] = {}
     if app_config.weights.cache_dir:
-        writable[app_config.weights.cache_dir] = ("face", "prompt", "denoiser")
+        writable[app_config.weights.cache_dir] = ("face", "control_maps", "prompt", "denoiser")
     if app_config.storage.spool_dir:
         writable[app_config.storage.spool_dir] = ("store",)
     for path, users in writable.items():

@@ -41,6 +41,7 @@ def test_local_config_fits_two_cores_and_production_separates_node_types():
         local.face.deployment,
         local.prompt.deployment,
         local.denoiser.deployment,
+        local.control_maps.deployment,
         local.store.deployment,
     ]
     assert sum(s.ray_actor_options.get("num_cpus", 1) for s in stages) <= 2

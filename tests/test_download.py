@@ -51,6 +51,19 @@ def _publish_everything(repos: dict[str, dict[str, bytes]]) -> None:
     repos["faces/antelopev2"] = {f"antelopev2/{n}": n.encode() for n in ("scrfd_10g_bnkps.onnx", "glintr100.onnx")}
     for name, (repo, file) in download.PRESET_LORA_SOURCES.items():
         repos[repo] = {file: f"lora {name}".encode(), "README.md": b"not wanted"}
+    for name, (repo, file) in download.CONTROLNET_SOURCES.items():
+        repos[repo] = {
+            "config.json": f"{name} config".encode(),
+            file: name.encode(),
+            "diffusion_pytorch_model.fp16.safetensors": b"not wanted",
+            "diffusion_pytorch_model.bin": b"a pickle: never fetched",
+        }
+    repos[download.DEFAULT_DEPTH_REPO] = {
+        "config.json": b"{}",
+        "preprocessor_config.json": b"{}",
+        "model.safetensors": b"depth",
+        "README.md": b"not wanted",
+    }
 
 
 def test_download_writes_the_layout_with_the_preset_loras_under_their_names(hub, tmp_path: Path) -> None:
@@ -62,6 +75,15 @@ def test_download_writes_the_layout_with_the_preset_loras_under_their_names(hub,
     assert sorted(p.name for p in (out / "loras").iterdir()) == sorted(PRESET_LORA_FILES.values())
     for name, file in PRESET_LORA_FILES.items():
         assert (out / "loras" / file).read_bytes() == f"lora {name}".encode()
+    for name in ("pose", "canny", "depth"):
+        folder = out / "controlnets" / name
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+        assert (folder / "diffusion_pytorch_model.safetensors").read_bytes() == name.encode()
+    assert sorted(p.name for p in (out / "depth").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
 
 
 def test_a_file_whose_sha256_differs_from_the_published_one_is_refused(hub, tmp_path: Path) -> None:

@@ -33,7 +33,6 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from serve.inputs import max_body_bytes
 from serve.schemas import GenerateRequest
 from tests.serve_fixtures import API_KEYS
 from tests.support import FAST_REQUEST, encode_image, png_chunk, png_claiming, s3_object_exists
@@ -246,7 +245,7 @@ def _chunked(total: int, size: int = 1 << 20) -> Iterator[bytes]:
 
 
 def _max_body(stack) -> int:
-    return max_body_bytes(stack.config.api.max_upload_bytes)  # the ingress's bound on a whole request body
+    return stack.config.api.max_request_bytes  # the ingress's bound on a whole request body
 
 
 def _multipart_bytes(boundary: str, fields: list[tuple[str, str]], files: list[tuple[str, str, bytes, str]]) -> bytes:

@@ -11,6 +11,12 @@ The reference below states the published method in the open, one diffusers piece
   control window as diffusers' SDXL ControlNet pipeline applies it;
 - "enhance non-face region": every IdentityNet residual times the face-box mask resized (bilinear) to the
   residual, and the face-token attention term times the mask resized (nearest) to each attention grid;
+- extra ControlNets (pose, canny, depth) as the published full pipeline runs them: stock ``ControlNetModel``s
+  given the TEXT embeddings and their own map, each with its strength x its own control window as
+  ``conditioning_scale``; the face-region mask weighs IdentityNet only; all residuals summed;
+- image-to-image: diffusers' own ``StableDiffusionXLImg2ImgPipeline.get_timesteps`` and ``prepare_latents`` (the
+  init image VAE-encoded and noised to the first kept timestep), the control windows counted over the steps that
+  run, as the published img2img pipeline counts them;
 - explicit classifier-free guidance, the scheduler built from the SDXL folder, the VAE decode and rounding of
   diffusers' image processor.
 
@@ -28,17 +34,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel, StableDiffusionXLPipeline
+from diffusers import ControlNetModel, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from deployments.instantid.denoiser import DenoiseJob
 from deployments.instantid.images import decode_image
 from deployments.instantid.keypoints import CropTransform, draw_keypoint_image
-from deployments.instantid.params import GenerationParams
+from deployments.instantid.params import ControlSetting, GenerationParams
 from deployments.instantid.pipeline import InstantIDPipeline
 from deployments.instantid.schedulers import make_scheduler
-from tests.support import astronaut_jpeg, group_photo_jpeg
+from tests.support import astronaut_jpeg, group_photo_jpeg, sample_control_maps, sample_init_image
 
 KEYPOINTS = np.array([[22, 24], [42, 24], [32, 34], [24, 46], [40, 46]], dtype=np.float32)
 OTHER_KEYPOINTS = np.array([[12, 30], [30, 28], [20, 40], [14, 52], [28, 52]], dtype=np.float32)
@@ -132,7 +139,10 @@ def reference_images(
     keypoint_image: np.ndarray,
     box: np.ndarray,
     negative_prompt: str | None = NEGATIVE,
+    extra: dict[str, tuple[ControlNetModel, np.ndarray]] | None = None,
+    init_image: np.ndarray | None = None,
 ) -> np.ndarray:
+    """``extra``: name -> (stock ControlNet, map) for each of ``params.controlnets``."""
     pipe, controlnet = ref.pipe, ref.controlnet
     n, height, width = params.num_images, params.height, params.width
     assert params.guidance_scale > 1.0  # these references always run classifier-free guidance
@@ -160,18 +170,25 @@ def reference_images(
         processor.inner.scale = [params.adapter_strength]
         processor.mask = mask
 
+    extra_inputs = [(*extra[c.name], c) for c in params.controlnets] if extra else []
     scheduler = make_scheduler(params.scheduler, dict(pipe.scheduler.config))
     scheduler.set_timesteps(params.num_inference_steps)
     generator = torch.Generator().manual_seed(params.seed)
-    latents = randn_tensor((n, 4, height // 8, width // 8), generator=generator, dtype=torch.float32)
-    latents = latents * scheduler.init_noise_sigma
+    if init_image is None:
+        timesteps = scheduler.timesteps
+        latents = randn_tensor((n, 4, height // 8, width // 8), generator=generator, dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
+    else:
+        img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+        img2img.scheduler = scheduler
+        timesteps, _ = img2img.get_timesteps(params.num_inference_steps, params.strength, "cpu")
+        pixels = img2img.image_processor.preprocess(Image.fromarray(init_image))
+        latents = img2img.prepare_latents(pixels, timesteps[:1].repeat(n), 1, n, torch.float32, "cpu", generator)
     step_kwargs = {"generator": generator} if params.scheduler == "euler_a" else {}
 
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(timesteps):
         sample = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        keep = control_window_keep(
-            i, len(scheduler.timesteps), params.control_guidance_start, params.control_guidance_end
-        )
+        keep = control_window_keep(i, len(timesteps), params.control_guidance_start, params.control_guidance_end)
         down, mid = controlnet(
             sample,
             t,
@@ -184,6 +201,23 @@ def reference_images(
         if mask is not None:
             down = [r * F.interpolate(mask, size=r.shape[-2:], mode="bilinear") for r in down]
             mid = mid * F.interpolate(mask, size=mid.shape[-2:], mode="bilinear")
+        every_down, every_mid = [down], [mid]
+        for net, control_map, setting in extra_inputs:
+            image = torch.from_numpy(control_map).float().div(255).permute(2, 0, 1)[None].repeat(2 * n, 1, 1, 1)
+            net_keep = control_window_keep(i, len(timesteps), setting.start, setting.end)
+            net_down, net_mid = net(
+                sample,
+                t,
+                encoder_hidden_states=text,
+                controlnet_cond=image,
+                conditioning_scale=setting.strength * net_keep,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )
+            every_down.append(net_down)
+            every_mid.append(net_mid)
+        down = [torch.stack(parts).sum(dim=0) for parts in zip(*every_down, strict=True)]
+        mid = torch.stack(every_mid).sum(dim=0)
         noise = pipe.unet(
             sample,
             t,
@@ -227,6 +261,46 @@ def test_denoiser_equals_the_reference_loop(reference, denoiser, prompt_encoder,
     ours = denoiser.generate([DenoiseJob(params, embedding, KEYPOINTS, BOX, prompt)])[0]
     keypoint_image = draw_keypoint_image(KEYPOINTS, params.width, params.height)
     expected = reference_images(reference, params, embedding, keypoint_image, BOX)
+    assert max_difference(ours, expected) <= 1
+
+
+CONTROL_CASES = {
+    "identitynet-canny-depth-window": dataclasses.replace(
+        BASE, controlnets=(ControlSetting("canny", 0.5), ControlSetting("depth", 0.4, start=0.0, end=0.6))
+    ),
+    "img2img-identitynet-pose-no-mask": dataclasses.replace(
+        BASE,
+        strength=0.7,
+        num_inference_steps=6,
+        enhance_face_region=False,
+        scheduler="dpmpp_2m",
+        controlnets=(ControlSetting("pose", 0.7),),
+        control_guidance_start=0.2,
+    ),
+    "img2img-all-three-two-images": dataclasses.replace(
+        BASE,
+        strength=0.5,
+        num_images=2,
+        controlnets=tuple(ControlSetting(n, s) for n, s in (("pose", 0.3), ("canny", 0.6), ("depth", 0.9))),
+    ),
+}
+
+
+@pytest.mark.parametrize("params", CONTROL_CASES.values(), ids=CONTROL_CASES.keys())
+def test_extra_controlnets_and_img2img_equal_the_reference_loop(
+    reference, controlled_denoiser, prompt_encoder, tiny_weights, params: GenerationParams
+) -> None:
+    embedding = identity(0)
+    maps, init = sample_control_maps(64), (sample_init_image(64) if params.strength is not None else None)
+    prompt = prompt_encoder.encode([PROMPT], [NEGATIVE], do_classifier_free_guidance=True)[0]
+    job = DenoiseJob(params, embedding, KEYPOINTS, BOX, prompt, control_maps=maps, init_image=init)
+    ours = controlled_denoiser.generate([job])[0]
+    extra = {
+        c.name: (ControlNetModel.from_pretrained(tiny_weights / "controlnets" / c.name).eval(), maps[c.name])
+        for c in params.controlnets
+    }
+    keypoint_image = draw_keypoint_image(KEYPOINTS, params.width, params.height)
+    expected = reference_images(reference, params, embedding, keypoint_image, BOX, extra=extra, init_image=init)
     assert max_difference(ours, expected) <= 1
 
 

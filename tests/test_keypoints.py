@@ -154,6 +154,14 @@ def test_apply_image_matches_apply_points() -> None:
     assert xs.max() - xs.min() + 1 == pytest.approx(40, abs=2)
 
 
+def test_apply_image_survives_float_rounding_at_the_crop_edge() -> None:
+    """1280x886 covered to 64x64: the vertical offset rounds to +3.6e-15, the crop's top edge to a hair below 0."""
+    t = CropTransform.cover(1280, 886, 64, 64)
+    assert 0 < t.offset_y < 1e-12  # the case: Pillow refuses a negative box edge
+    out = t.apply_image(np.full((886, 1280, 3), 200, dtype=np.uint8))
+    assert out.shape == (64, 64, 3) and (out == 200).all()
+
+
 def test_face_region_mask() -> None:
     mask = face_region_mask(np.array([10.7, 20.2, 30.9, 40.5]), 64, 48)
     assert mask.shape == (48, 64) and mask.dtype == np.float32

@@ -93,9 +93,9 @@ def test_unknown_or_invalid_model_fields_are_422_listing_what_exists(serve_stack
     assert error["code"] == "invalid_parameter" and message in error["message"], error
 
 
-def test_different_lora_sets_never_share_a_forward_and_equal_sets_do(serve_stack, tiny_weights) -> None:
-    """On a Denoiser that waits up to a second to fill a batch, four concurrent requests arrive in one Serve batch;
-    the batch records say which shared a forward."""
+def test_different_lora_or_controlnet_sets_never_share_a_forward_and_equal_sets_do(serve_stack, tiny_weights) -> None:
+    """On a Denoiser that waits up to a second to fill a batch, concurrent requests arrive in one Serve batch; the
+    batch records say which shared a forward (the same LoRA set, or the same extra ControlNets at any strengths)."""
     from ray import serve as ray_serve
 
     from serve.app import build_app
@@ -111,6 +111,8 @@ def test_different_lora_sets_never_share_a_forward_and_equal_sets_do(serve_stack
             {"seed": 32, "loras": [{"name": "style-peft", "scale": 0.7}]},
             {"seed": 33, "loras": [{"name": "style-kohya", "scale": 1.2}]},
             {"seed": 34},
+            {"seed": 35, "controlnets": [{"name": "canny", "strength": 0.5}]},
+            {"seed": 36, "controlnets": [{"name": "canny", "strength": 0.9}]},
         ]
         alone = [generate(url, **r).json() for r in requests]
         assert all(body["batch"]["jobs"] == 1 for body in alone)
@@ -121,7 +123,8 @@ def test_different_lora_sets_never_share_a_forward_and_equal_sets_do(serve_stack
             assert difference.max() <= 2
         batch = [body["batch"] for body in together]
         assert batch[0] == batch[1] and batch[0]["jobs"] == 2, batch  # the same LoRA set: one forward
-        assert batch[2]["jobs"] == 1 and batch[3]["jobs"] == 1 and len({b["id"] for b in batch}) == 3, batch
+        assert batch[4] == batch[5] and batch[4]["jobs"] == 2, batch  # the same ControlNet set: one forward
+        assert batch[2]["jobs"] == 1 and batch[3]["jobs"] == 1 and len({b["id"] for b in batch}) == 4, batch
     finally:
         ray_serve.delete("batching")
 

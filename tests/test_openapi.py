@@ -16,7 +16,12 @@ def spec() -> dict:
 @pytest.mark.parametrize(
     ("path", "model", "files", "required_file"),
     [
-        ("/v1/generate", GenerateRequest, {"face_image", "pose_image"}, "face_image"),
+        (
+            "/v1/generate",
+            GenerateRequest,
+            {"face_image", "pose_image", "init_image", *(f"control_image_{n}" for n in ("pose", "canny", "depth"))},
+            "face_image",
+        ),
         ("/v1/faces", FacesRequest, {"image"}, "image"),
     ],
 )
@@ -46,7 +51,8 @@ def test_post_routes_document_their_json_and_multipart_bodies(spec, path, model,
 
 def test_generate_form_lists_every_generation_option(spec) -> None:
     form = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert {"prompt", "seed", "num_inference_steps", "identitynet_strength", "store_inputs"} <= set(form["properties"])
+    wanted = {"prompt", "seed", "num_inference_steps", "identitynet_strength", "store_inputs", "controlnets"}
+    assert wanted <= set(form["properties"])
     assert form["required"] == ["face_image", "prompt"]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from deployments.instantid.loading import load_denoiser, load_prompt_encoder
+from deployments.instantid.params import CONTROLNET_NAMES
 from deployments.instantid.tiny import write_tiny_weights
 from deployments.instantid.weights import WeightsLayout
 
@@ -29,3 +30,10 @@ def denoiser(tiny_layout: WeightsLayout):
 @pytest.fixture(scope="session")
 def prompt_encoder(tiny_layout: WeightsLayout):
     return load_prompt_encoder(tiny_layout, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def controlled_denoiser(tiny_layout: WeightsLayout, tiny_weights: Path):
+    """The tiny denoiser with the layout's three extra ControlNets (pose, canny, depth)."""
+    folders = {name: tiny_weights / "controlnets" / name for name in CONTROLNET_NAMES}
+    return load_denoiser(tiny_layout, device="cpu", dtype="float32", controlnets=folders)

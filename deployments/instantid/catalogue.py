@@ -9,6 +9,7 @@ source is relative to the weights root. Resolving a request's choice against the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -25,6 +26,9 @@ LORAS_DIR = "loras"  # WEIGHTS/loras/*.safetensors
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_S = TypeVar("_S", bound="_Sourced")
 
 
 class _Sourced(_Strict):
@@ -47,6 +51,27 @@ class _Sourced(_Strict):
     @property
     def location(self) -> str:
         return self.source if self.source is not None else f"{self.repo}/{self.file or ''}".rstrip("/")
+
+    def under(self: _S, weights_root: str | None) -> _S:
+        """This source with a relative path made absolute under ``weights_root``."""
+        source = self.source
+        if source is None or weights_root is None or source.startswith(("s3://", "/", "~")):
+            return self
+        return self.model_copy(update={"source": weights_root.rstrip("/") + "/" + source})
+
+    def resolve(self, cache_dir: str | Path | None, *, what: str, patterns: tuple[str, ...] | None = None) -> Path:
+        """A local path: the path itself, a copy from S3 (only ``patterns``), or the hub cache's."""
+        from .weights import resolve_hub, resolve_source
+
+        if self.repo is not None:
+            return resolve_hub(self.repo, self.file, what=what, patterns=None if self.file else patterns)
+        return resolve_source(str(self.source), cache_dir, what=what, patterns=patterns)
+
+
+class WeightsSource(_Sourced):
+    """Weights a deployment loads that no request names: a ControlNet, the depth model."""
+
+    description: str = ""
 
 
 class BaseModelSpec(_Sourced):
@@ -113,7 +138,6 @@ PRESET_MODES: dict[str, ModeSpec] = {
     ),
 }
 PresetName = Literal["lcm", "lightning", "hyper"]
-_S = TypeVar("_S", bound=_Sourced)
 
 
 @dataclass(frozen=True)
@@ -174,10 +198,7 @@ class ModelCatalogue(_Strict):
         """The catalogue with the layout's base, the presets' LoRAs and every relative source made absolute."""
 
         def absolute(spec: _S) -> _S:
-            source = spec.source
-            if source is None or weights_root is None or source.startswith(("s3://", "/", "~")):
-                return spec
-            return spec.model_copy(update={"source": weights_root.rstrip("/") + "/" + source})
+            return spec.under(weights_root)
 
         bases = {DEFAULT_BASE: BaseModelSpec(source=sdxl_source, description="the weights' SDXL base")}
         bases |= {name: absolute(spec) for name, spec in self.base_models.items()}

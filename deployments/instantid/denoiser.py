@@ -7,13 +7,19 @@ within float tolerance. Differences from stock diffusers SDXL ControlNet pipelin
 IdentityNet receives the 16 face tokens (not the text) as ``encoder_hidden_states``; the UNet's
 cross-attention context is text tokens + face tokens; an optional face-region mask scales IdentityNet's
 residuals and the face-token attention.
+
+Extra ControlNets (pose, canny, depth) work as in the published full InstantID pipeline: each receives the TEXT
+embeddings, its own map, strength and window; the face-region mask weighs IdentityNet only; all residuals are
+summed. Image-to-image works as diffusers' SDXL img2img pipelines: the init image is VAE-encoded (sampled with the
+job's generator), noised to the first timestep that ``strength`` keeps, and only the remaining steps run.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +46,8 @@ class DenoiseJob:
     face_box: np.ndarray  # (4,) x1, y1, x2, y2 in output-image pixels (the enhance-region mask)
     prompt: PromptEmbeddings
     control_image: np.ndarray | None = None  # (H, W, 3) uint8; None: drawn from ``keypoints`` (the normal case)
+    control_maps: Mapping[str, np.ndarray] = field(default_factory=dict)  # extra ControlNet -> (H, W, 3) uint8
+    init_image: np.ndarray | None = None  # image-to-image: (H, W, 3) uint8 at the output size
     _state: dict = field(default_factory=dict, repr=False)
 
 
@@ -49,6 +57,17 @@ DEFAULT_VAE_BATCH_SIZE = 2  # latents decoded at once: SDXL's VAE at 1024^2 need
 def control_keep(step: int, num_steps: int, start: float, end: float) -> float:
     """1.0 when IdentityNet is on at ``step`` of ``num_steps`` (diffusers' control_guidance window)."""
     return 1.0 - float(step / num_steps < start or (step + 1) / num_steps > end)
+
+
+def _summed(residuals: list) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """The ControlNets' residuals added up (IdentityNet first, then the extra ones in order), or none."""
+    if not residuals:
+        return None, None
+    down, mid = residuals[0]
+    for more_down, more_mid in residuals[1:]:
+        down = [a + b for a, b in zip(down, more_down, strict=True)]
+        mid = mid + more_mid
+    return down, mid
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -75,11 +94,13 @@ class InstantIDDenoiser:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE,
+        controlnets: Mapping[str, ControlNetModel] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.unet = _place(unet, self.device, dtype)
         self.controlnet = _place(controlnet, self.device, dtype)
+        self.controlnets = {name: _place(net, self.device, dtype) for name, net in (controlnets or {}).items()}
         # SDXL's VAE overflows in fp16: decode in fp32 unless the VAE says it is safe (e.g. the fp16-fix VAE).
         vae_fp32 = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", True))
         self.vae_dtype = torch.float32 if vae_fp32 else dtype
@@ -98,17 +119,33 @@ class InstantIDDenoiser:
             raise InvalidParameterError("the output size is not set (GenerationParams.sized)")
         if p.width % self.vae_scale_factor or p.height % self.vae_scale_factor:
             raise InvalidParameterError(f"width and height must be multiples of {self.vae_scale_factor}")
+        if (p.strength is None) != (job.init_image is None):
+            raise InvalidParameterError("image-to-image needs both an init image and a strength")
+        if p.strength is not None and p.denoising_steps == 0:
+            raise InvalidParameterError(
+                f"strength {p.strength} leaves no denoising step of {p.num_inference_steps} (int(steps x strength) "
+                "must be at least 1)"
+            )
         scheduler = make_scheduler(p.scheduler, self.scheduler_config)
         scheduler.set_timesteps(p.num_inference_steps, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(p.seed)
-        shape = (
-            p.num_images,
-            self.unet.config.in_channels,
-            p.height // self.vae_scale_factor,
-            p.width // self.vae_scale_factor,
-        )
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        latents = latents * scheduler.init_noise_sigma
+        timesteps = scheduler.timesteps
+        if job.init_image is None:
+            shape = (
+                p.num_images,
+                self.unet.config.in_channels,
+                p.height // self.vae_scale_factor,
+                p.width // self.vae_scale_factor,
+            )
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+            latents = latents * scheduler.init_noise_sigma
+        else:
+            first = p.skipped_steps * scheduler.order
+            timesteps = timesteps[first:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(first)
+            init = self._image_tensor(job.init_image, p, "the init image") * 2.0 - 1.0
+            latents = self._noised_init_latents(init, p.num_images, scheduler, timesteps[:1], generator)
 
         cfg = p.do_classifier_free_guidance
         embedding = torch.tensor(np.asarray(job.face_embedding, dtype=np.float32))[None]
@@ -116,27 +153,71 @@ class InstantIDDenoiser:
         keypoint_image = job.control_image
         if keypoint_image is None:
             keypoint_image = draw_keypoint_image(np.asarray(job.keypoints, dtype=np.float32), p.width, p.height)
-        elif keypoint_image.shape != (p.height, p.width, 3) or keypoint_image.dtype != np.uint8:
-            raise InvalidParameterError(f"control_image must be uint8 ({p.height}, {p.width}, 3)")
-        control_image = torch.from_numpy(keypoint_image).float().div(255.0).permute(2, 0, 1)[None]
+        control_image = self._image_tensor(keypoint_image, p, "control_image")
+        maps = {}
+        for setting in p.active_controlnets:
+            if setting.name not in self.controlnets:
+                have = ", ".join(self.controlnets) or "none"
+                raise InvalidParameterError(f"this denoiser has no {setting.name} ControlNet (it has: {have})")
+            if setting.name not in job.control_maps:
+                raise InvalidParameterError(f"the {setting.name} ControlNet needs a control map")
+            maps[setting.name] = self._image_tensor(job.control_maps[setting.name], p, f"the {setting.name} map")
         mask = None
         if p.enhance_face_region:
             mask = torch.from_numpy(face_region_mask(np.asarray(job.face_box), p.width, p.height))[None, None]
         step_kwargs = set(inspect.signature(scheduler.step).parameters)
         job._state = {
             "scheduler": scheduler,
+            "timesteps": timesteps,
             "generator": generator,
             "latents": latents,
             "step_kwargs": {"generator": generator} if "generator" in step_kwargs else {},
             "face": {"pos": face_pos, "neg": face_neg},
             "control_image": control_image,
+            "maps": maps,
             "mask": mask,
         }
 
-    def _rows(self, jobs: Sequence[DenoiseJob], cfg: bool) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _image_tensor(image: np.ndarray, p: GenerationParams, what: str) -> torch.Tensor:
+        """An (H, W, 3) uint8 image at the output size as (1, 3, H, W) float in [0, 1] (diffusers' conversion)."""
+        if image.shape != (p.height, p.width, 3) or image.dtype != np.uint8:
+            raise InvalidParameterError(
+                f"{what} must be uint8 ({p.height}, {p.width}, 3), got {image.dtype} {image.shape}"
+            )
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).float().div(255.0).permute(2, 0, 1)[None]
+
+    def _noised_init_latents(
+        self,
+        pixels: torch.Tensor,
+        num_images: int,
+        scheduler,
+        first_timestep: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """The init image's latents, noised to ``first_timestep``, in diffusers' SDXL img2img order: the VAE's
+        posterior is sampled with the job's generator, duplicated per image, then the noise is drawn."""
+        pixels = pixels.to(device=self.device, dtype=self.dtype).to(self.vae_dtype)
+        encoded = self.vae.encode(pixels).latent_dist.sample(generator).to(self.dtype)
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(encoded)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(encoded)
+            encoded = (encoded - mean_t) * config.scaling_factor / std_t
+        else:
+            encoded = config.scaling_factor * encoded
+        encoded = torch.cat([encoded] * num_images)
+        noise = randn_tensor(encoded.shape, generator=generator, device=self.device, dtype=self.dtype)
+        return scheduler.add_noise(encoded, noise, first_timestep.repeat(num_images))
+
+    def _rows(self, jobs: Sequence[DenoiseJob], cfg: bool) -> dict[str, Any]:
         """Stack per-job conditioning into batch rows: [negatives of all jobs, positives of all jobs]."""
         halves = ("neg", "pos") if cfg else ("pos",)
         text, pooled, face, identity, adapter, control, masks = [], [], [], [], [], [], []
+        extra = [c.name for c in jobs[0].params.active_controlnets]
+        maps: dict[str, list[torch.Tensor]] = {name: [] for name in extra}
+        strengths: dict[str, list[torch.Tensor]] = {name: [] for name in extra}
         for half in halves:
             for job in jobs:
                 n, pr, st = job.params.num_images, job.prompt, job._state
@@ -153,6 +234,10 @@ class InstantIDDenoiser:
                 control.append(st["control_image"].expand(n, -1, -1, -1))
                 mask = st["mask"]
                 masks.append(torch.ones_like(control[-1][:, :1]) if mask is None else mask.expand(n, -1, -1, -1))
+                settings = {c.name: c for c in job.params.active_controlnets}
+                for name in extra:
+                    maps[name].append(st["maps"][name].expand(n, -1, -1, -1))
+                    strengths[name].append(torch.full((n,), settings[name].strength))
         p = jobs[0].params
         time_ids = torch.tensor([[p.height, p.width, 0, 0, p.height, p.width]], dtype=torch.float32)
         rows = sum(j.params.num_images for j in jobs) * len(halves)
@@ -167,6 +252,8 @@ class InstantIDDenoiser:
             "control_image": torch.cat(control).to(**to),
             "mask": torch.cat(masks).to(**to) if any_mask else None,
             "time_ids": time_ids.expand(rows, -1).to(**to),
+            "maps": {name: torch.cat(maps[name]).to(**to) for name in extra},
+            "map_strengths": {name: torch.cat(strengths[name]).to(**to).view(-1, 1, 1, 1) for name in extra},
         }
 
     def _identitynet(self, sample: torch.Tensor, t: torch.Tensor, rows: dict, keep: float, weights: dict):
@@ -198,6 +285,21 @@ class InstantIDDenoiser:
 
         return [weigh(r) for r in down], weigh(mid)
 
+    def _extra_controlnet(self, name: str, sample: torch.Tensor, t: torch.Tensor, rows: dict, keep: float):
+        """An extra ControlNet's residuals: it reads the TEXT embeddings and its map; scaled per row by strength."""
+        down, mid = self.controlnets[name](
+            sample,
+            t,
+            encoder_hidden_states=rows["text"],
+            controlnet_cond=rows["maps"][name],
+            conditioning_scale=keep,
+            guess_mode=False,
+            added_cond_kwargs={"text_embeds": rows["pooled"], "time_ids": rows["time_ids"]},
+            return_dict=False,
+        )
+        weight = rows["map_strengths"][name]
+        return [r * weight.to(r.dtype) for r in down], mid * weight.to(mid.dtype)
+
     @torch.no_grad()
     def generate(self, jobs: Sequence[DenoiseJob]) -> list[np.ndarray]:
         """Run compatible jobs together; returns one uint8 array (num_images, H, W, 3) per job."""
@@ -206,12 +308,15 @@ class InstantIDDenoiser:
         key = jobs[0].params.batch_key()
         if any(j.params.batch_key() != key for j in jobs):
             raise ValueError("generate() needs jobs with equal GenerationParams.batch_key()")
+        if len({j.prompt.chunks for j in jobs}) > 1:
+            raise ValueError("generate() needs jobs whose prompts take the same number of 77-token chunks")
         for job in jobs:
             self._prepare_job(job)
         p0 = jobs[0].params
         cfg = p0.do_classifier_free_guidance
         rows = self._rows(jobs, cfg)
-        timesteps = jobs[0]._state["scheduler"].timesteps
+        timesteps = jobs[0]._state["timesteps"]
+        extra = p0.active_controlnets  # the same names and windows in every job (the batch key)
         counts = [j.params.num_images for j in jobs]
         guidance = [j.params.guidance_scale for j in jobs]
         context = torch.cat([rows["text"], rows["face"]], dim=1)
@@ -225,9 +330,14 @@ class InstantIDDenoiser:
             keep = control_keep(i, len(timesteps), p0.control_guidance_start, p0.control_guidance_end)
             scaled = torch.cat([j._state["scheduler"].scale_model_input(j._state["latents"], t) for j in jobs])
             sample = torch.cat([scaled, scaled]) if cfg else scaled
-            down = mid = None
+            residuals = []
             if identitynet_used and keep != 0:
-                down, mid = self._identitynet(sample, t, rows, keep, identitynet_weights)
+                residuals.append(self._identitynet(sample, t, rows, keep, identitynet_weights))
+            for setting in extra:
+                extra_keep = control_keep(i, len(timesteps), setting.start, setting.end)
+                if extra_keep != 0:
+                    residuals.append(self._extra_controlnet(setting.name, sample, t, rows, extra_keep))
+            down, mid = _summed(residuals)
             noise = self.unet(
                 sample,
                 t,

@@ -143,6 +143,9 @@ class CropTransform:
         x0 = -self.offset_x / self.scale_x
         y0 = -self.offset_y / self.scale_y
         box = (x0, y0, x0 + self.width / self.scale_x, y0 + self.height / self.scale_y)
+        # Rounding can put an edge a hair outside the source (e.g. -1e-15); Pillow refuses that, so clamp.
+        src_h, src_w = rgb.shape[:2]
+        box = (max(0.0, box[0]), max(0.0, box[1]), min(float(src_w), box[2]), min(float(src_h), box[3]))
         image = Image.fromarray(np.ascontiguousarray(rgb))
         resized = image.resize((self.width, self.height), Image.Resampling.BILINEAR, box=box)
         return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))

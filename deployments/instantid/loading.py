@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,11 +17,12 @@ from .denoiser import DEFAULT_VAE_BATCH_SIZE, InstantIDDenoiser
 from .errors import WeightsError
 from .resampler import Resampler
 from .text import SDXLPromptEncoder
-from .weights import DENOISER_COMPONENTS, PROMPT_COMPONENTS, WeightsLayout, load_ip_adapter
+from .weights import DENOISER_COMPONENTS, PROMPT_COMPONENTS, WeightsLayout, load_ip_adapter, sdxl_variant
 
 if TYPE_CHECKING:
     from .faces import FaceAnalyzer
 
+CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model*.safetensors*")  # what an S3/hub ControlNet copy reads
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -59,6 +61,7 @@ class InstantIDParts:
     controlnet: ControlNetModel
     resampler: Resampler
     face_attention: dict[str, torch.Tensor]  # the published ``ip_adapter`` part, loaded into the first UNet's layers
+    controlnets: dict[str, ControlNetModel] = field(default_factory=dict)  # extra ControlNets (pose, canny, depth)
     _layers: torch.nn.ModuleList | None = None
 
     def attach(self, unet: UNet2DConditionModel) -> None:
@@ -68,6 +71,12 @@ class InstantIDParts:
                 f"the resampler makes {self.resampler.config.output_dim}-d face tokens but the UNet cross-attention "
                 f"expects {unet.config.cross_attention_dim}: ip-adapter.bin and the SDXL base do not belong together"
             )
+        for name, net in self.controlnets.items():
+            if net.config.cross_attention_dim != unet.config.cross_attention_dim:
+                raise WeightsError(
+                    f"the {name} ControlNet reads {net.config.cross_attention_dim}-d text embeddings but the UNet "
+                    f"cross-attention is {unet.config.cross_attention_dim}-d: it is not an SDXL ControlNet of this base"
+                )
         if self._layers is None:
             self._layers = load_face_attention(unet, self.face_attention)
             self.face_attention = {}  # the layers hold the tensors now
@@ -75,8 +84,11 @@ class InstantIDParts:
             attach_face_attention(unet, self._layers)
 
 
-def load_instantid_parts(layout: WeightsLayout, *, dtype: torch.dtype) -> InstantIDParts:
-    """IdentityNet + resampler + face K/V from the InstantID folder (placed on a device by the denoiser)."""
+def load_instantid_parts(
+    layout: WeightsLayout, *, dtype: torch.dtype, controlnets: Mapping[str, Path] | None = None
+) -> InstantIDParts:
+    """IdentityNet + resampler + face K/V from the InstantID folder, and the extra ``controlnets`` (name -> local
+    diffusers ControlNet folder); placed on a device by the denoiser."""
     layout.check_instantid()
     quiet_progress_bars()
     try:
@@ -84,7 +96,23 @@ def load_instantid_parts(layout: WeightsLayout, *, dtype: torch.dtype) -> Instan
     except (OSError, ValueError) as exc:
         raise WeightsError(f"could not load IdentityNet weights: {exc}") from exc
     image_proj, ip_adapter = load_ip_adapter(layout.ip_adapter)
-    return InstantIDParts(controlnet, Resampler.from_state_dict(image_proj), ip_adapter)
+    extra = {name: load_controlnet(folder, name, dtype=dtype) for name, folder in (controlnets or {}).items()}
+    return InstantIDParts(controlnet, Resampler.from_state_dict(image_proj), ip_adapter, extra)
+
+
+def load_controlnet(folder: Path, name: str, *, dtype: torch.dtype) -> ControlNetModel:
+    """An extra SDXL ControlNet from a diffusers folder (``config.json`` + safetensors weights, fp16 variant too)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise WeightsError(
+            f"the {name} ControlNet folder {folder} has no config.json (expected a diffusers ControlNet folder: "
+            f"config.json + diffusion_pytorch_model.safetensors; found: {', '.join(found) or 'nothing'})"
+        )
+    try:
+        return ControlNetModel.from_pretrained(folder, torch_dtype=dtype, variant=sdxl_variant(folder))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"could not load the {name} ControlNet from {folder}: {exc}") from exc
 
 
 def build_denoiser(
@@ -109,6 +137,7 @@ def build_denoiser(
         device=device,
         dtype=dtype,
         vae_batch_size=vae_batch_size,
+        controlnets=parts.controlnets,
     )
 
 
@@ -119,14 +148,15 @@ def load_denoiser(
     dtype: str = "auto",
     vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE,
     base: SDXLBase | None = None,
+    controlnets: Mapping[str, Path] | None = None,
 ) -> InstantIDDenoiser:
     """UNet + VAE from ``base`` (default: the layout's SDXL folder), IdentityNet + resampler + face K/V from the
-    InstantID folder."""
+    InstantID folder, and the extra ``controlnets`` (name -> folder)."""
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     base = base if base is not None else SDXLBase(DEFAULT_BASE, folder=layout.sdxl)
     base.check(DENOISER_COMPONENTS)
-    parts = load_instantid_parts(layout, dtype=torch_dtype)
+    parts = load_instantid_parts(layout, dtype=torch_dtype, controlnets=controlnets)
     return build_denoiser(parts, base, device=dev, dtype=torch_dtype, vae_batch_size=vae_batch_size)
 
 

@@ -8,8 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 DEFAULT_SCHEDULER = "euler"  # the demo's; every name the API accepts is in schedulers.SCHEDULER_NAMES
+# The extra ControlNets beside IdentityNet, in the order their residuals are added (the published demo's order).
+CONTROLNET_NAMES = ("pose", "canny", "depth")
+ControlNetName = Literal["pose", "canny", "depth"]
+DEFAULT_CONTROLNET_STRENGTH = 0.4  # the published multi-ControlNet demo's default for each
+DEFAULT_IMG2IMG_STRENGTH = 0.8  # share of the schedule an init image is noised to (1: pure noise)
+
+
+@dataclass(frozen=True)
+class ControlSetting:
+    """One extra ControlNet of a request: its strength and its window (fractions of the steps it runs)."""
+
+    name: str
+    strength: float = DEFAULT_CONTROLNET_STRENGTH
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in CONTROLNET_NAMES:
+            raise ValueError(f"unknown ControlNet {self.name!r}; known: {', '.join(CONTROLNET_NAMES)}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"ControlNet {self.name}: need 0 <= start < end <= 1, got {self.start}, {self.end}")
 
 
 @dataclass(frozen=True)
@@ -31,6 +53,8 @@ class GenerationParams:
     control_guidance_end: float = 1.0
     enhance_face_region: bool = True
     scheduler: str = DEFAULT_SCHEDULER
+    controlnets: tuple[ControlSetting, ...] = ()  # extra ControlNets, IdentityNet aside
+    strength: float | None = None  # image-to-image: how far the init image is noised; None: text-to-image
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -39,8 +63,29 @@ class GenerationParams:
     def sized(self, width: int, height: int) -> GenerationParams:
         return dataclasses.replace(self, width=width, height=height)
 
+    @property
+    def active_controlnets(self) -> tuple[ControlSetting, ...]:
+        """The extra ControlNets that act (strength 0 is the same as absent, and costs nothing), in residual
+        order."""
+        active = [c for c in self.controlnets if c.strength != 0.0]
+        return tuple(sorted(active, key=lambda c: CONTROLNET_NAMES.index(c.name)))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Image-to-image: the schedule's first steps that the noised init image replaces (diffusers' rule:
+        ``int(steps x strength)`` steps run); 0 for text-to-image."""
+        if self.strength is None:
+            return 0
+        return self.num_inference_steps - min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps that actually run."""
+        return self.num_inference_steps - self.skipped_steps
+
     def batch_key(self) -> tuple:
-        """Jobs with equal keys can share UNet/IdentityNet forwards (same latent shape and timesteps)."""
+        """Jobs with equal keys can share every UNet/ControlNet forward: same latent shape, timesteps, CFG, control
+        windows and set of extra ControlNets (their strengths may differ: they weigh each row)."""
         return (
             self.width,
             self.height,
@@ -49,6 +94,9 @@ class GenerationParams:
             self.do_classifier_free_guidance,
             self.control_guidance_start,
             self.control_guidance_end,
+            self.strength is not None,
+            self.skipped_steps,
+            tuple((c.name, c.start, c.end) for c in self.active_controlnets),
         )
 
 

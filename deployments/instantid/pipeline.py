@@ -14,10 +14,12 @@ import numpy as np
 
 from .bases import SDXLBase
 from .conditioning import FaceCondition, prepare_face_condition
+from .control_inputs import ControlInputs, prepare_control_inputs
+from .control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, DepthEstimator, load_depth_estimator
 from .denoiser import DenoiseJob, InstantIDDenoiser
 from .faces import FaceAnalyzer
 from .keypoints import REFERENCE_LONG_SIDE
-from .loading import load_denoiser, load_face_analyzer, load_prompt_encoder
+from .loading import load_denoiser, load_face_analyzer, load_prompt_encoder, pick_device, pick_dtype
 from .loras import LoraAdapters
 from .params import GenerationParams
 from .styles import apply_style
@@ -32,11 +34,13 @@ class GenerationOutput:
     params: GenerationParams  # with the output size filled in
     prompt: str  # after the style template
     negative_prompt: str | None
-    truncated: bool  # the prompt lost tokens to CLIP's 77-token limit
+    prompt_chunks: int  # 77-token chunks the prompt and negative prompt were encoded in
+    controls: ControlInputs | None = None  # the extra ControlNets' maps and the fitted init image, when used
 
 
 class InstantIDPipeline:
-    """Face analyzer + prompt encoder + denoiser in one object, with optional LoRAs (``lora_files``: name -> file)."""
+    """Face analyzer + prompt encoder + denoiser in one object, with optional LoRAs (``lora_files``: name -> file)
+    and a depth estimator for the depth ControlNet's maps."""
 
     def __init__(
         self,
@@ -46,11 +50,13 @@ class InstantIDPipeline:
         long_side: int = REFERENCE_LONG_SIDE,
         lora_files: Mapping[str, Path] | None = None,
         fuse_loras: bool = True,
+        depth: DepthEstimator | None = None,
     ) -> None:
         self.analyzer = analyzer
         self.prompt_encoder = prompt_encoder
         self.denoiser = denoiser
         self.long_side = long_side
+        self.depth = depth
         files = dict(lora_files or {})
         capacity = max(1, len(files))
         text_encoders = dict(zip(("text_encoder", "text_encoder_2"), prompt_encoder.encoders, strict=True))
@@ -72,15 +78,23 @@ class InstantIDPipeline:
         base: SDXLBase | None = None,
         lora_files: Mapping[str, Path] | None = None,
         fuse_loras: bool = True,
+        controlnets: Mapping[str, Path] | None = None,
+        depth_model: Path | None = None,
     ) -> InstantIDPipeline:
-        """The layout's models; ``base`` replaces its SDXL folder (a folder or a single-file checkpoint)."""
+        """The layout's models; ``base`` replaces its SDXL folder (a folder or a single-file checkpoint);
+        ``controlnets``: extra ControlNet folders by name; ``depth_model``: a transformers depth-estimation folder."""
+        depth = None
+        if depth_model is not None:
+            dev = pick_device(device)
+            depth = load_depth_estimator(depth_model, device=dev, dtype=pick_dtype(dtype, dev))
         return cls(
             load_face_analyzer(layout, providers=providers),
             load_prompt_encoder(layout, device=device, dtype=dtype, base=base),
-            load_denoiser(layout, device=device, dtype=dtype, base=base),
+            load_denoiser(layout, device=device, dtype=dtype, base=base, controlnets=controlnets),
             long_side=long_side,
             lora_files=lora_files,
             fuse_loras=fuse_loras,
+            depth=depth,
         )
 
     def __call__(
@@ -93,16 +107,46 @@ class InstantIDPipeline:
         style: str = "none",
         pose_rgb: np.ndarray | None = None,
         loras: tuple[tuple[str, float], ...] = (),
+        control_images: Mapping[str, np.ndarray] | None = None,
+        canny_thresholds: tuple[int, int] = (DEFAULT_CANNY_LOW, DEFAULT_CANNY_HIGH),
+        init_rgb: np.ndarray | None = None,
     ) -> GenerationOutput:
-        """One generation; ``loras`` are (name, scale) pairs of ``lora_files``."""
+        """One generation; ``loras`` are (name, scale) pairs of ``lora_files``; ``control_images`` are ready-made
+        maps for ``params.controlnets`` (the others are computed from the pose photo, else the face photo);
+        ``init_rgb`` starts image-to-image (with ``params.strength``)."""
         styled, styled_negative = apply_style(style, prompt, negative_prompt)
         condition = prepare_face_condition(
             self.analyzer, face_rgb, pose_rgb, width=params.width, height=params.height, long_side=self.long_side
         )
+        active = [c.name for c in params.active_controlnets]
+        controls = None
+        if active or init_rgb is not None:
+            uploaded = {name: image for name, image in (control_images or {}).items() if name in active}
+            controls = prepare_control_inputs(
+                face_rgb if pose_rgb is None else pose_rgb,
+                source_name="face_image" if pose_rgb is None else "pose_image",
+                width=params.width,
+                height=params.height,
+                long_side=self.long_side,
+                compute=[name for name in active if name not in uploaded],
+                uploaded=uploaded,
+                canny_low=canny_thresholds[0],
+                canny_high=canny_thresholds[1],
+                depth=self.depth,
+                init_rgb=init_rgb,
+            )
         self.text_adapters.activate(loras)
         self.unet_adapters.activate(loras)
         embeddings = self.prompt_encoder.encode([styled], [styled_negative], params.do_classifier_free_guidance)[0]
         sized = params.sized(condition.width, condition.height)
-        job = DenoiseJob(sized, condition.embedding, condition.keypoints, condition.box, embeddings)
+        job = DenoiseJob(
+            sized,
+            condition.embedding,
+            condition.keypoints,
+            condition.box,
+            embeddings,
+            control_maps=controls.maps if controls is not None else {},
+            init_image=controls.init_image if controls is not None else None,
+        )
         images = self.denoiser.generate([job])[0]
-        return GenerationOutput(images, condition, sized, styled, styled_negative, embeddings.truncated)
+        return GenerationOutput(images, condition, sized, styled, styled_negative, embeddings.chunks, controls)

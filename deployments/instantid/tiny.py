@@ -3,8 +3,10 @@
 Only tensor sizes differ from the real files: the SDXL folder is a real diffusers SDXL folder (two CLIP
 text encoders with offline byte-level tokenizers, a text_time UNet, a VAE with 8x downsampling, an Euler
 scheduler config), the InstantID folder holds ``ControlNetModel/`` and ``ip-adapter.bin`` with the
-published key layout, and ``antelopev2/`` the five insightface file names. Deterministic for a seed.
-The pictures it makes are meaningless; everything around them is real.
+published key layout, and ``antelopev2/`` the five insightface file names; ``controlnets/{pose,canny,depth}/``
+are diffusers ControlNet folders made from the tiny UNet and ``depth/`` a transformers Depth Anything folder
+(see tiny_controls.py). Deterministic for a seed. The pictures it makes are meaningless; everything around
+them is real.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -29,6 +32,7 @@ from .attention import install_face_attention
 from .catalogue import PRESET_LORA_FILES
 from .resampler import Resampler, ResamplerConfig
 from .sdxl_checkpoint import save_original_sdxl
+from .tiny_controls import make_controlnet_visible, write_tiny_controlnets, write_tiny_depth_model
 from .tiny_faces import write_tiny_antelopev2
 from .tiny_loras import random_lora, save_kohya_lora, save_peft_lora
 from .weights import CONTROLNET_DIR, IP_ADAPTER_FILE
@@ -130,53 +134,10 @@ def sdxl_scheduler() -> EulerDiscreteScheduler:
     )
 
 
-# Sized so that every IdentityNet input visibly moves a 64x64 test image (the keypoint image by tens of levels
-# out of 255): with default initialisation the eight small conditioning convolutions shrink the keypoint dots to
-# nothing, and no test could see a keypoint bug. A test asserts the sensitivity on seed 0 (the tests' and the
-# demo's seed); other seeds vary with the random UNet around IdentityNet.
-_CONDITIONING_OUT_GAIN = 8.0  # conv_out of the conditioning embedding, x 1/sqrt(fan_in)
-_ZERO_CONV_GAIN = 0.3  # the residual ("zero") convolutions, x 1/sqrt(fan_in)
-_INIT_NOISE = 0.1
 _FACE_KV_GAIN = 3.0  # the face-token K/V projections, x their default initialisation
-_INIT_BIAS = 0.05
 
 
-def _make_identitynet_visible(controlnet: ControlNetModel, generator: torch.Generator) -> None:
-    """Give the tiny IdentityNet's conditioning path and zero convolutions values its inputs can be seen through.
-
-    A trained IdentityNet reacts strongly to its keypoint image; a randomly initialised one does not (its zero
-    convolutions are exactly zero and its conditioning convolutions wash the sparse keypoint drawing out). So
-    the conditioning convolutions pass their input through (each output channel starts as a copy of one input
-    channel at the kernel centre, plus a little noise), the first one mixes the three colour channels at
-    random, and the output and residual convolutions are random at the gains above. Only values change:
-    names, shapes and formats stay those of ``ControlNetModel.from_unet``.
-    """
-
-    def normal(shape: torch.Size, std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=generator) * std
-
-    embedding = controlnet.controlnet_cond_embedding
-    with torch.no_grad():
-        for conv in (embedding.conv_in, *embedding.blocks):
-            out_channels, in_channels = conv.weight.shape[:2]
-            if in_channels == 3:  # the RGB keypoint image: a random colour mix per channel, centre tap only
-                weight = torch.zeros_like(conv.weight)
-                weight[:, :, 1, 1] = normal(torch.Size((out_channels, in_channels)), 1.0)
-            else:
-                weight = normal(conv.weight.shape, _INIT_NOISE / conv.weight[0].numel() ** 0.5)
-                for channel in range(out_channels):
-                    weight[channel, channel % in_channels, 1, 1] += 1.0
-            conv.weight.copy_(weight)
-            conv.bias.copy_(normal(conv.bias.shape, _INIT_BIAS))
-        for conv, gain in (
-            (embedding.conv_out, _CONDITIONING_OUT_GAIN),
-            *((c, _ZERO_CONV_GAIN) for c in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block)),
-        ):
-            conv.weight.copy_(normal(conv.weight.shape, gain / conv.weight[0].numel() ** 0.5))
-            conv.bias.copy_(normal(conv.bias.shape, _INIT_BIAS))
-
-
-PARTS = ("sdxl", "instantid", "antelopev2", "bases", "loras")
+PARTS = ("sdxl", "instantid", "antelopev2", "bases", "loras", "controlnets", "depth")
 ALT_BASE = "tiny-alt"  # a second base: a diffusers folder and the single-file checkpoint written from it
 STYLE_LORAS = ("style-peft", "style-kohya")  # one random LoRA (UNet + both text encoders) in both layouts
 
@@ -186,7 +147,10 @@ def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
 
     ``sdxl/``, ``instantid/``, ``antelopev2/`` as published; ``bases/tiny-alt/`` and
     ``bases/tiny-alt.safetensors`` (a second base, as a folder and as a single file in the original SDXL
-    layout); ``loras/`` with the fast-mode presets' LoRA names and two style LoRAs (PEFT and kohya layouts).
+    layout); ``loras/`` with the fast-mode presets' LoRA names and two style LoRAs (PEFT and kohya layouts);
+    ``controlnets/pose/``, ``controlnets/canny/``, ``controlnets/depth/`` (the extra ControlNets, fitting
+    ``sdxl/``'s UNet) and ``depth/`` (the depth model that makes the depth ControlNet's maps). The extra parts
+    are written last from their own seeds, so the others have the same bytes as before they existed.
     """
     from .loading import quiet_progress_bars
 
@@ -211,7 +175,7 @@ def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
 
 
 def _write_parts(staging: Path, seed: int) -> None:
-    """The three folders of the tiny layout, written into ``staging`` (global torch RNG already seeded)."""
+    """The folders of the tiny layout (:data:`PARTS`), written into ``staging`` (global torch RNG already seeded)."""
     tokenizer = byte_level_tokenizer()
     tokenizer_2 = byte_level_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
     text_encoder, text_encoder_2 = tiny_text_encoders(len(tokenizer))
@@ -230,7 +194,7 @@ def _write_parts(staging: Path, seed: int) -> None:
 
     generator = torch.Generator().manual_seed(seed + 1)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
-    _make_identitynet_visible(controlnet, generator)
+    make_controlnet_visible(controlnet, generator)
     controlnet.save_pretrained(staging / "instantid" / CONTROLNET_DIR, safe_serialization=True)
 
     resampler = Resampler(ResamplerConfig(dim=128, heads=2, output_dim=unet.config.cross_attention_dim))
@@ -245,6 +209,10 @@ def _write_parts(staging: Path, seed: int) -> None:
     write_tiny_antelopev2(staging / "antelopev2", seed=seed)
     _write_alternative_base(staging / "bases", tokenizer, tokenizer_2)
     _write_loras(staging / "loras", unet, (text_encoder, text_encoder_2), torch.Generator().manual_seed(seed + 2))
+    # Last, and from their own generator and seed: the parts above keep the bytes they had before these existed.
+    unet.set_attn_processor(AttnProcessor2_0())  # back to the plain UNet of sdxl/ (no face-token layers)
+    write_tiny_controlnets(staging / "controlnets", unet, torch.Generator().manual_seed(seed + 3))
+    write_tiny_depth_model(staging / "depth", seed + 4)
 
 
 def _write_alternative_base(folder: Path, tokenizer: CLIPTokenizer, tokenizer_2: CLIPTokenizer) -> None:
