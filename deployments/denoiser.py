@@ -197,10 +197,12 @@ class DenoiserDeployment:
                 params=item.params,
                 model=item.model,
                 face=replace(item.face.condition.face, embedding=None),
+                faces=item.face.condition.used,
                 prompt_chunks=item.prompt.embeddings.chunks,
                 timings={**item.face.timings, **item.prompt.timings, **_control_timings(item), **timings},
                 replicas={
                     "face": item.face.replica,
+                    **item.face.photo_replicas,
                     "prompt": item.prompt.replica,
                     **({"control_maps": item.controls.replica} if item.controls is not None else {}),
                     "denoiser": replica,

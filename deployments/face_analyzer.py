@@ -1,4 +1,8 @@
-"""FaceAnalyzer deployment (CPU): image bytes -> identity vector + keypoints/box in output pixels."""
+"""FaceAnalyzer deployment (CPU): image bytes -> identity vector + keypoints/box in output pixels.
+
+Several photos of one person are analysed in parallel, one ``identify`` call each (Serve spreads them over the
+replicas); one ``analyze`` call then combines them with the pose photo's geometry.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,12 @@ import cv2
 import numpy as np
 from ray import serve as ray_serve
 
-from deployments.instantid.conditioning import output_size, prepare_face_condition
+from deployments.instantid.conditioning import condition_from, identify, locate_pose, output_size
 from deployments.instantid.faces import FaceAnalyzer
 from deployments.instantid.images import decode_image
 from deployments.instantid.keypoints import draw_keypoint_image
 from deployments.instantid.weights import WeightsLayout
-from deployments.messages import FaceListing, FaceRequest, FaceResult, timed
+from deployments.messages import FaceListing, FaceRequest, FaceResult, IdentityRequest, IdentityResult, timed
 
 
 @ray_serve.deployment(name="FaceAnalyzer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
@@ -35,21 +39,50 @@ class FaceAnalyzerDeployment:
         self.min_face_px = min_face_px
         self.limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels}
 
-    def analyze(self, request: FaceRequest) -> FaceResult:
+    def identify(self, request: IdentityRequest) -> IdentityResult:
+        """One of several face photos (the ingress spreads them over the replicas): its chosen face and
+        embedding."""
         timings = {}
-        with timed(timings, "face"):
-            face_rgb = decode_image(request.face_image, **self.limits)
-            pose_rgb = decode_image(request.pose_image, **self.limits) if request.pose_image is not None else None
-            condition = prepare_face_condition(
+        with timed(timings, f"face_photo_{request.photo_index}"):
+            rgb = decode_image(request.image, **self.limits)
+            chosen = identify(
                 self.analyzer,
-                face_rgb,
-                pose_rgb,
+                rgb,
+                photo_index=request.photo_index,
+                photos=request.photos,
+                face_index=request.face_index,
+                min_face_px=self.min_face_px,
+            )
+        return IdentityResult(chosen, timings, ray_serve.get_replica_context().replica_id.unique_id)
+
+    def analyze(self, request: FaceRequest, *identified: IdentityResult) -> FaceResult:
+        """The face condition: from ``request.face_image`` (one photo, analysed here) or from photos already
+        analysed by :meth:`identify` (``identified``, resolved by Serve before this call), plus the pose photo."""
+        timings = {}
+        identities = [result.chosen for result in identified]
+        for result in identified:
+            timings |= result.timings
+        with timed(timings, "face"):
+            if request.face_image is not None:
+                rgb = decode_image(request.face_image, **self.limits)
+                identities.append(
+                    identify(self.analyzer, rgb, face_index=request.face_index, min_face_px=self.min_face_px)
+                )
+            pose = None
+            if request.pose_image is not None:
+                pose_rgb = decode_image(request.pose_image, **self.limits)
+                pose = locate_pose(self.analyzer, pose_rgb, request.pose_face_index)
+            condition = condition_from(
+                identities,
+                pose,
+                identity_combine=request.identity_combine,
                 width=request.width,
                 height=request.height,
                 long_side=self.long_side,
-                min_face_px=self.min_face_px,
             )
-        return FaceResult(condition, timings, ray_serve.get_replica_context().replica_id.unique_id)
+        replica = ray_serve.get_replica_context().replica_id.unique_id
+        photo_replicas = {f"face_photo_{r.chosen.photo_index}": r.replica for r in identified}
+        return FaceResult(condition, timings, replica, photo_replicas)
 
     def faces(
         self, image: bytes, include_keypoint_image: bool = False, width: int | None = None, height: int | None = None

@@ -17,10 +17,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.instantid.catalogue import ModelChoice
-from deployments.instantid.conditioning import FaceCondition
+from deployments.instantid.conditioning import ChosenFace, FaceCondition
 from deployments.instantid.control_inputs import ControlInputs
 from deployments.instantid.control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW
 from deployments.instantid.faces import DetectedFace
+from deployments.instantid.identity import DEFAULT_IDENTITY_COMBINE, IdentityCombine
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.text import PromptEmbeddings
 from deployments.storage.generations import StoredGeneration, StoredImage
@@ -60,10 +61,33 @@ def timed(timings: Timings, stage: str) -> Iterator[None]:
 
 @dataclass
 class FaceRequest:
-    face_image: bytes
+    """The face condition's inputs: one face photo (``face_image``), or none when several photos were analysed
+    one by one (their results come with the call); the optional pose photo; the output size."""
+
+    face_image: bytes | None
     pose_image: bytes | None = None
     width: int | None = None
     height: int | None = None
+    face_index: int = 0
+    pose_face_index: int = 0
+    identity_combine: IdentityCombine = DEFAULT_IDENTITY_COMBINE
+
+
+@dataclass
+class IdentityRequest:
+    """One of several face photos of one person."""
+
+    image: bytes
+    photo_index: int
+    photos: int
+    face_index: int = 0
+
+
+@dataclass
+class IdentityResult:
+    chosen: ChosenFace  # with its embedding
+    timings: Timings
+    replica: str = ""
 
 
 @dataclass
@@ -71,6 +95,7 @@ class FaceResult:
     condition: FaceCondition
     timings: Timings
     replica: str = ""
+    photo_replicas: dict[str, str] = field(default_factory=dict)  # face_photo_N -> the replica that analysed it
 
 
 @dataclass
@@ -147,6 +172,7 @@ class DenoiseResult:
     params: GenerationParams  # sized
     model: ModelChoice
     face: DetectedFace  # the identity face, in face-photo pixels, without its embedding
+    faces: list[ChosenFace]  # every face used (identity photos, then the pose photo), without embeddings
     prompt_chunks: int  # 77-token chunks of the longer of prompt and negative prompt (1: a short prompt)
     timings: Timings = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)  # stage -> the Serve replica that ran it
@@ -171,6 +197,7 @@ class GenerationRecord:
     inputs_stored: bool
     models: dict[str, Any]
     init_image_given: bool = False
+    face_photos: int = 1
 
 
 @dataclass
@@ -181,6 +208,7 @@ class SavedGeneration:
     params: GenerationParams  # sized
     model: ModelChoice
     face: DetectedFace
+    faces: list[ChosenFace]
     prompt_chunks: int  # 77-token chunks of the longer of prompt and negative prompt (1: a short prompt)
     timings: Timings
     replicas: dict[str, str]

@@ -75,6 +75,7 @@ class ResultStoreDeployment:
             "parameters": {**record.parameters, "width": output.params.width, "height": output.params.height},
             "model": output.model.describe(),
             "face": output.face.to_dict(),
+            "faces": [chosen.to_dict() for chosen in output.faces],
             "prompt_chunks": output.prompt_chunks,
             "replicas": output.replicas,
             "batch": dataclasses.asdict(output.batch) if output.batch is not None else None,
@@ -99,7 +100,15 @@ class ResultStoreDeployment:
         timings["store"] = StageTiming.since(start)
         replicas = {**output.replicas, "store": ray_serve.get_replica_context().replica_id.unique_id}
         return SavedGeneration(
-            stored, output.params, output.model, output.face, output.prompt_chunks, timings, replicas, output.batch
+            stored,
+            output.params,
+            output.model,
+            output.face,
+            output.faces,
+            output.prompt_chunks,
+            timings,
+            replicas,
+            output.batch,
         )
 
     def get(self, generation_id: str) -> GenerationMeta:

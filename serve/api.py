@@ -24,11 +24,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve as ray_serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from deployments.instantid.catalogue import ModelCatalogue
 from deployments.instantid.control_inputs import COMPUTED_MAPS
 from deployments.instantid.errors import InvalidParameterError
+from deployments.instantid.identity import MAX_FACE_PHOTOS
 from deployments.instantid.params import CONTROLNET_NAMES, GenerationParams
 from deployments.instantid.styles import apply_style
 from deployments.messages import (
@@ -36,6 +37,7 @@ from deployments.messages import (
     FaceRequest,
     GenerationMeta,
     GenerationRecord,
+    IdentityRequest,
     PromptRequest,
     SavedGeneration,
     StageTiming,
@@ -57,8 +59,10 @@ from serve.schemas import (
     FaceInfo,
     FacesRequest,
     FacesResponse,
+    FaceUsed,
     GenerateRequest,
     GenerateResponse,
+    GenerationOptions,
     LoraInfo,
     ModeInfo,
     ModelsResponse,
@@ -308,9 +312,18 @@ class Ingress:
         model, preset = self.catalogue.choose(options.base_model, options.lora_requests(), options.mode)
         params = options.sampling_params(options.resolved_seed(), preset, img2img=request.has_init_image)
         self._check_controls(params, {c.name for c in request.controlnets if c.has_image})
-        face_image = await self.images.load(request.face_image_b64, request.face_image_uri, "face_image")
+        photos = request.face_photos()
+        face_images = list(
+            await asyncio.gather(
+                *(
+                    self.images.load(photo.b64, photo.uri, "face_image" if len(photos) == 1 else f"face_images[{i}]")
+                    for i, photo in enumerate(photos)
+                )
+            )
+        )
+        face_image = face_images[0]
         pose_image = None
-        if request.pose_image_b64 is not None or request.pose_image_uri is not None:
+        if request.has_pose_image:
             pose_image = await self.images.load(request.pose_image_b64, request.pose_image_uri, "pose_image")
         init_image = None
         if request.has_init_image:
@@ -322,7 +335,7 @@ class Ingress:
             if c.has_image and c.name in active
         }
         prompt, negative = apply_style(options.style, options.prompt, options.negative_prompt)
-        face = self.face.analyze.remote(FaceRequest(face_image, pose_image, options.width, options.height))
+        face = self._analyze_faces(face_images, pose_image, options)
         # Routed by base: Serve prefers replicas that report it loaded (model multiplexing).
         prompt_stage = self.prompt.options(multiplexed_model_id=model.base)
         denoiser = self.denoiser.options(multiplexed_model_id=model.base)
@@ -368,13 +381,18 @@ class Ingress:
             negative_prompt=negative,
             parameters=effective,
             pose_image_given=pose_image is not None,
+            face_photos=len(face_images),
             inputs_stored=request.store_inputs,
             models=self.weights,
             init_image_given=init_image is not None,
         )
         inputs = None
         if request.store_inputs:
-            inputs = {"face": face_image, **({"pose": pose_image} if pose_image is not None else {})}
+            if len(face_images) == 1:
+                inputs = {"face": face_image}
+            else:
+                inputs = {f"face-{i}": data for i, data in enumerate(face_images)}
+            inputs |= {"pose": pose_image} if pose_image is not None else {}
             inputs |= {"init": init_image} if init_image is not None else {}
             inputs |= {f"control-{name}": data for name, data in uploaded.items()}
         try:
@@ -396,6 +414,7 @@ class Ingress:
             images=saved.stored.images,
             seed=params.seed,
             face=FaceInfo.of(saved.face),
+            faces=[FaceUsed.of_chosen(chosen) for chosen in saved.faces],
             model=ModelUsed.model_validate(saved.model.describe()),
             timings={**saved.timings, "total": StageTiming.since(started)},
             parameters={**effective, "width": saved.params.width, "height": saved.params.height},
@@ -403,6 +422,31 @@ class Ingress:
             batch=BatchInfo(**dataclasses.asdict(saved.batch)) if saved.batch is not None else None,
             warnings=warnings,
         )
+
+    def _analyze_faces(
+        self, face_images: list[bytes], pose_image: bytes | None, options: GenerationOptions
+    ) -> DeploymentResponse:
+        """The face condition, as a response for the Denoiser call (it never comes back through the ingress).
+
+        One photo is analysed in the ``analyze`` call itself. Several are analysed in parallel, one ``identify``
+        call each (spread over the FaceAnalyzer replicas); Serve resolves them before ``analyze`` combines them.
+        """
+        request = FaceRequest(
+            None,
+            pose_image,
+            options.width,
+            options.height,
+            face_index=options.face_index,
+            pose_face_index=options.pose_face_index,
+            identity_combine=options.identity_combine,
+        )
+        if len(face_images) == 1:
+            return self.face.analyze.remote(dataclasses.replace(request, face_image=face_images[0]))
+        identified = [
+            self.face.identify.remote(IdentityRequest(data, i, len(face_images), options.face_index))
+            for i, data in enumerate(face_images)
+        ]
+        return self.face.analyze.remote(request, *identified)
 
     def _check_controls(self, params: GenerationParams, with_image: set[str]) -> None:
         """Every named ControlNet is loaded, maps that cannot be computed are uploaded, and image-to-image leaves a
@@ -447,6 +491,7 @@ class Ingress:
             max_request_bytes=self.api.max_request_bytes,
             idle_timeout_s=self.api.body_idle_timeout_s,
             files=files,
+            repeated={"face_image": ("face_images", MAX_FACE_PHOTOS)},
         )
 
     def _principal(self, request: Request) -> str:

@@ -23,7 +23,23 @@ class CliError(Exception):
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="one generation in-process (no Ray)")
     p.add_argument("--weights", required=True, type=Path, help="weights folder (sdxl/, instantid/, antelopev2/)")
-    p.add_argument("--face", required=True, type=Path, help="identity photo")
+    p.add_argument(
+        "--face",
+        required=True,
+        type=Path,
+        action="append",
+        help="identity photo; repeat for up to 8 photos of the same person",
+    )
+    p.add_argument(
+        "--identity-combine",
+        default=None,
+        help="several --face photos: mean (default), normalized_mean or concat",
+    )
+    p.add_argument("--face-index", type=int, default=None, help="which face of each --face photo (0: largest)")
+    p.add_argument("--pose-face-index", type=int, default=None, help="which face of the --pose photo (0: largest)")
+    p.add_argument(
+        "--face-noise", type=float, default=None, help="0..1: noise as the negative identity input (default 0)"
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--style", default=None, help="style preset (default: the API's default)")
@@ -76,6 +92,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from deployments.instantid.params import MAX_FACE_PHOTOS
     from serve.schemas import GenerationOptions
 
     given = {
@@ -94,6 +111,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.no_enhance_face_region:
         given["enhance_face_region"] = False
     given["mode"] = args.mode
+    given |= {
+        "identity_combine": args.identity_combine,
+        "face_index": args.face_index,
+        "pose_face_index": args.pose_face_index,
+        "face_noise": args.face_noise,
+    }
+    if len(args.face) > MAX_FACE_PHOTOS:
+        raise CliError(f"--face: at most {MAX_FACE_PHOTOS} photos of one person, got {len(args.face)}")
+    if args.pose_face_index is not None and args.pose is None:
+        raise CliError("--pose-face-index is for the pose photo: give --pose too")
     given |= {"canny_low": args.canny_low, "canny_high": args.canny_high, "strength": args.strength}
     given["controlnets"] = [_controlnet_item(item) for item in args.controlnet] or None
     if args.strength is not None and args.init_image is None:
@@ -114,7 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deployments.instantid.images import decode_image
     from deployments.instantid.weights import WeightsLayout
 
-    face = decode_image(_read(args.face, "--face"))
+    faces = [decode_image(_read(path, "--face")) for path in args.face]
     pose = decode_image(_read(args.pose, "--pose")) if args.pose else None
     init = decode_image(_read(args.init_image, "--init-image")) if args.init_image else None
     control_images = {name: decode_image(_read(path, "--control-image")) for name, path in control_files.items()}
@@ -128,7 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     needs_depth = any(c.name == "depth" for c in params.active_controlnets) and "depth" not in control_images
     pipeline = _pipeline(layout, args, base, lora_files, controlnets, args.weights / "depth" if needs_depth else None)
     output = pipeline(
-        face,
+        faces[0] if len(faces) == 1 else faces,
         options.prompt,
         options.negative_prompt,
         params=params,
@@ -138,6 +165,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         control_images=control_images,
         canny_thresholds=(options.canny_low, options.canny_high),
         init_rgb=init,
+        face_index=options.face_index,
+        pose_face_index=options.pose_face_index,
+        identity_combine=options.identity_combine,
     )
     try:
         _write_images(output.images, args.out, options.output_quality)

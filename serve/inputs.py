@@ -62,11 +62,14 @@ async def read_body(
     max_request_bytes: int,
     idle_timeout_s: float,
     files: Mapping[str, str],
+    repeated: Mapping[str, tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The request's fields, from a JSON or a multipart body; a 408 when the body stalls for ``idle_timeout_s``.
 
     ``files`` maps each accepted multipart file part to the field it fills (``NAME`` -> ``FIELD_b64``); several
     part names may fill one field (aliases). The first field of ``files`` is required in multipart requests.
+    ``repeated``: fields whose part may be repeated (``FIELD`` -> (list field, most parts)): one part fills
+    ``FIELD_b64`` as usual, several fill the list field as ``[{"b64": ...}, ...]`` in the order sent.
     """
     body = await _read_limited(request, max_request_bytes, idle_timeout_s)
     request._body = body  # starlette parses forms from the cached body
@@ -80,27 +83,31 @@ async def read_body(
             raise ApiError(422, "invalid_parameter", "the JSON body must be an object")
         return fields
     if content_type == "multipart/form-data":
-        return await _read_multipart(request, max_upload_bytes, files)
+        return await _read_multipart(request, max_upload_bytes, files, repeated or {})
     raise UnsupportedImageTypeError(
         f"content type {content_type or '(none)'} is not accepted; use application/json or multipart/form-data"
     )
 
 
-async def _read_multipart(request: Request, max_upload_bytes: int, files: Mapping[str, str]) -> dict[str, Any]:
+async def _read_multipart(
+    request: Request, max_upload_bytes: int, files: Mapping[str, str], repeated: Mapping[str, tuple[str, int]]
+) -> dict[str, Any]:
+    # One part more than allowed still parses, so that the model's own limit reports it (a 422 naming the field).
+    max_files = len(files) + sum(most for _, most in repeated.values())
     try:
-        form = await request.form(max_files=len(files), max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_FIELD_BYTES)
+        form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_FIELD_BYTES)
     except Exception as exc:  # malformed multipart, too many parts
         raise ApiError(400, "invalid_request", f"could not parse the multipart body: {exc}") from None
     fields: dict[str, Any] = {}
-    uploads: dict[str, bytes] = {}  # target field -> bytes
+    uploads: dict[str, list[bytes]] = {}  # target field -> the bytes of each part
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
             target = files.get(name)
             if target is None:
                 raise ApiError(422, "invalid_parameter", f"unexpected file field {name!r}")
-            if target in uploads:
+            if target in uploads and target not in repeated:
                 raise ApiError(422, "invalid_parameter", f"file {name!r} given twice")
-            uploads[target] = await _read_upload(name, value, max_upload_bytes)
+            uploads.setdefault(target, []).append(await _read_upload(name, value, max_upload_bytes))
         elif name in fields:
             raise ApiError(422, "invalid_parameter", f"field {name!r} given twice")
         elif name in files:
@@ -110,8 +117,12 @@ async def _read_multipart(request: Request, max_upload_bytes: int, files: Mappin
     required = next(iter(files.values()))
     if required not in uploads:
         raise ApiError(422, "invalid_parameter", f"multipart requests need a file part {required!r}")
-    for target, data in uploads.items():
-        fields[f"{target}_b64"] = base64.b64encode(data).decode()
+    for target, parts in uploads.items():
+        encoded = [base64.b64encode(data).decode() for data in parts]
+        if len(encoded) == 1:
+            fields[f"{target}_b64"] = encoded[0]
+        else:
+            fields[repeated[target][0]] = [{"b64": b64} for b64 in encoded]
     return fields
 
 

@@ -20,13 +20,22 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _request_body(model: type[BaseModel], files: dict[str, str], required_file: str) -> dict[str, Any]:
-    """``openapi_extra`` for a route whose JSON body is ``model`` and whose multipart body has ``files``."""
+def _request_body(
+    model: type[BaseModel], files: dict[str, str], required_file: str, repeated: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """``openapi_extra`` for a route whose JSON body is ``model`` and whose multipart body has ``files``;
+    ``repeated``: file parts that may be sent several times -> the JSON list field they replace."""
+    repeated = repeated or {}
     schema = model.model_json_schema()
-    file_fields = {f"{name}{suffix}" for name in files for suffix in ("_b64", "_uri")}
+    file_fields = {f"{name}{suffix}" for name in files for suffix in ("_b64", "_uri")} | set(repeated.values())
     form_properties = {name: prop for name, prop in schema["properties"].items() if name not in file_fields}
     for name, description in files.items():
-        form_properties[name] = {"type": "string", "format": "binary", "description": description}
+        binary = {"type": "string", "format": "binary"}
+        if name in repeated:
+            limit = schema["properties"][repeated[name]]["anyOf"][0]["maxItems"]
+            form_properties[name] = {"type": "array", "items": binary, "maxItems": limit, "description": description}
+        else:
+            form_properties[name] = {**binary, "description": description}
     form_required = [required_file, *(name for name in schema.get("required", []) if name in form_properties)]
     return {
         "requestBody": {
@@ -49,7 +58,7 @@ def _request_body(model: type[BaseModel], files: dict[str, str], required_file: 
 GENERATE_BODY = _request_body(
     GenerateRequest,
     {
-        "face_image": "The identity photo (PNG, JPEG or WebP).",
+        "face_image": "The identity photo (PNG, JPEG or WebP); repeat the part for up to 8 photos of the same person.",
         "pose_image": "Optional photo whose largest face sets the pose, the composition and (without width/height) "
         "the size.",
         "init_image": "Optional image-to-image start (with strength); scaled to cover the output, centre-cropped.",
@@ -60,6 +69,7 @@ GENERATE_BODY = _request_body(
         },
     },
     required_file="face_image",
+    repeated={"face_image": "face_images"},
 )
 FACES_BODY = _request_body(
     FacesRequest,

@@ -13,8 +13,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from deployments.instantid.catalogue import LORA_SCALE_RANGE, MAX_REQUEST_LORAS, ModeSpec
+from deployments.instantid.conditioning import ChosenFace
 from deployments.instantid.control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW
 from deployments.instantid.faces import DetectedFace
+from deployments.instantid.identity import DEFAULT_IDENTITY_COMBINE, MAX_FACE_PHOTOS, IdentityCombine
 from deployments.instantid.params import (
     CONTROLNET_NAMES,
     DEFAULT_CONTROLNET_STRENGTH,
@@ -35,6 +37,7 @@ MAX_SIDE = 2048
 MIN_SIDE = 256
 MAX_PIXELS = 2048 * 2048
 MAX_IMAGES = 8
+MAX_FACE_INDEX = 63  # more faces than this in one photo are not told apart
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
@@ -146,6 +149,23 @@ class GenerationOptions(BaseModel):
     )
     canny_low: CannyThreshold = Field(default=DEFAULT_CANNY_LOW, description="Canny's lower hysteresis threshold.")
     canny_high: CannyThreshold = Field(default=DEFAULT_CANNY_HIGH, description="Canny's upper hysteresis threshold.")
+    identity_combine: IdentityCombine = Field(
+        default=DEFAULT_IDENTITY_COMBINE,
+        description="Several face photos: mean of the raw embeddings, mean of the normalised ones rescaled to the "
+        "mean norm, or concat (all go to the resampler as input tokens). One photo is used as it is.",
+    )
+    face_index: int = Field(
+        default=0, ge=0, le=MAX_FACE_INDEX, description="Which face of each face photo, in POST /v1/faces order."
+    )
+    pose_face_index: int = Field(
+        default=0, ge=0, le=MAX_FACE_INDEX, description="Which face of the pose photo, in POST /v1/faces order."
+    )
+    face_noise: float = Field(
+        default=DEFAULT_PARAMS.face_noise,
+        ge=0.0,
+        le=1.0,
+        description="CFG negative identity input face_noise x U(0,1) (seeded) instead of zeros; against burnt images.",
+    )
     strength: float = Field(
         default=DEFAULT_IMG2IMG_STRENGTH,
         ge=0.0,
@@ -202,6 +222,7 @@ class GenerationOptions(BaseModel):
             scheduler=pick("scheduler"),
             controlnets=self.control_settings(),
             strength=self.strength if img2img else None,
+            face_noise=self.face_noise,
         )
 
     def resolved_seed(self) -> int:
@@ -228,6 +249,21 @@ class GenerationOptions(BaseModel):
         return self
 
 
+class FacePhoto(BaseModel):
+    """One photo of the person, as base64 or as an ``s3://`` URI in an allowed bucket."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    b64: str | None = Field(default=None, description="The photo, base64.")
+    uri: str | None = Field(default=None, description="The photo as s3://bucket/key.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FacePhoto:
+        if (self.b64 is None) == (self.uri is None):
+            raise ValueError("each face_images item needs exactly one of b64 and uri")
+        return self
+
+
 class GenerateRequest(GenerationOptions):
     """JSON body of ``POST /v1/generate`` and the argument of ``Ingress.generate`` over a handle.
 
@@ -237,6 +273,13 @@ class GenerateRequest(GenerationOptions):
 
     face_image_b64: str | None = Field(default=None, description="The identity photo, base64.")
     face_image_uri: str | None = Field(default=None, description="The identity photo as s3://bucket/key.")
+    face_images: list[FacePhoto] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_FACE_PHOTOS,
+        description="1-8 photos of the same person, instead of face_image_b64/face_image_uri (multipart: repeat the "
+        "face_image part).",
+    )
     pose_image_b64: str | None = Field(default=None, description="Optional pose/composition photo, base64.")
     pose_image_uri: str | None = None
     init_image_b64: str | None = Field(default=None, description="Image-to-image: the start image, base64.")
@@ -276,15 +319,28 @@ class GenerateRequest(GenerationOptions):
 
     @model_validator(mode="after")
     def _check_images(self) -> GenerateRequest:
-        if (self.face_image_b64 is None) == (self.face_image_uri is None):
-            raise ValueError("give exactly one of face_image_b64 and face_image_uri")
+        given = [self.face_image_b64 is not None, self.face_image_uri is not None, self.face_images is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of face_image_b64, face_image_uri and face_images")
         if self.pose_image_b64 is not None and self.pose_image_uri is not None:
             raise ValueError("give at most one of pose_image_b64 and pose_image_uri")
         if self.init_image_b64 is not None and self.init_image_uri is not None:
             raise ValueError("give at most one of init_image_b64 and init_image_uri")
+        if "pose_face_index" in self.model_fields_set and not self.has_pose_image:
+            raise ValueError("pose_face_index is for the pose photo: give pose_image too")
         if "strength" in self.model_fields_set and not self.has_init_image:
             raise ValueError("strength is for image-to-image: give init_image too")
         return self
+
+    def face_photos(self) -> list[FacePhoto]:
+        """The face photos in order, whichever form the request used."""
+        if self.face_images is not None:
+            return list(self.face_images)
+        return [FacePhoto(b64=self.face_image_b64, uri=self.face_image_uri)]
+
+    @property
+    def has_pose_image(self) -> bool:
+        return self.pose_image_b64 is not None or self.pose_image_uri is not None
 
     @property
     def has_init_image(self) -> bool:
@@ -344,6 +400,21 @@ class FaceInfo(BaseModel):
         return cls(box=[float(v) for v in face.bbox], keypoints=face.kps.tolist(), score=face.det_score)
 
 
+class FaceUsed(FaceInfo):
+    source: Literal["face", "pose"] = Field(description="A face photo (the identity) or the pose photo (geometry).")
+    photo_index: int = Field(description="The photo's index among the face photos (0 for the pose photo).")
+    face_index: int = Field(description="The face's index in that photo, in POST /v1/faces order.")
+
+    @classmethod
+    def of_chosen(cls, chosen: ChosenFace) -> FaceUsed:
+        return cls(
+            **FaceInfo.of(chosen.face).model_dump(),
+            source=chosen.source,
+            photo_index=chosen.photo_index,
+            face_index=chosen.face_index,
+        )
+
+
 class LoraUsed(BaseModel):
     name: str
     scale: float
@@ -366,7 +437,8 @@ class GenerateResponse(BaseModel):
     request_id: str
     images: list[StoredImage]
     seed: int
-    face: FaceInfo
+    face: FaceInfo = Field(description="The first face photo's face.")
+    faces: list[FaceUsed] = Field(description="Every face used: each face photo's, then the pose photo's.")
     model: ModelUsed
     timings: dict[str, StageTiming] = Field(
         description="Per stage; *_model_load and *_lora_load appear when this request waited for a cold load."

@@ -89,6 +89,9 @@ ERROR_CASES = {
     "text file as face": ({"--face": "notes.txt"}, ("unsupported image type",)),
     "gif output": ({"--out": "out.gif"}, ("--out", "out.gif")),
     "no weights folder": ({"--weights": "nowhere"}, ("nowhere", "does not exist")),
+    "face index out of range": ({"--face-index": "60"}, ("face_index 60 is out of range", "faces found")),
+    "pose face index without a pose": ({"--pose-face-index": "1"}, ("--pose-face-index", "--pose")),
+    "unknown identity combine": ({"--identity-combine": "median"}, ("identity_combine",)),
 }
 
 
@@ -130,6 +133,7 @@ def runs(tiny_weights: Path, work: Path) -> dict[str, Run]:
         "seed7": ("--seed", "7", "--steps", "3", *SMALL),
         "seed7_again": ("--seed", "7", "--steps", "3", *SMALL),
         "seed8": ("--seed", "8", "--steps", "3", *SMALL),
+        "two_faces": ("--seed", "7", "--steps", "3", *SMALL, "--face", face, "--identity-combine", "normalized_mean"),
     }
     commands: dict[str, tuple[list[str | Path], Path]] = {
         name: (generate_args(tiny_weights, face, work / f"{name}.png", *flags), work / f"{name}.png")
@@ -178,6 +182,12 @@ def test_generate_same_seed_same_pixels_other_seed_differs(runs: dict[str, Run])
     first, again, other = (pixels(runs[name].out) for name in ("seed7", "seed7_again", "seed8"))
     assert np.array_equal(first, again)
     assert np.abs(first - other).max() > 0
+
+
+def test_generate_with_the_same_photo_twice_gives_the_one_photo_image(runs: dict[str, Run]) -> None:
+    result, out = runs["two_faces"]
+    assert result.returncode == 0, result.stderr
+    assert np.abs(pixels(out).astype(int) - pixels(runs["seed7"].out).astype(int)).max() <= 1
 
 
 def test_generate_with_a_pose_photo_takes_its_reference_size(runs: dict[str, Run]) -> None:

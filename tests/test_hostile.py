@@ -523,10 +523,23 @@ def _multipart_cases() -> list[Case]:
         Case("multipart-duplicate-field", lambda s: _post_form(s, {**FAST, "seed": ["1", "2"]}), *invalid),
         Case(
             "multipart-duplicate-file",
-            lambda s: _post_form(s, extra_files=[("face_image", "f", FACE_JPEG, "image/jpeg")]),
+            lambda s: _post_form(s, extra_files=[("init_image", "i", FACE_JPEG, "image/jpeg")] * 2),
             *invalid,
         ),
-        Case("multipart-three-files", lambda s: _post_form(s, extra_files=[_pose(FACE_JPEG), _pose(FACE_JPEG)]), 400),
+        Case(  # face_image may repeat (photos of one person), up to 8 times
+            "multipart-nine-face-images",
+            lambda s: _post_form(s, extra_files=[("face_image", "f", FACE_JPEG, "image/jpeg")] * 8),
+            *invalid,
+        ),
+        Case(  # more file parts than any valid request has (6 kinds, face_image up to 8 times) are not even parsed
+            "multipart-fifteen-files",
+            lambda s: _post_form(s, extra_files=[_pose(FACE_JPEG)] * 14),
+            400,
+            "invalid_request",
+        ),
+        Case(
+            "multipart-pose-twice", lambda s: _post_form(s, extra_files=[_pose(FACE_JPEG), _pose(FACE_JPEG)]), *invalid
+        ),
         Case(
             "multipart-file-for-prompt",
             lambda s: _post_form(s, {"seed": 1}, extra_files=[("prompt", "p.txt", b"x", "text/plain")]),

@@ -38,10 +38,17 @@ def test_post_routes_document_their_json_and_multipart_bodies(spec, path, model,
             assert json_schema["properties"][name].get(key) == prop.get(key), (name, key)
 
     form = body["content"]["multipart/form-data"]["schema"]
+    repeated = {"face_image": "face_images"} if path == "/v1/generate" else {}
     for name in files:  # a file part instead of the JSON body's base64/URI pair
-        assert (form["properties"][name]["type"], form["properties"][name]["format"]) == ("string", "binary")
+        part = form["properties"][name]
+        if name in repeated:  # a part that may be repeated: an array of files, as many as the JSON list allows
+            assert part["type"] == "array" and part["maxItems"] == 8
+            part = part["items"]
+        assert (part["type"], part["format"]) == ("string", "binary")
         assert f"{name}_b64" not in form["properties"] and f"{name}_uri" not in form["properties"]
+    assert not set(repeated.values()) & set(form["properties"])  # the JSON list's place is taken by the parts
     plain = {name for name in json_schema["properties"] if not name.endswith(("_b64", "_uri"))}
+    plain -= set(repeated.values())
     assert plain <= set(form["properties"])  # every other field is a form field of the same name
     for name in plain:
         assert form["properties"][name] == json_schema["properties"][name]

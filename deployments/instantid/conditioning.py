@@ -1,4 +1,4 @@
-"""From photos to what the denoiser needs: identity vector, keypoints and face box in output pixels, size.
+"""From photos to what the denoiser needs: identity vector(s), keypoints and face box in output pixels, size.
 
 This is the face-analysis stage's whole job, kept compact (a 512-d vector and a handful of numbers)
 because it crosses process boundaries. The keypoint image itself is drawn by the denoiser.
@@ -6,26 +6,53 @@ because it crosses process boundaries. The keypoint image itself is drawn by the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 
 from .errors import FaceTooSmallError, InvalidParameterError, NoFaceError
 from .faces import DetectedFace, FaceAnalyzer
+from .identity import DEFAULT_IDENTITY_COMBINE, MAX_FACE_PHOTOS, combine_embeddings
 from .keypoints import REFERENCE_LONG_SIDE, CropTransform, reference_size
 
 
 @dataclass
-class FaceCondition:
-    """The identity (from the face photo) and the geometry (from the pose photo, else the face photo)."""
+class ChosenFace:
+    """The face a generation used from one photo: which photo, which of its faces, and the photo's size."""
 
-    embedding: np.ndarray  # (512,) float32, raw (not normalised)
+    face: DetectedFace  # in that photo's pixels; with its embedding for identity photos (until it is reported)
+    source: Literal["face", "pose"]
+    photo_index: int  # the photo's index among the face photos (0 for the pose photo)
+    face_index: int  # its index in the photo's faces, largest first (the order POST /v1/faces lists them)
+    image_width: int
+    image_height: int
+
+    def without_embedding(self) -> ChosenFace:
+        return replace(self, face=replace(self.face, embedding=None))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "photo_index": self.photo_index,
+            "face_index": self.face_index,
+            **self.face.to_dict(),
+        }
+
+
+@dataclass
+class FaceCondition:
+    """The identity (from the face photos) and the geometry (from the pose photo, else the first face photo)."""
+
+    embedding: np.ndarray  # (512,) float32 raw (not normalised), or (N, 512) with identity_combine "concat"
     keypoints: np.ndarray  # (5, 2) in output pixels
     box: np.ndarray  # (4,) in output pixels
     width: int
     height: int
-    face: DetectedFace  # the identity face, in face-photo pixels (reported to the client)
+    face: DetectedFace  # the first photo's identity face, in its pixels (reported to the client)
     pose_face: DetectedFace | None = None
+    used: list[ChosenFace] = field(default_factory=list)  # every face used: identity photos in order, then pose
 
 
 def output_size(
@@ -48,39 +75,100 @@ def output_size(
     return width, height, CropTransform.cover(src_width, src_height, width, height)
 
 
+def photo_label(photo_index: int, photos: int) -> str:
+    """How errors name a face photo: "the face image" for one, "face photo 2" (0-based) among several."""
+    return "the face image" if photos == 1 else f"face photo {photo_index}"
+
+
+def choose_face(faces: Sequence[DetectedFace], index: int, where: str, field_name: str) -> DetectedFace:
+    """``faces[index]`` (largest first), or a 422 naming the photo and how many faces it holds."""
+    if not faces:
+        raise NoFaceError(f"no face detected in {where}")
+    if not 0 <= index < len(faces):
+        found = f"{len(faces)} face{'s' if len(faces) != 1 else ''}"
+        raise InvalidParameterError(f"{field_name} {index} is out of range: {found} found in {where}")
+    return faces[index]
+
+
+def identify(
+    analyzer: FaceAnalyzer,
+    rgb: np.ndarray,
+    *,
+    photo_index: int = 0,
+    photos: int = 1,
+    face_index: int = 0,
+    min_face_px: int = 1,
+) -> ChosenFace:
+    """One identity photo: its face number ``face_index`` (largest first), with that face's embedding."""
+    where = photo_label(photo_index, photos)
+    face = choose_face(analyzer.detect(rgb), face_index, where, "face_index")
+    x1, y1, x2, y2 = (float(v) for v in face.bbox)
+    if min(x2 - x1, y2 - y1) < min_face_px:
+        raise FaceTooSmallError(
+            f"the chosen face in {where} is {x2 - x1:.0f}x{y2 - y1:.0f} px; at least {min_face_px} px across is needed"
+        )
+    face = replace(face, embedding=analyzer.embed(rgb, face))
+    return ChosenFace(face, "face", photo_index, face_index, rgb.shape[1], rgb.shape[0])
+
+
+def locate_pose(analyzer: FaceAnalyzer, rgb: np.ndarray, pose_face_index: int = 0) -> ChosenFace:
+    """The pose photo's face number ``pose_face_index``: only its keypoints and box are used (no embedding)."""
+    face = choose_face(analyzer.detect(rgb), pose_face_index, "the pose image", "pose_face_index")
+    return ChosenFace(face, "pose", 0, pose_face_index, rgb.shape[1], rgb.shape[0])
+
+
+def condition_from(
+    identities: Sequence[ChosenFace],
+    pose: ChosenFace | None = None,
+    *,
+    identity_combine: str = DEFAULT_IDENTITY_COMBINE,
+    width: int | None = None,
+    height: int | None = None,
+    long_side: int = REFERENCE_LONG_SIDE,
+) -> FaceCondition:
+    """The combined identity of the photos (in photo order) and the geometry of the pose photo, else of the
+    first photo, at the output size."""
+    ordered = sorted(identities, key=lambda chosen: chosen.photo_index)
+    if not ordered:
+        raise ValueError("condition_from needs at least one identity photo")
+    embedding = combine_embeddings([chosen.face.embedding for chosen in ordered], identity_combine)
+    geometry = pose if pose is not None else ordered[0]
+    out_w, out_h, transform = output_size(geometry.image_width, geometry.image_height, width, height, long_side)
+    return FaceCondition(
+        embedding=np.asarray(embedding, dtype=np.float32),
+        keypoints=transform.apply_points(geometry.face.kps).astype(np.float32),
+        box=transform.apply_box(geometry.face.bbox).astype(np.float32),
+        width=out_w,
+        height=out_h,
+        face=ordered[0].face,
+        pose_face=pose.face if pose is not None else None,
+        used=[chosen.without_embedding() for chosen in ordered] + ([pose] if pose is not None else []),
+    )
+
+
 def prepare_face_condition(
     analyzer: FaceAnalyzer,
-    face_rgb: np.ndarray,
+    face_rgb: np.ndarray | Sequence[np.ndarray],
     pose_rgb: np.ndarray | None = None,
     *,
     width: int | None = None,
     height: int | None = None,
     long_side: int = REFERENCE_LONG_SIDE,
     min_face_px: int = 1,
+    face_index: int = 0,
+    pose_face_index: int = 0,
+    identity_combine: str = DEFAULT_IDENTITY_COMBINE,
 ) -> FaceCondition:
-    """Analyse the face photo (largest face, with embedding) and the optional pose photo (largest face)."""
-    identity = analyzer.analyze(face_rgb)
-    x1, y1, x2, y2 = (float(v) for v in identity.bbox)
-    if min(x2 - x1, y2 - y1) < min_face_px:
-        raise FaceTooSmallError(
-            f"the largest face is {x2 - x1:.0f}x{y2 - y1:.0f} px; at least {min_face_px} px across is needed"
-        )
-    pose_face = None
-    source_face, source_image = identity, face_rgb
-    if pose_rgb is not None:
-        faces = analyzer.detect(pose_rgb)
-        if not faces:
-            raise NoFaceError("no face detected in the pose image")
-        pose_face = max(faces, key=lambda f: f.area)
-        source_face, source_image = pose_face, pose_rgb
-    src_h, src_w = source_image.shape[:2]
-    out_w, out_h, transform = output_size(src_w, src_h, width, height, long_side)
-    return FaceCondition(
-        embedding=np.asarray(identity.embedding, dtype=np.float32),
-        keypoints=transform.apply_points(source_face.kps).astype(np.float32),
-        box=transform.apply_box(source_face.bbox).astype(np.float32),
-        width=out_w,
-        height=out_h,
-        face=identity,
-        pose_face=pose_face,
+    """All of face analysis in one process: each face photo (one array or a list of 1..8) and the optional pose
+    photo. The served graph runs the same steps, each photo on its own FaceAnalyzer replica."""
+    photos = [face_rgb] if isinstance(face_rgb, np.ndarray) else list(face_rgb)
+    if not 1 <= len(photos) <= MAX_FACE_PHOTOS:
+        raise InvalidParameterError(f"give 1 to {MAX_FACE_PHOTOS} face photos, got {len(photos)}")
+    identities = [
+        identify(analyzer, rgb, photo_index=i, photos=len(photos), face_index=face_index, min_face_px=min_face_px)
+        for i, rgb in enumerate(photos)
+    ]
+    pose = locate_pose(analyzer, pose_rgb, pose_face_index) if pose_rgb is not None else None
+    return condition_from(
+        identities, pose, identity_combine=identity_combine, width=width, height=height, long_side=long_side
     )

@@ -29,6 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import CONDITIONING_KWARG, FaceConditioning
 from .errors import InvalidParameterError
+from .identity import negative_identity
 from .keypoints import draw_keypoint_image, face_region_mask
 from .params import GenerationParams
 from .resampler import Resampler
@@ -41,7 +42,7 @@ class DenoiseJob:
     """One request at the denoiser: identity, keypoints in output coordinates, prompt embeddings, params."""
 
     params: GenerationParams
-    face_embedding: np.ndarray  # (512,) raw identity vector
+    face_embedding: np.ndarray  # (512,) raw identity vector, or (N, 512): N resampler input tokens (concat)
     keypoints: np.ndarray  # (5, 2) in output-image pixels
     face_box: np.ndarray  # (4,) x1, y1, x2, y2 in output-image pixels (the enhance-region mask)
     prompt: PromptEmbeddings
@@ -149,7 +150,8 @@ class InstantIDDenoiser:
 
         cfg = p.do_classifier_free_guidance
         embedding = torch.tensor(np.asarray(job.face_embedding, dtype=np.float32))[None]
-        face_pos, face_neg = self.resampler.face_tokens(embedding, with_negative=cfg)
+        negative = negative_identity(tuple(embedding.shape), p.face_noise, p.seed) if cfg else None
+        face_pos, face_neg = self.resampler.face_tokens(embedding, with_negative=cfg, negative=negative)
         keypoint_image = job.control_image
         if keypoint_image is None:
             keypoint_image = draw_keypoint_image(np.asarray(job.keypoints, dtype=np.float32), p.width, p.height)

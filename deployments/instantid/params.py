@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 DEFAULT_SCHEDULER = "euler"  # the demo's; every name the API accepts is in schedulers.SCHEDULER_NAMES
 # The extra ControlNets beside IdentityNet, in the order their residuals are added (the published demo's order).
@@ -16,6 +16,11 @@ CONTROLNET_NAMES = ("pose", "canny", "depth")
 ControlNetName = Literal["pose", "canny", "depth"]
 DEFAULT_CONTROLNET_STRENGTH = 0.4  # the published multi-ControlNet demo's default for each
 DEFAULT_IMG2IMG_STRENGTH = 0.8  # share of the schedule an init image is noised to (1: pure noise)
+# Several photos of one person: how their identity vectors become the resampler's input (identity.py).
+IdentityCombine = Literal["mean", "normalized_mean", "concat"]
+IDENTITY_COMBINE_MODES: tuple[str, ...] = get_args(IdentityCombine)
+DEFAULT_IDENTITY_COMBINE: IdentityCombine = "mean"
+MAX_FACE_PHOTOS = 8
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class GenerationParams:
     scheduler: str = DEFAULT_SCHEDULER
     controlnets: tuple[ControlSetting, ...] = ()  # extra ControlNets, IdentityNet aside
     strength: float | None = None  # image-to-image: how far the init image is noised; None: text-to-image
+    face_noise: float = 0.0  # CFG negative identity input: face_noise x U(0, 1) instead of zeros (0: as published)
 
     @property
     def do_classifier_free_guidance(self) -> bool:

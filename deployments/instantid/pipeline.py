@@ -18,6 +18,7 @@ from .control_inputs import ControlInputs, prepare_control_inputs
 from .control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, DepthEstimator, load_depth_estimator
 from .denoiser import DenoiseJob, InstantIDDenoiser
 from .faces import FaceAnalyzer
+from .identity import DEFAULT_IDENTITY_COMBINE
 from .keypoints import REFERENCE_LONG_SIDE
 from .loading import load_denoiser, load_face_analyzer, load_prompt_encoder, pick_device, pick_dtype
 from .loras import LoraAdapters
@@ -99,7 +100,7 @@ class InstantIDPipeline:
 
     def __call__(
         self,
-        face_rgb: np.ndarray,
+        face_rgb: np.ndarray | Sequence[np.ndarray],
         prompt: str,
         negative_prompt: str | None = None,
         *,
@@ -110,20 +111,33 @@ class InstantIDPipeline:
         control_images: Mapping[str, np.ndarray] | None = None,
         canny_thresholds: tuple[int, int] = (DEFAULT_CANNY_LOW, DEFAULT_CANNY_HIGH),
         init_rgb: np.ndarray | None = None,
+        face_index: int = 0,
+        pose_face_index: int = 0,
+        identity_combine: str = DEFAULT_IDENTITY_COMBINE,
     ) -> GenerationOutput:
         """One generation; ``loras`` are (name, scale) pairs of ``lora_files``; ``control_images`` are ready-made
         maps for ``params.controlnets`` (the others are computed from the pose photo, else the face photo);
-        ``init_rgb`` starts image-to-image (with ``params.strength``)."""
+        ``init_rgb`` starts image-to-image (with ``params.strength``). ``face_rgb`` may be 1..8 photos of one person,
+        combined by ``identity_combine``; ``face_index``/``pose_face_index`` pick a face (largest first)."""
         styled, styled_negative = apply_style(style, prompt, negative_prompt)
         condition = prepare_face_condition(
-            self.analyzer, face_rgb, pose_rgb, width=params.width, height=params.height, long_side=self.long_side
+            self.analyzer,
+            face_rgb,
+            pose_rgb,
+            width=params.width,
+            height=params.height,
+            long_side=self.long_side,
+            face_index=face_index,
+            pose_face_index=pose_face_index,
+            identity_combine=identity_combine,
         )
+        first_photo = face_rgb if isinstance(face_rgb, np.ndarray) else face_rgb[0]
         active = [c.name for c in params.active_controlnets]
         controls = None
         if active or init_rgb is not None:
             uploaded = {name: image for name, image in (control_images or {}).items() if name in active}
             controls = prepare_control_inputs(
-                face_rgb if pose_rgb is None else pose_rgb,
+                first_photo if pose_rgb is None else pose_rgb,
                 source_name="face_image" if pose_rgb is None else "pose_image",
                 width=params.width,
                 height=params.height,

@@ -142,10 +142,13 @@ class Resampler(nn.Module):
         return self.norm_out(self.proj_out(latents))
 
     @torch.no_grad()
-    def face_tokens(self, embeddings: torch.Tensor, with_negative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def face_tokens(
+        self, embeddings: torch.Tensor, with_negative: bool, negative: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positive tokens for (B, 512) or (B, N, 512) embeddings, and the CFG negatives.
 
-        The negatives are the resampler applied to a ZERO embedding (not zero tokens), as published.
+        The negatives are the resampler applied to a ZERO embedding (not zero tokens), as published, or to
+        ``negative`` (same shape as ``embeddings``: the optional face-token noise).
         Returns ``(positive, negative)``, each (B, num_queries, output_dim); negative is None without CFG.
         """
         param = self.latents
@@ -154,6 +157,10 @@ class Resampler(nn.Module):
         embeddings = embeddings.to(device=param.device, dtype=param.dtype)
         if not with_negative:
             return self(embeddings), None
-        both = self(torch.cat([torch.zeros_like(embeddings), embeddings]))
+        if negative is None:
+            negative = torch.zeros_like(embeddings)
+        else:
+            negative = negative.reshape(embeddings.shape).to(embeddings)
+        both = self(torch.cat([negative, embeddings]))
         negative, positive = both.chunk(2)
         return positive, negative
