@@ -19,7 +19,7 @@ from ray import serve as ray_serve
 from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
 from deployments.instantid.catalogue import ModelChoice, WeightsSource
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
-from deployments.instantid.errors import InstantIDError
+from deployments.instantid.errors import GenerationCancelled, InstantIDError
 from deployments.instantid.loading import (
     CONTROLNET_FILES,
     build_denoiser,
@@ -30,6 +30,7 @@ from deployments.instantid.loading import (
 from deployments.instantid.loras import LoraAdapters
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.weights import DENOISER_COMPONENTS, WeightsLayout
+from deployments.job_events import StepReporter, job_events
 from deployments.messages import (
     ControlMapsResult,
     DenoiseBatch,
@@ -59,6 +60,7 @@ class _Item:
     prompt: PromptResult
     slot: BaseSlot[InstantIDDenoiser]
     controls: ControlMapsResult | None = None
+    reporter: StepReporter | None = None  # an async job's: steps to the event channel, cancellation back
 
 
 def _latents(items: list[_Item]) -> int:
@@ -86,12 +88,14 @@ class DenoiserDeployment:
         max_batch_size: int,
         batch_wait_timeout_s: float,
         controlnets: dict[str, dict[str, Any]],
+        preview_every: int = 5,
     ) -> None:
         self.models = ReplicaModels.prepare(models, weights.get("cache_dir"), ("unet",))
         layout = WeightsLayout.resolve(**weights, parts=("instantid",))
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.vae_batch_size = vae_batch_size
+        self.preview_every = preview_every
         folders = {
             name: WeightsSource.model_validate(spec).resolve(
                 weights.get("cache_dir"), what=f"{name} ControlNet", patterns=CONTROLNET_FILES
@@ -121,9 +125,11 @@ class DenoiserDeployment:
         face: FaceResult,
         prompt: PromptResult,
         controls: ControlMapsResult | None = None,
+        job_id: str | None = None,
     ) -> DenoiseResult:
         """``face``, ``prompt`` and ``controls`` (maps and init image, when the request has any) arrive as upstream
-        responses resolved by Serve (no await in the caller)."""
+        responses resolved by Serve (no await in the caller). ``job_id``: an async job, whose steps are reported
+        to the event channel and which is dropped at the next step once cancelled."""
         condition = face.condition
         size = (condition.width, condition.height)
         if controls is not None and (controls.inputs.width, controls.inputs.height) != size:
@@ -131,12 +137,22 @@ class DenoiserDeployment:
                 f"control maps are {controls.inputs.width}x{controls.inputs.height} but the face stage chose "
                 f"{condition.width}x{condition.height}"
             )
+        reporter = None
+        if job_id is not None:
+            channel = job_events()
+            channel.publish.remote(job_id, "stage", {"stage": "prepare", "phase": "end"})
+            answer = await channel.publish.remote(job_id, "stage", {"stage": "denoise", "phase": "start"})
+            if answer.cancelled:
+                raise GenerationCancelled(f"job {job_id} was cancelled")
+            reporter = StepReporter(channel, job_id, answer, self.preview_every)
         slot, waited = await self.bases.acquire(model.base)
         try:
-            item = _Item(params.sized(condition.width, condition.height), model, face, prompt, slot, controls)
+            item = _Item(params.sized(condition.width, condition.height), model, face, prompt, slot, controls, reporter)
             result = await self._batch(item)
         finally:
             slot.release()
+        if job_id is not None:
+            channel.publish.remote(job_id, "stage", {"stage": "denoise", "phase": "end"})
         if isinstance(result, Exception):  # a failed group's error, returned per item by _batch
             raise result
         if waited is not None:
@@ -161,7 +177,7 @@ class DenoiserDeployment:
                 results[i] = out
         return [r for r in results if r is not None]
 
-    def _run(self, group: list[_Item]) -> list[DenoiseResult]:
+    def _run(self, group: list[_Item]) -> list[DenoiseResult | Exception]:
         slot = group[0].slot
         model = slot.model
         assert model is not None
@@ -174,6 +190,7 @@ class DenoiserDeployment:
                 item.prompt.embeddings,
                 control_maps=item.controls.inputs.maps if item.controls is not None else {},
                 init_image=item.controls.inputs.init_image if item.controls is not None else None,
+                on_step=item.reporter,
             )
             for item in group
         ]
@@ -192,7 +209,9 @@ class DenoiserDeployment:
         self._batches += 1
         batch = DenoiseBatch(f"{replica}-{self._batches}", len(group), _latents(group))
         return [
-            DenoiseResult(
+            GenerationCancelled(f"job {item.reporter.job_id} was cancelled at step {item.reporter.last_step}")
+            if imgs is None and item.reporter is not None
+            else DenoiseResult(
                 images=imgs,
                 params=item.params,
                 model=item.model,

@@ -15,10 +15,19 @@ from ray import serve as ray_serve
 
 from deployments.instantid.conditioning import condition_from, identify, locate_pose, output_size
 from deployments.instantid.faces import FaceAnalyzer
+from deployments.instantid.identity_score import identity_similarities
 from deployments.instantid.images import decode_image
 from deployments.instantid.keypoints import draw_keypoint_image
 from deployments.instantid.weights import WeightsLayout
-from deployments.messages import FaceListing, FaceRequest, FaceResult, IdentityRequest, IdentityResult, timed
+from deployments.messages import (
+    DenoiseResult,
+    FaceListing,
+    FaceRequest,
+    FaceResult,
+    IdentityRequest,
+    IdentityResult,
+    timed,
+)
 
 
 @ray_serve.deployment(name="FaceAnalyzer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
@@ -101,6 +110,13 @@ class FaceAnalyzerDeployment:
             if ok:
                 listing.keypoint_image_png = png.tobytes()
         return listing
+
+    def score(self, output: DenoiseResult, face: FaceResult) -> list[float | None]:
+        """Per generated image, how well it kept the identity: the cosine of its largest face with the identity it
+        was conditioned on (``face.condition.embedding``), None where no face is found (see
+        :func:`~deployments.instantid.identity_score.identity_similarity`). Takes the Denoiser's and this stage's
+        results as they are, so the ingress can pass both DeploymentResponses as top-level arguments."""
+        return identity_similarities(self.analyzer, output.images, face.condition.embedding)
 
     def check_health(self) -> None:
         self.analyzer.check_health()

@@ -198,6 +198,7 @@ class GenerationRecord:
     models: dict[str, Any]
     init_image_given: bool = False
     face_photos: int = 1
+    job_id: str | None = None  # an async job's id (its progress events go to the job channel)
 
 
 @dataclass

@@ -15,9 +15,11 @@ from typing import Any
 
 from ray import serve as ray_serve
 
+from deployments.job_events import job_events
 from deployments.messages import DenoiseResult, GenerationMeta, GenerationRecord, SavedGeneration, StageTiming
 from deployments.storage.generations import GenerationNotFound, GenerationStore, StorageError
 from deployments.storage.idempotency_records import IdempotencyRecord, IdempotencyRecords
+from deployments.storage.job_records import JobRecord, JobRecords
 from deployments.storage.s3 import S3Settings, make_client
 from deployments.storage.spool import Spool
 
@@ -41,6 +43,7 @@ class ResultStoreDeployment:
         settings = S3Settings(**s3)
         self.generations = GenerationStore(make_client(settings), settings)
         self.idempotency = IdempotencyRecords(self.generations.client, settings)
+        self.jobs = JobRecords(self.generations.client, settings)
         self.spool = Spool(spool_dir) if spool_dir else None
         self._stop = threading.Event()
         try:
@@ -59,14 +62,18 @@ class ResultStoreDeployment:
         output_format: str,
         output_quality: int,
         inputs: dict[str, bytes] | None = None,
+        identity_similarities: list[float | None] | None = None,
     ) -> SavedGeneration:
         """Store one generation; returns the stored objects and every stage's timing.
 
-        ``output`` arrives as the Denoiser's response, resolved by Serve. ``inputs`` (only when the client
+        ``output`` arrives as the Denoiser's response, resolved by Serve, and so do ``identity_similarities`` (the
+        FaceAnalyzer's score of each image, recorded with it). ``inputs`` (only when the client
         asked to keep its photos) are stored next to the images. Success means every object is confirmed in
         S3; otherwise SpooledError (503, generation kept) or StorageError (503, no spool configured).
         """
         start = time.time()
+        if record.job_id is not None:
+            job_events().publish.remote(record.job_id, "stage", {"stage": "store", "phase": "start"})
         timings = dict(output.timings)
         # meta.json is written during this stage: it records when the stage started (its end is not known yet).
         timings["store"] = StageTiming(start=start, end=start, seconds=0.0)
@@ -84,7 +91,9 @@ class ResultStoreDeployment:
         extra = [
             (f"input-{name}.{_extension(data)}", data, _content_type(data)) for name, data in (inputs or {}).items()
         ]
-        prepared = self.generations.prepare(record.id, list(output.images), output_format, output_quality, meta, extra)
+        prepared = self.generations.prepare(
+            record.id, list(output.images), output_format, output_quality, meta, extra, identity_similarities
+        )
         try:
             stored = self.generations.upload(prepared)
         except StorageError as exc:
@@ -98,6 +107,8 @@ class ResultStoreDeployment:
                 record.id,
             ) from exc
         timings["store"] = StageTiming.since(start)
+        if record.job_id is not None:
+            job_events().publish.remote(record.job_id, "stage", {"stage": "store", "phase": "end"})
         replicas = {**output.replicas, "store": ray_serve.get_replica_context().replica_id.unique_id}
         return SavedGeneration(
             stored,
@@ -127,6 +138,9 @@ class ResultStoreDeployment:
         document["status"] = "stored"
         return GenerationMeta(document, document.get("owner"), images, "stored")
 
+    def read_image(self, generation_id: str, index: int) -> tuple[bytes, str]:
+        return self.generations.read_image(generation_id, index)
+
     def delete(self, generation_id: str) -> int:
         removed = 0
         if self.spool is not None and self.spool.contains(generation_id):
@@ -146,6 +160,25 @@ class ResultStoreDeployment:
 
     def release_idempotency(self, digest: str) -> None:
         self.idempotency.release(digest)
+
+    # Async jobs' state: conditional S3 writes, so any ingress replica can answer, cancel or take over (serve/jobs.py).
+    def create_job(self, job_id: str, state: dict[str, Any], request: dict[str, Any]) -> str:
+        return self.jobs.create(job_id, state, request)
+
+    def read_job(self, job_id: str) -> JobRecord | None:
+        return self.jobs.read(job_id)
+
+    def read_job_request(self, job_id: str) -> dict[str, Any] | None:
+        return self.jobs.read_request(job_id)
+
+    def replace_job(self, job_id: str, state: dict[str, Any], etag: str) -> str | None:
+        return self.jobs.replace(job_id, state, etag)
+
+    def active_jobs(self) -> list[str]:
+        return self.jobs.active()
+
+    def delete_job(self, job_id: str) -> None:
+        self.jobs.delete(job_id)
 
     def drain_spool(self) -> int:
         """Upload what the spool holds; returns how many generations were uploaded (stops at the first error)."""

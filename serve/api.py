@@ -18,11 +18,14 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve as ray_serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
@@ -32,6 +35,7 @@ from deployments.instantid.errors import InvalidParameterError
 from deployments.instantid.identity import MAX_FACE_PHOTOS
 from deployments.instantid.params import CONTROLNET_NAMES, GenerationParams
 from deployments.instantid.styles import apply_style
+from deployments.job_events import job_events
 from deployments.messages import (
     ControlMapsRequest,
     FaceRequest,
@@ -48,9 +52,20 @@ from deployments.storage.inputs import S3InputReader
 from deployments.storage.s3 import S3Settings
 from serve.auth import ANONYMOUS, ApiKeys, AuthError
 from serve.config import ApiConfig
-from serve.errors import OVERLOADED, REPLICA_GONE, ApiError, install_error_handlers, request_id
+from serve.errors import OVERLOADED, REPLICA_GONE, ApiError, classify_error, install_error_handlers, request_id
 from serve.idempotency_guard import IdempotencyGuard, IdempotencyInProgress, IdempotencyKeyReused
 from serve.inputs import ImageInputs, read_body
+from serve.jobs import (
+    TERMINAL,
+    Admission,
+    JobNotFound,
+    JobStates,
+    follow_events,
+    lease,
+    lease_expired,
+    now_iso,
+    public_body,
+)
 from serve.openapi import ERROR_RESPONSES, FACES_BODY, GENERATE_BODY
 from serve.schemas import (
     CONTROL_IMAGE_PART,
@@ -63,11 +78,13 @@ from serve.schemas import (
     GenerateRequest,
     GenerateResponse,
     GenerationOptions,
+    JobAccepted,
     LoraInfo,
     ModeInfo,
     ModelsResponse,
     ModelUsed,
 )
+from serve.webhooks import WebhookRefused, deliver, validate_callback_url
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,6 +98,8 @@ GENERATE_FILES = {
     **{CONTROL_IMAGE_PART.format(name): CONTROL_IMAGE_PART.format(name) for name in CONTROLNET_NAMES},
 }
 FACES_FILES = {"image": "image", "face_image": "image"}  # /v1/generate's name works here too
+STATIC_DIR = Path(__file__).parent / "static"
+STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the page's files, and only those
 
 app = FastAPI(
     title="InstantID Serve",
@@ -89,6 +108,12 @@ app = FastAPI(
     responses=ERROR_RESPONSES,
 )
 install_error_handlers(app)
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 class _StoreRecords:
@@ -135,11 +160,18 @@ class Ingress:
         self.keys = ApiKeys(self.api.auth)
         reader = S3InputReader(S3Settings(**storage), self.api.allowed_input_buckets)
         self.images = ImageInputs(reader, self.api.max_upload_bytes)
-        self._in_flight = 0
+        self.admission = Admission(self.api.max_in_flight)
         # A claimant may run the request and its one replica-loss retry, each bounded by the timeout.
         self.idempotency = IdempotencyGuard(_StoreRecords(store), lease_s=2 * self.api.request_timeout_s + 60)
         if self.api.auth.required and self.keys.count == 0 and self.api.auth.keys_file is None:
             logger.warning("API keys are required but none are configured: every request will get 401")
+        self.channel = job_events()
+        self.job_states = JobStates(store)
+        self.replica = ray_serve.get_replica_context().replica_id.unique_id
+        self._jobs: dict[str, asyncio.Task] = {}  # jobs this replica runs
+        self._cancelling: set[str] = set()  # of those, the ones cancelled by their owner
+        self._streams = 0
+        self._sweeper: asyncio.Task | None = None
 
     # ------------------------------------------------------------------------------ Python handle API
     async def generate(
@@ -244,6 +276,300 @@ class Ingress:
         await self._owned(generation_id, owner)
         return await self.store.delete.remote(generation_id)
 
+    # ------------------------------------------------------------------------------------------ async jobs
+    async def submit_job(
+        self,
+        request: GenerateRequest,
+        request_id: str | None = None,
+        owner: str = ANONYMOUS,
+        idempotency_key: str | None = None,
+        base_path: str = "",
+    ) -> JobAccepted:
+        """Accept a generation as a job: checked as ``generate`` checks it, stored in S3, run in the background.
+
+        With an ``idempotency_key`` a repeat (same owner, key and request) gets the first call's job back.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        self._ensure_sweeper()
+        options = request.options()
+        _, preset = self.catalogue.choose(options.base_model, options.lora_requests(), options.mode)
+        params = options.sampling_params(options.resolved_seed(), preset, img2img=request.has_init_image)
+        self._check_controls(params, {c.name for c in request.controlnets if c.has_image})
+        if request.callback_url is not None:
+            try:
+                validate_callback_url(request.callback_url, self.api.webhooks)
+            except WebhookRefused as exc:
+                raise InvalidParameterError(f"callback_url: {exc}") from None
+            if self._webhook_secret(owner) is None:
+                raise InvalidParameterError("callback_url: this service has no webhook secret configured")
+
+        async def produce() -> dict[str, Any]:
+            return (await self._create_job(request, request_id, owner, base_path)).model_dump(mode="json")
+
+        if idempotency_key is None:
+            return await self._create_job(request, request_id, owner, base_path)
+        if not _IDEMPOTENCY_KEY.match(idempotency_key):
+            raise ApiError(422, "invalid_parameter", "Idempotency-Key must be 1-128 characters [A-Za-z0-9._:-]")
+        digest = hashlib.sha256(f"jobs\0{owner}\0{idempotency_key}".encode()).hexdigest()
+        fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        try:
+            body, _ = await self.idempotency.run(digest, fingerprint, produce, wait_s=30)
+        except IdempotencyKeyReused:
+            raise ApiError(
+                422, "idempotency_key_reused", "this Idempotency-Key was used with a different request"
+            ) from None
+        except IdempotencyInProgress:
+            raise ApiError(409, "idempotency_key_in_progress", "retry later", {"Retry-After": "5"}) from None
+        return JobAccepted.model_validate(body)
+
+    async def get_job(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        """The job's status (and its result or error once finished); another owner's job is "not found"."""
+        self._ensure_sweeper()
+        state = await self._owned_job(job_id, owner)
+        return public_body(state, await self.channel.progress.remote(job_id))
+
+    async def cancel_job(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
+        """Cancel an unfinished job (the denoiser drops it at its next step): its body. A finished job is deleted
+        with its generation, as ``DELETE /v1/generations/{id}`` does: None."""
+        state = await self._owned_job(job_id, owner)
+        if state["status"] in TERMINAL:
+            if state["status"] == "succeeded":
+                await self.store.delete.remote(job_id)
+            await self.store.delete_job.remote(job_id)
+            return None
+        await self.channel.cancel.remote(job_id)
+
+        def cancel(current: dict[str, Any]) -> bool:
+            if current["status"] in TERMINAL:
+                return False
+            current.update(status="cancelled", lease=None, error=None)
+            return True
+
+        final = await self.job_states.update(job_id, cancel)
+        if final is None:
+            raise JobNotFound(f"job {job_id} not found")
+        if final["status"] == "cancelled":
+            self.channel.publish.remote(job_id, "cancelled", public_body(final))
+        if job_id in self._jobs:
+            self._cancelling.add(job_id)
+            self._jobs[job_id].cancel()
+        return public_body(final)
+
+    async def job_events(
+        self, job_id: str, owner: str | None, last_event_id: int, previews: bool
+    ) -> AsyncIterator[bytes]:
+        """The job's Server-Sent Events (its own limit: open streams never take generation slots)."""
+        await self._owned_job(job_id, owner)
+        if self._streams >= self.api.jobs.max_event_streams:
+            raise ApiError(
+                503, "too_many_streams", "too many open event streams; poll the job instead", {"Retry-After": "5"}
+            )
+        if previews:
+            await self.channel.want_previews.remote(job_id)
+        self._streams += 1
+
+        async def read_state() -> dict[str, Any] | None:
+            return await self.job_states.read(job_id)
+
+        try:
+            async for chunk in follow_events(
+                job_id, self.channel, read_state, last_event_id, self.api.jobs.heartbeat_s
+            ):
+                yield chunk
+        finally:
+            self._streams -= 1
+
+    async def _create_job(self, request: GenerateRequest, request_id: str, owner: str, base_path: str) -> JobAccepted:
+        job_id = new_generation_id()
+        created = now_iso()
+        state = {
+            "id": job_id,
+            "owner": owner,
+            "request_id": request_id,
+            "status": "queued",
+            "created_at": created,
+            "updated_at": created,
+            "attempts": 1,
+            "lease": lease(self.replica, self.api.jobs.lease_s),
+            "callback_url": request.callback_url,
+            "result": None,
+            "error": None,
+        }
+        # As sent (unset fields stay unset: a mode's preset fills them, and validation sees the same request).
+        await self.store.create_job.remote(job_id, state, request.model_dump(mode="json", exclude_unset=True))
+        self._start_job(job_id, request, owner, request_id)
+        url = f"{base_path}/v1/jobs/{job_id}"
+        return JobAccepted(id=job_id, status="queued", status_url=url, events_url=f"{url}/events")
+
+    def _start_job(self, job_id: str, request: GenerateRequest, owner: str, request_id: str) -> None:
+        task = asyncio.create_task(self._run_job(job_id, request, owner, request_id))
+        self._jobs[job_id] = task
+        task.add_done_callback(lambda _: (self._jobs.pop(job_id, None), self._cancelling.discard(job_id)))
+
+    async def _run_job(self, job_id: str, request: GenerateRequest, owner: str, request_id: str) -> None:
+        """Run one job to its end while holding its lease; write the outcome unless the owner cancelled first."""
+        keeper = asyncio.create_task(self._keep_lease(job_id, asyncio.current_task()))
+        try:
+            outcome = await self._job_outcome(job_id, request, owner, request_id)
+        except asyncio.CancelledError:
+            if job_id not in self._cancelling:
+                raise  # the replica is stopping or lost the lease: another replica takes the job over
+            outcome = {"status": "cancelled", "result": None, "error": None}
+        finally:
+            keeper.cancel()
+
+        wrote = False
+
+        def finish(current: dict[str, Any]) -> bool:
+            nonlocal wrote
+            wrote = current["status"] not in TERMINAL and (current.get("lease") or {}).get("holder") == self.replica
+            if wrote:
+                current.update(outcome, lease=None)
+            return wrote
+
+        final = await self.job_states.update(job_id, finish)
+        if final is None:
+            return
+        if wrote:  # a cancellation was published by the DELETE that wrote it
+            self.channel.publish.remote(job_id, final["status"], public_body(final))
+        if final["status"] == "cancelled" and outcome["status"] == "succeeded":
+            await self.store.delete.remote(job_id)  # cancelled while it was being stored: keep nothing
+        if final.get("callback_url") and (wrote or final["status"] == "cancelled"):
+            await self._deliver_webhook(final, owner)
+
+    async def _job_outcome(self, job_id: str, request: GenerateRequest, owner: str, request_id: str) -> dict[str, Any]:
+        def queued(position: int) -> None:
+            self.channel.publish.remote(job_id, "queued", {"position": position})
+
+        try:
+            await self.admission.wait_turn(job_id, queued)
+            try:
+
+                def running(current: dict[str, Any]) -> bool:
+                    if current["status"] in TERMINAL:
+                        return False
+                    current["status"] = "running"
+                    return True
+
+                state = await self.job_states.update(job_id, running)
+                if state is None or state["status"] != "running":
+                    raise asyncio.CancelledError
+                self.channel.publish.remote(job_id, "stage", {"stage": "prepare", "phase": "start"})
+                response = await asyncio.wait_for(
+                    self._generate_with_retry(request, request_id, owner, job_id), self.api.request_timeout_s
+                )
+            finally:
+                await self.admission.leave()
+        except asyncio.TimeoutError:
+            return {"status": "failed", "result": None, "error": {"code": "timeout", "message": "the job timed out"}}
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the job's failure is its outcome, mapped as a request's would be
+            info = classify_error(exc)
+            if info.code == "cancelled":
+                return {"status": "cancelled", "result": None, "error": None}
+            return {"status": "failed", "result": None, "error": {"code": info.code, "message": info.message}}
+        return {"status": "succeeded", "result": response.model_dump(mode="json"), "error": None}
+
+    async def _keep_lease(self, job_id: str, runner: asyncio.Task | None) -> None:
+        """Renew the lease every third of its length; stop the run when the job was cancelled or taken over."""
+        while True:
+            await asyncio.sleep(self.api.jobs.lease_s / 3)
+
+            def renew(current: dict[str, Any]) -> bool:
+                if current["status"] in TERMINAL or (current.get("lease") or {}).get("holder") != self.replica:
+                    return False
+                current["lease"] = lease(self.replica, self.api.jobs.lease_s)
+                return True
+
+            try:
+                state = await self.job_states.update(job_id, renew)
+            except Exception:  # S3 trouble: try again at the next renewal, the lease has slack
+                logger.warning("job %s: lease renewal failed", job_id, exc_info=True)
+                continue
+            held = state is not None and (state.get("lease") or {}).get("holder") == self.replica
+            if state is None or state["status"] in TERMINAL or not held:
+                if state is not None and state["status"] == "cancelled":
+                    self._cancelling.add(job_id)
+                if runner is not None:
+                    runner.cancel()
+                return
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self._sweep()
+            except Exception:
+                logger.warning("job sweep failed", exc_info=True)
+            await asyncio.sleep(self.api.jobs.sweep_interval_s)
+
+    async def _sweep(self) -> None:
+        """Take over unfinished jobs whose lease expired (their replica died) and run them again."""
+        for job_id in await self.store.active_jobs.remote():
+            if job_id in self._jobs:
+                continue
+            state = await self.job_states.read(job_id)
+            if state is None or state["status"] in TERMINAL or not lease_expired(state):
+                continue
+
+            def take(current: dict[str, Any]) -> bool:
+                if current["status"] in TERMINAL or not lease_expired(current):
+                    return False
+                current.update(
+                    status="queued", lease=lease(self.replica, self.api.jobs.lease_s), attempts=current["attempts"] + 1
+                )
+                return True
+
+            taken = await self.job_states.update(job_id, take)
+            if taken is None or (taken.get("lease") or {}).get("holder") != self.replica or job_id in self._jobs:
+                continue
+            body = await self.store.read_job_request.remote(job_id)
+            try:
+                request = GenerateRequest.model_validate(body)
+            except (ValidationError, TypeError) as exc:  # nothing to run again: the job fails instead of looping
+                error = {"code": "internal_error", "message": "the job's request could not be read back"}
+                logger.warning("job %s: unreadable stored request (%s)", job_id, type(exc).__name__)
+                failed = await self.job_states.update(
+                    job_id, lambda s, error=error: s.update(status="failed", lease=None, error=error) is None
+                )
+                if failed is not None:
+                    self.channel.publish.remote(job_id, "failed", public_body(failed))
+                continue
+            logger.warning("job %s: its lease expired; taking it over (attempt %d)", job_id, taken["attempts"])
+            self.channel.publish.remote(job_id, "queued", {"position": None, "attempt": taken["attempts"]})
+            self._start_job(job_id, request, taken["owner"], taken["request_id"])
+
+    async def _owned_job(self, job_id: str, owner: str | None) -> dict[str, Any]:
+        try:
+            validate_generation_id(job_id)
+        except ValueError:
+            raise JobNotFound(f"job {job_id} not found") from None
+        state = await self.job_states.read(job_id)
+        if state is None or (owner is not None and self.api.auth.required and state.get("owner") != owner):
+            raise JobNotFound(f"job {job_id} not found")
+        return state
+
+    def _webhook_secret(self, owner: str) -> str | None:
+        """An API key's own secret (the hex SHA-256 of the key), or ``api.webhooks.secret`` with keys off."""
+        return self.keys.webhook_secret(owner) if self.api.auth.required else self.api.webhooks.secret
+
+    async def _deliver_webhook(self, final: dict[str, Any], owner: str) -> None:
+        secret = self._webhook_secret(owner)
+        if secret is None:
+            logger.warning("job %s: no webhook secret for its owner; the webhook is not sent", final["id"])
+            return
+        result = await deliver(final["callback_url"], public_body(final), secret, self.api.webhooks)
+
+        def record(current: dict[str, Any]) -> bool:
+            current["webhook"] = {"delivered": result.delivered, "attempts": result.attempts, "status": result.status}
+            return True
+
+        await self.job_states.update(final["id"], record)
+
     # ------------------------------------------------------------------------------------ HTTP routes
     @app.post(
         "/v1/generate",
@@ -271,6 +597,52 @@ class Ingress:
         result = await self.analyze_faces(FacesRequest(**fields), request_id(request))
         return JSONResponse(result.model_dump(mode="json"))
 
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        response_model=JobAccepted,
+        summary="Start a generation as an async job (the body of /v1/generate, plus callback_url)",
+        openapi_extra=GENERATE_BODY,
+    )
+    async def http_submit_job(self, request: Request) -> JSONResponse:
+        owner = self._principal(request)
+        fields = await self._read_body(request, GENERATE_FILES)
+        accepted = await self.submit_job(
+            GenerateRequest(**fields),
+            request_id(request),
+            owner,
+            request.headers.get("idempotency-key"),
+            base_path=request.scope.get("root_path", "").rstrip("/"),
+        )
+        return JSONResponse(
+            accepted.model_dump(mode="json"), status_code=202, headers={"Location": accepted.status_url}
+        )
+
+    @app.get("/v1/jobs/{job_id}", summary="A job's status, stage and step; its result or error once finished")
+    async def http_get_job(self, job_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(await self.get_job(job_id, self._principal(request)))
+
+    @app.delete("/v1/jobs/{job_id}", summary="Cancel an unfinished job, or delete a finished one and its images")
+    async def http_cancel_job(self, job_id: str, request: Request) -> Response:
+        body = await self.cancel_job(job_id, self._principal(request))
+        return Response(status_code=204) if body is None else JSONResponse(body, status_code=202)
+
+    @app.get(
+        "/v1/jobs/{job_id}/events",
+        summary="Server-Sent Events: the job's state, stages, steps (previews=1: with previews), then its outcome",
+    )
+    async def http_job_events(self, job_id: str, request: Request, previews: bool = False) -> StreamingResponse:
+        owner = self._principal(request)
+        header = request.headers.get("last-event-id", "")
+        last_event_id = int(header) if header.isdigit() else 0
+        stream = self.job_events(job_id, owner, last_event_id, previews)
+        first = await anext(stream)  # errors (not found, too many streams) are answered as JSON, before streaming
+        return StreamingResponse(
+            _prepend(first, stream),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     @app.get("/v1/generations/{generation_id}", summary="Stored metadata of a generation, with fresh URLs")
     async def http_get_generation(self, generation_id: str, request: Request) -> JSONResponse:
         return JSONResponse(await self.get_generation(generation_id, self._principal(request)))
@@ -279,6 +651,26 @@ class Ingress:
     async def http_delete_generation(self, generation_id: str, request: Request) -> Response:
         await self.delete_generation(generation_id, self._principal(request))
         return Response(status_code=204)
+
+    @app.get("/v1/generations/{generation_id}/images/{index}", summary="One image of a generation, through the service")
+    async def http_generation_image(self, generation_id: str, index: int, request: Request) -> Response:
+        """For browsers that cannot reach S3: the image streamed by the ingress (owner-scoped, like the metadata)."""
+        await self._owned(generation_id, self._principal(request))
+        data, content_type = await self.store.read_image.remote(generation_id, index)
+        return Response(data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/", include_in_schema=False)
+    async def http_page(self, request: Request) -> Response:
+        """The web page (plain files in the package; it uses only the public API)."""
+        if not request.url.path.endswith("/"):  # under a route prefix: relative links need the trailing slash
+            return RedirectResponse(request.url.path + "/", status_code=307)
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def http_static(self, name: str) -> Response:
+        if name not in STATIC_FILES:
+            raise ApiError(404, "not_found", f"no static file {name}")
+        return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz", summary="Liveness of the ingress")
     async def http_health(self) -> dict[str, str]:
@@ -292,21 +684,29 @@ class Ingress:
     # ------------------------------------------------------------------------------------ generation flow
     async def _admitted(self, request: GenerateRequest, request_id: str, owner: str) -> GenerateResponse:
         """Bounded admission: beyond ``max_in_flight`` the answer is an immediate JSON 503, not a queue."""
-        if self._in_flight >= self.api.max_in_flight:
+        if request.callback_url is not None:
+            raise InvalidParameterError("callback_url is for POST /v1/jobs (a generation request answers directly)")
+        if not self.admission.try_enter():
             raise ApiError(503, *OVERLOADED, {"Retry-After": "5"})
-        self._in_flight += 1
         try:
-            try:
-                return await self._generate(request, request_id, owner)
-            except REPLICA_GONE:
-                # A replica died mid-request; Serve is replacing it. Generation is deterministic for the
-                # seed, so one transparent retry is safe; a second failure reaches the client as a 503.
-                logger.warning("request %s: a replica failed; retrying once", request_id)
-                return await self._generate(request, request_id, owner)
+            return await self._generate_with_retry(request, request_id, owner)
         finally:
-            self._in_flight -= 1
+            await self.admission.leave()
 
-    async def _generate(self, request: GenerateRequest, request_id: str, owner: str) -> GenerateResponse:
+    async def _generate_with_retry(
+        self, request: GenerateRequest, request_id: str, owner: str, job_id: str | None = None
+    ) -> GenerateResponse:
+        try:
+            return await self._generate(request, request_id, owner, job_id)
+        except REPLICA_GONE:
+            # A replica died mid-request; Serve is replacing it. Generation is deterministic for the
+            # seed, so one transparent retry is safe; a second failure reaches the client as a 503.
+            logger.warning("request %s: a replica failed; retrying once", request_id)
+            return await self._generate(request, request_id, owner, job_id)
+
+    async def _generate(
+        self, request: GenerateRequest, request_id: str, owner: str, job_id: str | None = None
+    ) -> GenerateResponse:
         started = time.time()
         options = request.options()
         model, preset = self.catalogue.choose(options.base_model, options.lora_requests(), options.mode)
@@ -357,7 +757,7 @@ class Ingress:
                     init_image=init_image,
                 )
             )
-        images = denoiser.generate.remote(params, model, face, encoded, controls)
+        images = denoiser.generate.remote(params, model, face, encoded, controls, job_id)
         effective = {
             **options.model_dump(),
             "seed": params.seed,
@@ -373,7 +773,7 @@ class Ingress:
             "denoising_steps": params.denoising_steps,
         }
         record = GenerationRecord(
-            id=new_generation_id(),
+            id=job_id or new_generation_id(),
             request_id=request_id,
             owner=owner,
             created_at=datetime.now(timezone.utc).isoformat(),
@@ -382,6 +782,7 @@ class Ingress:
             parameters=effective,
             pose_image_given=pose_image is not None,
             face_photos=len(face_images),
+            job_id=job_id,
             inputs_stored=request.store_inputs,
             models=self.weights,
             init_image_given=init_image is not None,
@@ -396,8 +797,10 @@ class Ingress:
             inputs |= {"init": init_image} if init_image is not None else {}
             inputs |= {f"control-{name}": data for name, data in uploaded.items()}
         try:
+            # Every image is scored by the FaceAnalyzer (images go there and to the store, never through here).
+            scores = self.face.score.remote(images, face)
             saved: SavedGeneration = await asyncio.wait_for(
-                self.store.save.remote(record, images, options.output_format, options.output_quality, inputs),
+                self.store.save.remote(record, images, options.output_format, options.output_quality, inputs, scores),
                 timeout=self.api.request_timeout_s,
             )
         except asyncio.TimeoutError:
@@ -407,11 +810,27 @@ class Ingress:
                 f"generation did not finish within {self.api.request_timeout_s:.0f} s",
                 {"Retry-After": "30"},
             ) from None
-        warnings: list[str] = []
+        warnings = [
+            f"no face found in image {index}: its identity_similarity is null"
+            for index, image in enumerate(saved.stored.images)
+            if image.identity_similarity is None
+        ]
+        stored_images = saved.stored.images
+        if options.min_identity_similarity is not None:
+            threshold = options.min_identity_similarity
+            stored_images = [
+                image.model_copy(
+                    update={
+                        "below_min_identity_similarity": image.identity_similarity is None
+                        or image.identity_similarity < threshold
+                    }
+                )
+                for image in stored_images
+            ]
         return GenerateResponse(
             id=record.id,
             request_id=request_id,
-            images=saved.stored.images,
+            images=stored_images,
             seed=params.seed,
             face=FaceInfo.of(saved.face),
             faces=[FaceUsed.of_chosen(chosen) for chosen in saved.faces],

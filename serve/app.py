@@ -54,6 +54,7 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
             "device": config.denoiser.device,
             "dtype": config.denoiser.dtype,
             "vae_batch_size": config.denoiser.vae_batch_size,
+            "preview_every": config.denoiser.preview_every,
             "max_batch_size": config.denoiser.batching.max_batch_size,
             "batch_wait_timeout_s": config.denoiser.batching.batch_wait_timeout_s,
             "controlnets": controlnets,

@@ -98,3 +98,13 @@ class ApiKeys:
         if principal is None:
             raise AuthError("missing or invalid API key")
         return principal
+
+    def webhook_secret(self, principal: str) -> str | None:
+        """The secret a key's webhooks are signed with: the hex SHA-256 of the key itself, which its holder can
+        compute and which the service keeps anyway (keys are stored as their digests, never in clear)."""
+        with self._lock:
+            keys = {**self._env_keys, **self._file_keys}
+        for digest, name in keys.items():
+            if name == principal:
+                return digest.hex()
+        return None

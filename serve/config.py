@@ -17,6 +17,8 @@ from deployments.instantid.keypoints import REFERENCE_LONG_SIDE
 from deployments.instantid.params import ControlNetName
 from deployments.storage.s3 import S3Settings
 from serve.auth import AuthConfig
+from serve.jobs import JobsConfig
+from serve.webhooks import WebhookSettings
 
 
 class _Strict(BaseModel):
@@ -112,6 +114,9 @@ class DenoiserConfig(_Strict):
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     vae_batch_size: int = Field(default=DEFAULT_VAE_BATCH_SIZE, ge=1, description="Latents decoded at once.")
+    preview_every: int = Field(
+        default=5, ge=1, description="Async jobs: a latent preview every this many steps, while a client asks for them."
+    )
     batching: BatchOptions = Field(default_factory=BatchOptions)
     controlnets: dict[ControlNetName, WeightsSource] = Field(
         default_factory=dict,
@@ -176,6 +181,10 @@ class ApiConfig(_Strict):
         default=32, ge=1, description="Generations one ingress replica admits at once; beyond: JSON 503 + Retry-After."
     )
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    webhooks: WebhookSettings = Field(
+        default_factory=WebhookSettings, description="Job callbacks: allowed hosts (none: off), secret, retries."
+    )
 
 
 class AppConfig(_Strict):
@@ -194,3 +203,16 @@ class AppConfig(_Strict):
     denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
     control_maps: ControlMapsConfig = Field(default_factory=ControlMapsConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+
+    @model_validator(mode="after")
+    def _streams_fit_the_ingress(self) -> AppConfig:
+        """Open event streams are ongoing requests to Serve: the ingress must hold them all beside every admitted
+        generation, so that streams never take a generation's slot."""
+        limit = self.ingress.deployment.max_ongoing_requests
+        needed = self.api.max_in_flight + self.api.jobs.max_event_streams
+        if limit is not None and limit < needed:
+            raise ValueError(
+                f"ingress.deployment.max_ongoing_requests ({limit}) must be at least api.max_in_flight + "
+                f"api.jobs.max_event_streams ({needed})"
+            )
+        return self

@@ -132,6 +132,12 @@ class GenerationOptions(BaseModel):
     num_images: int = Field(default=DEFAULT_PARAMS.num_images, ge=1, le=MAX_IMAGES)
     output_format: OutputFormat = "webp"
     output_quality: int = Field(default=95, ge=1, le=100, description="JPEG/WebP quality.")
+    min_identity_similarity: float | None = Field(
+        default=None,
+        ge=-1.0,
+        le=1.0,
+        description="Flag images whose identity_similarity is below this (or that show no face) in the response.",
+    )
     base_model: str | None = Field(default=None, max_length=64, description="A base from GET /v1/models.")
     loras: list[LoraChoice] = Field(
         default_factory=list, max_length=MAX_REQUEST_LORAS, description="LoRAs from GET /v1/models, with scales."
@@ -286,6 +292,11 @@ class GenerateRequest(GenerationOptions):
     init_image_uri: str | None = Field(default=None, description="Image-to-image: the start image as s3://bucket/key.")
     store_inputs: bool = Field(
         default=False, description="Keep the input photos next to the results (biometric data: off by default)."
+    )
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="POST /v1/jobs only: the final job body is POSTed here, signed (hosts on the allow-list only).",
     )
 
     @model_validator(mode="before")
@@ -449,6 +460,13 @@ class GenerateResponse(BaseModel):
     replicas: dict[str, str] = Field(default_factory=dict, description="The Serve replica that ran each stage.")
     batch: BatchInfo | None = Field(default=None, description="The denoising batch this request shared.")
     warnings: list[str] = Field(default_factory=list)
+
+
+class JobAccepted(BaseModel):
+    id: str = Field(description="The job's id, which is also the id of the generation it makes.")
+    status: Literal["queued"]
+    status_url: str
+    events_url: str = Field(description="Server-Sent Events of the job's progress.")
 
 
 class FacesResponse(BaseModel):

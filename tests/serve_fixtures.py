@@ -18,13 +18,14 @@ LOCAL_CONFIG = Path(__file__).resolve().parents[1] / "serve" / "configs" / "loca
 
 
 def local_app_config(weights_root: Path, bucket: str, **overrides: Any) -> AppConfig:
-    """local.yaml's app args with the test's weights and S3 (endpoint and keys come from the environment)."""
+    """local.yaml's app args with the test's weights and S3 (endpoint and keys come from the environment); a dict
+    override merges into its section."""
     args = yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]["args"]
     args["weights"] = {"root": str(weights_root)}
     args["storage"] = {"s3": {"bucket": bucket, "prefix": "generations", "create_bucket": True}}
     args["api"]["body_idle_timeout_s"] = 10.0  # a stalled upload is answered (408) without a minute's wait
     for key, value in overrides.items():
-        args[key] = value
+        args[key] = {**args[key], **value} if isinstance(value, dict) and isinstance(args.get(key), dict) else value
     return AppConfig.model_validate(args)
 
 
@@ -85,7 +86,19 @@ def secure_stack(serve_stack: ServeStack, tiny_weights: Path, tmp_path_factory: 
     config = local_app_config(
         tiny_weights,
         serve_stack.s3.bucket,
-        api={"max_in_flight": 2, "request_timeout_s": 120, "auth": {"required": True, "keys_file": str(keys_file)}},
+        api={
+            "max_in_flight": 2,
+            "request_timeout_s": 120,
+            "auth": {"required": True, "keys_file": str(keys_file)},
+            # Job callbacks to a receiver on this machine (loopback and plain http allowed for the test only).
+            "webhooks": {
+                "allowed_hosts": ["127.0.0.1"],
+                "allow_private_addresses": True,
+                "allow_http": True,
+                "backoff_s": 0.05,
+                "max_attempts": 3,
+            },
+        },
     )
     config = config.model_copy(
         update={"storage": config.storage.model_copy(update={"spool_dir": str(folder / "spool")})}

@@ -17,7 +17,7 @@ job's generator), noised to the first timestep that ``strength`` keeps, and only
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,9 @@ class DenoiseJob:
     control_image: np.ndarray | None = None  # (H, W, 3) uint8; None: drawn from ``keypoints`` (the normal case)
     control_maps: Mapping[str, np.ndarray] = field(default_factory=dict)  # extra ControlNet -> (H, W, 3) uint8
     init_image: np.ndarray | None = None  # image-to-image: (H, W, 3) uint8 at the output size
+    # Called after each of the job's steps with (step, total, latents); returning True drops the job from the batch
+    # at that step boundary (cancellation): the others go on, and ``generate`` gives None for it.
+    on_step: Callable[[int, int, torch.Tensor], bool] | None = field(default=None, repr=False)
     _state: dict = field(default_factory=dict, repr=False)
 
 
@@ -303,8 +306,9 @@ class InstantIDDenoiser:
         return [r * weight.to(r.dtype) for r in down], mid * weight.to(mid.dtype)
 
     @torch.no_grad()
-    def generate(self, jobs: Sequence[DenoiseJob]) -> list[np.ndarray]:
-        """Run compatible jobs together; returns one uint8 array (num_images, H, W, 3) per job."""
+    def generate(self, jobs: Sequence[DenoiseJob]) -> list[np.ndarray | None]:
+        """Run compatible jobs together; returns one uint8 array (num_images, H, W, 3) per job (None for a job its
+        ``on_step`` dropped)."""
         if not jobs:
             return []
         key = jobs[0].params.batch_key()
@@ -314,21 +318,17 @@ class InstantIDDenoiser:
             raise ValueError("generate() needs jobs whose prompts take the same number of 77-token chunks")
         for job in jobs:
             self._prepare_job(job)
+        everyone = list(jobs)
         p0 = jobs[0].params
         cfg = p0.do_classifier_free_guidance
-        rows = self._rows(jobs, cfg)
         timesteps = jobs[0]._state["timesteps"]
         extra = p0.active_controlnets  # the same names and windows in every job (the batch key)
-        counts = [j.params.num_images for j in jobs]
-        guidance = [j.params.guidance_scale for j in jobs]
-        context = torch.cat([rows["text"], rows["face"]], dim=1)
-        # Built once: per-resolution weights are cached across steps. Whether IdentityNet runs at all is
-        # decided from the host-side parameters (a device check would stall the CPU every step).
-        conditioning = FaceConditioning(rows["adapter_strength"], self.num_face_tokens, rows["mask"])
-        identitynet_weights: dict[tuple[int, ...], torch.Tensor] = {}
-        identitynet_used = any(j.params.identitynet_strength != 0 for j in jobs)
+        jobs, batch = self._batch_rows(everyone, cfg)
 
         for i, t in enumerate(timesteps):
+            if not jobs:
+                break
+            rows, counts, guidance, context, conditioning, identitynet_weights, identitynet_used = batch
             keep = control_keep(i, len(timesteps), p0.control_guidance_start, p0.control_guidance_end)
             scaled = torch.cat([j._state["scheduler"].scale_model_input(j._state["latents"], t) for j in jobs])
             sample = torch.cat([scaled, scaled]) if cfg else scaled
@@ -359,11 +359,32 @@ class InstantIDDenoiser:
             for job, part in zip(jobs, noise_parts, strict=True):
                 st = job._state
                 st["latents"] = st["scheduler"].step(part, t, st["latents"], **st["step_kwargs"], return_dict=False)[0]
+            dropped = {
+                id(j) for j in jobs if j.on_step is not None and j.on_step(i + 1, len(timesteps), j._state["latents"])
+            }
+            if dropped:  # the remaining jobs' rows are rebuilt from their own state: their results do not change
+                jobs, batch = self._batch_rows([j for j in jobs if id(j) not in dropped], cfg)
 
-        images = [self.decode(j._state["latents"]) for j in jobs]
-        for job in jobs:
+        finished = {id(j) for j in jobs}  # jobs hold arrays: compared by identity, never by value
+        images = [self.decode(j._state["latents"]) if id(j) in finished else None for j in everyone]
+        for job in everyone:
             job._state = {}
         return images
+
+    def _batch_rows(self, jobs: list[DenoiseJob], cfg: bool) -> tuple[list[DenoiseJob], tuple]:
+        """What every step of these jobs shares: their rows, per-job image counts and guidance, the attention
+        context and the face conditioning (built once per job set; per-resolution weights cached across steps).
+        Whether IdentityNet runs at all is decided from the host-side parameters (a device check would stall the
+        CPU every step)."""
+        if not jobs:
+            return jobs, ()
+        rows = self._rows(jobs, cfg)
+        counts = [j.params.num_images for j in jobs]
+        guidance = [j.params.guidance_scale for j in jobs]
+        context = torch.cat([rows["text"], rows["face"]], dim=1)
+        conditioning = FaceConditioning(rows["adapter_strength"], self.num_face_tokens, rows["mask"])
+        identitynet_used = any(j.params.identitynet_strength != 0 for j in jobs)
+        return jobs, (rows, counts, guidance, context, conditioning, {}, identitynet_used)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

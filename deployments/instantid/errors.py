@@ -61,6 +61,13 @@ class InvalidParameterError(InstantIDError):
     status = 422
 
 
+class GenerationCancelled(InstantIDError):
+    """The job was cancelled by its owner; the denoiser dropped it at a step boundary."""
+
+    code = "cancelled"
+    status = 409
+
+
 class WeightsError(InstantIDError):
     """Model weights are missing, misplaced or do not match the expected format."""
 

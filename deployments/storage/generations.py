@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.instantid.errors import InstantIDError
 
-from .s3 import S3Client, S3Settings, ensure_bucket, is_not_found
+from .s3 import S3Client, S3Settings, ensure_bucket, is_not_found, make_client
 
 __all__ = [
     "CONTENT_TYPES",
@@ -187,6 +187,14 @@ class StoredImage(BaseModel):
     height: int
     bytes: int
     content_type: str
+    identity_similarity: float | None = Field(
+        default=None,
+        description="Cosine similarity of the largest face in the image with the request's identity (ArcFace, the "
+        "model the input side uses); null when no face was found.",
+    )
+    below_min_identity_similarity: bool | None = Field(
+        default=None, description="With min_identity_similarity: true when this image scored below it (or has no face)."
+    )
 
     @property
     def key(self) -> str:
@@ -229,6 +237,11 @@ class GenerationStore:
     def __init__(self, client: S3Client, settings: S3Settings) -> None:
         self.client = client
         self.settings = settings
+        # Presigning is local: a second client only names the public endpoint in the URLs it signs.
+        self._presigner = client
+        if settings.public_endpoint is not None:
+            public = settings.model_copy(update={"endpoint_url": settings.public_endpoint})
+            self._presigner = make_client(public)
 
     def __repr__(self) -> str:
         return f"GenerationStore(bucket={self.settings.bucket!r}, prefix={self.settings.prefix!r})"
@@ -273,6 +286,7 @@ class GenerationStore:
         quality: int,
         meta: dict[str, Any],
         extra_objects: Sequence[tuple[str, bytes, str]] = (),
+        identity_similarities: Sequence[float | None] | None = None,
     ) -> PreparedGeneration:
         """Encode everything a generation stores, without touching S3 (so it can be spooled and replayed).
 
@@ -300,6 +314,7 @@ class GenerationStore:
                     "content_type": content_type,
                     "width": rgb.shape[1],
                     "height": rgb.shape[0],
+                    "identity_similarity": None if identity_similarities is None else identity_similarities[index],
                 }
             )
         for name, data, content_type in extra_objects:
@@ -382,6 +397,20 @@ class GenerationStore:
             raise StorageError(f"meta.json of generation {generation_id} has an unexpected image list") from exc
         return StoredGeneration(id=generation_id, meta_key=self.meta_key(generation_id), images=images)
 
+    def read_image(self, generation_id: str, index: int) -> tuple[bytes, str]:
+        """Image ``index`` of a generation, as bytes and content type (for clients that cannot reach S3)."""
+        records = self.read(generation_id).get("images", [])
+        if not 0 <= index < len(records):
+            raise GenerationNotFound(f"generation {generation_id} has no image {index}")
+        key = records[index]["key"]
+        try:
+            body = self.client.get_object(Bucket=self.settings.bucket, Key=key)["Body"].read()
+        except S3_ERRORS as exc:
+            if is_not_found(exc):
+                raise GenerationNotFound(f"generation {generation_id} has no image {index}") from exc
+            raise StorageError(f"could not read {self._uri(key)}: {describe_error(exc)}") from exc
+        return body, records[index]["content_type"]
+
     def presign(self, key: str) -> str:
         """A presigned GET URL valid ``settings.presign_expiry_s``; only for keys under our prefix.
 
@@ -391,7 +420,7 @@ class GenerationStore:
         if not key.startswith(self.settings.prefix + "/") or ".." in key.split("/"):
             raise ValueError(f"refusing to presign a key outside the result prefix: {key!r}")
         try:
-            return self.client.generate_presigned_url(
+            return self._presigner.generate_presigned_url(
                 "get_object",
                 Params={"Bucket": self.settings.bucket, "Key": key},
                 ExpiresIn=self.settings.presign_expiry_s,

@@ -95,6 +95,11 @@ class S3Settings(BaseModel):
         "generations", description="Key prefix for results: no leading/trailing '/', safe characters only."
     )
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; None = AWS (or AWS_ENDPOINT_URL).")
+    public_endpoint: str | None = Field(
+        None,
+        description="The endpoint presigned URLs name, when browsers reach S3 at another address than the service "
+        "(e.g. an internal cluster name vs a public host); None: endpoint_url.",
+    )
     region: str = Field("us-east-1", min_length=1)
     addressing_style: Literal["path", "virtual", "auto"] = Field(
         "path", description="'path' works with every S3-compatible store and with dotted bucket names."
@@ -130,7 +135,7 @@ class S3Settings(BaseModel):
                 )
         return value
 
-    @field_validator("endpoint_url")
+    @field_validator("endpoint_url", "public_endpoint")
     @classmethod
     def _check_endpoint(cls, value: str | None) -> str | None:
         if value is None:

@@ -1,0 +1,425 @@
+"use strict";
+// InstantID page. Posts a job (POST v1/jobs), follows its Server-Sent Events with fetch() (EventSource cannot
+// send an Authorization header) and shows the stage, the step progress, the live preview and the results.
+// Only the public API; every path is relative to the page, so the app also works under a route prefix.
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const form = $("form");
+  const generateButton = $("generate");
+  const cancelButton = $("cancel");
+  const apiKey = $("api_key");
+  const rememberKey = $("remember_key");
+  const statusBox = $("status");
+  const stageText = $("stage");
+  const progress = $("progress");
+  const preview = $("preview");
+  const results = $("results");
+  const warnings = $("warnings");
+  const errorBox = $("error");
+
+  const KEY_STORAGE = "instantid.api_key";
+  const STAGES = { face: "Finding the face", prompt: "Reading the prompt", denoise: "Painting", store: "Saving" };
+  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+  const STALL_MS = 45000; // the server comments every 15 s: three missed means the stream is dead
+  const MAX_RETRIES = 8; // consecutive reconnections without a single event
+
+  let job = null; // {id, statusUrl, eventsUrl, lastEventId, done, abort}
+  let objectUrls = []; // blob: URLs of the current job, revoked when the next one starts
+
+  // ------------------------------------------------------------------------------------ small helpers
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  const element = (tag, className, text) => {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+
+  // Seeds go up to 2^63-1, past what a JS number holds exactly: read them as strings.
+  const parseJson = (text) => JSON.parse(text.replace(/("seed"\s*:\s*)(\d{16,})/g, '$1"$2"'));
+
+  function authHeaders(extra = {}) {
+    const key = apiKey.value.trim();
+    return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+  }
+
+  class ApiError extends Error {
+    constructor(message, requestId, fatal = false) {
+      super(message);
+      this.requestId = requestId;
+      this.fatal = fatal;
+    }
+  }
+
+  // The API's {"error": {"code", "message", "request_id"}} as an ApiError (or words for any other answer).
+  async function apiError(response) {
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      // not JSON (a proxy's error page): the status says enough
+    }
+    const requestId = body?.error?.request_id || response.headers.get("X-Request-ID");
+    const fatal = response.status < 500 && ![408, 429].includes(response.status);
+    const message =
+      body?.error?.message || `The server answered ${response.status} ${response.statusText}`.trim() + ".";
+    return new ApiError(message, requestId, fatal);
+  }
+
+  function showError(error, detail) {
+    const message =
+      error instanceof TypeError // what fetch throws when the network fails
+        ? "Could not reach the server. Check the connection and try again."
+        : error.message || String(error);
+    errorBox.replaceChildren(element("span", "", message));
+    const small = detail || (error.requestId ? `request id ${error.requestId}` : "");
+    if (small) errorBox.append(element("small", "", small));
+    errorBox.hidden = false;
+  }
+
+  function clearError() {
+    errorBox.replaceChildren();
+    errorBox.hidden = true;
+  }
+
+  async function blobUrl(path) {
+    const response = await fetch(path, { headers: authHeaders() });
+    if (!response.ok) throw await apiError(response);
+    const url = URL.createObjectURL(await response.blob());
+    objectUrls.push(url);
+    return url;
+  }
+
+  // ------------------------------------------------------------------------------------ form
+  for (const slider of form.querySelectorAll('input[type="range"]')) {
+    const output = form.querySelector(`output[for="${slider.id}"]`);
+    const show = () => (output.value = slider.value);
+    slider.addEventListener("input", show);
+    show();
+  }
+
+  const thumbs = $("face_thumbs");
+  let thumbUrls = [];
+  $("face_image").addEventListener("change", (event) => {
+    thumbUrls.forEach(URL.revokeObjectURL);
+    thumbUrls = [...event.target.files].map((file) => URL.createObjectURL(file));
+    thumbs.replaceChildren(
+      ...thumbUrls.map((url, n) => Object.assign(element("img"), { src: url, alt: `Face photo ${n + 1}` })),
+    );
+  });
+
+  try {
+    const stored = localStorage.getItem(KEY_STORAGE);
+    if (stored) [apiKey.value, rememberKey.checked] = [stored, true];
+  } catch {
+    // storage disabled: the key is simply not remembered
+  }
+  function saveKey() {
+    try {
+      if (rememberKey.checked && apiKey.value.trim()) localStorage.setItem(KEY_STORAGE, apiKey.value.trim());
+      else localStorage.removeItem(KEY_STORAGE);
+    } catch {
+      // storage disabled
+    }
+  }
+  rememberKey.addEventListener("change", saveKey);
+  apiKey.addEventListener("change", saveKey);
+
+  function setBusy(busy) {
+    generateButton.disabled = busy;
+    cancelButton.hidden = !busy;
+    cancelButton.disabled = false;
+  }
+
+  function setStage(text) {
+    stageText.textContent = text;
+  }
+
+  function setProgress(step, total) {
+    if (!total) return;
+    progress.max = total;
+    progress.value = Math.min(step || 0, total);
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const invalid = form.querySelector("input:invalid, textarea:invalid, select:invalid");
+    if (invalid) {
+      const details = invalid.closest("details");
+      if (details) details.open = true;
+      invalid.reportValidity();
+      return;
+    }
+    saveKey();
+    stop();
+    clearError();
+    objectUrls.forEach(URL.revokeObjectURL);
+    objectUrls = [];
+    results.replaceChildren();
+    warnings.replaceChildren();
+    warnings.hidden = true;
+    preview.hidden = true;
+    preview.removeAttribute("src");
+    progress.removeAttribute("value"); // indeterminate until the first step
+    $("placeholder").hidden = true;
+    statusBox.hidden = false;
+    setStage("Uploading…");
+    setBusy(true);
+
+    const body = new FormData(form);
+    for (const name of ["seed", "negative_prompt"]) if (!String(body.get(name) ?? "").trim()) body.delete(name);
+    if (!$("pose_image").files.length) body.delete("pose_image"); // an empty file part would be a bad photo
+    try {
+      const response = await fetch("v1/jobs", {
+        method: "POST",
+        body,
+        headers: authHeaders({ Accept: "application/json" }),
+      });
+      if (!response.ok) throw await apiError(response);
+      const created = parseJson(await response.text());
+      job = {
+        id: created.id,
+        statusUrl: created.status_url,
+        eventsUrl: created.events_url,
+        lastEventId: null,
+        done: false,
+        abort: null,
+      };
+      setStage("Queued");
+      await follow(job);
+    } catch (error) {
+      showError(error);
+      statusBox.hidden = true;
+      setBusy(false);
+    }
+  });
+
+  cancelButton.addEventListener("click", async () => {
+    const current = job;
+    if (!current || current.done) return;
+    cancelButton.disabled = true;
+    setStage("Cancelling…");
+    try {
+      const response = await fetch(current.statusUrl, { method: "DELETE", headers: authHeaders() });
+      if (!response.ok && !current.done) throw await apiError(response);
+      // the stream reports "cancelled"
+    } catch (error) {
+      if (current.done) return;
+      showError(error);
+      cancelButton.disabled = false;
+    }
+  });
+
+  function stop() {
+    if (!job) return;
+    job.done = true;
+    job.abort?.abort();
+  }
+
+  // ------------------------------------------------------------------------------------ the event stream
+  // A Server-Sent Events parser fed with text chunks: events and lines may be split anywhere.
+  function sseParser(onEvent) {
+    let buffer = "";
+    let data = [];
+    let type = "";
+    let id = null;
+    const line = (text) => {
+      if (text === "") {
+        if (data.length) onEvent({ type: type || "message", data: data.join("\n"), id });
+        [data, type] = [[], ""];
+      } else if (!text.startsWith(":")) {
+        // ":" starts a comment (the keep-alives)
+        const colon = text.indexOf(":");
+        const field = colon < 0 ? text : text.slice(0, colon);
+        let value = colon < 0 ? "" : text.slice(colon + 1);
+        if (value.startsWith(" ")) value = value.slice(1);
+        if (field === "data") data.push(value);
+        else if (field === "event") type = value;
+        else if (field === "id" && !value.includes("\0")) id = value;
+      }
+    };
+    return (chunk) => {
+      buffer += chunk;
+      const eol = /\r\n|\r|\n/g;
+      let start = 0;
+      let match;
+      while ((match = eol.exec(buffer))) {
+        if (match[0] === "\r" && eol.lastIndex === buffer.length) break; // perhaps half of a \r\n
+        line(buffer.slice(start, match.index));
+        start = eol.lastIndex;
+      }
+      buffer = buffer.slice(start);
+    };
+  }
+
+  // Reads the job's events until a terminal one; reconnects with Last-Event-ID when the stream drops.
+  async function follow(current) {
+    let failures = 0;
+    while (!current.done) {
+      const controller = new AbortController();
+      current.abort = controller;
+      let stalled;
+      const watch = () => {
+        clearTimeout(stalled);
+        stalled = setTimeout(() => controller.abort(), STALL_MS);
+      };
+      try {
+        const url = new URL(current.eventsUrl, document.baseURI);
+        url.searchParams.set("previews", "1");
+        const headers = authHeaders({ Accept: "text/event-stream" });
+        if (current.lastEventId !== null) headers["Last-Event-ID"] = current.lastEventId;
+        watch();
+        const response = await fetch(url, { headers, signal: controller.signal, cache: "no-store" });
+        if (!response.ok) throw await apiError(response);
+        const reader = response.body.getReader();
+        const decoder = new TextDecoder();
+        const parse = sseParser((event) => {
+          failures = 0;
+          if (event.id !== null) current.lastEventId = event.id;
+          if (!current.done) onEvent(current, event);
+        });
+        while (!current.done) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          watch();
+          parse(decoder.decode(value, { stream: true }));
+        }
+        controller.abort(); // after a terminal event: close the connection
+      } catch (error) {
+        if (current.done) return; // stopped here (terminal event, cancel, a new job)
+        if (error.fatal) return finish(current, "failed", { error });
+      } finally {
+        clearTimeout(stalled);
+      }
+      if (current.done) return;
+      failures += 1;
+      if (failures > MAX_RETRIES) {
+        const error = { message: "Lost the connection to the server. The job may still finish: try again later." };
+        return finish(current, "failed", { error });
+      }
+      setStage("Connection lost, reconnecting…");
+      await sleep(Math.min(500 * 2 ** failures, 15000));
+    }
+  }
+
+  function onEvent(current, event) {
+    let body;
+    try {
+      body = parseJson(event.data);
+    } catch {
+      return; // not ours
+    }
+    switch (event.type) {
+      case "state": // the job as GET v1/jobs/{id} gives it: where a (re)connection starts
+        if (TERMINAL.has(body.status)) return finish(current, body.status, body);
+        if (body.status === "queued") setStage("Queued");
+        else if (body.stage) setStage(STAGES[body.stage] || body.stage);
+        setProgress(body.step, body.total_steps);
+        return;
+      case "queued": // position: how many jobs wait before this one (null: unknown, e.g. after a retry)
+        if (body.position == null) return setStage("Queued");
+        return setStage(body.position === 0 ? "Queued: next in line" : `Queued: ${body.position} ahead`);
+      case "stage":
+        if (body.phase === "start") setStage(STAGES[body.stage] || body.stage);
+        return;
+      case "step":
+        setStage(`${STAGES.denoise}: step ${body.step} of ${body.total}`);
+        setProgress(body.step, body.total);
+        if (body.preview) [preview.src, preview.hidden] = [body.preview, false];
+        return;
+      default:
+        if (TERMINAL.has(event.type)) finish(current, event.type, body);
+    }
+  }
+
+  function finish(current, status, body) {
+    current.done = true;
+    current.abort?.abort();
+    if (job !== current) return;
+    setBusy(false);
+    if (status === "succeeded") {
+      if (!progress.hasAttribute("value")) progress.max = 1;
+      progress.value = progress.max;
+      setStage("Done");
+      preview.hidden = true;
+      showResult(body.result || {});
+    } else if (status === "cancelled") {
+      setStage("Cancelled");
+    } else {
+      statusBox.hidden = true;
+      const error = body.error || {};
+      const requestId = error.requestId || error.request_id;
+      const detail = requestId ? `request id ${requestId}` : current.id ? `job ${current.id}` : "";
+      showError({ message: error.message || "The job failed." }, detail);
+    }
+  }
+
+  // ------------------------------------------------------------------------------------ results
+  function showResult(result) {
+    const notes = result.warnings || [];
+    warnings.replaceChildren(...notes.map((note) => element("li", "", note)));
+    warnings.hidden = notes.length === 0;
+    const images = result.images || [];
+    results.replaceChildren(...images.map((image, n) => card(result, image, n, images.length)));
+  }
+
+  function card(result, image, n, count) {
+    const box = element("article", "card");
+    const img = element("img", "result-image");
+    img.alt = `Generated image ${n + 1} of ${count}`;
+    if (image.width && image.height) [img.width, img.height] = [image.width, image.height];
+    const route = `v1/generations/${encodeURIComponent(result.id)}/images/${n}`;
+    const extension = (image.content_type || "image/webp").split("/").pop().replace("jpeg", "jpg");
+
+    const meta = element("div", "meta");
+    meta.append(element("span", "seed", `Seed ${result.seed}`));
+    const similarity = image.identity_similarity;
+    meta.append(
+      element(
+        "span",
+        "identity",
+        similarity == null ? "No face found" : `Identity ${Math.round(similarity * 100)}%`,
+      ),
+    );
+    const download = element("a", "download", "Download");
+    download.href = route;
+    download.download = `instantid-${result.id}-${n + 1}.${extension}`;
+    // The presigned URL is on another origin (the download attribute would be ignored): save through the API.
+    download.addEventListener("click", async (event) => {
+      if (download.href.startsWith("blob:")) return;
+      event.preventDefault();
+      try {
+        download.href = await blobUrl(route);
+        download.click();
+      } catch (error) {
+        showError(error);
+      }
+    });
+    meta.append(download);
+    box.append(img, meta);
+    showImage(img, image.url, route);
+    return box;
+  }
+
+  // The presigned URL first; when it is missing or does not load, the image through the API (with the key).
+  async function showImage(img, url, route) {
+    const load = (src) =>
+      new Promise((resolve, reject) => {
+        img.onload = resolve;
+        img.onerror = () => reject(new Error("The image could not be loaded."));
+        img.src = src;
+      });
+    if (url) {
+      try {
+        return await load(url);
+      } catch {
+        // expired, or S3 not reachable from this browser: fall back to the API
+      }
+    }
+    try {
+      await load(await blobUrl(route));
+    } catch (error) {
+      img.replaceWith(element("p", "failed", error.message || "The image could not be loaded."));
+    }
+  }
+})();

@@ -1,0 +1,187 @@
+"""The web page at ``/`` in a real browser: headless Chromium (the OS's package, driven through its chromedriver
+by selenium) uploads the astronaut, generates through the jobs API against the real local Ray Serve app, sees the
+progress bar move before the job completes, and sees a result image load (presigned S3 URL or the API's image
+route).
+
+Skipped when selenium, Chromium or chromedriver is missing, unless ``INSTANTID_TEST_REQUIRE`` lists ``chromium``
+(CI): then it fails. The screenshot goes to ``INSTANTID_SCREENSHOT`` when set, else into the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import astronaut_jpeg, skip_unless_required
+
+pytestmark = pytest.mark.slow
+
+STEPS = 10
+PAGE_TIMEOUT_S = 420  # upload to loaded image; on tiny weights this takes seconds, the rest is a slow CI host
+
+# Records, in DOM mutation order, every change of #progress's value attribute (with the value it replaced) and
+# every insertion into #results, so that the test sees each step the page showed however fast they came.
+RECORD_MUTATIONS = """
+window.__mutations = [];
+const progress = document.getElementById("progress");
+const results = document.getElementById("results");
+new MutationObserver((records) => {
+  for (const record of records) {
+    if (record.type === "attributes" && record.target === progress) {
+      window.__mutations.push({ old: record.oldValue });
+    } else if (record.type === "childList" && record.target === results && record.addedNodes.length) {
+      window.__mutations.push({ results: record.addedNodes.length });
+    }
+  }
+}).observe(document.body, {
+  subtree: true, childList: true, attributes: true, attributeFilter: ["value"], attributeOldValue: true,
+});
+"""
+
+PAGE_STATE = """
+const images = [...document.querySelectorAll("#results img.result-image")];
+return {
+  error: document.getElementById("error").textContent.trim(),
+  loaded: images.filter((img) => img.complete && img.naturalWidth > 0).length,
+  mutations: window.__mutations,
+  value: document.getElementById("progress").getAttribute("value"),
+  max: document.getElementById("progress").max,
+};
+"""
+
+
+@dataclass(frozen=True)
+class Chromium:
+    browser: str
+    driver: str
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Chromium:
+    """Where headless Chromium and its chromedriver are (checked before the serve stack starts)."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        skip_unless_required("chromium", "selenium is not installed (pip install -e '.[test]')")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (browser and driver):
+        missing = " and ".join(name for name, path in (("chromium", browser), ("chromedriver", driver)) if not path)
+        skip_unless_required("chromium", f"{missing} not found (apt-get install chromium chromium-driver)")
+    return Chromium(browser, driver)
+
+
+def start_browser(chromium: Chromium, width: int = 1280, height: int = 900) -> Any:
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium.browser
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # root in CI containers
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--window-size={width},{height}",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromium.driver))
+
+
+def progress_before_results(mutations: list[dict[str, Any]], final_value: str | None) -> list[float]:
+    """The values #progress took before the first result was inserted (None, indeterminate, left out)."""
+    changes = [i for i, m in enumerate(mutations) if "old" in m]
+    first_result = next((i for i, m in enumerate(mutations) if "results" in m), len(mutations))
+    values = []
+    for n, index in enumerate(changes):
+        new = mutations[changes[n + 1]]["old"] if n + 1 < len(changes) else final_value
+        if index < first_result and new is not None:
+            values.append(float(new))
+    return values
+
+
+def generate_through_page(driver: Any, url: str, photo: Path, timeout_s: float = PAGE_TIMEOUT_S) -> dict[str, Any]:
+    """Fill the form (photo, prompt, STEPS steps), click Generate and wait for a result image to load.
+
+    Returns the page's final state (see PAGE_STATE) with ``progress_seen``: the progress values before completion.
+    """
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    driver.execute_script(RECORD_MUTATIONS)
+    driver.find_element(By.ID, "face_image").send_keys(str(photo))
+    driver.find_element(By.ID, "prompt").send_keys("a portrait of an astronaut")
+    steps = driver.find_element(By.ID, "num_inference_steps")
+    driver.execute_script(
+        "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));",
+        steps,
+        str(STEPS),
+    )
+    assert steps.get_attribute("value") == str(STEPS)
+    driver.find_element(By.ID, "generate").click()
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = driver.execute_script(PAGE_STATE)
+        if state["error"]:
+            pytest.fail(f"the page shows an error: {state['error']!r}")
+        if state["loaded"]:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"no result image loaded within {timeout_s:.0f} s (progress {state['value']}/{state['max']})")
+        time.sleep(0.2)
+    state["progress_seen"] = progress_before_results(state["mutations"], state["value"])
+    return state
+
+
+def script_errors(driver: Any) -> list[str]:
+    """Console errors other than failed loads (a presigned URL may fail before the API route serves the image)."""
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE" and entry.get("source") != "network"
+    ]
+
+
+def save_full_page_screenshot(driver: Any, path: Path) -> None:
+    """The whole page (not only the window), through the DevTools protocol."""
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 8000), "scale": 1}
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+def test_the_page_generates_an_image_with_live_progress(chromium: Chromium, serve_stack, tmp_path: Path) -> None:
+    photo = tmp_path / "astronaut.jpg"
+    photo.write_bytes(astronaut_jpeg())
+    driver = start_browser(chromium)
+    try:
+        state = generate_through_page(driver, f"{serve_stack.url}/", photo)
+
+        seen = state["progress_seen"]
+        assert any(0 < value < STEPS for value in seen), f"the bar showed no step before completion: {seen}"
+        assert seen == sorted(seen), f"the progress bar went backwards: {seen}"
+        assert state["max"] == STEPS, "the bar's maximum is the requested number of steps"
+        assert driver.find_element("id", "error").text == ""
+        card = driver.find_element("css selector", "#results .card").text
+        assert "Seed " in card
+        assert "Identity " in card or "No face found" in card, card
+        assert script_errors(driver) == []
+
+        screenshot = Path(os.environ.get("INSTANTID_SCREENSHOT") or tmp_path / "web-page.png")
+        save_full_page_screenshot(driver, screenshot)
+        assert screenshot.stat().st_size > 0
+    finally:
+        driver.quit()
