@@ -192,3 +192,15 @@ def test_job_errors_are_json(serve_stack) -> None:
     failing = submit(serve_stack.url, face_image_b64=base64.b64encode(b"not an image").decode())
     job, _ = wait_for(serve_stack.url, failing["id"], {"failed", "succeeded"})
     assert job["status"] == "failed" and job["error"]["code"] == "unsupported_media_type"
+
+
+def test_an_idempotency_key_gives_the_same_job_back(serve_stack) -> None:
+    headers = {"Idempotency-Key": f"job-{time.time_ns()}"}
+    first = httpx.post(f"{serve_stack.url}/v1/jobs", json=body(seed=77), headers=headers, timeout=60)
+    again = httpx.post(f"{serve_stack.url}/v1/jobs", json=body(seed=77), headers=headers, timeout=60)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = httpx.post(f"{serve_stack.url}/v1/jobs", json=body(seed=78), headers=headers, timeout=60)
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+    job, _ = wait_for(serve_stack.url, first.json()["id"], {"succeeded", "failed"})
+    assert job["status"] == "succeeded"
