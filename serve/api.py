@@ -51,6 +51,7 @@ from deployments.storage.idempotency_records import IdempotencyRecord
 from deployments.storage.inputs import S3InputReader
 from deployments.storage.s3 import S3Settings
 from serve.auth import ANONYMOUS, ApiKeys, AuthError
+from serve.autoscaling import GENERATIONS_METRIC
 from serve.config import ApiConfig
 from serve.errors import OVERLOADED, REPLICA_GONE, ApiError, classify_error, install_error_handlers, request_id
 from serve.idempotency_guard import IdempotencyGuard, IdempotencyInProgress, IdempotencyKeyReused
@@ -569,6 +570,11 @@ class Ingress:
             return True
 
         await self.job_states.update(final["id"], record)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the ingress's autoscaling policy scales on (serve/autoscaling.py): generations admitted or waiting,
+        never the open event streams."""
+        return {GENERATIONS_METRIC: float(self.admission.in_flight + self.admission.waiting)}
 
     # ------------------------------------------------------------------------------------ HTTP routes
     @app.post(

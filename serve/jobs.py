@@ -119,6 +119,10 @@ class Admission:
         async with self._changed:
             self._changed.notify_all()
 
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
     def position(self, job_id: str) -> int | None:
         return self._queue.index(job_id) if job_id in self._queue else None
 

@@ -219,3 +219,39 @@ def test_serve_reports_latency_throughput_breakdown_and_ratios(tmp_path: Path) -
         assert positive(report["serve_over_in_process"][ratio]), ratio
     assert (tmp_path / "weights" / "tiny" / "sdxl").is_dir()  # made because missing
     assert not report["settings"]["stopped_by_deadline"]
+
+
+# ------------------------------------------------------------------------------------------ events
+
+
+@pytest.mark.slow
+def test_events_reports_both_phases_and_every_subscriber_gets_the_outcome(tmp_path: Path, tiny_weights: Path) -> None:
+    """In a subprocess, like the serve bench: its own Ray and SeaweedFS; the session's tiny weights as its home's."""
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "tiny").symlink_to(tiny_weights)
+    out = tmp_path / "events.json"
+    argv = ["--jobs", "1", "--subscribers", "3", "--steps", "2", "--size", "256", "--home", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve.cli", "bench", "events", *argv, "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report == json.loads(out.read_text()) and report["benchmark"] == "events"
+    assert report["settings"] | {"jobs": 1, "subscribers": 3, "steps": 2, "size": 256} == report["settings"]
+    for phase in ("baseline", "loaded"):
+        assert report[phase]["jobs"] == report[phase]["succeeded"] == 1 and report[phase]["failures"] == []
+        for times in ("end_to_end", "denoise"):
+            assert positive(report[phase][times]["median_s"]) and positive(report[phase][times]["mean_s"])
+    assert "subscribers" not in report["baseline"]
+    subscribers = report["loaded"]["subscribers"]
+    assert subscribers["total"] == subscribers["completed"] == 3 and subscribers["terminal_events"] == {"succeeded": 3}
+    assert subscribers["stream_errors"] == 0 and subscribers["step_events"]["expected_per_job"] == 2
+    assert report["loaded"]["per_job"][0]["subscribers_completed"] == 3
+    for ratio in ("end_to_end_median", "end_to_end_mean", "denoise_median", "denoise_mean"):
+        assert positive(report["loaded_over_baseline"][ratio]), ratio

@@ -204,3 +204,18 @@ def test_an_idempotency_key_gives_the_same_job_back(serve_stack) -> None:
     assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
     job, _ = wait_for(serve_stack.url, first.json()["id"], {"succeeded", "failed"})
     assert job["status"] == "succeeded"
+
+
+def test_the_ingress_reports_generations_not_streams_for_autoscaling(serve_stack) -> None:
+    from ray import serve as ray_serve
+
+    from serve.autoscaling import GENERATIONS_METRIC
+
+    accepted = submit(serve_stack.url, num_inference_steps=40)
+    ingress = ray_serve.get_deployment_handle("Ingress", app_name="instantid")
+    with httpx.stream("GET", f"{serve_stack.url}/v1/jobs/{accepted['id']}/events", timeout=60) as stream:
+        assert stream.status_code == 200
+        stats = ingress.record_autoscaling_stats.remote().result()
+    assert stats == {GENERATIONS_METRIC: 1.0}  # the running job, not the open stream
+    wait_for(serve_stack.url, accepted["id"], {"succeeded"})
+    assert ingress.record_autoscaling_stats.remote().result() == {GENERATIONS_METRIC: 0.0}

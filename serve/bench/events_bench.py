@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -130,6 +131,7 @@ async def run_job(client: Any, body: dict[str, Any], subscribers: int) -> dict[s
         "end_to_end_s": end_to_end,
         "denoise_s": float(timings["denoise"]["seconds"]) if "denoise" in timings else None,
         "server_total_s": float(timings["total"]["seconds"]) if "total" in timings else None,
+        "stages_s": {stage: float(value["seconds"]) for stage, value in timings.items() if stage != "total"},
         "poll_errors": dict(refused),
         "subscribers": [task.result() if task in done else _late() for task in followers],
     }
@@ -151,12 +153,18 @@ def spread(values: list[float]) -> dict[str, Any]:
     }
 
 
+def kind(error: str) -> str:
+    """An error message with its ``name=number`` values as ``name=N``: one refusal at any queue length is one kind."""
+    return re.sub(r"=\d+", "=N", error)
+
+
 def phase_summary(jobs: list[dict[str, Any]], subscribers: int, steps: int) -> dict[str, Any]:
     """Both times over the phase's succeeded jobs; failures and refused polls; with subscribers, what they got."""
     succeeded = [job for job in jobs if job["status"] == "succeeded"]
-    refused = Counter()
+    refused: Counter = Counter()
     for job in jobs:
-        refused.update(job["poll_errors"])
+        for error, count in job["poll_errors"].items():
+            refused[kind(error)] += count
     summary: dict[str, Any] = {
         "jobs": len(jobs),
         "succeeded": len(succeeded),
@@ -167,6 +175,7 @@ def phase_summary(jobs: list[dict[str, Any]], subscribers: int, steps: int) -> d
         ],
         "end_to_end": spread([job["end_to_end_s"] for job in succeeded]),
         "denoise": spread([job["denoise_s"] for job in succeeded]),
+        "server_total": spread([job["server_total_s"] for job in succeeded if job["server_total_s"] is not None]),
         "reruns": sum((job["attempts"] or 1) - 1 for job in jobs),
         "poll_errors": sum(refused.values()),
         "poll_error_kinds": dict(refused.most_common(5)),
@@ -177,7 +186,7 @@ def phase_summary(jobs: list[dict[str, Any]], subscribers: int, steps: int) -> d
     seen = [s for job in jobs for s in job["subscribers"]]
     completed = [s for s in seen if s["terminal"] is not None]
     steps_seen = [s["steps"] for s in completed]
-    errors = Counter(s["error"] for s in seen if s["error"] is not None)
+    errors = Counter(kind(s["error"]) for s in seen if s["error"] is not None)
     summary["subscribers"] = {
         "per_job": subscribers,
         "total": len(seen),
@@ -200,7 +209,8 @@ def phase_summary(jobs: list[dict[str, Any]], subscribers: int, steps: int) -> d
 
 
 def _job_row(job: dict[str, Any], subscribed: bool) -> dict[str, Any]:
-    row = {key: job[key] for key in ("seed", "status", "attempts", "end_to_end_s", "denoise_s", "server_total_s")}
+    keys = ("seed", "status", "attempts", "end_to_end_s", "denoise_s", "server_total_s", "stages_s")
+    row = {key: job[key] for key in keys}
     row["poll_errors"] = sum(job["poll_errors"].values())
     if subscribed:
         row["subscribers_completed"] = sum(s["terminal"] is not None for s in job["subscribers"])
