@@ -19,7 +19,6 @@ from deployments.job_events import job_events
 from deployments.messages import DenoiseResult, GenerationMeta, GenerationRecord, SavedGeneration, StageTiming
 from deployments.storage.generations import GenerationNotFound, GenerationStore, StorageError
 from deployments.storage.idempotency_records import IdempotencyRecord, IdempotencyRecords
-from deployments.storage.job_records import JobRecord, JobRecords
 from deployments.storage.s3 import S3Settings, make_client
 from deployments.storage.spool import Spool
 
@@ -43,7 +42,6 @@ class ResultStoreDeployment:
         settings = S3Settings(**s3)
         self.generations = GenerationStore(make_client(settings), settings)
         self.idempotency = IdempotencyRecords(self.generations.client, settings)
-        self.jobs = JobRecords(self.generations.client, settings)
         self.spool = Spool(spool_dir) if spool_dir else None
         self._stop = threading.Event()
         try:
@@ -160,25 +158,6 @@ class ResultStoreDeployment:
 
     def release_idempotency(self, digest: str) -> None:
         self.idempotency.release(digest)
-
-    # Async jobs' state: conditional S3 writes, so any ingress replica can answer, cancel or take over (serve/jobs.py).
-    def create_job(self, job_id: str, state: dict[str, Any], request: dict[str, Any]) -> str:
-        return self.jobs.create(job_id, state, request)
-
-    def read_job(self, job_id: str) -> JobRecord | None:
-        return self.jobs.read(job_id)
-
-    def read_job_request(self, job_id: str) -> dict[str, Any] | None:
-        return self.jobs.read_request(job_id)
-
-    def replace_job(self, job_id: str, state: dict[str, Any], etag: str) -> str | None:
-        return self.jobs.replace(job_id, state, etag)
-
-    def active_jobs(self) -> list[str]:
-        return self.jobs.active()
-
-    def delete_job(self, job_id: str) -> None:
-        self.jobs.delete(job_id)
 
     def drain_spool(self) -> int:
         """Upload what the spool holds; returns how many generations were uploaded (stops at the first error)."""

@@ -49,7 +49,8 @@ from deployments.messages import (
 from deployments.storage.generations import GenerationNotFound, new_generation_id, validate_generation_id
 from deployments.storage.idempotency_records import IdempotencyRecord
 from deployments.storage.inputs import S3InputReader
-from deployments.storage.s3 import S3Settings
+from deployments.storage.job_records import JobRecords
+from deployments.storage.s3 import S3Settings, make_client
 from serve.auth import ANONYMOUS, ApiKeys, AuthError
 from serve.autoscaling import GENERATIONS_METRIC
 from serve.config import ApiConfig
@@ -61,6 +62,7 @@ from serve.jobs import (
     Admission,
     JobNotFound,
     JobStates,
+    SharedFeeds,
     follow_events,
     lease,
     lease_expired,
@@ -167,7 +169,9 @@ class Ingress:
         if self.api.auth.required and self.keys.count == 0 and self.api.auth.keys_file is None:
             logger.warning("API keys are required but none are configured: every request will get 401")
         self.channel = job_events()
-        self.job_states = JobStates(store)
+        self.feeds = SharedFeeds(self.channel)
+        storage_settings = S3Settings(**storage)
+        self.job_states = JobStates(JobRecords(make_client(storage_settings), storage_settings))
         self.replica = ray_serve.get_replica_context().replica_id.unique_id
         self._jobs: dict[str, asyncio.Task] = {}  # jobs this replica runs
         self._cancelling: set[str] = set()  # of those, the ones cancelled by their owner
@@ -336,7 +340,7 @@ class Ingress:
         if state["status"] in TERMINAL:
             if state["status"] == "succeeded":
                 await self.store.delete.remote(job_id)
-            await self.store.delete_job.remote(job_id)
+            await self.job_states.delete(job_id)
             return None
         await self.channel.cancel.remote(job_id)
 
@@ -360,11 +364,11 @@ class Ingress:
         self, job_id: str, owner: str | None, last_event_id: int, previews: bool
     ) -> AsyncIterator[bytes]:
         """The job's Server-Sent Events (its own limit: open streams never take generation slots)."""
-        await self._owned_job(job_id, owner)
         if self._streams >= self.api.jobs.max_event_streams:
             raise ApiError(
                 503, "too_many_streams", "too many open event streams; poll the job instead", {"Retry-After": "5"}
             )
+        state = await self._owned_job(job_id, owner)
         if previews:
             await self.channel.want_previews.remote(job_id)
         self._streams += 1
@@ -374,7 +378,7 @@ class Ingress:
 
         try:
             async for chunk in follow_events(
-                job_id, self.channel, read_state, last_event_id, self.api.jobs.heartbeat_s
+                job_id, self.channel, self.feeds, state, read_state, last_event_id, self.api.jobs.heartbeat_s
             ):
                 yield chunk
         finally:
@@ -397,7 +401,7 @@ class Ingress:
             "error": None,
         }
         # As sent (unset fields stay unset: a mode's preset fills them, and validation sees the same request).
-        await self.store.create_job.remote(job_id, state, request.model_dump(mode="json", exclude_unset=True))
+        await self.job_states.create(job_id, state, request.model_dump(mode="json", exclude_unset=True))
         self._start_job(job_id, request, owner, request_id)
         url = f"{base_path}/v1/jobs/{job_id}"
         return JobAccepted(id=job_id, status="queued", status_url=url, events_url=f"{url}/events")
@@ -428,7 +432,14 @@ class Ingress:
                 current.update(outcome, lease=None)
             return wrote
 
-        final = await self.job_states.update(job_id, finish)
+        final = None
+        for attempt in range(5):  # S3 trouble must not lose a finished job's outcome (it would run again)
+            try:
+                final = await self.job_states.update(job_id, finish)
+                break
+            except Exception:
+                logger.warning("job %s: writing its outcome failed (try %d)", job_id, attempt + 1, exc_info=True)
+                await asyncio.sleep(min(2**attempt, self.api.jobs.lease_s / 3))
         if final is None:
             return
         if wrote:  # a cancellation was published by the DELETE that wrote it
@@ -510,7 +521,7 @@ class Ingress:
 
     async def _sweep(self) -> None:
         """Take over unfinished jobs whose lease expired (their replica died) and run them again."""
-        for job_id in await self.store.active_jobs.remote():
+        for job_id in await self.job_states.active():
             if job_id in self._jobs:
                 continue
             state = await self.job_states.read(job_id)
@@ -528,7 +539,7 @@ class Ingress:
             taken = await self.job_states.update(job_id, take)
             if taken is None or (taken.get("lease") or {}).get("holder") != self.replica or job_id in self._jobs:
                 continue
-            body = await self.store.read_job_request.remote(job_id)
+            body = await self.job_states.read_request(job_id)
             try:
                 request = GenerateRequest.model_validate(body)
             except (ValidationError, TypeError) as exc:  # nothing to run again: the job fails instead of looping

@@ -346,32 +346,9 @@ def cmd_cluster_render(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``instantid bench serve|face|denoise|events``: only the chosen benchmark's module (and its deps) is imported."""
-    if args.bench_command == "events":
-        from serve.bench.events_bench import main_from_args
-
-        return main_from_args(args)
     from serve.bench import run_bench
 
     return run_bench(args)
-
-
-def _add_bench_events(bench: argparse.ArgumentParser) -> None:
-    """``bench events`` beside serve/face/denoise; serve/bench/events_bench.py is imported only when it runs."""
-    from serve.bench import _positive, _size
-
-    bsub = next(action for action in bench._actions if isinstance(action, argparse._SubParsersAction))
-    p = bsub.add_parser("events", help="do job event-stream subscribers slow generation? (local Ray Serve, CPU)")
-    p.add_argument("--jobs", type=_positive, default=6, help="jobs per phase, one after another (default 6)")
-    p.add_argument("--subscribers", type=_positive, default=50, help="event streams per loaded job (default 50)")
-    p.add_argument("--steps", type=_positive, default=10, help="denoising steps per job (default 10)")
-    p.add_argument("--size", type=_size, default=256, help="output width and height (default 256)")
-    p.add_argument(
-        "--home",
-        type=Path,
-        default=None,
-        help="where tiny weights are kept/made (default $INSTANTID_HOME or ~/.instantid); S3 data goes to a temp dir",
-    )
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -419,7 +396,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = add_bench_parser(sub)
     bench.set_defaults(func=cmd_bench)
-    _add_bench_events(bench)
     return parser
 
 

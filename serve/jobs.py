@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.instantid.errors import InstantIDError
+from deployments.storage.job_records import JobRecords
 
 logger = logging.getLogger("ray.serve")
 
@@ -133,43 +134,128 @@ class Admission:
 
 
 class JobStates:
-    """Read-modify-write of job states through the store's conditional replace, retried when another replica
-    wrote in between."""
+    """Job records read and written by the ingress itself, through the storage layer (boto3 calls in a thread):
+    job traffic (event streams opening, status polls, lease renewals) never queues behind result uploads.
+    Read-modify-write goes through the conditional replace and is retried when another replica wrote in between."""
 
-    def __init__(self, store: Any) -> None:
-        self.store = store  # the ResultStore deployment's handle
+    def __init__(self, records: JobRecords) -> None:
+        self.records = records
+
+    async def create(self, job_id: str, state: dict[str, Any], request: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.records.create, job_id, state, request)
 
     async def read(self, job_id: str) -> dict[str, Any] | None:
-        record = await self.store.read_job.remote(job_id)
+        record = await asyncio.to_thread(self.records.read, job_id)
         return None if record is None else record.body
+
+    async def read_request(self, job_id: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.records.read_request, job_id)
+
+    async def active(self) -> list[str]:
+        return await asyncio.to_thread(self.records.active)
+
+    async def delete(self, job_id: str) -> None:
+        await asyncio.to_thread(self.records.delete, job_id)
 
     async def update(self, job_id: str, change: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
         """Apply ``change`` (returns False to leave the state as it is) until the write wins; the final state."""
         for _ in range(20):
-            record = await self.store.read_job.remote(job_id)
+            record = await asyncio.to_thread(self.records.read, job_id)
             if record is None:
                 return None
             state = dict(record.body)
             if not change(state):
                 return state
             state["updated_at"] = now_iso()
-            if await self.store.replace_job.remote(job_id, state, record.etag) is not None:
+            if await asyncio.to_thread(self.records.replace, job_id, state, record.etag) is not None:
                 return state
         raise RuntimeError(f"job {job_id}: could not write its state (too many concurrent writers)")
+
+
+class SharedFeeds:
+    """One long poll of the event channel per job per ingress replica, shared by all of its subscribers here.
+
+    Fifty browsers following one job cost one channel call per batch of events, not fifty: the first subscriber
+    starts a feed that polls the channel and keeps what arrived; the others wait on it. A feed stops at the job's
+    terminal event or when its last subscriber leaves.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self._feeds: dict[str, _Feed] = {}
+
+    async def wait(self, job_id: str, after: int, timeout_s: float) -> list[Any]:
+        feed = self._feeds.get(job_id)
+        if feed is None or after < feed.start:  # a replay from before the feed began: ask the channel itself
+            if feed is None:
+                feed = self._feeds[job_id] = _Feed(self, job_id, after)
+            else:
+                return await self.channel.wait.remote(job_id, after, timeout_s)
+        return await feed.wait(after, timeout_s)
+
+    def _closed(self, job_id: str, feed: _Feed) -> None:
+        if self._feeds.get(job_id) is feed:
+            del self._feeds[job_id]
+
+
+class _Feed:
+    def __init__(self, feeds: SharedFeeds, job_id: str, start: int) -> None:
+        self.feeds, self.job_id, self.start = feeds, job_id, start
+        self.events: list[Any] = []
+        self.waiters = 0
+        self.done = False
+        self._changed = asyncio.Condition()
+        self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        last = self.start
+        try:
+            while not self.done:
+                fresh = await self.feeds.channel.wait.remote(self.job_id, last, 5.0)
+                if fresh:
+                    last = fresh[-1].seq
+                    self.events.extend(fresh)
+                    del self.events[: max(0, len(self.events) - 1024)]
+                    self.done = any(event.type in TERMINAL for event in fresh)
+                    async with self._changed:
+                        self._changed.notify_all()
+                elif self.waiters == 0:
+                    break
+        finally:
+            self.done = True
+            self.feeds._closed(self.job_id, self)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait(self, after: int, timeout_s: float) -> list[Any]:
+        self.waiters += 1
+        try:
+            async with self._changed:
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    fresh = [event for event in self.events if event.seq > after]
+                    remaining = deadline - time.monotonic()
+                    if fresh or self.done or remaining <= 0:
+                        return fresh
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        return []
+        finally:
+            self.waiters -= 1
 
 
 async def follow_events(
     job_id: str,
     channel: Any,
+    feeds: SharedFeeds,
+    state: dict[str, Any],
     read_state: Callable[[], Awaitable[dict[str, Any] | None]],
     last_event_id: int,
     heartbeat_s: float,
 ) -> AsyncIterator[bytes]:
-    """A job's event stream: its current state first (the whole job body), then live events from the channel
+    """A job's event stream: its current ``state`` first (the whole job body), then live events from the channel
     after ``last_event_id``, a heartbeat comment while nothing happens, and the terminal event last."""
-    state = await read_state()
-    if state is None:
-        return
     progress = await channel.progress.remote(job_id)
     yield sse("state", public_body(state, progress), progress["last_event_id"] or None)
     after = last_event_id if last_event_id > 0 else progress["last_event_id"]
@@ -183,7 +269,7 @@ async def follow_events(
         yield sse(state["status"], public_body(state))
         return
     while True:
-        events = await channel.wait.remote(job_id, after, heartbeat_s)
+        events = await feeds.wait(job_id, after, heartbeat_s)
         if not events:
             state = await read_state()  # the durable state decides, should the channel have lost events
             if state is None or state["status"] in TERMINAL:

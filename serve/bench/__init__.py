@@ -27,7 +27,7 @@ from typing import Any
 from deployments.instantid.errors import InstantIDError  # plain exceptions, no imports behind them
 from deployments.instantid.params import DEFAULT_PARAMS  # a plain dataclass, no imports behind it
 
-BENCH_MODULES = {"serve": "serve_bench", "face": "face_bench", "denoise": "denoise_bench"}
+BENCH_MODULES = {"serve": "serve_bench", "face": "face_bench", "denoise": "denoise_bench", "events": "events_bench"}
 
 
 class BenchError(InstantIDError):
@@ -259,7 +259,25 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     add_denoise_arguments(
         bsub.add_parser("denoise", help="denoiser s/image vs diffusers' StableDiffusionXLControlNetPipeline")
     )
+    add_events_arguments(
+        bsub.add_parser("events", help="do job event-stream subscribers slow generation? (local Ray Serve, CPU)")
+    )
     return bench
+
+
+def add_events_arguments(p: argparse.ArgumentParser) -> None:
+    """``bench events``: the same jobs without and with N event-stream subscribers each, on one local stack."""
+    p.add_argument("--jobs", type=_positive, default=6, help="jobs per phase, one after another (default 6)")
+    p.add_argument("--subscribers", type=_positive, default=50, help="event streams per loaded job (default 50)")
+    p.add_argument("--steps", type=_positive, default=10, help="denoising steps per job (default 10)")
+    p.add_argument("--size", type=_size, default=256, help="output width and height (default 256)")
+    p.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="where tiny weights are kept/made (default $INSTANTID_HOME or ~/.instantid); S3 data goes to a temp dir",
+    )
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
 
 
 def run_bench(args: argparse.Namespace) -> int:
