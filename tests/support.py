@@ -184,3 +184,19 @@ def sample_init_image(size: int) -> np.ndarray:
     from deployments.instantid.images import decode_image
 
     return fit_image(decode_image(group_photo_jpeg()), size, size)
+
+
+def stored_pixels(client: Any, uri: str) -> np.ndarray:
+    """The pixels of an image stored at ``s3://bucket/key`` (read back with the test's own S3 client)."""
+    from PIL import Image
+
+    bucket, key = uri[len("s3://") :].split("/", 1)
+    return np.asarray(Image.open(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read())))
+
+
+def stored_meta(client: Any, body: dict) -> dict:
+    """The meta.json stored next to a generation response's first image."""
+    import json
+
+    bucket, key = body["images"][0]["uri"][len("s3://") :].rsplit("/", 1)[0].split("/", 1)
+    return json.loads(client.get_object(Bucket=bucket, Key=f"{key}/meta.json")["Body"].read())

@@ -28,6 +28,8 @@ from tests.support import (
     group_photo_jpeg,
     s3_object_exists,
     sample_control_maps,
+    stored_meta,
+    stored_pixels,
 )
 
 pytestmark = pytest.mark.slow
@@ -42,13 +44,7 @@ def post(url: str, **fields) -> httpx.Response:
 
 
 def stored_image(stack, uri: str) -> np.ndarray:
-    bucket, key = uri[len("s3://") :].split("/", 1)
-    return np.asarray(Image.open(io.BytesIO(stack.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())))
-
-
-def stored_meta(stack, body: dict) -> dict:
-    bucket, key = body["images"][0]["uri"][len("s3://") :].rsplit("/", 1)[0].split("/", 1)
-    return json.loads(stack.s3.client().get_object(Bucket=bucket, Key=f"{key}/meta.json")["Body"].read())
+    return stored_pixels(stack.s3.client(), uri)
 
 
 def b64(data: bytes) -> str:
@@ -104,7 +100,7 @@ def test_canny_depth_and_img2img_in_one_request_equal_the_in_process_pipeline(se
     assert recorded["strength"] == 0.7 and recorded["denoising_steps"] == int(FAST_REQUEST["num_inference_steps"] * 0.7)
     assert (recorded["canny_low"], recorded["canny_high"]) == (80, 160)
     assert "control_maps" in body["timings"] and "control_maps" in body["replicas"]
-    meta = stored_meta(serve_stack, body)
+    meta = stored_meta(serve_stack.s3.client(), body)
     assert meta["parameters"]["controlnets"] == recorded["controlnets"] and meta["init_image_given"] is True
     assert "init_image_b64" not in json.dumps(meta)  # no input bytes in the metadata
 

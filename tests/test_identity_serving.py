@@ -4,15 +4,20 @@ choice against ``POST /v1/faces``, face-token noise, what the response and meta.
 from __future__ import annotations
 
 import base64
-import io
-import json
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.support import FAST_REQUEST, astronaut_b64, astronaut_jpeg, encode_image, group_photo_jpeg
+from tests.support import (
+    FAST_REQUEST,
+    astronaut_b64,
+    astronaut_jpeg,
+    encode_image,
+    group_photo_jpeg,
+    stored_meta,
+    stored_pixels,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +33,7 @@ def post_json(url: str, **fields) -> httpx.Response:
 
 
 def stored_image(stack, uri: str) -> np.ndarray:
-    bucket, key = uri[len("s3://") :].split("/", 1)
-    return np.asarray(Image.open(io.BytesIO(stack.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())))
-
-
-def stored_meta(stack, body: dict) -> dict:
-    bucket, key = body["images"][0]["uri"][len("s3://") :].rsplit("/", 1)[0].split("/", 1)
-    return json.loads(stack.s3.client().get_object(Bucket=bucket, Key=f"{key}/meta.json")["Body"].read())
+    return stored_pixels(stack.s3.client(), uri)
 
 
 def max_difference(a: np.ndarray, b: np.ndarray) -> int:
@@ -60,10 +59,10 @@ def test_copies_of_one_photo_in_json_and_multipart_give_the_one_photo_image(serv
             ("face", i, 0) for i in range(count)
         ]
         assert set(body["replicas"]) >= {f"face_photo_{i}" for i in range(count)}
-        meta = stored_meta(serve_stack, body)
+        meta = stored_meta(serve_stack.s3.client(), body)
         assert [f["photo_index"] for f in meta["faces"]] == list(range(count)) and meta["face_photos"] == count
     assert single.json()["faces"] == [{**single.json()["face"], "source": "face", "photo_index": 0, "face_index": 0}]
-    assert single.json()["warnings"] == []
+    assert not any("truncated" in warning for warning in single.json()["warnings"])
 
 
 def test_face_index_and_pose_face_index_pick_the_faces_listed_by_v1_faces(serve_stack) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import FAST_REQUEST, astronaut_b64, s3_object_exists
+from tests.support import FAST_REQUEST, astronaut_b64, s3_object_exists, stored_pixels
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +69,7 @@ def events(url: str, job_id: str, headers: dict | None = None, until: set[str] |
 
 
 def pixels(stack, uri: str) -> np.ndarray:
-    bucket, key = uri[len("s3://") :].split("/", 1)
-    return np.asarray(Image.open(io.BytesIO(stack.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())))
+    return stored_pixels(stack.s3.client(), uri)
 
 
 def test_a_job_gives_what_generate_gives_with_status_transitions(serve_stack) -> None:

@@ -202,6 +202,7 @@ def test_write_layout_content_types_and_meta(store: GenerationStore) -> None:
         "content_type": "image/png",
         "width": 64,
         "height": 48,
+        "identity_similarity": None,  # no score given to this store call
     }
     assert store.read(gid) == meta
     again = store.get(gid)

@@ -18,14 +18,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
-
-from .generations import S3_ERRORS, StorageError, describe_error, encode_meta
+from .conditional import put_json_if
+from .generations import S3_ERRORS, StorageError, describe_error
 from .s3 import S3Client, S3Settings, is_not_found
-
-# 412: the precondition failed (the object exists / changed). 409: AWS's answer to two conditional writes
-# racing on one key. Either way somebody else's write won.
-_LOST_RACE_STATUS = {409, 412}
 
 
 @dataclass(frozen=True)
@@ -34,17 +29,6 @@ class IdempotencyRecord:
 
     body: dict[str, Any]
     etag: str
-
-
-def _status(exc: ClientError) -> int | None:
-    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-
-
-def _lost_race(exc: BaseException) -> bool:
-    if not isinstance(exc, ClientError):
-        return False
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    return _status(exc) in _LOST_RACE_STATUS or code in {"PreconditionFailed", "ConditionalRequestConflict"}
 
 
 class IdempotencyRecords:
@@ -89,16 +73,6 @@ class IdempotencyRecords:
             self.client.delete_object(Bucket=self.settings.bucket, Key=self.key(digest))
 
     def _put(self, digest: str, body: dict[str, Any], **condition: str) -> str | None:
-        try:
-            response = self.client.put_object(
-                Bucket=self.settings.bucket,
-                Key=self.key(digest),
-                Body=encode_meta(body),
-                ContentType="application/json",
-                **condition,
-            )
-        except S3_ERRORS as exc:
-            if _lost_race(exc) or ("IfMatch" in condition and is_not_found(exc)):
-                return None
-            raise StorageError(f"could not write an idempotency record: {describe_error(exc)}") from exc
-        return response["ETag"]
+        return put_json_if(
+            self.client, self.settings.bucket, self.key(digest), body, "an idempotency record", **condition
+        )

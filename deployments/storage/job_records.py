@@ -19,12 +19,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
-
-from .generations import S3_ERRORS, StorageError, describe_error, encode_meta, validate_generation_id
+from .conditional import put_json_if
+from .generations import S3_ERRORS, StorageError, describe_error, validate_generation_id
 from .s3 import S3Client, S3Settings, is_not_found
-
-_LOST_RACE_STATUS = {409, 412}  # the precondition failed, or two conditional writes raced (AWS)
 
 
 @dataclass(frozen=True)
@@ -33,14 +30,6 @@ class JobRecord:
 
     body: dict[str, Any]
     etag: str
-
-
-def _lost_race(exc: BaseException) -> bool:
-    if not isinstance(exc, ClientError):
-        return False
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    return status in _LOST_RACE_STATUS or code in {"PreconditionFailed", "ConditionalRequestConflict"}
 
 
 class JobRecords:
@@ -129,16 +118,4 @@ class JobRecords:
                 self.client.delete_object(Bucket=self.settings.bucket, Key=key)
 
     def _put(self, job_id: str, state: dict[str, Any], **condition: str) -> str | None:
-        try:
-            response = self.client.put_object(
-                Bucket=self.settings.bucket,
-                Key=self._key(job_id),
-                Body=encode_meta(state),
-                ContentType="application/json",
-                **condition,
-            )
-        except S3_ERRORS as exc:
-            if _lost_race(exc) or ("IfMatch" in condition and is_not_found(exc)):
-                return None
-            raise StorageError(f"could not write job {job_id}: {describe_error(exc)}") from exc
-        return response["ETag"]
+        return put_json_if(self.client, self.settings.bucket, self._key(job_id), state, f"job {job_id}", **condition)

@@ -154,12 +154,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=_positive, default=8, help="clients in the throughput phase (default 8)")
     p.add_argument("--steps", type=_positive, default=20, help="denoising steps per request (default 20)")
     p.add_argument("--size", type=_size, default=256, help="output width and height (default 256)")
-    p.add_argument(
-        "--home",
-        type=Path,
-        default=None,
-        help="where tiny weights are kept/made (default $INSTANTID_HOME or ~/.instantid); S3 data goes to a temp dir",
-    )
+    _add_home_argument(p)
     p.add_argument("--max-seconds", type=float, default=900.0, help="stop issuing requests after this (default 900)")
     p.add_argument(
         "--in-process-threads",
@@ -271,13 +266,17 @@ def add_events_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subscribers", type=_positive, default=50, help="event streams per loaded job (default 50)")
     p.add_argument("--steps", type=_positive, default=10, help="denoising steps per job (default 10)")
     p.add_argument("--size", type=_size, default=256, help="output width and height (default 256)")
+    _add_home_argument(p)
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+
+
+def _add_home_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--home",
         type=Path,
         default=None,
         help="where tiny weights are kept/made (default $INSTANTID_HOME or ~/.instantid); S3 data goes to a temp dir",
     )
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
 
 
 def run_bench(args: argparse.Namespace) -> int:

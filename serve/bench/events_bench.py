@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import re
 import statistics
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from serve.bench import BenchError, emit, machine_facts, median, progress, rounded
-from serve.bench.serve_bench import _request_body
+from serve.bench.serve_bench import _request_body, own_cluster_and_tiny_weights
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 POLL_S = 0.1
@@ -276,18 +275,10 @@ async def measure(url: str, photo: bytes, args: argparse.Namespace) -> dict[str,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from deployments.instantid.tiny import tiny_weights_present, write_tiny_weights
-    from serve.cli import instantid_home
-    from serve.demo import demo_photo_jpeg, local_config_path
+    from serve.demo import local_config_path
     from serve.runner import ServeFile, free_port, local_stack
 
-    os.environ["RAY_ADDRESS"] = "local"  # our own cluster, never the latest one on this machine (see serve_bench)
-    home = (args.home or instantid_home()).expanduser()
-    weights = home / "weights" / "tiny"
-    if not tiny_weights_present(weights):
-        progress(f"making tiny weights in {weights}")
-        write_tiny_weights(weights)
-    photo = demo_photo_jpeg()
+    weights, photo = own_cluster_and_tiny_weights(args.home)
 
     serve_file = ServeFile.load(local_config_path())
     jobs_config = serve_file.app_configs()[0][1].api.jobs

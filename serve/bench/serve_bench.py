@@ -321,22 +321,27 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def own_cluster_and_tiny_weights(home: Path | None) -> tuple[Path, bytes]:
+    """For a benchmark on a local stack: its own Ray cluster, the tiny weights (made if missing) and the photo.
+
+    local_stack passes RAY_ADDRESS to ray.init, which without one joins the latest cluster started on this machine
+    (/tmp/ray/ray_current_cluster) and would then shut down someone else's Serve; "local" always starts a new one.
+    """
     from deployments.instantid.tiny import tiny_weights_present, write_tiny_weights
     from serve.cli import instantid_home
     from serve.demo import demo_photo_jpeg
 
-    # The benchmark owns its cluster. local_stack passes RAY_ADDRESS to ray.init, which without one joins
-    # the latest cluster started on this machine (/tmp/ray/ray_current_cluster) and would then shut down
-    # someone else's Serve; "local" always starts a new one.
     os.environ["RAY_ADDRESS"] = "local"
-    deadline = Deadline(args.max_seconds)
-    home = (args.home or instantid_home()).expanduser()
-    weights = home / "weights" / "tiny"
+    weights = (home or instantid_home()).expanduser() / "weights" / "tiny"
     if not tiny_weights_present(weights):
         progress(f"making tiny weights in {weights}")
         write_tiny_weights(weights)
-    photo = demo_photo_jpeg()
+    return weights, demo_photo_jpeg()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    weights, photo = own_cluster_and_tiny_weights(args.home)
+    deadline = Deadline(args.max_seconds)
 
     with tempfile.TemporaryDirectory(prefix="instantid-bench-serve-") as tmp:
         measured = measure(weights, photo, args, deadline, Path(tmp))
