@@ -185,7 +185,7 @@ def sim_app_args(weights: Path, bucket: str, workdir: Path, request_timeout_s: f
     for stage in ("prompt", "denoiser"):
         args[stage].update(device="cpu", dtype="float32")
     args["face"]["providers"] = ["CPUExecutionProvider"]
-    for options in (args[k]["deployment"] for k in ("ingress", "face", "prompt", "denoiser", "store")):
+    for options in (args[k]["deployment"] for k in ("ingress", "face", "prompt", "denoiser", "control_maps", "store")):
         options.pop("autoscaling_config", None)
         options["num_replicas"] = 1
     return args
@@ -423,7 +423,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         )
         result["actor_options"] = {
             k: getattr(config, k).deployment.ray_actor_options
-            for k in ("ingress", "face", "prompt", "denoiser", "store")
+            for k in ("ingress", "face", "prompt", "denoiser", "control_maps", "store")
         }
         ray_serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         result["deploy_s"] = round(time.monotonic() - t0, 1)

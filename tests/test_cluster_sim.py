@@ -32,6 +32,7 @@ INTENDED = {
     "Ingress": "cpu",
     "FaceAnalyzer": "cpu",
     "ResultStore": "cpu",
+    "ControlMaps": "cpu",
     "PromptEncoder": "gpu-small",
     "Denoiser": "gpu-large",
 }
