@@ -90,10 +90,6 @@ class JobEventsActor:
         async with self._changed:
             self._changed.notify_all()
 
-    async def answer(self, job_id: str) -> PublishAnswer:
-        job = self._job(job_id)
-        return PublishAnswer(job.cancelled, job.previews)
-
     async def want_previews(self, job_id: str) -> None:
         self._job(job_id).previews = True
 
@@ -122,9 +118,6 @@ class JobEventsActor:
                     await asyncio.wait_for(self._changed.wait(), remaining)
                 except asyncio.TimeoutError:
                     return []
-
-    async def forget(self, job_id: str) -> None:
-        self._jobs.pop(job_id, None)
 
 
 @functools.lru_cache(maxsize=1)

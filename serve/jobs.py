@@ -124,9 +124,6 @@ class Admission:
     def waiting(self) -> int:
         return len(self._queue)
 
-    def position(self, job_id: str) -> int | None:
-        return self._queue.index(job_id) if job_id in self._queue else None
-
     async def leave(self) -> None:
         self.in_flight -= 1
         async with self._changed:
