@@ -34,9 +34,12 @@ class FaceConditioning:
     """What the face-token attention needs for the UNet calls of one batch (constant across steps).
 
     ``scale``: adapter strength per batch row, shape (rows,).
-    ``region_mask``: optional (rows, 1, H, W) mask at image resolution; the face-token attention output is
-    multiplied by it, resized (nearest) to each attention layer's resolution ("enhance non-face region").
-    ``num_tokens``: how many trailing tokens of ``encoder_hidden_states`` are face tokens.
+    ``region_mask``: optional (rows, k, H, W) mask at image resolution, one channel per identity; the face-token
+    attention output is multiplied by it, resized (nearest) to each attention layer's resolution. One identity
+    (k = 1): the "enhance non-face region" mask. Several people (k > 1): identity i's region, so each pixel attends
+    to its own identity's tokens only, and to none outside every region.
+    ``num_tokens``: face tokens per identity; the trailing ``k x num_tokens`` tokens of ``encoder_hidden_states``
+    are face tokens, identity by identity (k is the mask's channel count, 1 without a mask).
     """
 
     scale: torch.Tensor
@@ -47,6 +50,11 @@ class FaceConditioning:
 
     _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
+    @property
+    def identities(self) -> int:
+        """How many people's face tokens the context holds (each attended separately, in its own region)."""
+        return 1 if self.region_mask is None else int(self.region_mask.shape[1])
+
     def split_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(text tokens, face tokens)`` of ``context``, each contiguous, made once per context tensor.
 
@@ -54,7 +62,7 @@ class FaceConditioning:
         the same one at every step. A new context tensor starts over, forgetting :meth:`memo`'s values.
         """
         if self._split is None or self._split[0] is not context:
-            split = context.shape[1] - self.num_tokens
+            split = context.shape[1] - self.num_tokens * self.identities
             self._split = (context, context[:, :split].contiguous(), context[:, split:].contiguous())
             self._memo.clear()
         return self._split[1], self._split[2]
@@ -73,7 +81,8 @@ class FaceConditioning:
     def weight_for(self, sequence_length: int, dtype: torch.dtype) -> torch.Tensor:
         """What multiplies the face-token attention output at ``sequence_length`` pixels: strength x mask.
 
-        Shape (rows, seq, 1) with a mask, else (rows, 1, 1). Computed once per resolution and dtype and
+        Shape (rows, seq, 1) with a one-identity mask, (rows, k, seq, 1) with k identities' masks, else (rows, 1, 1).
+        Computed once per resolution and dtype and
         kept: the pipeline makes one FaceConditioning per generate() call, and 70 layers x every step
         would otherwise redo the resize and two casts (small kernels whose launches dominate at batch 1).
         """
@@ -87,8 +96,11 @@ class FaceConditioning:
                 height, width = self.region_mask.shape[-2:]
                 factor = math.sqrt(height * width / sequence_length)
                 size = (round(height / factor), round(width / factor))
-                resized = F.interpolate(self.region_mask, size=size, mode="nearest").flatten(1)[:, :, None]
-                cached = (scale * resized).to(dtype)
+                resized = F.interpolate(self.region_mask, size=size, mode="nearest")
+                if self.identities == 1:
+                    cached = (scale * resized.flatten(1)[:, :, None]).to(dtype)
+                else:
+                    cached = (scale[:, None] * resized.flatten(2)[..., None]).to(dtype)
             self._weights[key] = cached
         return cached
 
@@ -194,10 +206,13 @@ class FaceTokenAttnProcessor(nn.Module):
         out = _attend(attn, query, key, value, attention_mask)
 
         if face is not None and face_tokens is not None:
-            tokens = face_tokens
-            key, value = face.memo((id(self), "face"), lambda: _project(tokens, self.to_k_ip, self.to_v_ip))
-            face_out = _attend(attn, query, key, value, None)
-            out = torch.addcmul(out, face_out, face.weight_for(face_out.shape[1], face_out.dtype))  # one kernel
+            if face.identities == 1:
+                tokens = face_tokens
+                key, value = face.memo((id(self), "face"), lambda: _project(tokens, self.to_k_ip, self.to_v_ip))
+                face_out = _attend(attn, query, key, value, None)
+                out = torch.addcmul(out, face_out, face.weight_for(face_out.shape[1], face_out.dtype))  # one kernel
+            else:
+                out = out + self.face_term(attn, query, face_tokens, face)
 
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
@@ -206,6 +221,44 @@ class FaceTokenAttnProcessor(nn.Module):
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def face_term(
+        self, attn: Attention, query: torch.Tensor, face_tokens: torch.Tensor, face: FaceConditioning
+    ) -> torch.Tensor:
+        """Several identities' face-token attention, (rows, seq, channels): each identity's tokens attended with
+        their own softmax, weighted by strength x that identity's region mask, summed.
+
+        Regions do not overlap (and nearest resizing keeps them apart), so at a pixel of identity A's region every
+        other identity's weight is exactly 0: its term there is A's alone, whatever the other photos are.
+        """
+        key, value = face.memo((id(self), "face"), lambda: _project(face_tokens, self.to_k_ip, self.to_v_ip))
+        weight = face.weight_for(query.shape[1], query.dtype)
+        return _attend_identities(attn, query, key, value, face.identities, weight)
+
+
+def _attend_identities(
+    attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, identities: int, weight: torch.Tensor
+) -> torch.Tensor:
+    """:func:`_attend` for each identity's block of keys/values in one SDPA call (identities folded into the heads),
+    then the (rows, k, seq, 1) weights applied and the identities summed."""
+    rows, seq, _ = query.shape
+    heads = attn.heads
+    head_dim = key.shape[-1] // heads
+    q = query.view(rows, seq, heads, head_dim).transpose(1, 2)
+    k = key.view(rows, identities, -1, heads, head_dim).permute(0, 1, 3, 2, 4)  # rows, k, heads, tokens, dim
+    v = value.view(rows, identities, -1, heads, head_dim).permute(0, 1, 3, 2, 4)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    # 4-D for SDPA's fused kernels: (rows x k, heads, seq, dim), the query repeated for each identity.
+    q = q[:, None].expand(rows, identities, heads, seq, head_dim).reshape(rows * identities, heads, seq, head_dim)
+    k = k.reshape(rows * identities, heads, -1, head_dim)
+    v = v.reshape(rows * identities, heads, -1, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    out = out.view(rows, identities, heads, seq, head_dim).permute(0, 1, 3, 2, 4)
+    out = out.reshape(rows, identities, seq, heads * head_dim).to(query.dtype)
+    return (out * weight).sum(dim=1)
 
 
 def _attention_layers(unet: nn.Module) -> Iterator[tuple[str, Attention]]:

@@ -16,6 +16,7 @@ from .errors import FaceTooSmallError, InvalidParameterError, NoFaceError
 from .faces import DetectedFace, FaceAnalyzer
 from .identity import DEFAULT_IDENTITY_COMBINE, MAX_FACE_PHOTOS, combine_embeddings
 from .keypoints import REFERENCE_LONG_SIDE, CropTransform, reference_size
+from .regions import Layout, PlacedIdentity
 
 
 @dataclass
@@ -28,13 +29,16 @@ class ChosenFace:
     face_index: int  # its index in the photo's faces, largest first (the order POST /v1/faces lists them)
     image_width: int
     image_height: int
+    identity: int | None = None  # a multi-identity request: which identity this face belongs to
 
     def without_embedding(self) -> ChosenFace:
         return replace(self, face=replace(self.face, embedding=None))
 
     def to_dict(self) -> dict[str, Any]:
+        identity = {} if self.identity is None else {"identity": self.identity}
         return {
             "source": self.source,
+            **identity,
             "photo_index": self.photo_index,
             "face_index": self.face_index,
             **self.face.to_dict(),
@@ -53,6 +57,9 @@ class FaceCondition:
     face: DetectedFace  # the first photo's identity face, in its pixels (reported to the client)
     pose_face: DetectedFace | None = None
     used: list[ChosenFace] = field(default_factory=list)  # every face used: identity photos in order, then pose
+    # Several people (2..4): each identity's vector, placed face and region; the fields above are the first one's.
+    identities: list[PlacedIdentity] | None = None
+    layout: Layout | None = None
 
 
 def output_size(

@@ -31,7 +31,9 @@ from .attention import CONDITIONING_KWARG, FaceConditioning
 from .errors import InvalidParameterError
 from .identity import negative_identity
 from .keypoints import draw_keypoint_image, face_region_mask
+from .multi_identity import identity_conditioning, per_identity_identitynet
 from .params import GenerationParams
+from .regions import PlacedIdentity
 from .resampler import Resampler
 from .schedulers import make_scheduler
 from .text import PromptEmbeddings
@@ -52,6 +54,9 @@ class DenoiseJob:
     # Called after each of the job's steps with (step, total, latents); returning True drops the job from the batch
     # at that step boundary (cancellation): the others go on, and ``generate`` gives None for it.
     on_step: Callable[[int, int, torch.Tensor], bool] | None = field(default=None, repr=False)
+    # Several people (``params.identities`` of them): each one's vector, face and region; when set, it replaces
+    # face_embedding/keypoints/face_box (see multi_identity).
+    identities: Sequence[PlacedIdentity] | None = None
     _state: dict = field(default_factory=dict, repr=False)
 
 
@@ -152,12 +157,22 @@ class InstantIDDenoiser:
             latents = self._noised_init_latents(init, p.num_images, scheduler, timesteps[:1], generator)
 
         cfg = p.do_classifier_free_guidance
-        embedding = torch.tensor(np.asarray(job.face_embedding, dtype=np.float32))[None]
-        negative = negative_identity(tuple(embedding.shape), p.face_noise, p.seed) if cfg else None
-        face_pos, face_neg = self.resampler.face_tokens(embedding, with_negative=cfg, negative=negative)
-        keypoint_image = job.control_image
-        if keypoint_image is None:
-            keypoint_image = draw_keypoint_image(np.asarray(job.keypoints, dtype=np.float32), p.width, p.height)
+        if job.identities is not None:  # several people: k x 16 face tokens, one mask channel per identity
+            face_pos, face_neg, keypoint_image, mask = identity_conditioning(self.resampler, job.identities, p)
+        elif p.identities != 1:
+            raise InvalidParameterError(f"the job's parameters say {p.identities} identities but it carries one")
+        else:
+            embedding = torch.tensor(np.asarray(job.face_embedding, dtype=np.float32))[None]
+            negative = negative_identity(tuple(embedding.shape), p.face_noise, p.seed) if cfg else None
+            face_pos, face_neg = self.resampler.face_tokens(embedding, with_negative=cfg, negative=negative)
+            keypoint_image = job.control_image
+            if keypoint_image is None:
+                keypoint_image = draw_keypoint_image(np.asarray(job.keypoints, dtype=np.float32), p.width, p.height)
+            mask = None
+            if p.enhance_face_region:
+                mask = torch.from_numpy(face_region_mask(np.asarray(job.face_box), p.width, p.height))[None, None]
+        if job.control_image is not None:  # a ready-made condition image wins (also over several identities')
+            keypoint_image = job.control_image
         control_image = self._image_tensor(keypoint_image, p, "control_image")
         maps = {}
         for setting in p.active_controlnets:
@@ -167,9 +182,6 @@ class InstantIDDenoiser:
             if setting.name not in job.control_maps:
                 raise InvalidParameterError(f"the {setting.name} ControlNet needs a control map")
             maps[setting.name] = self._image_tensor(job.control_maps[setting.name], p, f"the {setting.name} map")
-        mask = None
-        if p.enhance_face_region:
-            mask = torch.from_numpy(face_region_mask(np.asarray(job.face_box), p.width, p.height))[None, None]
         step_kwargs = set(inspect.signature(scheduler.step).parameters)
         job._state = {
             "scheduler": scheduler,
@@ -267,6 +279,8 @@ class InstantIDDenoiser:
         ``weights`` caches the per-row weight at each residual resolution for the whole generate() call:
         the resize and the casts then run once, not 13 residuals x every step.
         """
+        if rows["mask"] is not None and rows["mask"].shape[1] > 1:  # several people: each identity's own pass
+            return per_identity_identitynet(self.controlnet, sample, t, rows, keep, weights)
         down, mid = self.controlnet(
             sample,
             t,

@@ -21,6 +21,9 @@ IdentityCombine = Literal["mean", "normalized_mean", "concat"]
 IDENTITY_COMBINE_MODES: tuple[str, ...] = get_args(IdentityCombine)
 DEFAULT_IDENTITY_COMBINE: IdentityCombine = "mean"
 MAX_FACE_PHOTOS = 8
+# Several people in one image: how many identities one request may carry (each with its own region).
+MIN_IDENTITIES = 2
+MAX_IDENTITIES = 4
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class GenerationParams:
     controlnets: tuple[ControlSetting, ...] = ()  # extra ControlNets, IdentityNet aside
     strength: float | None = None  # image-to-image: how far the init image is noised; None: text-to-image
     face_noise: float = 0.0  # CFG negative identity input: face_noise x U(0, 1) instead of zeros (0: as published)
+    identities: int = 1  # people in the image: each brings its own 16 face tokens (the context length grows)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -91,7 +95,8 @@ class GenerationParams:
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share every UNet/ControlNet forward: same latent shape, timesteps, CFG, control
-        windows and set of extra ControlNets (their strengths may differ: they weigh each row)."""
+        windows and set of extra ControlNets (their strengths may differ: they weigh each row), and number of identities
+        (each adds its own face tokens to the attention context, whose length must match across rows)."""
         return (
             self.width,
             self.height,
@@ -103,6 +108,7 @@ class GenerationParams:
             self.strength is not None,
             self.skipped_steps,
             tuple((c.name, c.start, c.end) for c in self.active_controlnets),
+            self.identities,
         )
 
 
