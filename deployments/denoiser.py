@@ -3,8 +3,8 @@
 Bases are loaded through Serve's model multiplexing (the ingress routes by base name) and share one copy of
 InstantID's own weights (IdentityNet, resampler, face K/V). Requests are batched by *latents* (``num_images``);
 Serve splits every batch by base, and within it jobs with equal size/steps/scheduler/CFG/control windows, set of
-extra ControlNets, image-to-image start and LoRA set share every UNet and ControlNet forward, each keeping its own
-seeded generator, strengths and maps. A job without extra ControlNets never runs them.
+extra ControlNets, image-to-image start, number of identities and LoRA set share every UNet and ControlNet forward,
+each keeping its own seeded generator, strengths and maps. A job without extra ControlNets never runs them.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from deployments.messages import (
     PromptResult,
     StageTiming,
     Timings,
+    group_layout,
     timed,
 )
 
@@ -191,6 +192,7 @@ class DenoiserDeployment:
                 control_maps=item.controls.inputs.maps if item.controls is not None else {},
                 init_image=item.controls.inputs.init_image if item.controls is not None else None,
                 on_step=item.reporter,
+                identities=item.face.condition.identities,
             )
             for item in group
         ]
@@ -227,6 +229,7 @@ class DenoiserDeployment:
                     "denoiser": replica,
                 },
                 batch=batch,
+                layout=group_layout(item.face.condition),
             )
             for item, imgs in zip(group, images, strict=True)
         ]

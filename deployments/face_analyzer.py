@@ -13,17 +13,22 @@ import cv2
 import numpy as np
 from ray import serve as ray_serve
 
-from deployments.instantid.conditioning import condition_from, identify, locate_pose, output_size
+from deployments.instantid.conditioning import FaceCondition, condition_from, identify, locate_pose, output_size
+from deployments.instantid.errors import InstantIDError
 from deployments.instantid.faces import FaceAnalyzer
-from deployments.instantid.identity_score import identity_similarities
+from deployments.instantid.group import IdentityPhotos, group_condition, locate_pose_faces
+from deployments.instantid.identity_score import identity_similarities, region_similarities
 from deployments.instantid.images import decode_image
 from deployments.instantid.keypoints import draw_keypoint_image
+from deployments.instantid.regions import shared_keypoint_image
 from deployments.instantid.weights import WeightsLayout
 from deployments.messages import (
     DenoiseResult,
     FaceListing,
     FaceRequest,
     FaceResult,
+    GroupFaceRequest,
+    GroupLayout,
     IdentityRequest,
     IdentityResult,
     timed,
@@ -52,17 +57,78 @@ class FaceAnalyzerDeployment:
         """One of several face photos (the ingress spreads them over the replicas): its chosen face and
         embedding."""
         timings = {}
-        with timed(timings, f"face_photo_{request.photo_index}"):
-            rgb = decode_image(request.image, **self.limits)
-            chosen = identify(
-                self.analyzer,
-                rgb,
-                photo_index=request.photo_index,
-                photos=request.photos,
-                face_index=request.face_index,
-                min_face_px=self.min_face_px,
-            )
+        stage = f"face_photo_{request.photo_index}"
+        if request.identity is not None:
+            stage = f"face_{request.identity}_photo_{request.photo_index}"
+        with timed(timings, stage):
+            try:
+                rgb = decode_image(request.image, **self.limits)
+                chosen = identify(
+                    self.analyzer,
+                    rgb,
+                    photo_index=request.photo_index,
+                    photos=request.photos,
+                    face_index=request.face_index,
+                    min_face_px=self.min_face_px,
+                )
+            except InstantIDError as exc:
+                if request.identity is None:
+                    raise
+                # Several people: say whose photo it was (same error type, so the same code and status).
+                raise type(exc)(f"identities[{request.identity}]: {exc.message}") from exc
+        if request.identity is not None:
+            chosen = replace(chosen, identity=request.identity)
         return IdentityResult(chosen, timings, ray_serve.get_replica_context().replica_id.unique_id)
+
+    def _group(self, request: GroupFaceRequest, identified: tuple[IdentityResult, ...]) -> tuple[FaceCondition, Any]:
+        """The multi-identity condition from the analysed photos (identity by identity, in photo order)."""
+        results = iter(identified)
+        identities = []
+        for spec in request.identities:
+            chosen = [next(results).chosen for _ in range(spec.photos)]
+            identities.append(IdentityPhotos(chosen, spec.identity_combine, spec.region))
+        pose = None
+        if request.pose_image is not None:
+            rgb = decode_image(request.pose_image, **self.limits)
+            pose = locate_pose_faces(self.analyzer, rgb)
+        condition = group_condition(
+            identities, pose, width=request.width, height=request.height, long_side=self.long_side
+        )
+        return condition, pose
+
+    def analyze_group(self, request: GroupFaceRequest, *identified: IdentityResult) -> FaceResult:
+        """Several people: every photo was analysed by :meth:`identify` (resolved by Serve before this call); this
+        decides the layout (pose photo, regions or columns) and returns the condition with its ``identities``."""
+        timings = {}
+        for result in identified:
+            timings |= result.timings
+        with timed(timings, "face"):
+            condition, _ = self._group(request, identified)
+        replica = ray_serve.get_replica_context().replica_id.unique_id
+        photo_replicas = {f"face_{r.chosen.identity}_photo_{r.chosen.photo_index}": r.replica for r in identified}
+        return FaceResult(condition, timings, replica, photo_replicas)
+
+    def group_layout(
+        self, request: GroupFaceRequest, include_keypoint_image: bool, *identified: IdentityResult
+    ) -> GroupLayout:
+        """``POST /v1/faces`` with identities: the layout :meth:`analyze_group` would decide, optionally its shared
+        keypoint image (PNG), and the pose photo's faces."""
+        condition, pose = self._group(request, identified)
+        assert condition.identities is not None
+        layout = GroupLayout(
+            replace(
+                condition, identities=[replace(p, embedding=np.zeros(0, np.float32)) for p in condition.identities]
+            ),
+            [replace(face, embedding=None) for face in pose.faces] if pose is not None else [],
+        )
+        if include_keypoint_image:
+            canvas = shared_keypoint_image(
+                [placed.keypoints for placed in condition.identities], condition.width, condition.height
+            )
+            ok, png = cv2.imencode(".png", np.ascontiguousarray(canvas[:, :, ::-1]))
+            if ok:
+                layout.keypoint_image_png = png.tobytes()
+        return layout
 
     def analyze(self, request: FaceRequest, *identified: IdentityResult) -> FaceResult:
         """The face condition: from ``request.face_image`` (one photo, analysed here) or from photos already
@@ -117,6 +183,14 @@ class FaceAnalyzerDeployment:
         :func:`~deployments.instantid.identity_score.identity_similarity`). Takes the Denoiser's and this stage's
         results as they are, so the ingress can pass both DeploymentResponses as top-level arguments."""
         return identity_similarities(self.analyzer, output.images, face.condition.embedding)
+
+    def score_identities(self, output: DenoiseResult, face: FaceResult) -> list[list[dict[str, Any]]]:
+        """Several people: per generated image, each identity's best-matching face in its region and its cosine
+        with that identity (see :func:`~deployments.instantid.identity_score.region_similarities`)."""
+        identities = face.condition.identities
+        assert identities is not None
+        pairs = [(placed.embedding, placed.region) for placed in identities]
+        return [region_similarities(self.analyzer, image, pairs) for image in output.images]
 
     def check_health(self) -> None:
         self.analyzer.check_health()

@@ -75,12 +75,33 @@ class FaceRequest:
 
 @dataclass
 class IdentityRequest:
-    """One of several face photos of one person."""
+    """One of several face photos of one person (of identity ``identity`` in a multi-identity request)."""
 
     image: bytes
     photo_index: int
     photos: int
     face_index: int = 0
+    identity: int | None = None
+
+
+@dataclass(frozen=True)
+class IdentitySpec:
+    """One person of a multi-identity request, as the face stage needs it (its photos come analysed)."""
+
+    photos: int
+    identity_combine: IdentityCombine = DEFAULT_IDENTITY_COMBINE
+    region: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class GroupFaceRequest:
+    """Several people: each identity's spec (its photos' :class:`IdentityResult` come with the call, identity by
+    identity in photo order), the optional pose photo whose faces are matched left to right, the output size."""
+
+    identities: list[IdentitySpec]
+    pose_image: bytes | None = None
+    width: int | None = None
+    height: int | None = None
 
 
 @dataclass
@@ -106,6 +127,15 @@ class FaceListing:
     height: int
     faces: list[DetectedFace]  # without embeddings
     chosen: int | None
+    keypoint_image_png: bytes | None = None
+
+
+@dataclass
+class GroupLayout:
+    """``POST /v1/faces`` with identities: the layout a generation would use, and the pose photo's faces."""
+
+    condition: FaceCondition  # with ``identities`` and ``layout``
+    pose_faces: list[DetectedFace]  # without embeddings; empty without a pose photo
     keypoint_image_png: bytes | None = None
 
 
@@ -177,6 +207,7 @@ class DenoiseResult:
     timings: Timings = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)  # stage -> the Serve replica that ran it
     batch: DenoiseBatch | None = None
+    layout: dict[str, Any] | None = None  # several people: group_layout() of the face condition
 
 
 # ------------------------------------------------------------------------------------------------------- storage
@@ -214,6 +245,20 @@ class SavedGeneration:
     timings: Timings
     replicas: dict[str, str]
     batch: DenoiseBatch | None
+    layout: dict[str, Any] | None = None
+
+
+def group_layout(condition: FaceCondition) -> dict[str, Any] | None:
+    """A multi-identity condition's layout as JSON (responses, meta.json, ``POST /v1/faces``): how it was decided
+    and, per identity, its region, placed face box and keypoints in output pixels; None for one person."""
+    if condition.identities is None:
+        return None
+    return {
+        "layout": condition.layout,
+        "width": condition.width,
+        "height": condition.height,
+        "identities": [{"index": i, **placed.geometry()} for i, placed in enumerate(condition.identities)],
+    }
 
 
 @dataclass

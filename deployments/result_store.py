@@ -61,11 +61,13 @@ class ResultStoreDeployment:
         output_quality: int,
         inputs: dict[str, bytes] | None = None,
         identity_similarities: list[float | None] | None = None,
+        identity_scores: list[list[dict[str, Any]]] | None = None,
     ) -> SavedGeneration:
         """Store one generation; returns the stored objects and every stage's timing.
 
         ``output`` arrives as the Denoiser's response, resolved by Serve, and so do ``identity_similarities`` (the
-        FaceAnalyzer's score of each image, recorded with it). ``inputs`` (only when the client
+        FaceAnalyzer's score of each image, recorded with it), or with several people ``identity_scores`` (per image,
+        each identity's score in its region). ``inputs`` (only when the client
         asked to keep its photos) are stored next to the images. Success means every object is confirmed in
         S3; otherwise SpooledError (503, generation kept) or StorageError (503, no spool configured).
         """
@@ -84,13 +86,21 @@ class ResultStoreDeployment:
             "prompt_chunks": output.prompt_chunks,
             "replicas": output.replicas,
             "batch": dataclasses.asdict(output.batch) if output.batch is not None else None,
+            **({"layout": output.layout} if output.layout is not None else {}),
             "timings": {stage: timing.model_dump() for stage, timing in timings.items()},
         }
         extra = [
             (f"input-{name}.{_extension(data)}", data, _content_type(data)) for name, data in (inputs or {}).items()
         ]
         prepared = self.generations.prepare(
-            record.id, list(output.images), output_format, output_quality, meta, extra, identity_similarities
+            record.id,
+            list(output.images),
+            output_format,
+            output_quality,
+            meta,
+            extra,
+            identity_similarities,
+            identity_scores,
         )
         try:
             stored = self.generations.upload(prepared)
@@ -118,6 +128,7 @@ class ResultStoreDeployment:
             timings,
             replicas,
             output.batch,
+            output.layout,
         )
 
     def get(self, generation_id: str) -> GenerationMeta:

@@ -41,10 +41,14 @@ from deployments.messages import (
     FaceRequest,
     GenerationMeta,
     GenerationRecord,
+    GroupFaceRequest,
+    GroupLayout,
     IdentityRequest,
+    IdentitySpec,
     PromptRequest,
     SavedGeneration,
     StageTiming,
+    group_layout,
 )
 from deployments.storage.generations import GenerationNotFound, new_generation_id, validate_generation_id
 from deployments.storage.idempotency_records import IdempotencyRecord
@@ -72,6 +76,7 @@ from serve.jobs import (
 from serve.openapi import ERROR_RESPONSES, FACES_BODY, GENERATE_BODY
 from serve.schemas import (
     CONTROL_IMAGE_PART,
+    IDENTITY_PARTS,
     BaseModelInfo,
     BatchInfo,
     FaceInfo,
@@ -81,7 +86,9 @@ from serve.schemas import (
     GenerateRequest,
     GenerateResponse,
     GenerationOptions,
+    IdentityChoice,
     JobAccepted,
+    LayoutInfo,
     LoraInfo,
     ModeInfo,
     ModelsResponse,
@@ -99,8 +106,10 @@ GENERATE_FILES = {
     "pose_image": "pose_image",
     "init_image": "init_image",
     **{CONTROL_IMAGE_PART.format(name): CONTROL_IMAGE_PART.format(name) for name in CONTROLNET_NAMES},
+    **{part: part for part in IDENTITY_PARTS},
 }
-FACES_FILES = {"image": "image", "face_image": "image"}  # /v1/generate's name works here too
+# /v1/generate's name works here too; several people's parts show their layout
+FACES_FILES = {"image": "image", "face_image": "image", **{part: part for part in IDENTITY_PARTS}}
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the page's files, and only those
 
@@ -221,6 +230,8 @@ class Ingress:
         return await self._refreshed(response) if replayed else response
 
     async def analyze_faces(self, request: FacesRequest, request_id: str | None = None) -> FacesResponse:
+        if request.identities is not None:
+            return await self._faces_layout(request, request_id)
         image = await self.images.load(request.image_b64, request.image_uri, "image")
         maps = None
         if request.include_control_maps:
@@ -252,6 +263,53 @@ class Ingress:
             if maps is None
             else {name: base64.b64encode(png).decode() for name, png in (await maps).items()},
         )
+
+    async def _faces_layout(self, request: FacesRequest, request_id: str | None) -> FacesResponse:
+        """The layout a multi-identity generation with these identities (and this pose photo) would use: the same
+        face stage calls, without generating."""
+        assert request.identities is not None
+        pose = None
+        if request.image_b64 is not None or request.image_uri is not None:
+            pose = await self.images.load(request.image_b64, request.image_uri, "image")
+        photos = await self._identity_photos(request.identities)
+        specs, identified = self._identify_all(request.identities, photos)
+        layout: GroupLayout = await self.face.group_layout.remote(
+            GroupFaceRequest(specs, pose, request.width, request.height), request.include_keypoint_image, *identified
+        )
+        png = layout.keypoint_image_png
+        return FacesResponse(
+            request_id=request_id or uuid.uuid4().hex,
+            width=layout.condition.width,
+            height=layout.condition.height,
+            faces=[FaceInfo.of(face) for face in layout.pose_faces],
+            chosen=None,
+            keypoint_image_png_b64=None if png is None else base64.b64encode(png).decode(),
+            layout=LayoutInfo.model_validate(group_layout(layout.condition)),
+        )
+
+    async def _identity_photos(self, identities: list[IdentityChoice]) -> list[list[bytes]]:
+        """Every identity's photos as bytes (base64 or allowed s3://), loaded concurrently."""
+        loads = [
+            self.images.load(photo.b64, photo.uri, f"identities[{i}].images[{j}]")
+            for i, identity in enumerate(identities)
+            for j, photo in enumerate(identity.images)
+        ]
+        flat = iter(await asyncio.gather(*loads))
+        return [[next(flat) for _ in identity.images] for identity in identities]
+
+    def _identify_all(
+        self, identities: list[IdentityChoice], photos: list[list[bytes]]
+    ) -> tuple[list[IdentitySpec], list[DeploymentResponse]]:
+        """One FaceAnalyzer ``identify`` call per photo of every identity (spread over the replicas), in identity and
+        photo order, and each identity's spec for the call that combines them."""
+        specs, identified = [], []
+        for i, (identity, data) in enumerate(zip(identities, photos, strict=True)):
+            specs.append(IdentitySpec(len(data), identity.identity_combine, identity.spec()))
+            identified += [
+                self.face.identify.remote(IdentityRequest(image, j, len(data), identity.face_index, identity=i))
+                for j, image in enumerate(data)
+            ]
+        return specs, identified
 
     async def models(self) -> ModelsResponse:
         """The catalogue (names, descriptions, defaults; never where the files are) and what one denoiser holds."""
@@ -729,15 +787,24 @@ class Ingress:
         model, preset = self.catalogue.choose(options.base_model, options.lora_requests(), options.mode)
         params = options.sampling_params(options.resolved_seed(), preset, img2img=request.has_init_image)
         self._check_controls(params, {c.name for c in request.controlnets if c.has_image})
-        photos = request.face_photos()
-        face_images = list(
-            await asyncio.gather(
-                *(
-                    self.images.load(photo.b64, photo.uri, "face_image" if len(photos) == 1 else f"face_images[{i}]")
-                    for i, photo in enumerate(photos)
+        identities = request.identities
+        identity_photos: list[list[bytes]] = []
+        if identities is not None:  # several people: their count is part of the batch key (context length)
+            params = dataclasses.replace(params, identities=len(identities))
+            identity_photos = await self._identity_photos(identities)
+            face_images = [data for photos_of_one in identity_photos for data in photos_of_one]
+        else:
+            photos = request.face_photos()
+            face_images = list(
+                await asyncio.gather(
+                    *(
+                        self.images.load(
+                            photo.b64, photo.uri, "face_image" if len(photos) == 1 else f"face_images[{i}]"
+                        )
+                        for i, photo in enumerate(photos)
+                    )
                 )
             )
-        )
         face_image = face_images[0]
         pose_image = None
         if request.has_pose_image:
@@ -751,8 +818,18 @@ class Ingress:
             for c in request.controlnets
             if c.has_image and c.name in active
         }
+        if identities is not None and pose_image is None and active - set(uploaded):
+            raise InvalidParameterError(
+                "with identities, computed control maps need a pose_image (the faces are placed by the layout, not "
+                "where they are in the identity photos); give pose_image or upload the maps"
+            )
         prompt, negative = apply_style(options.style, options.prompt, options.negative_prompt)
-        face = self._analyze_faces(face_images, pose_image, options)
+        if identities is not None:
+            specs, identified = self._identify_all(identities, identity_photos)
+            group = GroupFaceRequest(specs, pose_image, options.width, options.height)
+            face = self.face.analyze_group.remote(group, *identified)
+        else:
+            face = self._analyze_faces(face_images, pose_image, options)
         # Routed by base: Serve prefers replicas that report it loaded (model multiplexing).
         prompt_stage = self.prompt.options(multiplexed_model_id=model.base)
         denoiser = self.denoiser.options(multiplexed_model_id=model.base)
@@ -789,6 +866,17 @@ class Ingress:
             "strength": params.strength,
             "denoising_steps": params.denoising_steps,
         }
+        if identities is not None:
+            effective["identities"] = [
+                {
+                    "index": i,
+                    "photos": len(identity.images),
+                    "face_index": identity.face_index,
+                    "identity_combine": identity.identity_combine,
+                    "region": identity.region,
+                }
+                for i, identity in enumerate(identities)
+            ]
         record = GenerationRecord(
             id=job_id or new_generation_id(),
             request_id=request_id,
@@ -806,7 +894,13 @@ class Ingress:
         )
         inputs = None
         if request.store_inputs:
-            if len(face_images) == 1:
+            if identities is not None:
+                inputs = {
+                    f"identity-{i}-{j}": data
+                    for i, photos_of_one in enumerate(identity_photos)
+                    for j, data in enumerate(photos_of_one)
+                }
+            elif len(face_images) == 1:
                 inputs = {"face": face_image}
             else:
                 inputs = {f"face-{i}": data for i, data in enumerate(face_images)}
@@ -815,9 +909,13 @@ class Ingress:
             inputs |= {f"control-{name}": data for name, data in uploaded.items()}
         try:
             # Every image is scored by the FaceAnalyzer (images go there and to the store, never through here).
-            scores = self.face.score.remote(images, face)
+            # (several people: each identity is scored in its own region)
+            scores = self.face.score.remote(images, face) if identities is None else None
+            region_scores = self.face.score_identities.remote(images, face) if identities is not None else None
             saved: SavedGeneration = await asyncio.wait_for(
-                self.store.save.remote(record, images, options.output_format, options.output_quality, inputs, scores),
+                self.store.save.remote(
+                    record, images, options.output_format, options.output_quality, inputs, scores, region_scores
+                ),
                 timeout=self.api.request_timeout_s,
             )
         except asyncio.TimeoutError:
@@ -830,7 +928,13 @@ class Ingress:
         warnings = [
             f"no face found in image {index}: its identity_similarity is null"
             for index, image in enumerate(saved.stored.images)
-            if image.identity_similarity is None
+            if image.identity_similarity is None and image.identities is None
+        ]
+        warnings += [
+            f"no face found in identity {score.index}'s region in image {index}: its similarity is null"
+            for index, image in enumerate(saved.stored.images)
+            for score in image.identities or []
+            if score.similarity is None
         ]
         stored_images = saved.stored.images
         if options.min_identity_similarity is not None:
@@ -856,6 +960,7 @@ class Ingress:
             parameters={**effective, "width": saved.params.width, "height": saved.params.height},
             replicas=saved.replicas,
             batch=BatchInfo(**dataclasses.asdict(saved.batch)) if saved.batch is not None else None,
+            layout=LayoutInfo.model_validate(saved.layout) if saved.layout is not None else None,
             warnings=warnings,
         )
 
@@ -927,7 +1032,11 @@ class Ingress:
             max_request_bytes=self.api.max_request_bytes,
             idle_timeout_s=self.api.body_idle_timeout_s,
             files=files,
-            repeated={"face_image": ("face_images", MAX_FACE_PHOTOS)},
+            repeated={
+                "face_image": ("face_images", MAX_FACE_PHOTOS),
+                **{part: (f"{part}_images", MAX_FACE_PHOTOS) for part in IDENTITY_PARTS},
+            },
+            alternatives=IDENTITY_PARTS,
         )
 
     def _principal(self, request: Request) -> str:

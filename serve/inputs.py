@@ -63,11 +63,13 @@ async def read_body(
     idle_timeout_s: float,
     files: Mapping[str, str],
     repeated: Mapping[str, tuple[str, int]] | None = None,
+    alternatives: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The request's fields, from a JSON or a multipart body; a 408 when the body stalls for ``idle_timeout_s``.
 
     ``files`` maps each accepted multipart file part to the field it fills (``NAME`` -> ``FIELD_b64``); several
-    part names may fill one field (aliases). The first field of ``files`` is required in multipart requests.
+    part names may fill one field (aliases). The first field of ``files`` is required in multipart requests, unless
+    a part of ``alternatives`` (fields) is given instead (several people's ``identity_N`` parts).
     ``repeated``: fields whose part may be repeated (``FIELD`` -> (list field, most parts)): one part fills
     ``FIELD_b64`` as usual, several fill the list field as ``[{"b64": ...}, ...]`` in the order sent.
     """
@@ -83,14 +85,18 @@ async def read_body(
             raise ApiError(422, "invalid_parameter", "the JSON body must be an object")
         return fields
     if content_type == "multipart/form-data":
-        return await _read_multipart(request, max_upload_bytes, files, repeated or {})
+        return await _read_multipart(request, max_upload_bytes, files, repeated or {}, alternatives)
     raise UnsupportedImageTypeError(
         f"content type {content_type or '(none)'} is not accepted; use application/json or multipart/form-data"
     )
 
 
 async def _read_multipart(
-    request: Request, max_upload_bytes: int, files: Mapping[str, str], repeated: Mapping[str, tuple[str, int]]
+    request: Request,
+    max_upload_bytes: int,
+    files: Mapping[str, str],
+    repeated: Mapping[str, tuple[str, int]],
+    alternatives: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     # One part more than allowed still parses, so that the model's own limit reports it (a 422 naming the field).
     max_files = len(files) + sum(most for _, most in repeated.values())
@@ -115,8 +121,9 @@ async def _read_multipart(
         else:
             fields[name] = value
     required = next(iter(files.values()))
-    if required not in uploads:
-        raise ApiError(422, "invalid_parameter", f"multipart requests need a file part {required!r}")
+    if required not in uploads and not any(name in uploads for name in alternatives):
+        instead = f" (or {', '.join(alternatives[:2])}, ... for several people)" if alternatives else ""
+        raise ApiError(422, "invalid_parameter", f"multipart requests need a file part {required!r}{instead}")
     for target, parts in uploads.items():
         encoded = [base64.b64encode(data).decode() for data in parts]
         if len(encoded) == 1:

@@ -15,6 +15,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from deployments.instantid.catalogue import LORA_SCALE_RANGE, MAX_REQUEST_LORAS, ModeSpec
 from deployments.instantid.conditioning import ChosenFace
 from deployments.instantid.control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW
+from deployments.instantid.errors import InvalidParameterError
 from deployments.instantid.faces import DetectedFace
 from deployments.instantid.identity import DEFAULT_IDENTITY_COMBINE, MAX_FACE_PHOTOS, IdentityCombine
 from deployments.instantid.params import (
@@ -22,10 +23,13 @@ from deployments.instantid.params import (
     DEFAULT_CONTROLNET_STRENGTH,
     DEFAULT_IMG2IMG_STRENGTH,
     DEFAULT_PARAMS,
+    MAX_IDENTITIES,
+    MIN_IDENTITIES,
     ControlNetName,
     ControlSetting,
     GenerationParams,
 )
+from deployments.instantid.regions import Layout, check_regions
 from deployments.instantid.schedulers import SchedulerName
 from deployments.instantid.styles import DEFAULT_STYLE, StyleName
 from deployments.messages import StageTiming
@@ -42,8 +46,11 @@ MAX_FACE_INDEX = 63  # more faces than this in one photo are not told apart
 OutputFormat = Literal["png", "jpeg", "webp"]
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
 CannyThreshold = Annotated[int, Field(ge=0, le=1000)]
-JSON_FORM_FIELDS = ("loras", "controlnets")  # list-valued fields a multipart form carries as JSON text
+JSON_FORM_FIELDS = ("loras", "controlnets", "identities")  # list-valued fields a multipart form carries as JSON text
 CONTROL_IMAGE_PART = "control_image_{}"  # multipart file part of a ready-made map, per ControlNet
+IDENTITY_PART = "identity_{}"  # multipart file part (repeatable) of identity N's photos
+IDENTITY_PARTS = tuple(IDENTITY_PART.format(i) for i in range(MAX_IDENTITIES + 1))  # one more: its 422 names the limit
+SINGLE_FACE_FIELDS = ("face_image_b64", "face_image_uri", "face_images", "face_index", "identity_combine")
 
 
 def decode_json_form_fields(data: Any) -> Any:
@@ -59,7 +66,43 @@ def decode_json_form_fields(data: Any) -> Any:
     return data
 
 
-_JSON_EXAMPLES = {"loras": '[{"name": "x", "scale": 0.8}]', "controlnets": '[{"name": "canny", "strength": 0.4}]'}
+_JSON_EXAMPLES = {
+    "loras": '[{"name": "x", "scale": 0.8}]',
+    "controlnets": '[{"name": "canny", "strength": 0.4}]',
+    "identities": '[{"region": [0, 0, 512, 1024]}, {"region": [512, 0, 1024, 1024]}]',
+}
+
+
+def merge_identity_parts(data: Any) -> Any:
+    """Multipart ``identity_N`` parts (arriving as ``identity_N_b64``, or ``identity_N_images`` when repeated) become
+    ``identities[N].images``; the ``identities`` form field (JSON) holds the rest of each identity."""
+    if not isinstance(data, dict):
+        return data
+    parts: dict[int, list[dict[str, str]]] = {}
+    rest = dict(data)
+    for index, name in enumerate(IDENTITY_PARTS):
+        if f"{name}_b64" in rest:
+            parts[index] = [{"b64": rest.pop(f"{name}_b64")}]
+        elif f"{name}_images" in rest:
+            parts[index] = rest.pop(f"{name}_images")
+    if not parts:
+        return data
+    items = rest.get("identities")
+    if items is None:
+        items = []
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        return rest  # the field's own validation reports it
+    count = max(len(items), max(parts) + 1)
+    missing = [IDENTITY_PART.format(i) for i in range(count) if i not in parts]
+    if missing:
+        raise ValueError(f"identity parts must be numbered from 0 without gaps: {', '.join(missing)} missing")
+    merged = []
+    for index in range(count):
+        item = dict(items[index]) if index < len(items) else {}
+        if item.get("images") is not None:
+            raise ValueError(f"identities[{index}]: its images were given twice (part {IDENTITY_PART.format(index)})")
+        merged.append({**item, "images": parts[index]})
+    return {**rest, "identities": merged}
 
 
 class LoraChoice(BaseModel):
@@ -270,6 +313,28 @@ class FacePhoto(BaseModel):
         return self
 
 
+class IdentityChoice(BaseModel):
+    """One person of a multi-identity request: their photos, and optionally the region of the output they own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[FacePhoto] = Field(
+        min_length=1, max_length=MAX_FACE_PHOTOS, description="1-8 photos of this person (multipart: identity_N parts)."
+    )
+    face_index: int = Field(default=0, ge=0, le=MAX_FACE_INDEX, description="Which face of each of its photos.")
+    identity_combine: IdentityCombine = Field(default=DEFAULT_IDENTITY_COMBINE, description="As for one person.")
+    region: list[float] | None = Field(
+        default=None,
+        min_length=4,
+        max_length=4,
+        description="x1, y1, x2, y2 in output pixels: where this person's face tokens and IdentityNet act, and where "
+        "their face goes. Give one for every identity or for none; regions may not overlap.",
+    )
+
+    def spec(self) -> tuple[float, float, float, float] | None:
+        return None if self.region is None else (self.region[0], self.region[1], self.region[2], self.region[3])
+
+
 class GenerateRequest(GenerationOptions):
     """JSON body of ``POST /v1/generate`` and the argument of ``Ingress.generate`` over a handle.
 
@@ -285,6 +350,13 @@ class GenerateRequest(GenerationOptions):
         max_length=MAX_FACE_PHOTOS,
         description="1-8 photos of the same person, instead of face_image_b64/face_image_uri (multipart: repeat the "
         "face_image part).",
+    )
+    identities: list[IdentityChoice] | None = Field(
+        default=None,
+        description=f"{MIN_IDENTITIES}-{MAX_IDENTITIES} people in one image, instead of the face_image*/face_images "
+        "fields (and face_index/identity_combine, which each identity has itself). Faces come from the pose photo's "
+        "faces matched left to right, else from the regions, else from equal columns. Multipart: identity_0, "
+        "identity_1, ... parts (repeatable) and an identities field holding the JSON of the rest.",
     )
     pose_image_b64: str | None = Field(default=None, description="Optional pose/composition photo, base64.")
     pose_image_uri: str | None = None
@@ -303,7 +375,7 @@ class GenerateRequest(GenerationOptions):
     @classmethod
     def _control_image_parts(cls, data: Any) -> Any:
         """Multipart ``control_image_NAME`` parts arrive as ``control_image_NAME_b64``: into their controlnet."""
-        data = decode_json_form_fields(data)
+        data = merge_identity_parts(decode_json_form_fields(data))
         if not isinstance(data, dict):
             return data
         keys = {name: f"{CONTROL_IMAGE_PART.format(name)}_b64" for name in CONTROLNET_NAMES}
@@ -330,9 +402,34 @@ class GenerateRequest(GenerationOptions):
 
     @model_validator(mode="after")
     def _check_images(self) -> GenerateRequest:
-        given = [self.face_image_b64 is not None, self.face_image_uri is not None, self.face_images is not None]
-        if sum(given) != 1:
-            raise ValueError("give exactly one of face_image_b64, face_image_uri and face_images")
+        if self.identities is not None:
+            both = sorted(set(SINGLE_FACE_FIELDS) & self.model_fields_set)
+            if both:
+                raise ValueError(
+                    f"give either identities or the single-person face fields, not both (also got {', '.join(both)}; "
+                    "each identity has its own images, face_index and identity_combine)"
+                )
+            if not MIN_IDENTITIES <= len(self.identities) <= MAX_IDENTITIES:
+                raise ValueError(
+                    f"identities holds {MIN_IDENTITIES} to {MAX_IDENTITIES} people, got {len(self.identities)}"
+                )
+            if "pose_face_index" in self.model_fields_set:
+                raise ValueError(
+                    "pose_face_index is for one person: with identities the pose photo's faces are "
+                    "matched to the identities left to right"
+                )
+            regions = [identity.region for identity in self.identities]
+            if any(r is not None for r in regions) and any(r is None for r in regions):
+                raise ValueError("give a region for every identity or for none")
+            if self.width is not None and self.height is not None and all(r is not None for r in regions):
+                try:
+                    check_regions(regions, self.width, self.height)  # type: ignore[arg-type]
+                except InvalidParameterError as exc:
+                    raise ValueError(exc.message) from None
+        else:
+            given = [self.face_image_b64 is not None, self.face_image_uri is not None, self.face_images is not None]
+            if sum(given) != 1:
+                raise ValueError("give exactly one of face_image_b64, face_image_uri, face_images and identities")
         if self.pose_image_b64 is not None and self.pose_image_uri is not None:
             raise ValueError("give at most one of pose_image_b64 and pose_image_uri")
         if self.init_image_b64 is not None and self.init_image_uri is not None:
@@ -344,7 +441,9 @@ class GenerateRequest(GenerationOptions):
         return self
 
     def face_photos(self) -> list[FacePhoto]:
-        """The face photos in order, whichever form the request used."""
+        """The face photos in order, whichever form the request used (every identity's, in order, with identities)."""
+        if self.identities is not None:
+            return [photo for identity in self.identities for photo in identity.images]
         if self.face_images is not None:
             return list(self.face_images)
         return [FacePhoto(b64=self.face_image_b64, uri=self.face_image_uri)]
@@ -381,6 +480,11 @@ class FacesRequest(BaseModel):
         validation_alias=AliasChoices("image_uri", "face_image_uri"),
         description="The photo as s3://bucket/key.",
     )
+    identities: list[IdentityChoice] | None = Field(
+        default=None,
+        description="Show the layout a multi-identity generation would use (as on /v1/generate); the image, if any, "
+        "is then the pose photo.",
+    )
     include_keypoint_image: bool = False
     include_control_maps: bool = Field(
         default=False, description="Also return the canny/depth maps a generation from this photo would use."
@@ -390,9 +494,23 @@ class FacesRequest(BaseModel):
     canny_low: CannyThreshold = DEFAULT_CANNY_LOW
     canny_high: CannyThreshold = DEFAULT_CANNY_HIGH
 
+    @model_validator(mode="before")
+    @classmethod
+    def _identity_parts(cls, data: Any) -> Any:
+        return merge_identity_parts(decode_json_form_fields(data))
+
     @model_validator(mode="after")
     def _check_image(self) -> FacesRequest:
-        if (self.image_b64 is None) == (self.image_uri is None):
+        if self.identities is not None:
+            if not MIN_IDENTITIES <= len(self.identities) <= MAX_IDENTITIES:
+                raise ValueError(
+                    f"identities holds {MIN_IDENTITIES} to {MAX_IDENTITIES} people, got {len(self.identities)}"
+                )
+            if self.image_b64 is not None and self.image_uri is not None:
+                raise ValueError("give at most one of image_b64 and image_uri (the pose photo)")
+            if self.include_control_maps:
+                raise ValueError("include_control_maps is for one photo, not for a multi-identity layout")
+        elif (self.image_b64 is None) == (self.image_uri is None):
             raise ValueError("give exactly one of image_b64 and image_uri")
         if (self.width is None) != (self.height is None):
             raise ValueError("give both width and height, or neither")
@@ -413,6 +531,7 @@ class FaceInfo(BaseModel):
 
 class FaceUsed(FaceInfo):
     source: Literal["face", "pose"] = Field(description="A face photo (the identity) or the pose photo (geometry).")
+    identity: int | None = Field(default=None, description="Several people: the identity this face belongs to.")
     photo_index: int = Field(description="The photo's index among the face photos (0 for the pose photo).")
     face_index: int = Field(description="The face's index in that photo, in POST /v1/faces order.")
 
@@ -421,9 +540,26 @@ class FaceUsed(FaceInfo):
         return cls(
             **FaceInfo.of(chosen.face).model_dump(),
             source=chosen.source,
+            identity=chosen.identity,
             photo_index=chosen.photo_index,
             face_index=chosen.face_index,
         )
+
+
+class IdentityPlacement(BaseModel):
+    index: int = Field(description="The identity's index in the request's identities.")
+    region: list[float] = Field(description="x1, y1, x2, y2 in output pixels: the part of the image it owns.")
+    box: list[float] = Field(description="Its face's box in output pixels.")
+    keypoints: list[list[float]] = Field(description="Its face's 5 keypoints in output pixels (IdentityNet's input).")
+
+
+class LayoutInfo(BaseModel):
+    layout: Layout = Field(
+        description="pose: the pose photo's faces left to right; regions: the given regions; columns: equal columns."
+    )
+    width: int
+    height: int
+    identities: list[IdentityPlacement]
 
 
 class LoraUsed(BaseModel):
@@ -459,6 +595,7 @@ class GenerateResponse(BaseModel):
     )
     replicas: dict[str, str] = Field(default_factory=dict, description="The Serve replica that ran each stage.")
     batch: BatchInfo | None = Field(default=None, description="The denoising batch this request shared.")
+    layout: LayoutInfo | None = Field(default=None, description="Several people: where each one was placed.")
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -478,6 +615,9 @@ class FacesResponse(BaseModel):
     keypoint_image_png_b64: str | None = None
     control_maps_png_b64: dict[str, str] | None = Field(
         default=None, description="With include_control_maps: name -> PNG, at the keypoint image's size."
+    )
+    layout: LayoutInfo | None = Field(
+        default=None, description="With identities: the layout (regions and keypoints) a generation would use."
     )
 
 

@@ -61,7 +61,9 @@ def test_copies_of_one_photo_in_json_and_multipart_give_the_one_photo_image(serv
         assert set(body["replicas"]) >= {f"face_photo_{i}" for i in range(count)}
         meta = stored_meta(serve_stack.s3.client(), body)
         assert [f["photo_index"] for f in meta["faces"]] == list(range(count)) and meta["face_photos"] == count
-    assert single.json()["faces"] == [{**single.json()["face"], "source": "face", "photo_index": 0, "face_index": 0}]
+    assert single.json()["faces"] == [
+        {**single.json()["face"], "source": "face", "identity": None, "photo_index": 0, "face_index": 0}
+    ]
     assert not any("truncated" in warning for warning in single.json()["warnings"])
 
 

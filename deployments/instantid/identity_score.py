@@ -12,11 +12,14 @@ made-up low score would be indistinguishable from a real identity loss.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 from .faces import FaceAnalyzer
 
-__all__ = ["identity_similarities", "identity_similarity", "reference_direction"]
+__all__ = ["identity_similarities", "identity_similarity", "reference_direction", "region_similarities"]
 
 
 def reference_direction(reference: np.ndarray) -> np.ndarray:
@@ -94,3 +97,37 @@ def identity_similarities(analyzer: FaceAnalyzer, images: np.ndarray, reference:
         shape = getattr(images, "shape", None)
         raise ValueError(f"expected images of shape (N, H, W, 3), got {type(images).__name__} {shape}")
     return [_score(analyzer, image, direction) for image in images]
+
+
+def region_similarities(
+    analyzer: FaceAnalyzer, image_rgb: np.ndarray, identities: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> list[dict[str, Any]]:
+    """Several people in one image: per identity ``(reference, region)``, its region's best-matching face.
+
+    The image's faces are detected once; a face belongs to the region that holds its box centre (regions do not
+    overlap), and each face there is compared with that identity's reference (as :func:`identity_similarity`
+    compares). Returns one ``{"index", "box", "similarity"}`` per identity, in order: the best face's box in the
+    image's pixels and its cosine, or ``box``/``similarity`` None when no face lies in the region. So a client sees
+    whether each person came out as themselves, and where.
+    """
+    directions = [reference_direction(reference) for reference, _ in identities]
+    faces = analyzer.detect(image_rgb)
+    results: list[dict[str, Any]] = []
+    for index, ((_, region), direction) in enumerate(zip(identities, directions, strict=True)):
+        x1, y1, x2, y2 = (float(v) for v in np.asarray(region).reshape(-1)[:4])
+        best: tuple[float, Any] | None = None
+        for face in faces:
+            cx, cy = float(face.bbox[0] + face.bbox[2]) / 2.0, float(face.bbox[1] + face.bbox[3]) / 2.0
+            if not (x1 <= cx < x2 and y1 <= cy < y2):
+                continue
+            similarity = _cosine(analyzer.embed(image_rgb, face), direction)
+            if similarity is not None and (best is None or similarity > best[0]):
+                best = (similarity, face)
+        results.append(
+            {
+                "index": index,
+                "box": None if best is None else [float(v) for v in best[1].bbox],
+                "similarity": None if best is None else best[0],
+            }
+        )
+    return results

@@ -178,6 +178,18 @@ def encode_meta(meta: dict[str, Any]) -> bytes:
 
 
 # One image confirmed in S3; also what API responses list (its class docstring would become the schema's text).
+class IdentityScore(BaseModel):
+    """Several people in one image: how one identity came out in its region."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(description="The identity's index in the request's identities.")
+    box: list[float] | None = Field(
+        description="x1, y1, x2, y2 of the region's best-matching face in the image; null when none was found."
+    )
+    similarity: float | None = Field(description="Its cosine similarity with the identity's photos (ArcFace).")
+
+
 class StoredImage(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -194,6 +206,11 @@ class StoredImage(BaseModel):
     )
     below_min_identity_similarity: bool | None = Field(
         default=None, description="With min_identity_similarity: true when this image scored below it (or has no face)."
+    )
+    identities: list[IdentityScore] | None = Field(
+        default=None,
+        description="Several people: per identity, its region's best-matching face and similarity; "
+        "identity_similarity is then the lowest of them (null when any region shows no face).",
     )
 
     @property
@@ -287,6 +304,7 @@ class GenerationStore:
         meta: dict[str, Any],
         extra_objects: Sequence[tuple[str, bytes, str]] = (),
         identity_similarities: Sequence[float | None] | None = None,
+        identity_scores: Sequence[Sequence[dict[str, Any]]] | None = None,
     ) -> PreparedGeneration:
         """Encode everything a generation stores, without touching S3 (so it can be spooled and replayed).
 
@@ -294,7 +312,8 @@ class GenerationStore:
         overwrite same-named caller keys: the store's record of what it stored is authoritative. Bad
         arguments (including meta that is not JSON-serialisable) raise ``ValueError``/``TypeError``.
         ``extra_objects`` are ``(name, bytes, content_type)`` stored next to the images (e.g. input photos
-        the client asked to keep); names are fixed by the server.
+        the client asked to keep); names are fixed by the server. ``identity_scores`` (several people): per image,
+        one :class:`IdentityScore` dict per identity; the image's ``identity_similarity`` is then their minimum.
         """
         validate_generation_id(generation_id)
         if not images:
@@ -317,6 +336,11 @@ class GenerationStore:
                     "identity_similarity": None if identity_similarities is None else identity_similarities[index],
                 }
             )
+            if identity_scores is not None:
+                scores = [IdentityScore.model_validate(score).model_dump() for score in identity_scores[index]]
+                values = [score["similarity"] for score in scores]
+                image_records[-1]["identities"] = scores
+                image_records[-1]["identity_similarity"] = None if None in values or not values else min(values)
         for name, data, content_type in extra_objects:
             if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9]+)?", name):
                 raise ValueError(f"invalid object name {name!r}")
