@@ -429,7 +429,10 @@ class GenerateRequest(GenerationOptions):
         else:
             given = [self.face_image_b64 is not None, self.face_image_uri is not None, self.face_images is not None]
             if sum(given) != 1:
-                raise ValueError("give exactly one of face_image_b64, face_image_uri, face_images and identities")
+                raise ValueError(
+                    "give exactly one of face_image_b64, face_image_uri and face_images (or identities, for several "
+                    "people)"
+                )
         if self.pose_image_b64 is not None and self.pose_image_uri is not None:
             raise ValueError("give at most one of pose_image_b64 and pose_image_uri")
         if self.init_image_b64 is not None and self.init_image_uri is not None:

@@ -531,9 +531,10 @@ def _multipart_cases() -> list[Case]:
             lambda s: _post_form(s, extra_files=[("face_image", "f", FACE_JPEG, "image/jpeg")] * 8),
             *invalid,
         ),
-        Case(  # more file parts than any valid request has (6 kinds, face_image up to 8 times) are not even parsed
-            "multipart-fifteen-files",
-            lambda s: _post_form(s, extra_files=[_pose(FACE_JPEG)] * 14),
+        Case(  # more file parts than any valid request has (11 kinds, face_image and identity_0..4 up to 8 times
+            # each) are not even parsed
+            "multipart-sixty-files",
+            lambda s: _post_form(s, extra_files=[_pose(FACE_JPEG)] * 59),
             400,
             "invalid_request",
         ),

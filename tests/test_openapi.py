@@ -20,9 +20,9 @@ def spec() -> dict:
             "/v1/generate",
             GenerateRequest,
             {"face_image", "pose_image", "init_image", *(f"control_image_{n}" for n in ("pose", "canny", "depth"))},
-            "face_image",
+            None,  # face_image, or identity_N parts for several people
         ),
-        ("/v1/faces", FacesRequest, {"image"}, "image"),
+        ("/v1/faces", FacesRequest, {"image"}, None),  # image, or identity_N parts (with an optional pose photo)
     ],
 )
 def test_post_routes_document_their_json_and_multipart_bodies(spec, path, model, files, required_file) -> None:
@@ -52,15 +52,19 @@ def test_post_routes_document_their_json_and_multipart_bodies(spec, path, model,
     assert plain <= set(form["properties"])  # every other field is a form field of the same name
     for name in plain:
         assert form["properties"][name] == json_schema["properties"][name]
-    assert required_file in form["required"]
+    assert required_file is None or required_file in form["required"]
     assert set(form["required"]) - {required_file} == set(json_schema.get("required", []))
+    for index in range(4):  # several people: identity_N parts, each repeatable up to 8 photos
+        part = form["properties"][f"identity_{index}"]
+        assert (part["type"], part["maxItems"], part["items"]["format"]) == ("array", 8, "binary")
+    assert "identity_4" not in form["properties"] and "identities" in form["properties"]
 
 
 def test_generate_form_lists_every_generation_option(spec) -> None:
     form = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     wanted = {"prompt", "seed", "num_inference_steps", "identitynet_strength", "store_inputs", "controlnets"}
     assert wanted <= set(form["properties"])
-    assert form["required"] == ["face_image", "prompt"]
+    assert form["required"] == ["prompt"]  # face_image or identity_N parts: enforced by the request model
 
 
 def test_faces_request_accepts_the_generate_field_names() -> None:
