@@ -25,10 +25,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", required=True, type=Path, help="weights folder (sdxl/, instantid/, antelopev2/)")
     p.add_argument(
         "--face",
-        required=True,
         type=Path,
         action="append",
+        default=[],
         help="identity photo; repeat for up to 8 photos of the same person",
+    )
+    p.add_argument(
+        "--identity",
+        action="append",
+        default=[],
+        metavar="FACE[:X1,Y1,X2,Y2]",
+        help="several people: one photo per person (repeat 2-4 times, instead of --face), optionally with the region "
+        "of the output it owns in output pixels (all or none); faces come from --pose (left to right), else the "
+        "regions, else equal columns",
     )
     p.add_argument(
         "--identity-combine",
@@ -92,7 +101,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from deployments.instantid.params import MAX_FACE_PHOTOS
+    from deployments.instantid.params import MAX_FACE_PHOTOS, MAX_IDENTITIES, MIN_IDENTITIES
     from serve.schemas import GenerationOptions
 
     given = {
@@ -117,6 +126,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "pose_face_index": args.pose_face_index,
         "face_noise": args.face_noise,
     }
+    if bool(args.face) == bool(args.identity):
+        raise CliError("give --face (one person) or --identity (2-4 people), not both and not neither")
+    identities = [_identity_item(item) for item in args.identity]
+    if identities and not MIN_IDENTITIES <= len(identities) <= MAX_IDENTITIES:
+        raise CliError(f"--identity: give {MIN_IDENTITIES} to {MAX_IDENTITIES} people, got {len(identities)}")
+    if identities and args.pose_face_index is not None:
+        raise CliError(
+            "--pose-face-index is for one person: with --identity the --pose faces are matched left to right"
+        )
+    regions = [region for _, region in identities]
+    if any(r is not None for r in regions) and any(r is None for r in regions):
+        raise CliError("--identity: give a region for every identity or for none")
+    if regions and all(r is not None for r in regions) and args.width is not None and args.height is not None:
+        from deployments.instantid.regions import check_regions
+
+        check_regions(regions, args.width, args.height)  # type: ignore[arg-type]
     if len(args.face) > MAX_FACE_PHOTOS:
         raise CliError(f"--face: at most {MAX_FACE_PHOTOS} photos of one person, got {len(args.face)}")
     if args.pose_face_index is not None and args.pose is None:
@@ -142,6 +167,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deployments.instantid.weights import WeightsLayout
 
     faces = [decode_image(_read(path, "--face")) for path in args.face]
+    people = [([decode_image(_read(path, "--identity"))], region) for path, region in identities] or None
     pose = decode_image(_read(args.pose, "--pose")) if args.pose else None
     init = decode_image(_read(args.init_image, "--init-image")) if args.init_image else None
     control_images = {name: decode_image(_read(path, "--control-image")) for name, path in control_files.items()}
@@ -155,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     needs_depth = any(c.name == "depth" for c in params.active_controlnets) and "depth" not in control_images
     pipeline = _pipeline(layout, args, base, lora_files, controlnets, args.weights / "depth" if needs_depth else None)
     output = pipeline(
-        faces[0] if len(faces) == 1 else faces,
+        (faces[0] if len(faces) == 1 else faces) if faces else [],
         options.prompt,
         options.negative_prompt,
         params=params,
@@ -168,6 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         face_index=options.face_index,
         pose_face_index=options.pose_face_index,
         identity_combine=options.identity_combine,
+        identities=people,
     )
     try:
         _write_images(output.images, args.out, options.output_quality)
@@ -175,6 +202,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CliError(f"--out: cannot write {args.out}: {exc}") from None
     print(f"wrote {args.out} ({output.params.width}x{output.params.height}, seed {seed})")
     return 0
+
+
+def _identity_item(item: str) -> tuple[Path, tuple[float, float, float, float] | None]:
+    """``FACE[:X1,Y1,X2,Y2]``: a photo path and its optional region (a path may itself hold colons)."""
+    path, sep, box = item.rpartition(":")
+    if sep:
+        try:
+            values = tuple(float(v) for v in box.split(","))
+        except ValueError:
+            values = ()
+        if len(values) == 4:
+            return Path(path), (values[0], values[1], values[2], values[3])
+    return Path(item), None
 
 
 def _check_device(device: str, dtype: str) -> None:

@@ -258,3 +258,35 @@ def test_unwritable_outputs_are_one_line_errors(tiny_weights: Path, work: Path, 
     code, line = run_main(args, capsys)
     assert code == 2 and line.startswith("error: --out: cannot write") and "a-file" in line
     assert blocker.read_text() == "in the way"
+
+
+def test_generate_several_people_with_identity_flags(tiny_weights: Path, work: Path, tmp_path: Path, capsys) -> None:
+    """``--identity FACE[:X1,Y1,X2,Y2]`` repeated: one photo per person, each with the region it owns."""
+    out = tmp_path / "two.png"
+    args = [
+        "generate", "--weights", tiny_weights, "--prompt", "two people", "--style", "none", "--steps", "1",
+        "--width", "512", "--height", "256", "--seed", "3", "--out", out,
+        "--identity", f"{work / 'astronaut.jpg'}:0,0,256,256", "--identity", f"{POSE_PHOTO}:256,0,512,256",
+    ]  # fmt: skip
+    assert main([str(a) for a in args]) == 0, capsys.readouterr().err
+    assert "(512x256, seed 3)" in capsys.readouterr().out
+    assert pixels(out).shape == (256, 512, 3)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--identity", "A"], "--identity: give 2 to 4 people, got 1"),
+        (["--identity", "A", "--identity", "A", "--face", "A"], "--face (one person) or --identity (2-4 people)"),
+        (["--identity", "A:0,0,300,256", "--identity", "A:256,0,512,256"], "overlap"),
+        (["--identity", "A:0,0,256,256", "--identity", "A"], "a region for every identity or for none"),
+    ],
+)
+def test_bad_identity_flags_are_one_line_errors(
+    tiny_weights: Path, work: Path, tmp_path: Path, capsys, flags: list[str], fragment: str
+) -> None:
+    face = str(work / "astronaut.jpg")
+    flags = [face + flag[1:] if flag.startswith("A") else flag for flag in flags]
+    args = ["generate", "--weights", tiny_weights, "--prompt", "x", "--steps", "1", "--width", "512", "--height", "256"]
+    code, line = run_main([*args, "--out", tmp_path / "o.png", *flags], capsys)
+    assert code == 2 and fragment in line, line

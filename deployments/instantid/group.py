@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .conditioning import ChosenFace, FaceCondition, output_size
-from .errors import InvalidParameterError, NoFaceError
+from .conditioning import ChosenFace, FaceCondition, identify, output_size
+from .errors import InstantIDError, InvalidParameterError, NoFaceError
 from .faces import DetectedFace, FaceAnalyzer
 from .identity import DEFAULT_IDENTITY_COMBINE, combine_embeddings
 from .keypoints import REFERENCE_LONG_SIDE
@@ -151,3 +151,38 @@ def group_condition(
         identities=placed,
         layout=layout,
     )
+
+
+def prepare_group_condition(
+    analyzer: FaceAnalyzer,
+    identities: Sequence[tuple[Sequence[np.ndarray], Sequence[float] | None]],
+    pose_rgb: np.ndarray | None = None,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    long_side: int = REFERENCE_LONG_SIDE,
+    min_face_px: int = 1,
+    face_index: int = 0,
+    identity_combine: str = DEFAULT_IDENTITY_COMBINE,
+) -> FaceCondition:
+    """All of a multi-identity face stage in one process: per identity ``(photos, region or None)``, and the optional
+    pose photo. The served graph runs the same steps, each photo on its own FaceAnalyzer replica."""
+    analysed = []
+    for index, (photos, region) in enumerate(identities):
+        chosen = []
+        for photo_index, rgb in enumerate(photos):
+            try:
+                found = identify(
+                    analyzer,
+                    rgb,
+                    photo_index=photo_index,
+                    photos=len(photos),
+                    face_index=face_index,
+                    min_face_px=min_face_px,
+                )
+            except InstantIDError as exc:
+                raise type(exc)(f"identities[{index}]: {exc.message}") from exc
+            chosen.append(replace(found, identity=index))
+        analysed.append(IdentityPhotos(chosen, identity_combine, region))
+    pose = locate_pose_faces(analyzer, pose_rgb) if pose_rgb is not None else None
+    return group_condition(analysed, pose, width=width, height=height, long_side=long_side)

@@ -6,6 +6,7 @@ face analysis -> :class:`FaceCondition`, then the denoiser with the size the fac
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,9 @@ from .conditioning import FaceCondition, prepare_face_condition
 from .control_inputs import ControlInputs, prepare_control_inputs
 from .control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, DepthEstimator, load_depth_estimator
 from .denoiser import DenoiseJob, InstantIDDenoiser
+from .errors import InvalidParameterError
 from .faces import FaceAnalyzer
+from .group import prepare_group_condition
 from .identity import DEFAULT_IDENTITY_COMBINE
 from .keypoints import REFERENCE_LONG_SIDE
 from .loading import load_denoiser, load_face_analyzer, load_prompt_encoder, pick_device, pick_dtype
@@ -114,28 +117,49 @@ class InstantIDPipeline:
         face_index: int = 0,
         pose_face_index: int = 0,
         identity_combine: str = DEFAULT_IDENTITY_COMBINE,
+        identities: Sequence[tuple[Sequence[np.ndarray], Sequence[float] | None]] | None = None,
     ) -> GenerationOutput:
         """One generation; ``loras`` are (name, scale) pairs of ``lora_files``; ``control_images`` are ready-made
         maps for ``params.controlnets`` (the others are computed from the pose photo, else the face photo);
         ``init_rgb`` starts image-to-image (with ``params.strength``). ``face_rgb`` may be 1..8 photos of one person,
-        combined by ``identity_combine``; ``face_index``/``pose_face_index`` pick a face (largest first)."""
+        combined by ``identity_combine``; ``face_index``/``pose_face_index`` pick a face (largest first).
+        ``identities``: several people, each ``(photos, region or None)`` (``face_rgb`` is then ignored; computed
+        control maps need the pose photo)."""
         styled, styled_negative = apply_style(style, prompt, negative_prompt)
-        condition = prepare_face_condition(
-            self.analyzer,
-            face_rgb,
-            pose_rgb,
-            width=params.width,
-            height=params.height,
-            long_side=self.long_side,
-            face_index=face_index,
-            pose_face_index=pose_face_index,
-            identity_combine=identity_combine,
-        )
+        if identities is not None:
+            condition = prepare_group_condition(
+                self.analyzer,
+                identities,
+                pose_rgb,
+                width=params.width,
+                height=params.height,
+                long_side=self.long_side,
+                face_index=face_index,
+                identity_combine=identity_combine,
+            )
+            params = dataclasses.replace(params, identities=len(identities))
+            face_rgb = identities[0][0][0]
+        else:
+            condition = prepare_face_condition(
+                self.analyzer,
+                face_rgb,
+                pose_rgb,
+                width=params.width,
+                height=params.height,
+                long_side=self.long_side,
+                face_index=face_index,
+                pose_face_index=pose_face_index,
+                identity_combine=identity_combine,
+            )
         first_photo = face_rgb if isinstance(face_rgb, np.ndarray) else face_rgb[0]
         active = [c.name for c in params.active_controlnets]
         controls = None
         if active or init_rgb is not None:
             uploaded = {name: image for name, image in (control_images or {}).items() if name in active}
+            if identities is not None and pose_rgb is None and set(active) - set(uploaded):
+                raise InvalidParameterError(
+                    "with several identities, computed control maps need a pose photo (or give the maps)"
+                )
             controls = prepare_control_inputs(
                 first_photo if pose_rgb is None else pose_rgb,
                 source_name="face_image" if pose_rgb is None else "pose_image",
@@ -161,6 +185,7 @@ class InstantIDPipeline:
             embeddings,
             control_maps=controls.maps if controls is not None else {},
             init_image=controls.init_image if controls is not None else None,
+            identities=condition.identities,
         )
         images = self.denoiser.generate([job])[0]
         return GenerationOutput(images, condition, sized, styled, styled_negative, embeddings.chunks, controls)
