@@ -167,7 +167,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deployments.instantid.weights import WeightsLayout
 
     faces = [decode_image(_read(path, "--face")) for path in args.face]
-    people = [([decode_image(_read(path, "--identity"))], region) for path, region in identities] or None
+    from deployments.instantid.group import IdentityInput
+
+    people = [
+        IdentityInput(
+            [decode_image(_read(path, "--identity"))],
+            region,
+            face_index=options.face_index,
+            identity_combine=options.identity_combine,
+        )
+        for path, region in identities
+    ] or None
     pose = decode_image(_read(args.pose, "--pose")) if args.pose else None
     init = decode_image(_read(args.init_image, "--init-image")) if args.init_image else None
     control_images = {name: decode_image(_read(path, "--control-image")) for name, path in control_files.items()}

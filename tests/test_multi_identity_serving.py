@@ -173,3 +173,39 @@ def test_bad_multi_identity_requests_are_422s(serve_stack, change: dict, message
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == "invalid_parameter" and message in error["message"], error
+
+
+def test_handle_call_matches_the_in_process_pipeline(serve_stack, tiny_weights) -> None:
+    """The handle API takes the same request model, and the served image is the in-process pipeline's (the CLI's
+    code path) for the same people, pose photo and seed."""
+    from ray import serve as ray_serve
+
+    from deployments.instantid.group import IdentityInput
+    from deployments.instantid.images import decode_image
+    from deployments.instantid.params import GenerationParams
+    from deployments.instantid.pipeline import InstantIDPipeline
+    from deployments.instantid.weights import WeightsLayout
+    from serve.schemas import GenerateRequest, GenerateResponse
+
+    handle = ray_serve.get_app_handle(serve_stack.app_name)
+    request = GenerateRequest(
+        **{k: v for k, v in two_people(pose_image_b64=b64(group_photo_jpeg())).items() if k != "identities"},
+        identities=[
+            {"images": [{"b64": b64(astronaut_jpeg())}]},
+            {"images": [{"b64": b64(group_photo_jpeg())}], "face_index": 4},
+        ],
+    )
+    result = handle.generate.remote(request).result(timeout_s=240)
+    assert isinstance(result, GenerateResponse) and result.layout is not None and result.layout.layout == "pose"
+    client = serve_stack.s3.client()
+    bucket, key = result.images[0].uri[len("s3://") :].split("/", 1)
+    served = np.asarray(Image.open(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read())))
+
+    pipeline = InstantIDPipeline.from_layout(WeightsLayout.from_root(tiny_weights), device="cpu", dtype="float32")
+    params = GenerationParams(width=512, height=256, seed=5, num_inference_steps=FAST_REQUEST["num_inference_steps"])
+    group = decode_image(group_photo_jpeg())
+    people = [IdentityInput([decode_image(astronaut_jpeg())]), IdentityInput([group], face_index=4)]
+    local = pipeline([], "an astronaut", params=params, pose_rgb=group, identities=people)
+    assert local.params.identities == 2
+    assert served.shape == local.images[0].shape == (256, 512, 3)
+    assert np.abs(served.astype(int) - local.images[0].astype(int)).max() <= 2

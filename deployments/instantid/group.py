@@ -153,36 +153,44 @@ def group_condition(
     )
 
 
+@dataclass
+class IdentityInput:
+    """One person for :func:`prepare_group_condition`: photos (RGB uint8), optional region, face choice, combining."""
+
+    photos: Sequence[np.ndarray]
+    region: Sequence[float] | None = None
+    face_index: int = 0
+    identity_combine: str = DEFAULT_IDENTITY_COMBINE
+
+
 def prepare_group_condition(
     analyzer: FaceAnalyzer,
-    identities: Sequence[tuple[Sequence[np.ndarray], Sequence[float] | None]],
+    identities: Sequence[IdentityInput],
     pose_rgb: np.ndarray | None = None,
     *,
     width: int | None = None,
     height: int | None = None,
     long_side: int = REFERENCE_LONG_SIDE,
     min_face_px: int = 1,
-    face_index: int = 0,
-    identity_combine: str = DEFAULT_IDENTITY_COMBINE,
 ) -> FaceCondition:
-    """All of a multi-identity face stage in one process: per identity ``(photos, region or None)``, and the optional
-    pose photo. The served graph runs the same steps, each photo on its own FaceAnalyzer replica."""
+    """All of a multi-identity face stage in one process: every identity's photos and the optional pose photo.
+    The served graph runs the same steps, each photo on its own FaceAnalyzer replica."""
     analysed = []
-    for index, (photos, region) in enumerate(identities):
+    for index, person in enumerate(identities):
         chosen = []
-        for photo_index, rgb in enumerate(photos):
+        for photo_index, rgb in enumerate(person.photos):
             try:
                 found = identify(
                     analyzer,
                     rgb,
                     photo_index=photo_index,
-                    photos=len(photos),
-                    face_index=face_index,
+                    photos=len(person.photos),
+                    face_index=person.face_index,
                     min_face_px=min_face_px,
                 )
             except InstantIDError as exc:
                 raise type(exc)(f"identities[{index}]: {exc.message}") from exc
             chosen.append(replace(found, identity=index))
-        analysed.append(IdentityPhotos(chosen, identity_combine, region))
+        analysed.append(IdentityPhotos(chosen, person.identity_combine, person.region))
     pose = locate_pose_faces(analyzer, pose_rgb) if pose_rgb is not None else None
     return group_condition(analysed, pose, width=width, height=height, long_side=long_side)

@@ -20,7 +20,7 @@ from .control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, DepthEstimator,
 from .denoiser import DenoiseJob, InstantIDDenoiser
 from .errors import InvalidParameterError
 from .faces import FaceAnalyzer
-from .group import prepare_group_condition
+from .group import IdentityInput, prepare_group_condition
 from .identity import DEFAULT_IDENTITY_COMBINE
 from .keypoints import REFERENCE_LONG_SIDE
 from .loading import load_denoiser, load_face_analyzer, load_prompt_encoder, pick_device, pick_dtype
@@ -117,14 +117,15 @@ class InstantIDPipeline:
         face_index: int = 0,
         pose_face_index: int = 0,
         identity_combine: str = DEFAULT_IDENTITY_COMBINE,
-        identities: Sequence[tuple[Sequence[np.ndarray], Sequence[float] | None]] | None = None,
+        identities: Sequence[IdentityInput] | None = None,
     ) -> GenerationOutput:
         """One generation; ``loras`` are (name, scale) pairs of ``lora_files``; ``control_images`` are ready-made
         maps for ``params.controlnets`` (the others are computed from the pose photo, else the face photo);
         ``init_rgb`` starts image-to-image (with ``params.strength``). ``face_rgb`` may be 1..8 photos of one person,
         combined by ``identity_combine``; ``face_index``/``pose_face_index`` pick a face (largest first).
-        ``identities``: several people, each ``(photos, region or None)`` (``face_rgb`` is then ignored; computed
-        control maps need the pose photo)."""
+        ``identities``: several people, each with its photos, optional region and face choice (``face_rgb``,
+        ``face_index``, ``pose_face_index`` and ``identity_combine`` are then unused; computed control maps need the
+        pose photo)."""
         styled, styled_negative = apply_style(style, prompt, negative_prompt)
         if identities is not None:
             condition = prepare_group_condition(
@@ -134,11 +135,9 @@ class InstantIDPipeline:
                 width=params.width,
                 height=params.height,
                 long_side=self.long_side,
-                face_index=face_index,
-                identity_combine=identity_combine,
             )
             params = dataclasses.replace(params, identities=len(identities))
-            face_rgb = identities[0][0][0]
+            face_rgb = identities[0].photos[0]
         else:
             condition = prepare_face_condition(
                 self.analyzer,
