@@ -866,7 +866,9 @@ class Ingress:
             "strength": params.strength,
             "denoising_steps": params.denoising_steps,
         }
-        if identities is not None:
+        if identities is not None:  # the single-person face fields do not apply: each identity has its own
+            for name in ("face_index", "identity_combine", "pose_face_index"):
+                effective.pop(name, None)
             effective["identities"] = [
                 {
                     "index": i,

@@ -74,6 +74,7 @@ def test_two_identities_with_a_pose_photo_end_to_end(serve_stack) -> None:
     assert {u[3] for u in used[2:]} == {0, 1}  # the two largest faces of the pose photo
     assert {"face_0_photo_0", "face_1_photo_0"} <= set(body["replicas"])
     assert [i["face_index"] for i in body["parameters"]["identities"]] == [0, 4]
+    assert not {"face_index", "identity_combine", "pose_face_index"} & set(body["parameters"])  # per identity now
     meta = stored_meta(client, body)
     assert meta["layout"] == layout
     assert [record["identities"] for record in meta["images"]] == [image["identities"] for image in body["images"]]

@@ -31,7 +31,7 @@ from .attention import CONDITIONING_KWARG, FaceConditioning
 from .errors import InvalidParameterError
 from .identity import negative_identity
 from .keypoints import draw_keypoint_image, face_region_mask
-from .multi_identity import identity_conditioning, per_identity_identitynet
+from .multi_identity import identity_conditioning, mask_weights, per_identity_identitynet
 from .params import GenerationParams
 from .regions import PlacedIdentity
 from .resampler import Resampler
@@ -280,7 +280,17 @@ class InstantIDDenoiser:
         the resize and the casts then run once, not 13 residuals x every step.
         """
         if rows["mask"] is not None and rows["mask"].shape[1] > 1:  # several people: each identity's own pass
-            return per_identity_identitynet(self.controlnet, sample, t, rows, keep, weights)
+            return per_identity_identitynet(
+                self.controlnet,
+                sample,
+                t,
+                face=rows["face"],
+                control_image=rows["control_image"],
+                pooled=rows["pooled"],
+                time_ids=rows["time_ids"],
+                conditioning_scale=keep,
+                weight=mask_weights(rows["identity_strength"], rows["mask"], weights),
+            )
         down, mid = self.controlnet(
             sample,
             t,

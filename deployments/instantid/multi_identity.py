@@ -16,7 +16,7 @@ One identity gives exactly the single-identity tensors (same values, same shapes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,15 +59,27 @@ def identity_conditioning(
 
 
 def per_identity_identitynet(
-    controlnet: torch.nn.Module, sample: torch.Tensor, t: torch.Tensor, rows: dict, keep: float, weights: dict
+    controlnet: torch.nn.Module,
+    sample: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    face: torch.Tensor,
+    control_image: torch.Tensor,
+    pooled: torch.Tensor,
+    time_ids: torch.Tensor,
+    conditioning_scale: float,
+    weight: Callable[[tuple[int, int], torch.dtype], torch.Tensor],
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """IdentityNet residuals of a batch whose rows hold k identities (``rows["mask"]`` is (rows, k, H, W)): identity
-    i's pass reads its own tokens and the shared keypoint image, its residuals are scaled by strength x its mask
-    (bilinear, as the single-identity mask), and the k are summed. ``weights`` caches the per-resolution weights."""
-    masks = rows["mask"]
-    count = masks.shape[1]
-    batch = sample.shape[0]
-    face = rows["face"]
+    """IdentityNet residuals of rows that hold k identities' face tokens (``face``: (rows, k x tokens, dim)):
+    identity i's pass reads its own tokens and the shared keypoint image, its residuals are scaled by its own
+    weight, and the k are summed. All k passes are one forward over k x rows (identity-major).
+
+    ``weight(size, dtype)`` gives the (rows, k, h, w) weights at a residual's resolution: strength x identity i's
+    mask resized bilinearly (as the single-identity mask), cached by the caller across steps.
+    """
+    rows = sample.shape[0]
+    probe = weight(tuple(sample.shape[-2:]), sample.dtype)
+    count = probe.shape[1]
     per = face.shape[1] // count
     tokens = torch.cat([face[:, i * per : (i + 1) * per] for i in range(count)])  # identity-major
 
@@ -78,21 +90,29 @@ def per_identity_identitynet(
         repeat(sample),
         t,
         encoder_hidden_states=tokens,
-        controlnet_cond=repeat(rows["control_image"]),
-        conditioning_scale=keep,
+        controlnet_cond=repeat(control_image),
+        conditioning_scale=conditioning_scale,
         guess_mode=False,
-        added_cond_kwargs={"text_embeds": repeat(rows["pooled"]), "time_ids": repeat(rows["time_ids"])},
+        added_cond_kwargs={"text_embeds": repeat(pooled), "time_ids": repeat(time_ids)},
         return_dict=False,
     )
 
     def weigh(residual: torch.Tensor) -> torch.Tensor:
-        size = tuple(residual.shape[-2:])
-        weight = weights.get(size)
-        if weight is None:
-            resized = F.interpolate(masks, size=size, mode="bilinear")  # rows, k, h, w
-            weight = rows["identity_strength"].view(-1, 1, 1, 1) * resized
-            weight = weight.transpose(0, 1).reshape(count * batch, 1, *size)
-            weight = weights[size] = weight.to(residual.dtype)
-        return (residual * weight).view(count, batch, *residual.shape[1:]).sum(dim=0)
+        per_identity = weight(tuple(residual.shape[-2:]), residual.dtype)  # rows, k, h, w
+        stacked = residual.view(count, rows, *residual.shape[1:])
+        return (stacked * per_identity.transpose(0, 1)[:, :, None]).sum(dim=0)
 
     return [weigh(r) for r in down], weigh(mid)
+
+
+def mask_weights(strength: torch.Tensor, masks: torch.Tensor, cache: dict) -> Callable[..., torch.Tensor]:
+    """:func:`per_identity_identitynet`'s ``weight``: strength (rows,) x the (rows, k, H, W) masks resized bilinearly
+    to each residual size, made once per size and dtype and kept in ``cache``."""
+
+    def weight(size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        key = (size, dtype)
+        if key not in cache:
+            cache[key] = (strength.view(-1, 1, 1, 1) * F.interpolate(masks, size=size, mode="bilinear")).to(dtype)
+        return cache[key]
+
+    return weight
