@@ -105,5 +105,11 @@ class GenerationParams:
             tuple((c.name, c.start, c.end) for c in self.active_controlnets),
         )
 
+    def step_key(self) -> tuple:
+        """Jobs with equal keys (and prompts of as many 77-token chunks) can share a forward at any of their steps:
+        the same latent shape and set of extra ControlNets. Steps, schedulers, timesteps, guidance (CFG on or
+        off), strengths, windows and image-to-image starts may differ: they are per row or per job."""
+        return (self.width, self.height, tuple(sorted(c.name for c in self.active_controlnets)))
+
 
 DEFAULT_PARAMS = GenerationParams()
