@@ -61,6 +61,7 @@ class JobStats:
     rows: int = 0  # summed over its forwards
     most_jobs: int = 0  # the most jobs in one of its forwards (itself included)
     most_rows: int = 0
+    most_images: int = 0  # latents in that forward
     queued_s: float = 0.0  # submit -> its first step
     switch_s: float = 0.0  # weight switches (LoRA sets) paid at the start of its group's runs
 
@@ -75,7 +76,7 @@ class Outcome:
 
     images: np.ndarray | None
     stats: JobStats
-    started: float  # perf_counter of its first step
+    started: float  # unix time of its first step
     ended: float
 
 
@@ -129,7 +130,7 @@ class ContinuousBatcher:
     def submit(self, job: DenoiseJob, group: StepGroup) -> tuple[Future, Callable[[], None]]:
         """Queue ``job``; returns its future (an :class:`Outcome`, or the exception that failed it) and a function
         that cancels it (it leaves the queue, or the running set at the next step boundary)."""
-        entry = _Entry(job, group, job_rows(job), next(self._order), time.perf_counter())
+        entry = _Entry(job, group, job_rows(job), next(self._order), time.time())
         with self._lock:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -219,7 +220,7 @@ class ContinuousBatcher:
         ended: list[tuple[_Entry, np.ndarray | BaseException | None]] = []
         try:
             with group.enter() as switch_s:
-                now = time.perf_counter()
+                now = time.time()
                 running = []
                 for entry in entries:
                     if entry.cancelled:
@@ -242,6 +243,7 @@ class ContinuousBatcher:
                     batch = self._batch_for(group, jobs)
                     done = {id(j) for j in model.step(jobs, batch)}
                     rows = batch.rows
+                    images = sum(e.job.params.num_images for e in running)
                     self.forwards += 1
                     self.rows_stepped += rows
                     for entry in running:
@@ -250,6 +252,7 @@ class ContinuousBatcher:
                         stats.rows += rows
                         stats.most_jobs = max(stats.most_jobs, len(running))
                         stats.most_rows = max(stats.most_rows, rows)
+                        stats.most_images = max(stats.most_images, images)
                         if id(entry.job) in done:
                             ended.append((entry, model.finish(entry.job)))
         except Exception as exc:  # a failed forward (out of memory, a bug) fails the jobs that were in it
@@ -280,5 +283,5 @@ class ContinuousBatcher:
         if isinstance(result, BaseException):
             entry.future.set_exception(result)
             return
-        started = entry.started if entry.started is not None else time.perf_counter()
-        entry.future.set_result(Outcome(result, entry.stats, started, time.perf_counter()))
+        started = entry.started if entry.started is not None else time.time()
+        entry.future.set_result(Outcome(result, entry.stats, started, time.time()))
