@@ -10,12 +10,14 @@ seeded generator, strengths and maps. A job without extra ControlNets never runs
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from ray import serve as ray_serve
 
+from deployments import metrics
 from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
 from deployments.instantid.catalogue import ModelChoice, WeightsSource
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
@@ -130,6 +132,7 @@ class DenoiserDeployment:
         """``face``, ``prompt`` and ``controls`` (maps and init image, when the request has any) arrive as upstream
         responses resolved by Serve (no await in the caller). ``job_id``: an async job, whose steps are reported
         to the event channel and which is dropped at the next step once cancelled."""
+        entered = time.time()
         condition = face.condition
         size = (condition.width, condition.height)
         if controls is not None and (controls.inputs.width, controls.inputs.height) != size:
@@ -157,6 +160,7 @@ class DenoiserDeployment:
             raise result
         if waited is not None:
             result.timings["denoise_model_load"] = waited
+        metrics.record_queue_wait(model.base, entered, result.timings["denoise"].start)
         return result
 
     @ray_serve.batch(batch_size_fn=_latents)  # sizes come from the config (set in __init__); split by base
@@ -205,6 +209,9 @@ class DenoiserDeployment:
             raise DeviceOutOfMemoryError("the GPU is out of memory for this request; retry later") from exc
         if lora_seconds:
             timings["denoise_lora_load"] = _span(timings["denoise"].start, lora_seconds)
+            metrics.record_model_load("lora", group[0].model.base, lora_seconds)
+        rows = sum(item.params.num_images * (1 + item.params.do_classifier_free_guidance) for item in group)
+        metrics.record_denoise_batch(len(group), rows, group[0].params.denoising_steps, timings["denoise"].seconds)
         replica = ray_serve.get_replica_context().replica_id.unique_id
         self._batches += 1
         batch = DenoiseBatch(f"{replica}-{self._batches}", len(group), _latents(group))
