@@ -30,7 +30,8 @@ MetricKind = Literal["counter", "gauge", "histogram"]
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 COUNT_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
 RATE_BUCKETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
-SIMILARITY_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Ray wants positive boundaries: the first bucket also holds the (rare) negative cosines.
+SIMILARITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 # The stages a generation's timings name that are recorded as stage latencies (a photo's own analysis,
 # ``face_photo_N``, is recorded as ``face_photo``; model loads have their own metrics).
@@ -227,7 +228,8 @@ def _replica_tags() -> tuple[str, str]:
         return "", ""
 
 
-def _tags(spec: MetricSpec, **given: str) -> dict[str, str]:
+def tags_for(spec: MetricSpec, **given: str) -> dict[str, str]:
+    """Exactly ``spec``'s tags: the replica's application and deployment where ``spec`` has them, then ``given``."""
     application, deployment = _replica_tags()
     tags = {"application": application, "deployment": deployment, **given}
     return {key: str(tags[key]) for key in spec.tags}
@@ -237,7 +239,7 @@ def _record(spec: MetricSpec, value: float, **tags: str) -> None:
     """One observation; a metrics failure is logged and never fails the request."""
     try:
         metric = _metric(spec)
-        resolved = _tags(spec, **tags)
+        resolved = tags_for(spec, **tags)
         if spec.kind == "counter":
             metric.inc(value, tags=resolved)
         elif spec.kind == "gauge":

@@ -102,6 +102,9 @@ def test_application_metrics_reach_rays_prometheus_endpoint(serve_stack, outcome
             and total(samples, requests, application=APP, status="503", code="overloaded") == refused
             and total(samples, name(metrics.QUEUE_WAIT) + "_count", application=APP) == ok
             and total(samples, name(metrics.MODEL_LOADS), application=APP, deployment="PromptEncoder") >= 1
+            # Serve's proxy exports on its own schedule.
+            and total(samples, "ray_serve_num_http_requests_total", application=APP, status_code="200") == ok
+            and total(samples, "ray_serve_num_http_requests_total", application=APP, status_code="503") == refused
         )
 
     samples = wait_for(serve_stack.metrics_url, expected)
