@@ -28,6 +28,7 @@ import torch
 from ray import serve as ray_serve
 from ray.serve.exceptions import RayServeException
 
+from deployments import metrics
 from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
 from deployments.instantid.catalogue import ModelChoice, WeightsSource
 from deployments.instantid.continuous import ContinuousBatcher, Outcome, StepGroup
@@ -155,6 +156,7 @@ class DenoiserDeployment:
                 turn_steps=batching["turn_steps"],
                 gather_s=batching["batch_wait_timeout_s"],
                 run_prefix=self.replica,
+                on_forward=lambda jobs, rows, seconds: metrics.record_denoise_batch(jobs, rows, 1, seconds),
             )
         self.bases = BaseSlots(self._build, self.models.catalogue.max_models_per_replica)
         slot, _ = await self.bases.acquire(self.models.catalogue.default_base)  # the default base is warm at start
@@ -179,6 +181,7 @@ class DenoiserDeployment:
         """``face``, ``prompt`` and ``controls`` (maps and init image, when the request has any) arrive as upstream
         responses resolved by Serve (no await in the caller). ``job_id``: an async job, whose steps are reported
         to the event channel and which is dropped at the next step once cancelled."""
+        entered = time.time()
         condition = face.condition
         size = (condition.width, condition.height)
         if controls is not None and (controls.inputs.width, controls.inputs.height) != size:
@@ -206,6 +209,7 @@ class DenoiserDeployment:
             raise result
         if waited is not None:
             result.timings["denoise_model_load"] = waited
+        metrics.record_queue_wait(model.base, entered, result.timings["denoise"].start)
         return result
 
     async def _continuous(self, item: _Item) -> DenoiseResult | Exception:
@@ -218,7 +222,10 @@ class DenoiserDeployment:
         @contextmanager
         def enter() -> Iterator[float]:
             with slot.lock:  # one step at a time uses the base; switching its LoRA set happens under the same lock
-                yield slot.adapters.activate(loras)
+                seconds = slot.adapters.activate(loras)
+                if seconds:
+                    metrics.record_model_load("lora", slot.name, seconds)
+                yield seconds
 
         assert slot.model is not None
         future, cancel = self.batcher.submit(self._job(item), StepGroup(key, slot.model, enter))
@@ -296,9 +303,11 @@ class DenoiserDeployment:
             raise self._out_of_memory(exc, _rows(group)) from exc
         if lora_seconds:
             timings["denoise_lora_load"] = _span(timings["denoise"].start, lora_seconds)
+            metrics.record_model_load("lora", group[0].model.base, lora_seconds)
         self._batches += 1
         rows = _rows(group)
         forwards = max(counter.total for counter in counters)
+        metrics.record_denoise_batch(len(group), rows, forwards, timings["denoise"].seconds)
         self._forwards += forwards
         self._rows_stepped += forwards * rows
         batch = DenoiseBatch(f"{self.replica}-{self._batches}", len(group), _latents(group), "static", forwards, rows)

@@ -96,4 +96,5 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         weights=arguments["denoiser"]["weights"],
         models=arguments["denoiser"]["models"],
         controlnets=sorted(arguments["denoiser"]["controlnets"]),
+        log_prompts=config.ingress.log_prompts,
     )

@@ -129,6 +129,10 @@ class DenoiserBatching(_Strict):
 
 class IngressConfig(_Strict):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    log_prompts: bool = Field(
+        default=False,
+        description="Put the prompt and negative prompt in each request's log line (off: prompts are never logged).",
+    )
 
 
 class FaceConfig(_Strict):

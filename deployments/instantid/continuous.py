@@ -102,13 +102,23 @@ def job_rows(job: DenoiseJob) -> int:
 class ContinuousBatcher:
     """Admits, groups and steps jobs; see the module docstring for the policy."""
 
-    def __init__(self, *, max_rows: int, turn_steps: int, gather_s: float, run_prefix: str = "run") -> None:
+    def __init__(
+        self,
+        *,
+        max_rows: int,
+        turn_steps: int,
+        gather_s: float,
+        run_prefix: str = "run",
+        on_forward: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        """``on_forward(jobs, rows, seconds)`` is called after every forward (metrics), in the worker thread."""
         if max_rows < 1 or turn_steps < 1 or gather_s < 0:
             raise ValueError("max_rows and turn_steps must be >= 1 and gather_s >= 0")
         self.max_rows = max_rows
         self.turn_steps = turn_steps
         self.gather_s = gather_s
         self._run_prefix = run_prefix
+        self._on_forward = on_forward
         self._runs = itertools.count(1)
         self._order = itertools.count()
         self._lock = threading.Condition()
@@ -241,11 +251,15 @@ class ContinuousBatcher:
                 if running:
                     jobs = [e.job for e in running]
                     batch = self._batch_for(group, jobs)
+                    stepping = time.perf_counter()
                     done = {id(j) for j in model.step(jobs, batch)}
+                    seconds = time.perf_counter() - stepping
                     rows = batch.rows
                     images = sum(e.job.params.num_images for e in running)
                     self.forwards += 1
                     self.rows_stepped += rows
+                    if self._on_forward is not None:
+                        self._on_forward(len(running), rows, seconds)
                     for entry in running:
                         stats = entry.stats
                         stats.forwards += 1
