@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 
 from torch import nn
 
+from deployments import metrics
 from deployments.instantid.bases import SDXLBase, resolve_architecture, resolve_base
 from deployments.instantid.catalogue import ModelCatalogue
 from deployments.instantid.errors import ModelUnavailableError, WeightsError
@@ -134,6 +135,7 @@ class BaseSlots(Generic[ModelT]):
             raise ModelUnavailableError(f"base {name} could not be loaded: {exc.message}") from exc
         slot = BaseSlot(name, model, adapters, time.perf_counter() - started)
         self._slots[name] = slot
+        metrics.record_model_load("base", name, slot.load_seconds)
         return slot
 
     def slots(self) -> list[BaseSlot[ModelT]]:

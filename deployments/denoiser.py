@@ -1,23 +1,38 @@
 """Denoiser deployment (large GPU): face condition + prompt embeddings -> images, per base and LoRA set.
 
 Bases are loaded through Serve's model multiplexing (the ingress routes by base name) and share one copy of
-InstantID's own weights (IdentityNet, resampler, face K/V). Requests are batched by *latents* (``num_images``);
-Serve splits every batch by base, and within it jobs with equal size/steps/scheduler/CFG/control windows, set of
-extra ControlNets, image-to-image start, number of identities and LoRA set share every UNet and ControlNet forward,
-each keeping its own seeded generator, strengths and maps. A job without extra ControlNets never runs them.
+InstantID's own weights (IdentityNet, resampler, face K/V). Two batching modes (``batching.mode``):
+
+- continuous (default): a :class:`ContinuousBatcher` advances the replica's jobs one step at a time; jobs with the
+  same base, LoRA set, size, prompt length, extra ControlNets and number of identities share each forward whatever
+  their steps,
+  scheduler, guidance, strengths and windows, joining and leaving at step boundaries; at most ``max_rows`` UNet
+  rows are admitted, oldest first.
+- static: Serve's ``@serve.batch`` collects requests for ``batch_wait_timeout_s``; within a batch, jobs with equal
+  base, LoRA set and ``GenerationParams.batch_key()`` run every step together, groups one after another.
+
+Either way each job keeps its own seeded generator, strengths and maps, and a job without extra ControlNets never
+runs them. Serve's ``max_ongoing_requests``/``max_queued_requests`` bound what reaches a replica.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from ray import serve as ray_serve
+from ray.serve.exceptions import RayServeException
 
+from deployments import metrics
 from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
 from deployments.instantid.catalogue import ModelChoice, WeightsSource
+from deployments.instantid.continuous import ContinuousBatcher, Outcome, StepGroup
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
 from deployments.instantid.errors import GenerationCancelled, InstantIDError
 from deployments.instantid.loading import (
@@ -62,10 +77,36 @@ class _Item:
     slot: BaseSlot[InstantIDDenoiser]
     controls: ControlMapsResult | None = None
     reporter: StepReporter | None = None  # an async job's: steps to the event channel, cancellation back
+    arrived: float = field(default_factory=time.time)  # when it reached this replica: the queue wait starts
 
 
 def _latents(items: list[_Item]) -> int:
     return sum(item.params.num_images for item in items)
+
+
+def _rows(items: list[_Item]) -> int:
+    """UNet rows: what ``max_rows`` counts (an image is one row, two with classifier-free guidance)."""
+    return sum(item.params.num_images * (2 if item.params.do_classifier_free_guidance else 1) for item in items)
+
+
+def _replica_id() -> str:
+    """This replica's id; "local" when the class runs outside Serve (its health checks are tested that way)."""
+    try:
+        return ray_serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return "local"
+
+
+class _StepCount:
+    """Wraps a job's ``on_step`` to remember how many forwards it ran (the static mode's batch record)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.total = 0
+
+    def __call__(self, step: int, total: int, latents: torch.Tensor) -> bool:
+        self.total = total
+        return bool(self.inner(step, total, latents)) if self.inner is not None else False
 
 
 def _control_timings(item: _Item) -> Timings:
@@ -86,8 +127,7 @@ class DenoiserDeployment:
         device: str,
         dtype: str,
         vae_batch_size: int,
-        max_batch_size: int,
-        batch_wait_timeout_s: float,
+        batching: dict[str, Any],
         controlnets: dict[str, dict[str, Any]],
         preview_every: int = 5,
     ) -> None:
@@ -106,8 +146,20 @@ class DenoiserDeployment:
         self.parts = load_instantid_parts(layout, dtype=self.dtype, controlnets=folders)
         self.instantid = {"identitynet_config": layout.describe()["identitynet_config"]}  # a config hash, no path
         self._batches = 0
-        self._batch.set_max_batch_size(max_batch_size)
-        self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._forwards = self._rows_stepped = 0  # static mode's counters (the batcher keeps its own)
+        self.mode = batching["mode"]
+        self.replica = _replica_id()
+        self._batch.set_max_batch_size(batching["max_rows"])
+        self._batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+        self.batcher: ContinuousBatcher | None = None
+        if self.mode == "continuous":
+            self.batcher = ContinuousBatcher(
+                max_rows=batching["max_rows"],
+                turn_steps=batching["turn_steps"],
+                gather_s=batching["batch_wait_timeout_s"],
+                run_prefix=self.replica,
+                on_forward=lambda jobs, rows, seconds: metrics.record_denoise_batch(jobs, rows, 1, seconds),
+            )
         self.bases = BaseSlots(self._build, self.models.catalogue.max_models_per_replica)
         slot, _ = await self.bases.acquire(self.models.catalogue.default_base)  # the default base is warm at start
         slot.release()
@@ -131,6 +183,7 @@ class DenoiserDeployment:
         """``face``, ``prompt`` and ``controls`` (maps and init image, when the request has any) arrive as upstream
         responses resolved by Serve (no await in the caller). ``job_id``: an async job, whose steps are reported
         to the event channel and which is dropped at the next step once cancelled."""
+        entered = time.time()
         condition = face.condition
         size = (condition.width, condition.height)
         if controls is not None and (controls.inputs.width, controls.inputs.height) != size:
@@ -149,7 +202,7 @@ class DenoiserDeployment:
         slot, waited = await self.bases.acquire(model.base)
         try:
             item = _Item(params.sized(condition.width, condition.height), model, face, prompt, slot, controls, reporter)
-            result = await self._batch(item)
+            result = await (self._continuous(item) if self.batcher is not None else self._batch(item))
         finally:
             slot.release()
         if job_id is not None:
@@ -158,9 +211,67 @@ class DenoiserDeployment:
             raise result
         if waited is not None:
             result.timings["denoise_model_load"] = waited
+        metrics.record_queue_wait(model.base, entered, result.timings["denoise"].start)
         return result
 
-    @ray_serve.batch(batch_size_fn=_latents)  # sizes come from the config (set in __init__); split by base
+    async def _continuous(self, item: _Item) -> DenoiseResult | Exception:
+        """Submit the job to the step-level batcher and wait for it; a cancelled caller drops it at the next step."""
+        assert self.batcher is not None
+        slot = item.slot
+        loras = item.model.loras
+        key = (id(slot), item.model.adapter_key(), item.params.step_key(), item.prompt.embeddings.chunks)
+
+        @contextmanager
+        def enter() -> Iterator[float]:
+            with slot.lock:  # one step at a time uses the base; switching its LoRA set happens under the same lock
+                seconds = slot.adapters.activate(loras)
+                if seconds:
+                    metrics.record_model_load("lora", slot.name, seconds)
+                yield seconds
+
+        assert slot.model is not None
+        future, cancel = self.batcher.submit(self._job(item), StepGroup(key, slot.model, enter))
+        try:
+            outcome: Outcome = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            cancel()
+            raise
+        except torch.OutOfMemoryError as exc:
+            return self._out_of_memory(exc, _rows([item]))
+        except Exception as exc:
+            return exc
+        stats = outcome.stats
+        timings: Timings = {"denoise": _span(outcome.ended, outcome.ended - outcome.started)}
+        if stats.switch_s:
+            timings["denoise_lora_load"] = _span(outcome.started + stats.switch_s, stats.switch_s)
+        batch = DenoiseBatch(
+            stats.run, stats.most_jobs, stats.most_images, "continuous", stats.forwards, round(stats.mean_rows, 3)
+        )
+        return self._result(item, outcome.images, timings, batch)
+
+    def _job(self, item: _Item) -> DenoiseJob:
+        return DenoiseJob(
+            item.params,
+            item.face.condition.embedding,
+            item.face.condition.keypoints,
+            item.face.condition.box,
+            item.prompt.embeddings,
+            control_maps=item.controls.inputs.maps if item.controls is not None else {},
+            init_image=item.controls.inputs.init_image if item.controls is not None else None,
+            on_step=item.reporter,
+            identities=item.face.condition.identities,
+        )
+
+    @staticmethod
+    def _out_of_memory(exc: BaseException, rows: int) -> DeviceOutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.warning("out of memory on a batch of %d rows", rows)
+        error = DeviceOutOfMemoryError("the GPU is out of memory for this request; retry later")
+        error.__cause__ = exc
+        return error
+
+    @ray_serve.batch(batch_size_fn=_rows)  # max_rows comes from the config (set in __init__); split by base
     async def _batch(self, items: list[_Item]) -> list[DenoiseResult | Exception]:
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(items):
@@ -182,57 +293,67 @@ class DenoiserDeployment:
         slot = group[0].slot
         model = slot.model
         assert model is not None
-        jobs = [
-            DenoiseJob(
-                item.params,
-                item.face.condition.embedding,
-                item.face.condition.keypoints,
-                item.face.condition.box,
-                item.prompt.embeddings,
-                control_maps=item.controls.inputs.maps if item.controls is not None else {},
-                init_image=item.controls.inputs.init_image if item.controls is not None else None,
-                on_step=item.reporter,
-                identities=item.face.condition.identities,
-            )
-            for item in group
-        ]
+        jobs = [self._job(item) for item in group]
+        counters = [_StepCount(job.on_step) for job in jobs]
+        for job, counter in zip(jobs, counters, strict=True):
+            job.on_step = counter
         timings: Timings = {}
         try:
             lora_seconds = slot.adapters.activate(group[0].model.loras)
             with timed(timings, "denoise"):
                 images = model.generate(jobs)
         except torch.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            logger.warning("out of memory on a batch of %d latents", _latents(group))
-            raise DeviceOutOfMemoryError("the GPU is out of memory for this request; retry later") from exc
+            raise self._out_of_memory(exc, _rows(group)) from exc
         if lora_seconds:
             timings["denoise_lora_load"] = _span(timings["denoise"].start, lora_seconds)
-        replica = ray_serve.get_replica_context().replica_id.unique_id
+            metrics.record_model_load("lora", group[0].model.base, lora_seconds)
         self._batches += 1
-        batch = DenoiseBatch(f"{replica}-{self._batches}", len(group), _latents(group))
-        return [
-            GenerationCancelled(f"job {item.reporter.job_id} was cancelled at step {item.reporter.last_step}")
-            if imgs is None and item.reporter is not None
-            else DenoiseResult(
-                images=imgs,
-                params=item.params,
-                model=item.model,
-                face=replace(item.face.condition.face, embedding=None),
-                faces=item.face.condition.used,
-                prompt_chunks=item.prompt.embeddings.chunks,
-                timings={**item.face.timings, **item.prompt.timings, **_control_timings(item), **timings},
-                replicas={
-                    "face": item.face.replica,
-                    **item.face.photo_replicas,
-                    "prompt": item.prompt.replica,
-                    **({"control_maps": item.controls.replica} if item.controls is not None else {}),
-                    "denoiser": replica,
-                },
-                batch=batch,
-                layout=group_layout(item.face.condition),
-            )
-            for item, imgs in zip(group, images, strict=True)
-        ]
+        rows = _rows(group)
+        forwards = max(counter.total for counter in counters)
+        metrics.record_denoise_batch(len(group), rows, forwards, timings["denoise"].seconds)
+        self._forwards += forwards
+        self._rows_stepped += forwards * rows
+        batch = DenoiseBatch(f"{self.replica}-{self._batches}", len(group), _latents(group), "static", forwards, rows)
+        return [self._result(item, imgs, timings, batch) for item, imgs in zip(group, images, strict=True)]
+
+    def _result(
+        self, item: _Item, images: Any, timings: Timings, batch: DenoiseBatch
+    ) -> DenoiseResult | GenerationCancelled:
+        """The job's result, or GenerationCancelled when its async job was cancelled at a step boundary."""
+        if images is None:
+            job_id = item.reporter.job_id if item.reporter is not None else "?"
+            last = item.reporter.last_step if item.reporter is not None else 0
+            return GenerationCancelled(f"job {job_id} was cancelled at step {last}")
+        return DenoiseResult(
+            images=images,
+            params=item.params,
+            model=item.model,
+            face=replace(item.face.condition.face, embedding=None),
+            faces=item.face.condition.used,
+            prompt_chunks=item.prompt.embeddings.chunks,
+            timings={
+                **item.face.timings,
+                **item.prompt.timings,
+                **_control_timings(item),
+                "denoise_queue": _span(timings["denoise"].start, max(0.0, timings["denoise"].start - item.arrived)),
+                **timings,
+            },
+            replicas={
+                "face": item.face.replica,
+                **item.face.photo_replicas,
+                "prompt": item.prompt.replica,
+                **({"control_maps": item.controls.replica} if item.controls is not None else {}),
+                "denoiser": self.replica,
+            },
+            batch=batch,
+            layout=group_layout(item.face.condition),
+        )
+
+    def batching_stats(self) -> dict[str, Any]:
+        """Forwards run and UNet rows stepped since the replica started (rows / forwards = rows per forward)."""
+        if self.batcher is not None:
+            return {"mode": self.mode, "forwards": self.batcher.forwards, "rows": self.batcher.rows_stepped}
+        return {"mode": self.mode, "forwards": self._forwards, "rows": self._rows_stepped}
 
     def model_info(self) -> dict[str, Any]:
         """What this replica serves now: InstantID's weights, the bases it holds warm, the LoRAs each has loaded."""

@@ -187,11 +187,19 @@ class PromptResult:
 
 @dataclass(frozen=True)
 class DenoiseBatch:
-    """Which forward a job shared: jobs in one batch group ran every UNet/IdentityNet step together."""
+    """How a job shared its UNet/IdentityNet forwards.
 
-    id: str  # unique per replica and batch group
+    static: jobs with one id ran every step together. continuous: the id names the running set the job joined
+    (it lasts while that group of compatible jobs never empties); ``jobs`` and ``latents`` are the most that
+    shared one of its forwards.
+    """
+
+    id: str  # unique per replica and batch group (static) or run (continuous)
     jobs: int
     latents: int
+    mode: str = "static"
+    forwards: int = 0  # the forwards the job took part in (one per scheduler timestep it ran)
+    mean_rows: float = 0.0  # UNet rows per forward, averaged over its forwards
 
 
 @dataclass

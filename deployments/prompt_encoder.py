@@ -12,6 +12,7 @@ from typing import Any
 
 from ray import serve as ray_serve
 
+from deployments import metrics
 from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
 from deployments.instantid.loading import load_prompt_encoder
 from deployments.instantid.loras import LoraAdapters
@@ -89,6 +90,7 @@ class PromptEncoderDeployment:
             if lora_seconds:
                 start = timings["prompt"].start
                 timings["prompt_lora_load"] = StageTiming(start=start, end=start + lora_seconds, seconds=lora_seconds)
+                metrics.record_model_load("lora", requests[0].model.base, lora_seconds)
             for i, emb in zip(rows, embeddings, strict=True):
                 results[i] = PromptResult(emb, dict(timings), replica)
         return [r for r in results if r is not None]

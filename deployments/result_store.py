@@ -15,11 +15,12 @@ from typing import Any
 
 from ray import serve as ray_serve
 
+from deployments import metrics
 from deployments.job_events import job_events
 from deployments.messages import DenoiseResult, GenerationMeta, GenerationRecord, SavedGeneration, StageTiming
 from deployments.storage.generations import GenerationNotFound, GenerationStore, StorageError
 from deployments.storage.idempotency_records import IdempotencyRecord, IdempotencyRecords
-from deployments.storage.s3 import S3Settings, make_client
+from deployments.storage.s3 import S3Settings, make_client, on_retry
 from deployments.storage.spool import Spool
 
 logger = logging.getLogger("ray.serve")
@@ -41,6 +42,7 @@ class ResultStoreDeployment:
     def __init__(self, s3: dict[str, Any], *, spool_dir: str | None, spool_retry_s: float) -> None:
         settings = S3Settings(**s3)
         self.generations = GenerationStore(make_client(settings), settings)
+        on_retry(self.generations.client, metrics.record_s3_retry)
         self.idempotency = IdempotencyRecords(self.generations.client, settings)
         self.spool = Spool(spool_dir) if spool_dir else None
         self._stop = threading.Event()
@@ -108,6 +110,7 @@ class ResultStoreDeployment:
             if self.spool is None:
                 raise
             self.spool.put(prepared)
+            self._record_spool()
             logger.warning("S3 upload of %s failed (%s); spooled for a later upload", record.id, exc.message)
             raise SpooledError(
                 f"storage is unavailable; generation {record.id} is kept and will be uploaded when it returns "
@@ -186,11 +189,18 @@ class ResultStoreDeployment:
         return uploaded
 
     def _drain_forever(self, period_s: float) -> None:
+        self._record_spool()
         while not self._stop.wait(period_s):
             try:
                 self.drain_spool()
             except Exception:  # keep draining on the next tick whatever happened
                 logger.exception("spool drain failed")
+            self._record_spool()
+
+    def _record_spool(self) -> None:
+        """The spool's depth and the age of its oldest entry, as gauges (an operator alerts on a growing age)."""
+        if self.spool is not None:
+            metrics.record_spool(len(self.spool.pending()), metrics.age_since(self.spool.oldest_time()))
 
     def check_health(self) -> None:
         """Unhealthy when S3 is unreachable and nothing would keep the results (no spool)."""

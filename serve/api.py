@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from ray import serve as ray_serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from deployments import metrics
 from deployments.instantid.catalogue import ModelCatalogue
 from deployments.instantid.control_inputs import COMPUTED_MAPS
 from deployments.instantid.errors import InvalidParameterError
@@ -74,6 +75,7 @@ from serve.jobs import (
     public_body,
 )
 from serve.openapi import ERROR_RESPONSES, FACES_BODY, GENERATE_BODY
+from serve.request_log import RequestLogMiddleware, note, note_prompt, seconds_by_stage
 from serve.schemas import (
     CONTROL_IMAGE_PART,
     IDENTITY_PARTS,
@@ -120,6 +122,7 @@ app = FastAPI(
     responses=ERROR_RESPONSES,
 )
 install_error_handlers(app)
+app.add_middleware(RequestLogMiddleware)  # one JSON log line and one counted request per HTTP request
 
 
 async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -162,8 +165,10 @@ class Ingress:
         weights: dict[str, Any],
         models: dict[str, Any],
         controlnets: list[str],
+        log_prompts: bool = False,
     ) -> None:
         self.face, self.prompt, self.denoiser, self.store = face, prompt, denoiser, store
+        self.log_prompts = log_prompts  # prompts in the request log lines (off: never logged)
         self.control_maps = control_maps
         self.api = ApiConfig(**api)
         self.weights = weights
@@ -423,6 +428,7 @@ class Ingress:
     ) -> AsyncIterator[bytes]:
         """The job's Server-Sent Events (its own limit: open streams never take generation slots)."""
         if self._streams >= self.api.jobs.max_event_streams:
+            metrics.record_admission_rejected("too_many_streams")
             raise ApiError(
                 503, "too_many_streams", "too many open event streams; poll the job instead", {"Retry-After": "5"}
             )
@@ -655,8 +661,19 @@ class Ingress:
     async def http_generate(self, request: Request) -> JSONResponse:
         owner = self._principal(request)
         fields = await self._read_body(request, GENERATE_FILES)
-        result = await self.generate(
-            GenerateRequest(**fields), request_id(request), owner, request.headers.get("idempotency-key")
+        body = GenerateRequest(**fields)
+        note_prompt(request, body.prompt, body.negative_prompt, self.log_prompts)
+        result = await self.generate(body, request_id(request), owner, request.headers.get("idempotency-key"))
+        note(
+            request,
+            generation_id=result.id,
+            images=len(result.images),
+            image_bytes=sum(image.bytes for image in result.images),
+            width=result.parameters.get("width"),
+            height=result.parameters.get("height"),
+            steps=result.parameters.get("num_inference_steps"),
+            model=result.model.base,
+            timings=seconds_by_stage(result.timings),
         )
         return JSONResponse(result.model_dump(mode="json"))
 
@@ -682,13 +699,16 @@ class Ingress:
     async def http_submit_job(self, request: Request) -> JSONResponse:
         owner = self._principal(request)
         fields = await self._read_body(request, GENERATE_FILES)
+        body = GenerateRequest(**fields)
+        note_prompt(request, body.prompt, body.negative_prompt, self.log_prompts)
         accepted = await self.submit_job(
-            GenerateRequest(**fields),
+            body,
             request_id(request),
             owner,
             request.headers.get("idempotency-key"),
             base_path=request.scope.get("root_path", "").rstrip("/"),
         )
+        note(request, job_id=accepted.id)
         return JSONResponse(
             accepted.model_dump(mode="json"), status_code=202, headers={"Location": accepted.status_url}
         )
@@ -762,6 +782,7 @@ class Ingress:
         if request.callback_url is not None:
             raise InvalidParameterError("callback_url is for POST /v1/jobs (a generation request answers directly)")
         if not self.admission.try_enter():
+            metrics.record_admission_rejected(OVERLOADED[0])
             raise ApiError(503, *OVERLOADED, {"Retry-After": "5"})
         try:
             return await self._generate_with_retry(request, request_id, owner)
@@ -950,6 +971,12 @@ class Ingress:
                 )
                 for image in stored_images
             ]
+        timings = {**saved.timings, "total": StageTiming.since(started)}
+        metrics.record_generation(
+            {stage: timing.seconds for stage, timing in timings.items()},
+            model.base,
+            [image.identity_similarity for image in saved.stored.images],
+        )
         return GenerateResponse(
             id=record.id,
             request_id=request_id,
@@ -958,7 +985,7 @@ class Ingress:
             face=FaceInfo.of(saved.face),
             faces=[FaceUsed.of_chosen(chosen) for chosen in saved.faces],
             model=ModelUsed.model_validate(saved.model.describe()),
-            timings={**saved.timings, "total": StageTiming.since(started)},
+            timings=timings,
             parameters={**effective, "width": saved.params.width, "height": saved.params.height},
             replicas=saved.replicas,
             batch=BatchInfo(**dataclasses.asdict(saved.batch)) if saved.batch is not None else None,
@@ -1043,6 +1070,8 @@ class Ingress:
 
     def _principal(self, request: Request) -> str:
         try:
-            return self.keys.authenticate(request.headers.get("authorization"))
+            owner = self.keys.authenticate(request.headers.get("authorization"))
         except AuthError as exc:
             raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"}) from None
+        note(request, owner=owner)  # the key's name (never the key) in the request's log line
+        return owner

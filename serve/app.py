@@ -55,8 +55,7 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
             "dtype": config.denoiser.dtype,
             "vae_batch_size": config.denoiser.vae_batch_size,
             "preview_every": config.denoiser.preview_every,
-            "max_batch_size": config.denoiser.batching.max_batch_size,
-            "batch_wait_timeout_s": config.denoiser.batching.batch_wait_timeout_s,
+            "batching": config.denoiser.batching.model_dump(),
             "controlnets": controlnets,
         },
         "control_maps": {
@@ -97,4 +96,5 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         weights=arguments["denoiser"]["weights"],
         models=arguments["denoiser"]["models"],
         controlnets=sorted(arguments["denoiser"]["controlnets"]),
+        log_prompts=config.ingress.log_prompts,
     )

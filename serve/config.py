@@ -87,12 +87,52 @@ class WeightsConfig(_Strict):
 
 
 class BatchOptions(_Strict):
-    max_batch_size: int = Field(default=8, ge=1, description="Denoiser: latents per batch; encoder: prompts.")
+    max_batch_size: int = Field(default=8, ge=1, description="Prompts encoded in one batch.")
     batch_wait_timeout_s: float = Field(default=0.02, ge=0)
+
+
+class DenoiserBatching(_Strict):
+    """How the Denoiser shares UNet/ControlNet forwards between requests."""
+
+    mode: Literal["static", "continuous"] = Field(
+        default="continuous",
+        description="continuous: jobs join and leave the running set at every step boundary (any step counts, "
+        "schedulers, guidance and windows share a forward); static: requests that arrive within "
+        "batch_wait_timeout_s and have equal steps, scheduler and windows run from start to end together.",
+    )
+    max_rows: int = Field(
+        default=32,
+        ge=16,
+        description="UNet rows in flight per replica: an image is one row, two with classifier-free guidance. Beyond "
+        "it requests wait, oldest first. At least 16: one request of 8 images with guidance.",
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.02, ge=0, description="How long the first request to an idle Denoiser waits for others to start with."
+    )
+    turn_steps: int = Field(
+        default=8,
+        ge=1,
+        description="continuous: steps a group of requests that cannot share a forward (another size, base or LoRA "
+        "set) runs before the turn passes to the group with the oldest request.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_batch_size" in data:
+            raise ValueError(
+                "denoiser batching.max_batch_size (latents) is replaced by max_rows, which counts UNet rows: an image "
+                "is one row, two with classifier-free guidance (max_batch_size: 8 with guidance is max_rows: 16)"
+            )
+        return data
 
 
 class IngressConfig(_Strict):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    log_prompts: bool = Field(
+        default=False,
+        description="Put the prompt and negative prompt in each request's log line (off: prompts are never logged).",
+    )
 
 
 class FaceConfig(_Strict):
@@ -117,18 +157,12 @@ class DenoiserConfig(_Strict):
     preview_every: int = Field(
         default=5, ge=1, description="Async jobs: a latent preview every this many steps, while a client asks for them."
     )
-    batching: BatchOptions = Field(default_factory=BatchOptions)
+    batching: DenoiserBatching = Field(default_factory=DenoiserBatching)
     controlnets: dict[ControlNetName, WeightsSource] = Field(
         default_factory=dict,
         description="Extra ControlNets beside IdentityNet that requests may name (pose, canny, depth): diffusers "
         "ControlNet folders, e.g. {source: controlnets/canny} under the weights root, or {repo: ...}.",
     )
-
-    @model_validator(mode="after")
-    def _room_for_one_request(self) -> DenoiserConfig:
-        if self.batching.max_batch_size < 8:
-            raise ValueError("denoiser batching.max_batch_size counts latents and must be >= 8 (num_images max)")
-        return self
 
 
 class ControlMapsConfig(_Strict):

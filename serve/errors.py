@@ -23,6 +23,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.instantid.errors import InstantIDError
+from serve.request_log import note
 
 logger = logging.getLogger("ray.serve")
 
@@ -64,6 +65,7 @@ def request_id(request: Request) -> str:
 
 def error_response(request: Request, info: ErrorInfo) -> JSONResponse:
     body: dict[str, Any] = {"code": info.code, "message": info.message, "request_id": request_id(request)}
+    note(request, code=info.code)  # for the request's log line and counter
     if info.generation_id:
         body["generation_id"] = info.generation_id
     return JSONResponse({"error": body}, status_code=info.status, headers=info.headers)

@@ -577,9 +577,15 @@ class ModelUsed(BaseModel):
 
 
 class BatchInfo(BaseModel):
-    id: str = Field(description="Requests with the same id ran every denoising step in one forward.")
-    jobs: int
-    latents: int
+    id: str = Field(
+        description="static batching: requests with the same id ran every denoising step in one forward; continuous: "
+        "requests with the same id joined one running set of compatible requests."
+    )
+    jobs: int = Field(description="The most requests that shared one of this request's forwards (itself included).")
+    latents: int = Field(description="The most latents (images) in one of this request's forwards.")
+    mode: Literal["static", "continuous"] = "static"
+    forwards: int = Field(default=0, description="UNet forwards this request took part in.")
+    mean_rows: float = Field(default=0.0, description="UNet rows per forward, averaged over those forwards.")
 
 
 class GenerateResponse(BaseModel):

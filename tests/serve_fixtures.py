@@ -35,6 +35,7 @@ class ServeStack:
     app_name: str
     s3: Any  # EmbeddedS3
     config: AppConfig
+    metrics_url: str  # Ray's Prometheus endpoint on this node (application and Serve metrics)
 
 
 @pytest.fixture(scope="session")
@@ -46,15 +47,18 @@ def serve_stack(tiny_weights: Path, embedded_s3) -> Iterator[ServeStack]:
 
     os.environ.update(embedded_s3.env())  # Ray workers inherit it: the standard credential chain
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        address="local", num_cpus=8, include_dashboard=False, log_to_driver=False
-    )  # logical CPUs: several apps on 2 cores
+    metrics_port = free_port()
+    ray.init(  # logical CPUs: several apps on 2 cores; the metrics agent runs without the dashboard
+        address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port
+    )
     port = free_port()
     ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
     config = local_app_config(tiny_weights, embedded_s3.bucket)
     ray_serve.run(build_app(config), name="instantid", route_prefix="/")
     try:
-        yield ServeStack(f"http://127.0.0.1:{port}", "instantid", embedded_s3, config)
+        yield ServeStack(
+            f"http://127.0.0.1:{port}", "instantid", embedded_s3, config, f"http://127.0.0.1:{metrics_port}/metrics"
+        )
     finally:
         ray_serve.shutdown()
         ray.shutdown()

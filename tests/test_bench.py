@@ -7,6 +7,7 @@ builds (on the meta device) with the published parameter counts.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -219,6 +220,48 @@ def test_serve_reports_latency_throughput_breakdown_and_ratios(tmp_path: Path) -
         assert positive(report["serve_over_in_process"][ratio]), ratio
     assert (tmp_path / "weights" / "tiny" / "sdxl").is_dir()  # made because missing
     assert not report["settings"]["stopped_by_deadline"]
+
+
+def test_open_loop_mix_is_seeded_poisson_over_the_given_steps_and_images() -> None:
+    from serve.bench.batching_bench import request_mix
+
+    args = argparse.Namespace(mix_steps=[4, 8, 30], mix_images=[1, 2])
+    shots = request_mix(args, 4000, 2.0, seed=3)
+    assert shots == request_mix(args, 4000, 2.0, seed=3) and shots != request_mix(args, 4000, 2.0, seed=4)
+    gaps = np.diff([0.0] + [s.at for s in shots])
+    assert (gaps > 0).all() and abs(gaps.mean() - 0.5) < 0.03  # exponential gaps with mean 1/rate
+    assert abs(gaps.std() - 0.5) < 0.04  # an exponential's standard deviation equals its mean
+    assert {s.steps for s in shots} == {4, 8, 30} and {s.images for s in shots} == {1, 2}
+    assert len({s.seed for s in shots}) == 4000
+    assert all(s.at == 0 for s in request_mix(args, 5, None, seed=0))  # closed loop: no schedule
+
+
+@pytest.mark.slow
+def test_serve_open_loop_compares_static_and_continuous_batching(tmp_path: Path) -> None:
+    out = tmp_path / "batching.json"
+    argv = ["--open-loop", "--mix-steps", "1", "3", "--mix-images", "1", "2", "--clients", "2"]
+    argv += ["--saturation-requests", "4", "--load-requests", "4", "--size", "128"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve.cli", "bench", "serve", *argv, "--home", str(tmp_path), "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["benchmark"] == "serve-batching" and positive(report["capacity_rps"])
+    assert report["load_rate_rps"] == pytest.approx(0.7 * report["capacity_rps"], rel=1e-4)
+    for mode in ("static", "continuous"):
+        for phase in ("saturation", "load"):
+            measured = report[mode][phase]
+            assert measured["requests"] == 4 and measured["errors"] == 0, (mode, phase, measured)
+            assert all(positive(measured["latency"][q]) for q in ("p50_s", "p95_s", "p99_s"))
+            assert measured["forwards"] > 0 and measured["mean_rows_per_forward"] >= 2  # CFG: 2 rows per image
+    for ratio in ("p95_at_load", "p50_at_load", "throughput_at_saturation"):
+        assert positive(report["continuous_over_static"][ratio]), ratio
 
 
 # ------------------------------------------------------------------------------------------ events

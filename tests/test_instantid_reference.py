@@ -351,7 +351,8 @@ def captured(denoiser):
 
 
 def test_identitynet_and_unet_receive_each_row_s_own_inputs(denoiser, prompt_encoder, captured: Captured) -> None:
-    """Two jobs in one batch: rows are [negatives of A (x2), negative of B, positives of A (x2), positive of B]."""
+    """Two jobs in one batch: each job is one block of rows, [negatives of A (x2), positives of A (x2), negative of B,
+    positive of B]."""
     prompts = prompt_encoder.encode([PROMPT, "a watercolor"], [NEGATIVE, None], do_classifier_free_guidance=True)
     job_a = DenoiseJob(dataclasses.replace(BASE, num_images=2, seed=1), identity(0), KEYPOINTS, BOX, prompts[0])
     b_params = dataclasses.replace(
@@ -365,16 +366,16 @@ def test_identitynet_and_unet_receive_each_row_s_own_inputs(denoiser, prompt_enc
         ::-1
     ]
     tokens_b = denoiser.resampler.face_tokens(torch.from_numpy(identity(1))[None], with_negative=False)[0]
-    faces = torch.cat([zero_tokens, zero_tokens, zero_tokens, tokens_a, tokens_a, tokens_b])
+    faces = torch.cat([zero_tokens, zero_tokens, tokens_a, tokens_a, zero_tokens, tokens_b])
     image_a = torch.from_numpy(draw_keypoint_image(KEYPOINTS, 64, 64)).float().div(255).permute(2, 0, 1)
     image_b = torch.from_numpy(draw_keypoint_image(OTHER_KEYPOINTS, 64, 64)).float().div(255).permute(2, 0, 1)
-    images = torch.stack([image_a, image_a, image_b, image_a, image_a, image_b])
+    images = torch.stack([image_a] * 4 + [image_b] * 2)
     mask_a = face_box_mask(BOX, 64, 64)[0]
-    masks = torch.stack([mask_a, mask_a, torch.ones_like(mask_a)] * 2)
-    strengths = torch.tensor([0.8, 0.8, 0.5] * 2).view(-1, 1, 1, 1)
-    adapter = torch.tensor([0.8, 0.8, 1.1] * 2)
+    masks = torch.stack([mask_a] * 4 + [torch.ones_like(mask_a)] * 2)
+    strengths = torch.tensor([0.8] * 4 + [0.5] * 2).view(-1, 1, 1, 1)
+    adapter = torch.tensor([0.8] * 4 + [1.1] * 2)
     texts = torch.stack(
-        [prompts[0].negative_embeds] * 2 + [prompts[1].negative_embeds] + [prompts[0].embeds] * 2 + [prompts[1].embeds]
+        [prompts[0].negative_embeds] * 2 + [prompts[0].embeds] * 2 + [prompts[1].negative_embeds, prompts[1].embeds]
     )
 
     for given, residuals, unet in zip(captured.identitynet_in, captured.identitynet_out, captured.unet_in, strict=True):

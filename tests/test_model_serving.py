@@ -93,15 +93,19 @@ def test_unknown_or_invalid_model_fields_are_422_listing_what_exists(serve_stack
     assert error["code"] == "invalid_parameter" and message in error["message"], error
 
 
-def test_different_lora_or_controlnet_sets_never_share_a_forward_and_equal_sets_do(serve_stack, tiny_weights) -> None:
-    """On a Denoiser that waits up to a second to fill a batch, concurrent requests arrive in one Serve batch; the
-    batch records say which shared a forward (the same LoRA set, or the same extra ControlNets at any strengths)."""
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_different_lora_or_controlnet_sets_never_share_a_forward_and_equal_sets_do(
+    serve_stack, tiny_weights, mode
+) -> None:
+    """On a Denoiser that waits up to a second for more requests when idle, concurrent requests start together; the
+    batch records say which shared a forward (the same LoRA set, or the same extra ControlNets at any strengths),
+    in both batching modes."""
     from ray import serve as ray_serve
 
     from serve.app import build_app
 
     config = local_app_config(tiny_weights, serve_stack.s3.bucket)
-    batching = config.denoiser.batching.model_copy(update={"batch_wait_timeout_s": 1.0})
+    batching = config.denoiser.batching.model_copy(update={"batch_wait_timeout_s": 1.0, "mode": mode})
     config = config.model_copy(update={"denoiser": config.denoiser.model_copy(update={"batching": batching})})
     ray_serve.run(build_app(config), name="batching", route_prefix="/batching")
     url = f"{serve_stack.url}/batching"
@@ -125,6 +129,9 @@ def test_different_lora_or_controlnet_sets_never_share_a_forward_and_equal_sets_
         assert batch[0] == batch[1] and batch[0]["jobs"] == 2, batch  # the same LoRA set: one forward
         assert batch[4] == batch[5] and batch[4]["jobs"] == 2, batch  # the same ControlNet set: one forward
         assert batch[2]["jobs"] == 1 and batch[3]["jobs"] == 1 and len({b["id"] for b in batch}) == 4, batch
+        assert {b["mode"] for b in batch} == {mode} and all(
+            b["forwards"] == FAST_REQUEST["num_inference_steps"] for b in batch
+        )
     finally:
         ray_serve.delete("batching")
 

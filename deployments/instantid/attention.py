@@ -9,13 +9,15 @@ The strength and the optional face-region mask are *per call and per batch row*:
 UNet serves a batch of requests with different strengths. The pipeline makes one such object per batch
 and passes it at every step, so what does not change between steps (the text and face tokens' K/V, the
 resized strength x mask weights) is computed once: at batch 1 the UNet is launch-bound, and those small
-per-layer kernels are most of what the face tokens would otherwise add.
+per-layer kernels are most of what the face tokens would otherwise add. Under continuous batching the set of
+rows changes while jobs run; the K/V projections are then kept per job (``parts``), so a job that joins or
+leaves costs only its own projections and a concatenation, not a re-projection of everyone's tokens.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,11 +42,14 @@ class FaceConditioning:
     to its own identity's tokens only, and to none outside every region.
     ``num_tokens``: face tokens per identity; the trailing ``k x num_tokens`` tokens of ``encoder_hidden_states``
     are face tokens, identity by identity (k is the mask's channel count, 1 without a mask).
+    ``parts``: optional ``(rows, cache)`` per job, in row order: each job's K/V projections live in its own
+    ``cache`` dict (kept by the job across steps and batch changes); without parts, the whole batch is one job.
     """
 
     scale: torch.Tensor
     num_tokens: int
     region_mask: torch.Tensor | None = None
+    parts: Sequence[tuple[int, dict]] | None = None
     _weights: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
     _split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -59,7 +64,7 @@ class FaceConditioning:
         """``(text tokens, face tokens)`` of ``context``, each contiguous, made once per context tensor.
 
         The UNet hands the same ``encoder_hidden_states`` to every cross-attention layer, and the pipeline
-        the same one at every step. A new context tensor starts over, forgetting :meth:`memo`'s values.
+        the same one at every step. A new context tensor starts over, forgetting :meth:`projected`'s values.
         """
         if self._split is None or self._split[0] is not context:
             split = context.shape[1] - self.num_tokens * self.identities
@@ -67,16 +72,33 @@ class FaceConditioning:
             self._memo.clear()
         return self._split[1], self._split[2]
 
-    def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
-        """``compute()``'s value, computed once per context (see :meth:`split_context`) and ``key``.
+    def projected(
+        self, key: Hashable, tokens: torch.Tensor, project: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]:
+        """``project(tokens)``, computed once per context (see :meth:`split_context`) and ``key``.
 
         Used for the per-layer K/V projections of the text and face tokens: they depend on nothing that
         changes between denoising steps, so a 30-step generation projects them once instead of 30 times
-        (two GEMMs per cross-attention layer and step, 140 launches per step at SDXL size).
+        (two GEMMs per cross-attention layer and step, 140 launches per step at SDXL size). With ``parts``,
+        each job's rows are projected once for as long as the job runs, and the batch's value is their
+        concatenation.
         """
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
+        value = self._memo.get(key)
+        if value is None:
+            if not self.parts:
+                value = project(tokens)
+            else:
+                pieces, start = [], 0
+                for rows, cache in self.parts:
+                    piece = cache.get(key)
+                    if piece is None:
+                        piece = cache[key] = project(tokens[start : start + rows])
+                    pieces.append(piece)
+                    start += rows
+                joined = (torch.cat(group) for group in zip(*pieces, strict=True))
+                value = pieces[0] if len(pieces) == 1 else tuple(joined)
+            self._memo[key] = value
+        return value
 
     def weight_for(self, sequence_length: int, dtype: torch.dtype) -> torch.Tensor:
         """What multiplies the face-token attention output at ``sequence_length`` pixels: strength x mask.
@@ -193,22 +215,22 @@ class FaceTokenAttnProcessor(nn.Module):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        text = encoder_hidden_states
 
-        def text_keys_values() -> tuple[torch.Tensor, torch.Tensor]:
+        def text_keys_values(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             context = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
             return _project(context, attn.to_k, attn.to_v)
 
         if face is None:
-            key, value = text_keys_values()
-        else:  # text and face tokens are the same at every step: their K/V are projected once per batch
-            key, value = face.memo((id(self), "text"), text_keys_values)
+            key, value = text_keys_values(encoder_hidden_states)
+        else:  # text and face tokens are the same at every step: their K/V are projected once per job
+            key, value = face.projected((id(self), "text"), encoder_hidden_states, text_keys_values)
         out = _attend(attn, query, key, value, attention_mask)
 
         if face is not None and face_tokens is not None:
             if face.identities == 1:
-                tokens = face_tokens
-                key, value = face.memo((id(self), "face"), lambda: _project(tokens, self.to_k_ip, self.to_v_ip))
+                key, value = face.projected(
+                    (id(self), "face"), face_tokens, lambda tokens: _project(tokens, self.to_k_ip, self.to_v_ip)
+                )
                 face_out = _attend(attn, query, key, value, None)
                 out = torch.addcmul(out, face_out, face.weight_for(face_out.shape[1], face_out.dtype))  # one kernel
             else:
@@ -231,7 +253,9 @@ class FaceTokenAttnProcessor(nn.Module):
         Regions do not overlap (and nearest resizing keeps them apart), so at a pixel of identity A's region every
         other identity's weight is exactly 0: its term there is A's alone, whatever the other photos are.
         """
-        key, value = face.memo((id(self), "face"), lambda: _project(face_tokens, self.to_k_ip, self.to_v_ip))
+        key, value = face.projected(
+            (id(self), "face"), face_tokens, lambda tokens: _project(tokens, self.to_k_ip, self.to_v_ip)
+        )
         weight = face.weight_for(query.shape[1], query.dtype)
         return _attend_identities(attn, query, key, value, face.identities, weight)
 

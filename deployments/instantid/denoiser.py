@@ -19,19 +19,18 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from .attention import CONDITIONING_KWARG, FaceConditioning
+from .attention import CONDITIONING_KWARG
+from .batch_rows import JobRows, StepBatch
 from .errors import InvalidParameterError
 from .identity import negative_identity
 from .keypoints import draw_keypoint_image, face_region_mask
-from .multi_identity import identity_conditioning, mask_weights, per_identity_identitynet
+from .multi_identity import identity_conditioning, per_identity_identitynet
 from .params import GenerationParams
 from .regions import PlacedIdentity
 from .resampler import Resampler
@@ -228,111 +227,177 @@ class InstantIDDenoiser:
         noise = randn_tensor(encoded.shape, generator=generator, device=self.device, dtype=self.dtype)
         return scheduler.add_noise(encoded, noise, first_timestep.repeat(num_images))
 
-    def _rows(self, jobs: Sequence[DenoiseJob], cfg: bool) -> dict[str, Any]:
-        """Stack per-job conditioning into batch rows: [negatives of all jobs, positives of all jobs]."""
+    def _job_rows(self, job: DenoiseJob) -> JobRows:
+        """The job's block of rows, [negatives, positives] with CFG, made once when it starts."""
+        p, pr, st = job.params, job.prompt, job._state
+        n, cfg = p.num_images, p.do_classifier_free_guidance
         halves = ("neg", "pos") if cfg else ("pos",)
-        text, pooled, face, identity, adapter, control, masks = [], [], [], [], [], [], []
-        extra = [c.name for c in jobs[0].params.active_controlnets]
-        maps: dict[str, list[torch.Tensor]] = {name: [] for name in extra}
-        strengths: dict[str, list[torch.Tensor]] = {name: [] for name in extra}
+        text, pooled = [], []
         for half in halves:
-            for job in jobs:
-                n, pr, st = job.params.num_images, job.prompt, job._state
-                if half == "neg":
-                    assert pr.negative_embeds is not None and pr.negative_pooled is not None
-                    text.append(pr.negative_embeds[None].expand(n, -1, -1))
-                    pooled.append(pr.negative_pooled[None].expand(n, -1))
-                else:
-                    text.append(pr.embeds[None].expand(n, -1, -1))
-                    pooled.append(pr.pooled[None].expand(n, -1))
-                face.append(st["face"][half].expand(n, -1, -1))
-                identity.append(torch.full((n,), job.params.identitynet_strength))
-                adapter.append(torch.full((n,), job.params.adapter_strength))
-                control.append(st["control_image"].expand(n, -1, -1, -1))
-                mask = st["mask"]
-                masks.append(torch.ones_like(control[-1][:, :1]) if mask is None else mask.expand(n, -1, -1, -1))
-                settings = {c.name: c for c in job.params.active_controlnets}
-                for name in extra:
-                    maps[name].append(st["maps"][name].expand(n, -1, -1, -1))
-                    strengths[name].append(torch.full((n,), settings[name].strength))
-        p = jobs[0].params
-        time_ids = torch.tensor([[p.height, p.width, 0, 0, p.height, p.width]], dtype=torch.float32)
-        rows = sum(j.params.num_images for j in jobs) * len(halves)
+            if half == "neg":
+                assert pr.negative_embeds is not None and pr.negative_pooled is not None
+                text.append(pr.negative_embeds[None].expand(n, -1, -1))
+                pooled.append(pr.negative_pooled[None].expand(n, -1))
+            else:
+                text.append(pr.embeds[None].expand(n, -1, -1))
+                pooled.append(pr.pooled[None].expand(n, -1))
+        count = n * len(halves)
         to = {"device": self.device, "dtype": self.dtype}
-        any_mask = any(j._state["mask"] is not None for j in jobs)
-        return {
-            "text": torch.cat(text).to(**to),
-            "pooled": torch.cat(pooled).to(**to),
-            "face": torch.cat(face).to(**to),
-            "identity_strength": torch.cat(identity).to(**to),
-            "adapter_strength": torch.cat(adapter).to(**to),
-            "control_image": torch.cat(control).to(**to),
-            "mask": torch.cat(masks).to(**to) if any_mask else None,
-            "time_ids": time_ids.expand(rows, -1).to(**to),
-            "maps": {name: torch.cat(maps[name]).to(**to) for name in extra},
-            "map_strengths": {name: torch.cat(strengths[name]).to(**to).view(-1, 1, 1, 1) for name in extra},
-        }
+        settings = {c.name: c for c in p.active_controlnets}
+        time_ids = torch.tensor([[p.height, p.width, 0, 0, p.height, p.width]], dtype=torch.float32)
+        return JobRows(
+            count=count,
+            images=n,
+            cfg=cfg,
+            guidance=p.guidance_scale,
+            text=torch.cat(text).to(**to),
+            pooled=torch.cat(pooled).to(**to),
+            face=torch.cat([st["face"][half].expand(n, -1, -1) for half in halves]).to(**to),
+            control_image=st["control_image"].expand(count, -1, -1, -1).to(**to),
+            mask=None if st["mask"] is None else st["mask"].expand(count, -1, -1, -1).to(**to),
+            identity_strength=torch.full((count,), p.identitynet_strength).to(**to),
+            adapter_strength=torch.full((count,), p.adapter_strength).to(**to),
+            time_ids=time_ids.expand(count, -1).to(**to),
+            maps={name: st["maps"][name].expand(count, -1, -1, -1).to(**to) for name in settings},
+            map_strengths={name: torch.full((count,), settings[name].strength).to(**to) for name in settings},
+        )
 
-    def _identitynet(self, sample: torch.Tensor, t: torch.Tensor, rows: dict, keep: float, weights: dict):
-        """IdentityNet residuals for the batch, scaled per row by strength x face-region mask.
+    @torch.no_grad()
+    def start(self, job: DenoiseJob) -> None:
+        """Prepare a job to step: scheduler, generator, initial latents, conditioning and its rows (once)."""
+        self._prepare_job(job)
+        job._state["rows"] = self._job_rows(job)
+        job._state["index"] = 0
 
-        ``weights`` caches the per-row weight at each residual resolution for the whole generate() call:
-        the resize and the casts then run once, not 13 residuals x every step.
-        """
-        if rows["mask"] is not None and rows["mask"].shape[1] > 1:  # several people: each identity's own pass
+    def batch(self, jobs: Sequence[DenoiseJob]) -> StepBatch:
+        """The rows of started, compatible jobs (equal ``GenerationParams.step_key`` and prompt length), to step
+        together until the set changes."""
+        keys = {(j.params.step_key(), j.prompt.chunks) for j in jobs}
+        if len(keys) != 1:
+            raise ValueError(f"jobs that step together need one step_key and prompt length, got {keys}")
+        return StepBatch([j._state["rows"] for j in jobs], self.num_face_tokens)
+
+    def _identitynet(self, sample: torch.Tensor, t: torch.Tensor, batch: StepBatch, keep: tuple[float, ...]):
+        """IdentityNet's residuals for the batch, weighted per row by strength x face-region mask x window."""
+        if batch.mask is not None and batch.mask.shape[1] > 1:  # several people: each identity's own pass
             return per_identity_identitynet(
                 self.controlnet,
                 sample,
                 t,
-                face=rows["face"],
-                control_image=rows["control_image"],
-                pooled=rows["pooled"],
-                time_ids=rows["time_ids"],
-                conditioning_scale=keep,
-                weight=mask_weights(rows["identity_strength"], rows["mask"], weights),
+                face=batch.face,
+                control_image=batch.control_image,
+                pooled=batch.pooled,
+                time_ids=batch.time_ids,
+                conditioning_scale=1.0,
+                weight=lambda size, dtype: batch.identitynet_weight(size, keep, dtype),  # (rows, k, h, w)
             )
         down, mid = self.controlnet(
             sample,
             t,
-            encoder_hidden_states=rows["face"],
-            controlnet_cond=rows["control_image"],
-            conditioning_scale=keep,
+            encoder_hidden_states=batch.face,
+            controlnet_cond=batch.control_image,
+            conditioning_scale=1.0,
             guess_mode=False,
-            added_cond_kwargs={"text_embeds": rows["pooled"], "time_ids": rows["time_ids"]},
+            added_cond_kwargs={"text_embeds": batch.pooled, "time_ids": batch.time_ids},
             return_dict=False,
         )
 
         def weigh(residual: torch.Tensor) -> torch.Tensor:
-            size = tuple(residual.shape[-2:])
-            weight = weights.get(size)
-            if weight is None:
-                weight = rows["identity_strength"].view(-1, 1, 1, 1)
-                if rows["mask"] is not None:
-                    weight = weight * F.interpolate(rows["mask"], size=size, mode="bilinear")
-                weight = weights[size] = weight.to(residual.dtype)
-            return residual * weight
+            return residual * batch.identitynet_weight(tuple(residual.shape[-2:]), keep, residual.dtype)
 
         return [weigh(r) for r in down], weigh(mid)
 
-    def _extra_controlnet(self, name: str, sample: torch.Tensor, t: torch.Tensor, rows: dict, keep: float):
-        """An extra ControlNet's residuals: it reads the TEXT embeddings and its map; scaled per row by strength."""
+    def _extra_controlnet(
+        self, name: str, sample: torch.Tensor, t: torch.Tensor, batch: StepBatch, keep: tuple[float, ...]
+    ):
+        """An extra ControlNet's residuals: it reads the TEXT embeddings and its map; weighted per row by its
+        strength x window."""
         down, mid = self.controlnets[name](
             sample,
             t,
-            encoder_hidden_states=rows["text"],
-            controlnet_cond=rows["maps"][name],
-            conditioning_scale=keep,
+            encoder_hidden_states=batch.text,
+            controlnet_cond=batch.maps[name],
+            conditioning_scale=1.0,
             guess_mode=False,
-            added_cond_kwargs={"text_embeds": rows["pooled"], "time_ids": rows["time_ids"]},
+            added_cond_kwargs={"text_embeds": batch.pooled, "time_ids": batch.time_ids},
             return_dict=False,
         )
-        weight = rows["map_strengths"][name]
+        weight = batch.map_weight(name, keep)
         return [r * weight.to(r.dtype) for r in down], mid * weight.to(mid.dtype)
 
     @torch.no_grad()
+    def step(self, jobs: Sequence[DenoiseJob], batch: StepBatch) -> list[DenoiseJob]:
+        """Advance every job of ``batch`` by one of its own steps in one UNet (and ControlNet) forward.
+
+        Each row gets its job's own timestep, window and strengths, and each job's scheduler steps its own
+        latents with its own generator, so who else is in the batch changes a result only within float
+        tolerance. Returns the jobs that ended at this boundary: finished (``finished(job)``) or dropped by
+        their ``on_step``.
+        """
+        timesteps = [j._state["timesteps"][j._state["index"]] for j in jobs]
+        sample_parts, row_timesteps = [], []
+        for job, t, rows in zip(jobs, timesteps, batch.blocks, strict=True):
+            scaled = job._state["scheduler"].scale_model_input(job._state["latents"], t)
+            sample_parts.append(torch.cat([scaled, scaled]) if rows.cfg else scaled)
+            row_timesteps.append(t.to(device=self.device, dtype=torch.float32).reshape(1).expand(rows.count))
+        sample = torch.cat(sample_parts)
+        t_rows = torch.cat(row_timesteps)
+        residuals = []
+        identity_keep = tuple(
+            self._keep(j, j.params.control_guidance_start, j.params.control_guidance_end) for j in jobs
+        )
+        if any(k != 0 and j.params.identitynet_strength != 0 for k, j in zip(identity_keep, jobs, strict=True)):
+            residuals.append(self._identitynet(sample, t_rows, batch, identity_keep))
+        for name in batch.maps:
+            windows = [{c.name: c for c in j.params.active_controlnets}[name] for j in jobs]
+            keep = tuple(self._keep(j, w.start, w.end) for j, w in zip(jobs, windows, strict=True))
+            if any(keep):
+                residuals.append(self._extra_controlnet(name, sample, t_rows, batch, keep))
+        down, mid = _summed(residuals)
+        noise = self.unet(
+            sample,
+            t_rows,
+            encoder_hidden_states=batch.context,
+            cross_attention_kwargs={CONDITIONING_KWARG: batch.conditioning},
+            added_cond_kwargs={"text_embeds": batch.pooled, "time_ids": batch.time_ids},
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+        ended = []
+        for job, t, rows, part in zip(jobs, timesteps, batch.blocks, noise.split(batch.counts), strict=True):
+            if rows.cfg:
+                uncond, cond = part.chunk(2)
+                part = uncond + rows.guidance * (cond - uncond)
+            st = job._state
+            st["latents"] = st["scheduler"].step(part, t, st["latents"], **st["step_kwargs"], return_dict=False)[0]
+            st["index"] += 1
+            total = len(st["timesteps"])
+            dropped = job.on_step is not None and job.on_step(st["index"], total, st["latents"])
+            if dropped or st["index"] == total:
+                st["dropped"] = bool(dropped)
+                ended.append(job)
+        return ended
+
+    @staticmethod
+    def _keep(job: DenoiseJob, start: float, end: float) -> float:
+        return control_keep(job._state["index"], len(job._state["timesteps"]), start, end)
+
+    @staticmethod
+    def finished(job: DenoiseJob) -> bool:
+        """Whether a started job ran all its steps (rather than being dropped by ``on_step``)."""
+        return job._state.get("index") == len(job._state.get("timesteps", ())) and not job._state.get("dropped")
+
+    def finish(self, job: DenoiseJob) -> np.ndarray | None:
+        """The job's images once it ended (None when dropped); frees its state."""
+        images = self.decode(job._state["latents"]) if self.finished(job) else None
+        job._state = {}
+        return images
+
+    @torch.no_grad()
     def generate(self, jobs: Sequence[DenoiseJob]) -> list[np.ndarray | None]:
-        """Run compatible jobs together; returns one uint8 array (num_images, H, W, 3) per job (None for a job its
-        ``on_step`` dropped)."""
+        """Run jobs with equal ``GenerationParams.batch_key()`` from start to end together (static batching);
+        returns one uint8 array (num_images, H, W, 3) per job (None for a job its ``on_step`` dropped)."""
         if not jobs:
             return []
         key = jobs[0].params.batch_key()
@@ -341,74 +406,15 @@ class InstantIDDenoiser:
         if len({j.prompt.chunks for j in jobs}) > 1:
             raise ValueError("generate() needs jobs whose prompts take the same number of 77-token chunks")
         for job in jobs:
-            self._prepare_job(job)
-        everyone = list(jobs)
-        p0 = jobs[0].params
-        cfg = p0.do_classifier_free_guidance
-        timesteps = jobs[0]._state["timesteps"]
-        extra = p0.active_controlnets  # the same names and windows in every job (the batch key)
-        jobs, batch = self._batch_rows(everyone, cfg)
-
-        for i, t in enumerate(timesteps):
-            if not jobs:
-                break
-            rows, counts, guidance, context, conditioning, identitynet_weights, identitynet_used = batch
-            keep = control_keep(i, len(timesteps), p0.control_guidance_start, p0.control_guidance_end)
-            scaled = torch.cat([j._state["scheduler"].scale_model_input(j._state["latents"], t) for j in jobs])
-            sample = torch.cat([scaled, scaled]) if cfg else scaled
-            residuals = []
-            if identitynet_used and keep != 0:
-                residuals.append(self._identitynet(sample, t, rows, keep, identitynet_weights))
-            for setting in extra:
-                extra_keep = control_keep(i, len(timesteps), setting.start, setting.end)
-                if extra_keep != 0:
-                    residuals.append(self._extra_controlnet(setting.name, sample, t, rows, extra_keep))
-            down, mid = _summed(residuals)
-            noise = self.unet(
-                sample,
-                t,
-                encoder_hidden_states=context,
-                cross_attention_kwargs={CONDITIONING_KWARG: conditioning},
-                added_cond_kwargs={"text_embeds": rows["pooled"], "time_ids": rows["time_ids"]},
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-                return_dict=False,
-            )[0]
-            if cfg:
-                uncond, cond = noise.chunk(2)
-                uncond_parts, cond_parts = uncond.split(counts), cond.split(counts)
-                noise_parts = [u + g * (c - u) for u, c, g in zip(uncond_parts, cond_parts, guidance, strict=True)]
-            else:
-                noise_parts = list(noise.split(counts))
-            for job, part in zip(jobs, noise_parts, strict=True):
-                st = job._state
-                st["latents"] = st["scheduler"].step(part, t, st["latents"], **st["step_kwargs"], return_dict=False)[0]
-            dropped = {
-                id(j) for j in jobs if j.on_step is not None and j.on_step(i + 1, len(timesteps), j._state["latents"])
-            }
-            if dropped:  # the remaining jobs' rows are rebuilt from their own state: their results do not change
-                jobs, batch = self._batch_rows([j for j in jobs if id(j) not in dropped], cfg)
-
-        finished = {id(j) for j in jobs}  # jobs hold arrays: compared by identity, never by value
-        images = [self.decode(j._state["latents"]) if id(j) in finished else None for j in everyone]
-        for job in everyone:
-            job._state = {}
-        return images
-
-    def _batch_rows(self, jobs: list[DenoiseJob], cfg: bool) -> tuple[list[DenoiseJob], tuple]:
-        """What every step of these jobs shares: their rows, per-job image counts and guidance, the attention
-        context and the face conditioning (built once per job set; per-resolution weights cached across steps).
-        Whether IdentityNet runs at all is decided from the host-side parameters (a device check would stall the
-        CPU every step)."""
-        if not jobs:
-            return jobs, ()
-        rows = self._rows(jobs, cfg)
-        counts = [j.params.num_images for j in jobs]
-        guidance = [j.params.guidance_scale for j in jobs]
-        context = torch.cat([rows["text"], rows["face"]], dim=1)
-        conditioning = FaceConditioning(rows["adapter_strength"], self.num_face_tokens, rows["mask"])
-        identitynet_used = any(j.params.identitynet_strength != 0 for j in jobs)
-        return jobs, (rows, counts, guidance, context, conditioning, {}, identitynet_used)
+            self.start(job)
+        running = list(jobs)
+        batch = self.batch(running)
+        while running:
+            ended = {id(j) for j in self.step(running, batch)}  # jobs hold arrays: compared by identity
+            if ended:  # the others' rows are rebuilt from their own blocks: their results do not change
+                running = [j for j in running if id(j) not in ended]
+                batch = self.batch(running) if running else batch
+        return [self.finish(job) for job in jobs]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

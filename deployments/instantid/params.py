@@ -111,5 +111,12 @@ class GenerationParams:
             self.identities,
         )
 
+    def step_key(self) -> tuple:
+        """Jobs with equal keys (and prompts of as many 77-token chunks) can share a forward at any of their steps:
+        the same latent shape, set of extra ControlNets and number of identities (the face tokens' length). Steps,
+        schedulers, timesteps, guidance (CFG on or off), strengths, windows and image-to-image starts may differ:
+        they are per row or per job."""
+        return (self.width, self.height, tuple(sorted(c.name for c in self.active_controlnets)), self.identities)
+
 
 DEFAULT_PARAMS = GenerationParams()

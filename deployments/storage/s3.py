@@ -21,7 +21,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -163,6 +163,20 @@ def make_client(settings: S3Settings, session: boto3.session.Session | None = No
     )
     session = session or boto3.session.Session()
     return session.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config)
+
+
+def on_retry(client: S3Client, callback: Callable[[str], None]) -> None:
+    """Call ``callback(operation name)`` each time ``client`` sends a request again after a failed attempt.
+
+    botocore creates a new request for every attempt and numbers the attempt in the request's context; the first
+    is attempt 1. Retries are otherwise invisible to the caller of a call that finally succeeded.
+    """
+
+    def created(request: Any, operation_name: str = "", **_: Any) -> None:
+        if (getattr(request, "context", None) or {}).get("retries", {}).get("attempt", 1) > 1:
+            callback(operation_name)
+
+    client.meta.events.register("request-created.s3", created)
 
 
 def is_not_found(exc: BaseException) -> bool:

@@ -7,6 +7,7 @@ survives replica restarts (on Kubernetes the spool is a persistent volume).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,6 +50,14 @@ class Spool:
     def pending(self) -> list[str]:
         """Spooled generation ids, oldest first (ids sort by creation time)."""
         return sorted(p.name for p in self.directory.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+
+    def oldest_time(self) -> float | None:
+        """When the oldest spooled generation was written (unix seconds), None when the spool is empty."""
+        times = []
+        for generation_id in self.pending():  # ids order by the second; within one, only the files tell
+            with contextlib.suppress(FileNotFoundError):  # uploaded meanwhile
+                times.append((self._path(generation_id) / MANIFEST).stat().st_mtime)
+        return min(times, default=None)
 
     def contains(self, generation_id: str) -> bool:
         return (self._path(generation_id) / MANIFEST).is_file()

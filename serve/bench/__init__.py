@@ -163,6 +163,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="torch threads of the in-process side (default: what Ray gives the served Denoiser replica)",
     )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    load = p.add_argument_group("--open-loop: static vs continuous batching under Poisson arrivals (--size applies)")
+    load.add_argument(
+        "--open-loop",
+        action="store_true",
+        help="instead of serve vs in-process: saturation throughput and open-loop latency of both batching modes",
+    )
+    load.add_argument("--mix-steps", type=_positive, nargs="+", default=[4, 8, 30], help="step counts drawn from")
+    load.add_argument("--mix-images", type=_positive, nargs="+", default=[1, 2], help="image counts drawn from")
+    load.add_argument("--clients", type=_positive, default=8, help="closed-loop clients at saturation (default 8)")
+    load.add_argument("--saturation-requests", type=_positive, default=36, help="requests per saturation phase")
+    load.add_argument("--load-requests", type=_positive, default=48, help="requests per open-loop phase")
+    load.add_argument(
+        "--load-fraction", type=float, default=0.7, help="open-loop rate as a fraction of static's capacity"
+    )
+    load.add_argument("--seed", type=int, default=0, help="seeds the mix and the arrival times (default 0)")
+    load.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
 
 
 def add_face_arguments(p: argparse.ArgumentParser) -> None:

@@ -374,6 +374,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main_from_args(args: argparse.Namespace) -> int:
     # Ray, SeaweedFS and the loaders may print; stdout carries only the JSON.
     with contextlib.redirect_stdout(sys.stderr):
-        report = run(args)
+        if args.open_loop:
+            from serve.bench import batching_bench
+
+            report = batching_bench.run(args)
+        else:
+            report = run(args)
     emit(report, args.out)
     return 0

@@ -1,0 +1,224 @@
+"""``instantid bench serve --open-loop``: static against continuous batching, under the same open-loop load.
+
+One run, one local stack (``local.yaml``: tiny weights, CPU, embedded S3), the Denoiser deployed first with
+``batching.mode: static`` and then redeployed with ``continuous``; everything else stays up. For each mode:
+
+1. saturation: ``--clients`` closed-loop clients send the request mix back to back; the completed requests per
+   second is the mode's saturation throughput. Static's is the *capacity* the load phase is sized from.
+2. load: Poisson arrivals at ``--load-fraction`` x capacity (the same seeded arrival times and the same mix in
+   both modes), each request sent at its scheduled time whatever is still in flight (open loop: a slow server
+   does not slow the arrivals down, so queueing shows in the latencies instead of hiding in the client).
+   Latency is measured from the scheduled arrival to the response.
+
+The mix draws each request's step count and image count uniformly from ``--mix-steps`` and ``--mix-images``
+(default 4, 8, 30 steps and 1 or 2 images): the case static batching handles worst, since only equal step
+counts share its forwards. Mean rows per forward comes from the Denoiser's own counters over each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serve.bench import BenchError, machine_facts, percentile, progress
+from serve.bench.serve_bench import _post, _request_body, own_cluster_and_tiny_weights
+
+MODES = ("static", "continuous")
+APP = "instantid"
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One request of the mix: when it is due (seconds after the phase starts), its steps, images and seed."""
+
+    at: float
+    steps: int
+    images: int
+    seed: int
+
+
+def request_mix(args: argparse.Namespace, count: int, rate: float | None, seed: int) -> list[Shot]:
+    """``count`` requests with uniformly drawn steps and images; Poisson arrival times at ``rate`` (or all at 0)."""
+    rng = random.Random(seed)
+    shots, at = [], 0.0
+    for i in range(count):
+        if rate is not None:
+            at += rng.expovariate(rate)
+        shots.append(Shot(at, rng.choice(args.mix_steps), rng.choice(args.mix_images), 1000 + i))
+    return shots
+
+
+def _body(photo: bytes, args: argparse.Namespace, shot: Shot) -> dict[str, Any]:
+    return {**_request_body(photo, args.size, shot.steps, shot.seed), "num_images": shot.images}
+
+
+def _phase_summary(
+    done: list[tuple[Shot, float, dict[str, Any]]], errors: list[str], wall: float, counters: dict[str, float]
+) -> dict[str, Any]:
+    latencies = [latency for _, latency, _ in done]
+    by_steps: dict[str, list[float]] = {}
+    for shot, latency, _ in done:
+        by_steps.setdefault(str(shot.steps), []).append(latency)
+    return {
+        "requests": len(done),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "wall_s": wall,
+        "throughput_rps": len(done) / wall if wall else None,
+        "throughput_images_per_s": sum(shot.images for shot, _, _ in done) / wall if wall else None,
+        "latency": {f"p{q}_s": percentile(latencies, q) for q in (50, 95, 99)},
+        "p95_by_steps_s": {steps: percentile(values, 95) for steps, values in sorted(by_steps.items())},
+        "mean_rows_per_forward": counters["rows"] / counters["forwards"] if counters["forwards"] else None,
+        "forwards": counters["forwards"],
+    }
+
+
+class Phases:
+    """Sends the mix to one served app and reads the Denoiser's batching counters around each phase."""
+
+    def __init__(self, url: str, photo: bytes, args: argparse.Namespace) -> None:
+        self.url, self.photo, self.args = url + "/v1/generate", photo, args
+
+    @staticmethod
+    def _counters() -> dict[str, float]:
+        from ray import serve as ray_serve
+
+        return ray_serve.get_deployment_handle("Denoiser", APP).batching_stats.remote().result()
+
+    def _send(self, shot: Shot, due: float, done: list, errors: list, lock: threading.Lock) -> None:
+        try:
+            _, payload = _post(self.url, _body(self.photo, self.args, shot), timeout=self.args.request_timeout)
+        except (BenchError, OSError) as exc:
+            with lock:
+                errors.append(str(exc)[:200])
+            return
+        latency = time.perf_counter() - due
+        with lock:
+            done.append((shot, latency, payload))
+
+    def closed_loop(self, shots: list[Shot]) -> dict[str, Any]:
+        """``--clients`` clients, each sending the next request of ``shots`` as soon as its last one returned."""
+        done: list = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        queue = iter(shots)
+        before = self._counters()
+        start = time.perf_counter()
+
+        def client() -> None:
+            while True:
+                with lock:
+                    shot = next(queue, None)
+                if shot is None:
+                    return
+                self._send(shot, time.perf_counter(), done, errors, lock)
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(self.args.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - start
+        return _phase_summary(done, errors, wall, _delta(before, self._counters()))
+
+    def open_loop(self, shots: list[Shot]) -> dict[str, Any]:
+        """Each request sent at its scheduled time in its own thread, whatever is still in flight."""
+        done: list = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        before = self._counters()
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=len(shots)) as pool:
+            for shot in shots:
+                due = start + shot.at
+                time.sleep(max(0.0, due - time.perf_counter()))
+                pool.submit(self._send, shot, due, done, errors, lock)
+        wall = time.perf_counter() - start
+        return _phase_summary(done, errors, wall, _delta(before, self._counters()))
+
+
+def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: after[key] - before[key] for key in ("forwards", "rows")}
+
+
+def _deploy(serve_file, mode: str) -> None:
+    from ray import serve as ray_serve
+
+    from serve.app import build_app
+
+    for app, config in serve_file.app_configs():
+        batching = config.denoiser.batching.model_copy(update={"mode": mode})
+        config = config.model_copy(update={"denoiser": config.denoiser.model_copy(update={"batching": batching})})
+        ray_serve.run(build_app(config), name=app.get("name", APP), route_prefix=app.get("route_prefix", "/"))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from serve.demo import local_config_path
+    from serve.runner import ServeFile, free_port, local_stack
+
+    weights, photo = own_cluster_and_tiny_weights(args.home)
+    serve_file = ServeFile.load(local_config_path())
+    results: dict[str, Any] = {}
+    capacity: float | None = None
+    saturation_shots = request_mix(args, args.saturation_requests, None, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="instantid-bench-batching-") as tmp:
+        for app in serve_file.apps:
+            app["args"]["weights"]["root"] = str(weights)
+            app["args"]["storage"]["embedded_data_dir"] = str(Path(tmp) / "s3")
+            app["args"]["storage"]["spool_dir"] = str(Path(tmp) / "spool")
+        with local_stack(serve_file, port=free_port()) as stack:
+            phases = Phases(stack["url"], photo, args)
+            for mode in MODES:
+                progress(f"{mode}: deploying")
+                _deploy(serve_file, mode)
+                warm = [Shot(0.0, steps, 1, 1) for steps in sorted(set(args.mix_steps))]
+                phases.closed_loop(warm)  # every replica once, every step count once
+                progress(f"{mode}: saturation, {len(saturation_shots)} requests from {args.clients} clients")
+                saturation = phases.closed_loop(saturation_shots)
+                if capacity is None:
+                    capacity = saturation["throughput_rps"]
+                    if not capacity:
+                        raise BenchError(f"static batching completed no request: {saturation['error_samples']}")
+                rate = args.load_fraction * capacity
+                load_shots = request_mix(args, args.load_requests, rate, seed=args.seed + 1)
+                progress(f"{mode}: open-loop load, {len(load_shots)} requests at {rate:.3f}/s")
+                load = phases.open_loop(load_shots)
+                results[mode] = {"saturation": saturation, "load": load}
+    static, continuous = results["static"], results["continuous"]
+    return {
+        "benchmark": "serve-batching",
+        "machine": machine_facts(("torch", "ray", "diffusers")),
+        "settings": {
+            "config": "serve/configs/local.yaml (tiny weights, CPU, embedded S3)",
+            "size": args.size,
+            "mix_steps": args.mix_steps,
+            "mix_images": args.mix_images,
+            "clients": args.clients,
+            "saturation_requests": args.saturation_requests,
+            "load_requests": args.load_requests,
+            "load_fraction": args.load_fraction,
+            "seed": args.seed,
+        },
+        "capacity_rps": capacity,
+        "load_rate_rps": args.load_fraction * capacity if capacity else None,
+        "static": static,
+        "continuous": continuous,
+        "continuous_over_static": {
+            "p95_at_load": _ratio(continuous["load"]["latency"]["p95_s"], static["load"]["latency"]["p95_s"]),
+            "p50_at_load": _ratio(continuous["load"]["latency"]["p50_s"], static["load"]["latency"]["p50_s"]),
+            "throughput_at_saturation": _ratio(
+                continuous["saturation"]["throughput_rps"], static["saturation"]["throughput_rps"]
+            ),
+        },
+    }
