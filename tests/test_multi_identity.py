@@ -3,6 +3,7 @@ each identity's face-token attention stays inside its own region, and k identiti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -241,3 +242,44 @@ def test_masks_keep_identities_apart_and_enhance_narrows_to_the_face() -> None:
     narrowed = identity_masks(regions, [a.box, b.box], 128, 64, enhance_face_region=True)
     assert narrowed is not None and narrowed[0].sum() == 40 * 46 and narrowed[1].sum() == 40 * 46
     assert narrowed[0, 10:56, 12:52].all() and narrowed[1, 10:56, 76:116].all()
+
+
+def test_multi_identity_jobs_join_a_continuous_batch_mid_way_and_keep_their_image(denoiser, prompt) -> None:
+    """Continuous batching: a second two-person job (other people, steps, strengths, window) joins a running one
+    at a step boundary; both give the images they give alone, and a one-person job never shares their forwards."""
+    from deployments.instantid.continuous import ContinuousBatcher, StepGroup
+
+    a = DenoiseJob(
+        dataclasses.replace(TWO, num_inference_steps=5, seed=1),
+        embedding(0),
+        KPS,
+        BOX,
+        prompt,
+        identities=[placed(0, 0), placed(1, 64)],
+    )
+    b_params = dataclasses.replace(
+        TWO, num_inference_steps=4, seed=2, adapter_strength=1.1, identitynet_strength=0.5, control_guidance_end=0.7
+    )
+    b = DenoiseJob(b_params, embedding(2), KPS, BOX, prompt, identities=[placed(2, 0), placed(3, 64)])
+    expected = {name: denoiser.generate([dataclasses.replace(job, _state={})])[0] for name, job in (("a", a), ("b", b))}
+    batcher = ContinuousBatcher(max_rows=64, turn_steps=4, gather_s=0.3)
+    try:
+        group = StepGroup("g", denoiser, lambda: contextlib.nullcontext(0.0))
+        futures = {}
+
+        def a_step(step: int, total: int, latents: object) -> bool:
+            if step == 2:
+                futures["b"] = batcher.submit(b, group)[0]
+            return False
+
+        a.on_step = a_step
+        futures["a"] = batcher.submit(a, group)[0]
+        outcome_a = futures["a"].result(120)
+        outcome_b = futures["b"].result(120)
+    finally:
+        batcher.close()
+    for name, outcome in (("a", outcome_a), ("b", outcome_b)):
+        assert outcome.images is not None
+        assert int(np.abs(outcome.images.astype(int) - expected[name].astype(int)).max()) <= 2, name
+    assert outcome_a.stats.most_jobs == 2  # they did share forwards
+    assert TWO.step_key() != dataclasses.replace(TWO, identities=1).step_key()
