@@ -88,7 +88,7 @@ def per_identity_identitynet(
 
     down, mid = controlnet(
         repeat(sample),
-        t,
+        t if t.ndim == 0 else repeat(t),  # one timestep for all rows, or one per row
         encoder_hidden_states=tokens,
         controlnet_cond=repeat(control_image),
         conditioning_scale=conditioning_scale,
