@@ -240,7 +240,7 @@ def test_open_loop_mix_is_seeded_poisson_over_the_given_steps_and_images() -> No
 def test_serve_open_loop_compares_static_and_continuous_batching(tmp_path: Path) -> None:
     out = tmp_path / "batching.json"
     argv = ["--open-loop", "--mix-steps", "1", "3", "--mix-images", "1", "2", "--clients", "2"]
-    argv += ["--saturation-requests", "4", "--load-requests", "4", "--size", "128"]
+    argv += ["--saturation-requests", "4", "--load-requests", "4", "--size", "256"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         [sys.executable, "-m", "serve.cli", "bench", "serve", *argv, "--home", str(tmp_path), "--out", str(out)],
