@@ -188,23 +188,29 @@ def test_stage_breakdown_overheads() -> None:
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 95) is None
 
 
-@pytest.mark.slow
-def test_serve_reports_latency_throughput_breakdown_and_ratios(tmp_path: Path) -> None:
-    """In a subprocess: the bench starts its own Ray (and SeaweedFS), apart from the session's cluster."""
-    out = tmp_path / "serve.json"
-    argv = ["--requests", "2", "--concurrency", "2", "--steps", "1", "--size", "256", "--max-seconds", "240"]
+def bench_serve(home: Path, argv: list[str], timeout: float) -> dict[str, Any]:
+    """``instantid bench serve ARGV`` in a subprocess (its own Ray and SeaweedFS); its JSON, also written to --out."""
+    out = home / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "bench", "serve", *argv, "--home", str(tmp_path), "--out", str(out)],
+        [sys.executable, "-m", "serve.cli", "bench", "serve", *argv, "--home", str(home), "--out", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=420,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report == json.loads(out.read_text())
+    return report
+
+
+@pytest.mark.slow
+def test_serve_reports_latency_throughput_breakdown_and_ratios(tmp_path: Path) -> None:
+    """In a subprocess: the bench starts its own Ray (and SeaweedFS), apart from the session's cluster."""
+    argv = ["--requests", "2", "--concurrency", "2", "--steps", "1", "--size", "256", "--max-seconds", "240"]
+    report = bench_serve(tmp_path, argv, timeout=420)
 
     served, local = report["serve"], report["in_process"]
     c1, cn = served["concurrency_1"], served["concurrency_n"]
@@ -238,20 +244,9 @@ def test_open_loop_mix_is_seeded_poisson_over_the_given_steps_and_images() -> No
 
 @pytest.mark.slow
 def test_serve_open_loop_compares_static_and_continuous_batching(tmp_path: Path) -> None:
-    out = tmp_path / "batching.json"
     argv = ["--open-loop", "--mix-steps", "1", "3", "--mix-images", "1", "2", "--clients", "2"]
-    argv += ["--saturation-requests", "4", "--load-requests", "4", "--size", "128"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "bench", "serve", *argv, "--home", str(tmp_path), "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    argv += ["--saturation-requests", "4", "--load-requests", "4", "--size", "256"]
+    report = bench_serve(tmp_path, argv, timeout=600)
     assert report["benchmark"] == "serve-batching" and positive(report["capacity_rps"])
     assert report["load_rate_rps"] == pytest.approx(0.7 * report["capacity_rps"], rel=1e-4)
     for mode in ("static", "continuous"):

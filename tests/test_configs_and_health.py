@@ -34,6 +34,24 @@ def test_config_files_are_serve_configs_that_build(name):
         assert isinstance(build_app(config), Application)  # binding loads nothing: replicas load on start
 
 
+def test_denoiser_batching_is_one_row_limit_and_the_old_latent_setting_is_refused_with_its_migration():
+    from pydantic import ValidationError
+
+    from serve.config import DenoiserBatching
+
+    assert DenoiserBatching().mode == "continuous" and DenoiserBatching().max_rows == 32
+    for name in ("local.yaml", "production.yaml"):
+        (_, config), *_ = ServeFile.load(CONFIGS / name).app_configs()
+        assert config.denoiser.batching.mode == "continuous" and config.denoiser.batching.max_rows == 16, name
+    assert DenoiserBatching(mode="static", max_rows=16).mode == "static"
+    with pytest.raises(ValidationError, match="replaced by max_rows"):
+        DenoiserBatching.model_validate({"max_batch_size": 8})
+    with pytest.raises(ValidationError, match="greater than or equal to 16"):
+        DenoiserBatching(max_rows=8)  # one 8-image request with guidance must fit
+    with pytest.raises(ValidationError, match="static"):
+        DenoiserBatching.model_validate({"mode": "dynamic"})
+
+
 def test_local_config_fits_two_cores_and_production_separates_node_types():
     local = ServeFile.load(CONFIGS / "local.yaml").app_configs()[0][1]
     stages = [

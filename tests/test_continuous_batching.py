@@ -284,3 +284,30 @@ def test_a_failing_forward_fails_its_jobs_and_the_batcher_goes_on(denoiser, text
     second, _ = runner.submit(make_job(text, BASE), StepGroup("g", denoiser, enter))
     assert second.result(60).images is not None
     assert runner.load() == {"waiting": 0, "running": 0, "rows": 0}
+
+
+def test_text_and_face_projections_are_made_once_per_job_while_others_join_and_leave(denoiser, text, batcher) -> None:
+    """The K/V projections of a job's text and face tokens are computed when it first steps and kept while the set
+    of rows around it changes: a cross-attention layer's ``to_k`` (text) and ``to_k_ip`` (face) see each job's rows
+    exactly once, never the whole batch again."""
+    name, layer = next((n, m) for n, m in denoiser.unet.named_modules() if n.endswith("attn2"))
+    processor = denoiser.unet.attn_processors[f"{name}.processor"]
+    seen: dict[str, list[int]] = {"text": [], "face": []}
+    hooks = [
+        layer.to_k.register_forward_hook(lambda _m, args, _o: seen["text"].append(args[0].shape[0])),
+        processor.to_k_ip.register_forward_hook(lambda _m, args, _o: seen["face"].append(args[0].shape[0])),
+    ]
+    try:
+        a = make_job(text, dataclasses.replace(BASE, num_inference_steps=6))
+        b = make_job(text, dataclasses.replace(BASE, num_inference_steps=3, num_images=2, seed=2))
+        c = make_job(text, dataclasses.replace(BASE, num_inference_steps=3, seed=3, guidance_scale=0))
+        scenario = Scenario(batcher())
+        g = group(denoiser)
+        scenario.add("b", b, g, after=("a", 1))  # joins, then leaves after its 3 steps
+        scenario.add("c", c, g, after=("b", 3))  # joins the set A and B made, after B left
+        scenario.add("a", a, g)
+        scenario.results()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"text": [2, 4, 1], "face": [2, 4, 1]}  # A's 2 rows, B's 4 (2 images, CFG), C's 1 (no CFG)
