@@ -364,6 +364,8 @@ class DenoiserDeployment:
         }
 
     def check_health(self) -> None:
+        if self.batcher is not None and not self.batcher.alive:
+            raise RuntimeError("the continuous batcher's worker thread stopped")
         for slot in self.bases.slots():
             model = slot.model
             if model is not None and next(model.unet.parameters()).isnan().any():

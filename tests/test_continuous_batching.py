@@ -284,6 +284,11 @@ def test_a_failing_forward_fails_its_jobs_and_the_batcher_goes_on(denoiser, text
     second, _ = runner.submit(make_job(text, BASE), StepGroup("g", denoiser, enter))
     assert second.result(60).images is not None
     assert runner.load() == {"waiting": 0, "running": 0, "rows": 0}
+    assert runner.alive  # the failure did not stop the worker
+    runner.close()
+    assert not runner.alive
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.submit(make_job(text, BASE), StepGroup("g", denoiser, enter))
 
 
 def test_text_and_face_projections_are_made_once_per_job_while_others_join_and_leave(denoiser, text, batcher) -> None:

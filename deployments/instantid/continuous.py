@@ -154,6 +154,11 @@ class ContinuousBatcher:
 
         return entry.future, cancel
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (a replica whose batcher stopped must be replaced, not sent jobs)."""
+        return self._thread.is_alive()
+
     def load(self) -> dict[str, int]:
         """Jobs waiting and running, and rows admitted, now."""
         with self._lock:
