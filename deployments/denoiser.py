@@ -77,7 +77,7 @@ class _Item:
     slot: BaseSlot[InstantIDDenoiser]
     controls: ControlMapsResult | None = None
     reporter: StepReporter | None = None  # an async job's: steps to the event channel, cancellation back
-    arrived: float = field(default_factory=time.time)  # when it reached this replica: the queue wait starts
+    arrived: float = field(default_factory=time.time)  # when generate() was called: the queue wait starts
 
 
 def _latents(items: list[_Item]) -> int:
@@ -86,7 +86,7 @@ def _latents(items: list[_Item]) -> int:
 
 def _rows(items: list[_Item]) -> int:
     """UNet rows: what ``max_rows`` counts (an image is one row, two with classifier-free guidance)."""
-    return sum(item.params.num_images * (2 if item.params.do_classifier_free_guidance else 1) for item in items)
+    return sum(item.params.unet_rows for item in items)
 
 
 def _replica_id() -> str:
@@ -201,7 +201,8 @@ class DenoiserDeployment:
             reporter = StepReporter(channel, job_id, answer, self.preview_every)
         slot, waited = await self.bases.acquire(model.base)
         try:
-            item = _Item(params.sized(condition.width, condition.height), model, face, prompt, slot, controls, reporter)
+            sized = params.sized(condition.width, condition.height)
+            item = _Item(sized, model, face, prompt, slot, controls, reporter, arrived=entered)
             result = await (self._continuous(item) if self.batcher is not None else self._batch(item))
         finally:
             slot.release()
@@ -211,7 +212,7 @@ class DenoiserDeployment:
             raise result
         if waited is not None:
             result.timings["denoise_model_load"] = waited
-        metrics.record_queue_wait(model.base, entered, result.timings["denoise"].start)
+        metrics.record_queue_wait(model.base, result.timings["denoise_queue"].seconds)
         return result
 
     async def _continuous(self, item: _Item) -> DenoiseResult | Exception:

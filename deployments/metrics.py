@@ -285,9 +285,9 @@ def record_generation(seconds_by_stage: Mapping[str, float], model: str, similar
 # -------------------------------------------------------------------------------------------------- denoiser
 
 
-def record_queue_wait(model: str, entered: float, denoise_started: float) -> None:
-    """``entered``: the generate() call's start; ``denoise_started``: its job's first step (both unix seconds)."""
-    _record(QUEUE_WAIT, max(0.0, denoise_started - entered), model=model)
+def record_queue_wait(model: str, seconds: float) -> None:
+    """From the denoiser's generate() call to its job's first step (the response's ``denoise_queue`` timing)."""
+    _record(QUEUE_WAIT, seconds, model=model)
 
 
 def record_denoise_batch(jobs: int, rows: int, steps: int, seconds: float) -> None:

@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import pytest
 
-from deployments.instantid.continuous import ContinuousBatcher, Outcome, StepGroup, job_rows
+from deployments.instantid.continuous import ContinuousBatcher, Outcome, StepGroup
 from deployments.instantid.denoiser import DenoiseJob
 from deployments.instantid.errors import InvalidParameterError
 from deployments.instantid.params import ControlSetting, GenerationParams
@@ -222,7 +222,7 @@ def test_admission_is_oldest_first_within_the_row_limit(denoiser, text, batcher)
     b = make_job(text, dataclasses.replace(cfg, num_images=2, num_inference_steps=6, seed=2))
     c = make_job(text, dataclasses.replace(cfg, num_images=2, seed=3))
     d = make_job(text, dataclasses.replace(cfg, seed=4))
-    assert [job_rows(j) for j in (a, b, c, d)] == [2, 4, 4, 2]
+    assert [j.params.unet_rows for j in (a, b, c, d)] == [2, 4, 4, 2]
     scenario = Scenario(batcher(max_rows=6))
     g = group(denoiser)
     scenario.add("c", c, g, after=("a", 1))

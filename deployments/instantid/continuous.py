@@ -94,11 +94,6 @@ class _Entry:
     cancelled: bool = False
 
 
-def job_rows(job: DenoiseJob) -> int:
-    """UNet rows a job occupies in every forward: one per image, two with classifier-free guidance."""
-    return job.params.num_images * (2 if job.params.do_classifier_free_guidance else 1)
-
-
 class ContinuousBatcher:
     """Admits, groups and steps jobs; see the module docstring for the policy."""
 
@@ -128,7 +123,6 @@ class ContinuousBatcher:
         self._rows_admitted = 0
         self._turn: Hashable | None = None
         self._turn_steps = 0
-        self._entered: Hashable | None = None
         self._closed = False
         self._batches: dict[Hashable, tuple[tuple[int, ...], StepBatch]] = {}  # per group, while its set holds
         self.forwards = 0
@@ -140,7 +134,7 @@ class ContinuousBatcher:
     def submit(self, job: DenoiseJob, group: StepGroup) -> tuple[Future, Callable[[], None]]:
         """Queue ``job``; returns its future (an :class:`Outcome`, or the exception that failed it) and a function
         that cancels it (it leaves the queue, or the running set at the next step boundary)."""
-        entry = _Entry(job, group, job_rows(job), next(self._order), time.time())
+        entry = _Entry(job, group, job.params.unet_rows, next(self._order), time.time())
         with self._lock:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -287,6 +281,8 @@ class ContinuousBatcher:
                 self._admitted[key] = [e for e in self._admitted[key] if id(e) not in gone]
                 self._rows_admitted -= sum(e.rows for e, _ in ended)
                 self._batches.pop(key, None)
+                if not self._admitted[key]:  # the run ended: forget the group until it comes back
+                    del self._admitted[key], self._run_ids[key]
         for entry, result in ended:
             self._resolve(entry, result)
 

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import InvalidParameterError
 from .identity import negative_identity
@@ -103,16 +102,3 @@ def per_identity_identitynet(
         return (stacked * per_identity.transpose(0, 1)[:, :, None]).sum(dim=0)
 
     return [weigh(r) for r in down], weigh(mid)
-
-
-def mask_weights(strength: torch.Tensor, masks: torch.Tensor, cache: dict) -> Callable[..., torch.Tensor]:
-    """:func:`per_identity_identitynet`'s ``weight``: strength (rows,) x the (rows, k, H, W) masks resized bilinearly
-    to each residual size, made once per size and dtype and kept in ``cache``."""
-
-    def weight(size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        key = (size, dtype)
-        if key not in cache:
-            cache[key] = (strength.view(-1, 1, 1, 1) * F.interpolate(masks, size=size, mode="bilinear")).to(dtype)
-        return cache[key]
-
-    return weight

@@ -70,6 +70,11 @@ class GenerationParams:
     def do_classifier_free_guidance(self) -> bool:
         return self.guidance_scale > 1.0
 
+    @property
+    def unet_rows(self) -> int:
+        """Rows this request occupies in every UNet forward: one per image, two with classifier-free guidance."""
+        return self.num_images * (2 if self.do_classifier_free_guidance else 1)
+
     def sized(self, width: int, height: int) -> GenerationParams:
         return dataclasses.replace(self, width=width, height=height)
 

@@ -52,6 +52,11 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None when either is missing (or ``b`` is 0): a report's "x over y" figures."""
+    return None if a is None or not b else a / b
+
+
 def median(values: Sequence[float]) -> float | None:
     return percentile(values, 50.0)
 

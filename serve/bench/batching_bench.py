@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.bench import BenchError, machine_facts, percentile, progress
+from serve.bench import BenchError, machine_facts, percentile, progress, ratio
 from serve.bench.serve_bench import _post, _request_body, own_cluster_and_tiny_weights
 
 MODES = ("static", "continuous")
@@ -159,10 +159,6 @@ def _deploy(serve_file, mode: str) -> None:
         ray_serve.run(build_app(config), name=app.get("name", APP), route_prefix=app.get("route_prefix", "/"))
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from serve.demo import local_config_path
     from serve.runner import ServeFile, free_port, local_stack
@@ -215,9 +211,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "static": static,
         "continuous": continuous,
         "continuous_over_static": {
-            "p95_at_load": _ratio(continuous["load"]["latency"]["p95_s"], static["load"]["latency"]["p95_s"]),
-            "p50_at_load": _ratio(continuous["load"]["latency"]["p50_s"], static["load"]["latency"]["p50_s"]),
-            "throughput_at_saturation": _ratio(
+            "p95_at_load": ratio(continuous["load"]["latency"]["p95_s"], static["load"]["latency"]["p95_s"]),
+            "p50_at_load": ratio(continuous["load"]["latency"]["p50_s"], static["load"]["latency"]["p50_s"]),
+            "throughput_at_saturation": ratio(
                 continuous["saturation"]["throughput_rps"], static["saturation"]["throughput_rps"]
             ),
         },

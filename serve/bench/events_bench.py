@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from serve.bench import BenchError, emit, machine_facts, median, progress, rounded
+from serve.bench import BenchError, emit, machine_facts, median, progress, ratio, rounded
 from serve.bench.serve_bench import _request_body, own_cluster_and_tiny_weights
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -217,10 +217,6 @@ def _job_row(job: dict[str, Any], subscribed: bool) -> dict[str, Any]:
     return row
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
 async def measure(url: str, photo: bytes, args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up, baseline and loaded phases against the stack at ``url``; the measured part of the report."""
     import httpx
@@ -263,10 +259,10 @@ async def measure(url: str, photo: bytes, args: argparse.Namespace) -> dict[str,
         "baseline": baseline,
         "loaded": loaded,
         "loaded_over_baseline": {
-            "end_to_end_median": _ratio(l_e2e["median_s"], b_e2e["median_s"]),
-            "end_to_end_mean": _ratio(l_e2e["mean_s"], b_e2e["mean_s"]),
-            "denoise_median": _ratio(l_den["median_s"], b_den["median_s"]),
-            "denoise_mean": _ratio(l_den["mean_s"], b_den["mean_s"]),
+            "end_to_end_median": ratio(l_e2e["median_s"], b_e2e["median_s"]),
+            "end_to_end_mean": ratio(l_e2e["mean_s"], b_e2e["mean_s"]),
+            "denoise_median": ratio(l_den["median_s"], b_den["median_s"]),
+            "denoise_mean": ratio(l_den["mean_s"], b_den["mean_s"]),
         },
     }
 

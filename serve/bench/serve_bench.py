@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from serve.bench import BenchError, emit, machine_facts, median, percentile, progress
+from serve.bench import BenchError, emit, machine_facts, median, percentile, progress, ratio
 
 PROMPT = "a portrait of an astronaut, studio lighting"
 OUTPUT_FORMAT, OUTPUT_QUALITY = "webp", 95  # the API's defaults, used by both sides
@@ -317,10 +317,6 @@ def replica_threads(ray_actor_options: dict[str, Any]) -> int:
 # ------------------------------------------------------------------------------------------ main
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
 def own_cluster_and_tiny_weights(home: Path | None) -> tuple[Path, bytes]:
     """For a benchmark on a local stack: its own Ray cluster, the tiny weights (made if missing) and the photo.
 
@@ -364,9 +360,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "serve": result,
         "in_process": local,
         "serve_over_in_process": {
-            "latency_median": _ratio(c1["latency"]["median_s"], local["latency"]["median_s"]),
-            "latency_p95": _ratio(c1["latency"]["p95_s"], local["latency"]["p95_s"]),
-            "throughput": _ratio(cn["throughput_images_per_s"], local["throughput_images_per_s"]),
+            "latency_median": ratio(c1["latency"]["median_s"], local["latency"]["median_s"]),
+            "latency_p95": ratio(c1["latency"]["p95_s"], local["latency"]["p95_s"]),
+            "throughput": ratio(cn["throughput_images_per_s"], local["throughput_images_per_s"]),
         },
     }
 
