@@ -24,11 +24,11 @@ from typing import Any, Generic, TypeVar
 from torch import nn
 
 from deployments import metrics
+from deployments.generation.messages import StageTiming
 from deployments.instantid.bases import SDXLBase, resolve_architecture, resolve_base
 from deployments.instantid.catalogue import ModelCatalogue
 from deployments.instantid.errors import ModelUnavailableError, WeightsError
 from deployments.instantid.loras import LoraAdapters, architecture_skeletons, check_loras, resolve_lora_files
-from deployments.messages import StageTiming
 
 ModelT = TypeVar("ModelT")
 

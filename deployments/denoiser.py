@@ -22,19 +22,30 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from ray import serve as ray_serve
-from ray.serve.exceptions import RayServeException
 
 from deployments import metrics
 from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
+from deployments.config import DenoiserBatching
+from deployments.generation.denoise_stage import denoise_job, denoise_result
+from deployments.generation.messages import (
+    ControlMapsResult,
+    DenoiseBatch,
+    DenoiseResult,
+    FaceResult,
+    PromptResult,
+    StageTiming,
+    Timings,
+    timed,
+)
 from deployments.instantid.catalogue import ModelChoice, WeightsSource
 from deployments.instantid.continuous import ContinuousBatcher, Outcome, StepGroup
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
-from deployments.instantid.errors import GenerationCancelled, InstantIDError
+from deployments.instantid.errors import DeviceOutOfMemoryError, GenerationCancelled
 from deployments.instantid.loading import (
     CONTROLNET_FILES,
     build_denoiser,
@@ -46,26 +57,9 @@ from deployments.instantid.loras import LoraAdapters
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.weights import DENOISER_COMPONENTS, WeightsLayout
 from deployments.job_events import StepReporter, job_events
-from deployments.messages import (
-    ControlMapsResult,
-    DenoiseBatch,
-    DenoiseResult,
-    FaceResult,
-    PromptResult,
-    StageTiming,
-    Timings,
-    group_layout,
-    timed,
-)
+from deployments.replica import replica_id
 
 logger = logging.getLogger("ray.serve")
-
-
-class DeviceOutOfMemoryError(InstantIDError):
-    """The accelerator ran out of memory for this batch; the replica is fine, the client may retry."""
-
-    code = "overloaded"
-    status = 503
 
 
 @dataclass
@@ -89,14 +83,6 @@ def _rows(items: list[_Item]) -> int:
     return sum(item.params.unet_rows for item in items)
 
 
-def _replica_id() -> str:
-    """This replica's id; "local" when the class runs outside Serve (its health checks are tested that way)."""
-    try:
-        return ray_serve.get_replica_context().replica_id.unique_id
-    except RayServeException:
-        return "local"
-
-
 class _StepCount:
     """Wraps a job's ``on_step`` to remember how many forwards it ran (the static mode's batch record)."""
 
@@ -107,10 +93,6 @@ class _StepCount:
     def __call__(self, step: int, total: int, latents: torch.Tensor) -> bool:
         self.total = total
         return bool(self.inner(step, total, latents)) if self.inner is not None else False
-
-
-def _control_timings(item: _Item) -> Timings:
-    return item.controls.timings if item.controls is not None else {}
 
 
 def _span(end: float, seconds: float) -> StageTiming:
@@ -127,7 +109,7 @@ class DenoiserDeployment:
         device: str,
         dtype: str,
         vae_batch_size: int,
-        batching: dict[str, Any],
+        batching: DenoiserBatching,
         controlnets: dict[str, dict[str, Any]],
         preview_every: int = 5,
     ) -> None:
@@ -147,16 +129,16 @@ class DenoiserDeployment:
         self.instantid = {"identitynet_config": layout.describe()["identitynet_config"]}  # a config hash, no path
         self._batches = 0
         self._forwards = self._rows_stepped = 0  # static mode's counters (the batcher keeps its own)
-        self.mode = batching["mode"]
-        self.replica = _replica_id()
-        self._batch.set_max_batch_size(batching["max_rows"])
-        self._batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+        self.mode = batching.mode
+        self.replica = replica_id()
+        self._batch.set_max_batch_size(batching.max_rows)
+        self._batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.batcher: ContinuousBatcher | None = None
         if self.mode == "continuous":
             self.batcher = ContinuousBatcher(
-                max_rows=batching["max_rows"],
-                turn_steps=batching["turn_steps"],
-                gather_s=batching["batch_wait_timeout_s"],
+                max_rows=batching.max_rows,
+                turn_steps=batching.turn_steps,
+                gather_s=batching.batch_wait_timeout_s,
                 run_prefix=self.replica,
                 on_forward=lambda jobs, rows, seconds: metrics.record_denoise_batch(jobs, rows, 1, seconds),
             )
@@ -251,17 +233,7 @@ class DenoiserDeployment:
         return self._result(item, outcome.images, timings, batch)
 
     def _job(self, item: _Item) -> DenoiseJob:
-        return DenoiseJob(
-            item.params,
-            item.face.condition.embedding,
-            item.face.condition.keypoints,
-            item.face.condition.box,
-            item.prompt.embeddings,
-            control_maps=item.controls.inputs.maps if item.controls is not None else {},
-            init_image=item.controls.inputs.init_image if item.controls is not None else None,
-            on_step=item.reporter,
-            identities=item.face.condition.identities,
-        )
+        return denoise_job(item.params, item.face, item.prompt, item.controls, item.reporter)
 
     @staticmethod
     def _out_of_memory(exc: BaseException, rows: int) -> DeviceOutOfMemoryError:
@@ -325,29 +297,17 @@ class DenoiserDeployment:
             job_id = item.reporter.job_id if item.reporter is not None else "?"
             last = item.reporter.last_step if item.reporter is not None else 0
             return GenerationCancelled(f"job {job_id} was cancelled at step {last}")
-        return DenoiseResult(
-            images=images,
-            params=item.params,
-            model=item.model,
-            face=replace(item.face.condition.face, embedding=None),
-            faces=item.face.condition.used,
-            prompt_chunks=item.prompt.embeddings.chunks,
-            timings={
-                **item.face.timings,
-                **item.prompt.timings,
-                **_control_timings(item),
-                "denoise_queue": _span(timings["denoise"].start, max(0.0, timings["denoise"].start - item.arrived)),
-                **timings,
-            },
-            replicas={
-                "face": item.face.replica,
-                **item.face.photo_replicas,
-                "prompt": item.prompt.replica,
-                **({"control_maps": item.controls.replica} if item.controls is not None else {}),
-                "denoiser": self.replica,
-            },
+        return denoise_result(
+            item.params,
+            item.model,
+            item.face,
+            item.prompt,
+            item.controls,
+            images,
+            timings,
+            arrived=item.arrived,
             batch=batch,
-            layout=group_layout(item.face.condition),
+            replica=self.replica,
         )
 
     def batching_stats(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ without waiting for it, so the loop never blocks on the channel.
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import time
 from collections import OrderedDict, deque
@@ -25,7 +26,25 @@ CHANNEL_NAME = "instantid-job-events"
 CHANNEL_NAMESPACE = "instantid"
 WINDOW = 512  # events kept per job (a 100-step job with stages and previews fits)
 MAX_JOBS = 4096  # jobs remembered; the least recently touched are forgotten first
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class JobStatus(str, enum.Enum):
+    """A job's status: queued and running, then one of the three terminal ones, whose event ends every stream."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def is_terminal_event(event_type: str) -> bool:
+    """Whether an event of this type is a job's outcome (its status name)."""
+    return event_type in {status.value for status in JobStatus if status.terminal}
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,17 @@ class PublishAnswer:
 
     cancelled: bool
     previews: bool
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """The live part of a job's status that only the channel knows: its current stage and step, and the id of its
+    last event (0: none yet)."""
+
+    stage: str | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    last_event_id: int = 0
 
 
 @dataclass
@@ -93,13 +123,13 @@ class JobEventsActor:
     async def want_previews(self, job_id: str) -> None:
         self._job(job_id).previews = True
 
-    async def progress(self, job_id: str) -> dict[str, Any]:
+    async def progress(self, job_id: str) -> JobProgress:
         """The live part of a job's status: its current stage and step."""
         job = self._jobs.get(job_id)
         if job is None:
-            return {"stage": None, "step": None, "total_steps": None, "last_event_id": 0}
+            return JobProgress()
         step, total = job.latest_step if job.latest_step is not None else (None, None)
-        return {"stage": job.stage, "step": step, "total_steps": total, "last_event_id": job.seq}
+        return JobProgress(job.stage, step, total, job.seq)
 
     async def wait(self, job_id: str, after: int, timeout_s: float) -> list[JobEvent]:
         """Events with ``seq > after``, waiting up to ``timeout_s`` for the first (long poll); empty on timeout."""

@@ -1,4 +1,5 @@
-"""PromptEncoder deployment (small GPU): prompts -> SDXL text embeddings, batched, per base and LoRA set.
+"""PromptEncoder deployment (small GPU): the prompt stage (``deployments/generation/prompt_stage.py``) batched,
+per base and LoRA set.
 
 Bases are loaded through Serve's model multiplexing (the ingress routes by base name); each base's text encoders
 carry the text-encoder parts of the catalogue's LoRAs. Serve splits every batch by base; within it, prompts
@@ -14,11 +15,13 @@ from ray import serve as ray_serve
 
 from deployments import metrics
 from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
+from deployments.generation.messages import PromptRequest, PromptResult
+from deployments.generation.prompt_stage import encode_prompts
 from deployments.instantid.loading import load_prompt_encoder
 from deployments.instantid.loras import LoraAdapters
 from deployments.instantid.text import SDXLPromptEncoder
 from deployments.instantid.weights import PROMPT_COMPONENTS
-from deployments.messages import PromptRequest, PromptResult, StageTiming, Timings, timed
+from deployments.replica import replica_id
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
@@ -73,27 +76,13 @@ class PromptEncoderDeployment:
         return [r for r in results if r is not None]
 
     def _encode_now(self, slot: BaseSlot[SDXLPromptEncoder], requests: list[PromptRequest]) -> list[PromptResult]:
-        replica = ray_serve.get_replica_context().replica_id.unique_id
-        lora_seconds = slot.adapters.activate(requests[0].model.loras)
         encoder = slot.model
         assert encoder is not None
-        results: list[PromptResult | None] = [None] * len(requests)
-        for cfg in (True, False):  # one forward per CFG mode
-            rows = [i for i, r in enumerate(requests) if r.do_classifier_free_guidance == cfg]
-            if not rows:
-                continue
-            timings: Timings = {}
-            with timed(timings, "prompt"):
-                embeddings = encoder.encode(
-                    [requests[i].prompt for i in rows], [requests[i].negative_prompt for i in rows], cfg
-                )
-            if lora_seconds:
-                start = timings["prompt"].start
-                timings["prompt_lora_load"] = StageTiming(start=start, end=start + lora_seconds, seconds=lora_seconds)
-                metrics.record_model_load("lora", requests[0].model.base, lora_seconds)
-            for i, emb in zip(rows, embeddings, strict=True):
-                results[i] = PromptResult(emb, dict(timings), replica)
-        return [r for r in results if r is not None]
+        replica = replica_id()
+        results, lora_seconds = encode_prompts(encoder, slot.adapters, requests, replica)
+        if lora_seconds:
+            metrics.record_model_load("lora", requests[0].model.base, lora_seconds)
+        return results
 
     def loaded_bases(self) -> list[str]:
         return self.bases.loaded

@@ -16,25 +16,22 @@ from typing import Any
 from ray import serve as ray_serve
 
 from deployments import metrics
+from deployments.generation.messages import (
+    DenoiseResult,
+    GenerationMeta,
+    GenerationRecord,
+    SavedGeneration,
+    StageTiming,
+)
 from deployments.job_events import job_events
-from deployments.messages import DenoiseResult, GenerationMeta, GenerationRecord, SavedGeneration, StageTiming
+from deployments.replica import replica_id
+from deployments.storage.conditional import ConditionalRecord
 from deployments.storage.generations import GenerationNotFound, GenerationStore, StorageError
-from deployments.storage.idempotency_records import IdempotencyRecord, IdempotencyRecords
+from deployments.storage.idempotency_records import IdempotencyRecords
 from deployments.storage.s3 import S3Settings, make_client, on_retry
-from deployments.storage.spool import Spool
+from deployments.storage.spool import Spool, SpooledError
 
 logger = logging.getLogger("ray.serve")
-
-
-class SpooledError(StorageError):
-    """S3 refused the upload; the generation is safe in the spool and will be uploaded later."""
-
-    def __init__(self, message: str, generation_id: str = "") -> None:
-        super().__init__(message)
-        self.generation_id = generation_id
-
-    def __reduce__(self):
-        return (type(self), (self.message, self.generation_id))
 
 
 @ray_serve.deployment(name="ResultStore", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
@@ -120,7 +117,7 @@ class ResultStoreDeployment:
         timings["store"] = StageTiming.since(start)
         if record.job_id is not None:
             job_events().publish.remote(record.job_id, "stage", {"stage": "store", "phase": "end"})
-        replicas = {**output.replicas, "store": ray_serve.get_replica_context().replica_id.unique_id}
+        replicas = {**output.replicas, "store": replica_id()}
         return SavedGeneration(
             stored,
             output.params,
@@ -161,7 +158,7 @@ class ResultStoreDeployment:
         return removed + self.generations.delete(generation_id)
 
     # Idempotency records: conditional S3 writes, so ingress replicas coordinate (serve/idempotency_guard.py).
-    def read_idempotency(self, digest: str) -> IdempotencyRecord | None:
+    def read_idempotency(self, digest: str) -> ConditionalRecord | None:
         return self.idempotency.read(digest)
 
     def claim_idempotency(self, digest: str, body: dict[str, Any]) -> str | None:

@@ -14,8 +14,8 @@ from deployments.denoiser import DenoiserDeployment
 from deployments.face_analyzer import FaceAnalyzerDeployment
 from deployments.prompt_encoder import PromptEncoderDeployment
 from deployments.result_store import ResultStoreDeployment
-from serve.api import Ingress
 from serve.config import AppConfig
+from serve.ingress.routes import Ingress
 
 APP_NAME = "instantid"
 
@@ -55,7 +55,7 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
             "dtype": config.denoiser.dtype,
             "vae_batch_size": config.denoiser.vae_batch_size,
             "preview_every": config.denoiser.preview_every,
-            "batching": config.denoiser.batching.model_dump(),
+            "batching": config.denoiser.batching,
             "controlnets": controlnets,
         },
         "control_maps": {
@@ -91,10 +91,10 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         denoiser,
         store,
         control_maps,
-        api=config.api.model_dump(),
-        storage=config.storage.s3.model_dump(),
+        api=config.api,
+        storage=config.storage.s3,
         weights=arguments["denoiser"]["weights"],
-        models=arguments["denoiser"]["models"],
+        models=config.weights.catalogue(config.models),
         controlnets=sorted(arguments["denoiser"]["controlnets"]),
         log_prompts=config.ingress.log_prompts,
     )

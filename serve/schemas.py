@@ -1,76 +1,42 @@
-"""The public request and response models: the single source of truth for the API's ranges.
+"""The public request and response models of the HTTP and handle APIs.
 
-Used by the HTTP routes (JSON and multipart), by Python ``DeploymentHandle`` callers and for OpenAPI.
-Generation defaults are the published InstantID demo's, read from ``GenerationParams`` (defined there once).
+A generation request is the generation options (``deployments/instantid/options.py``: every option's type,
+default, range and description, declared once) plus its pictures, as base64 or ``s3://`` URIs (multipart uploads
+fill the base64 fields); the responses are what the routes answer. Used by the HTTP routes (JSON and multipart), by
+Python ``DeploymentHandle`` callers and for OpenAPI.
 """
 
 from __future__ import annotations
 
-import json
-import secrets
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from deployments.instantid.catalogue import LORA_SCALE_RANGE, MAX_REQUEST_LORAS, ModeSpec
-from deployments.instantid.conditioning import ChosenFace
-from deployments.instantid.control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW
+from deployments.generation.messages import StageTiming
+from deployments.generation.plan import CONTROL_IMAGE_PART, InputsGiven, PersonGiven, check_inputs
 from deployments.instantid.errors import InvalidParameterError
-from deployments.instantid.faces import DetectedFace
-from deployments.instantid.identity import DEFAULT_IDENTITY_COMBINE, MAX_FACE_PHOTOS, IdentityCombine
-from deployments.instantid.params import (
+from deployments.instantid.face_data import ChosenFace, DetectedFace
+from deployments.instantid.options import (
     CONTROLNET_NAMES,
-    DEFAULT_CONTROLNET_STRENGTH,
-    DEFAULT_IMG2IMG_STRENGTH,
-    DEFAULT_PARAMS,
+    DEFAULT_CANNY_HIGH,
+    DEFAULT_CANNY_LOW,
+    DEFAULT_IDENTITY_COMBINE,
+    MAX_FACE_INDEX,
+    MAX_FACE_PHOTOS,
     MAX_IDENTITIES,
     MIN_IDENTITIES,
-    ControlNetName,
-    ControlSetting,
-    GenerationParams,
+    CannyThreshold,
+    GenerationOptions,
+    IdentityCombine,
+    Side,
+    decode_json_form_fields,
 )
-from deployments.instantid.regions import Layout, check_regions
-from deployments.instantid.schedulers import SchedulerName
-from deployments.instantid.styles import DEFAULT_STYLE, StyleName
-from deployments.messages import StageTiming
+from deployments.instantid.regions import Layout
 from deployments.storage.generations import StoredImage
 
-MAX_SEED = 2**63 - 1
-MAX_PROMPT_CHARS = 2000
-MAX_SIDE = 2048
-MIN_SIDE = 256
-MAX_PIXELS = 2048 * 2048
-MAX_IMAGES = 8
-MAX_FACE_INDEX = 63  # more faces than this in one photo are not told apart
-
-OutputFormat = Literal["png", "jpeg", "webp"]
-Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
-CannyThreshold = Annotated[int, Field(ge=0, le=1000)]
-JSON_FORM_FIELDS = ("loras", "controlnets", "identities")  # list-valued fields a multipart form carries as JSON text
-CONTROL_IMAGE_PART = "control_image_{}"  # multipart file part of a ready-made map, per ControlNet
 IDENTITY_PART = "identity_{}"  # multipart file part (repeatable) of identity N's photos
 IDENTITY_PARTS = tuple(IDENTITY_PART.format(i) for i in range(MAX_IDENTITIES + 1))  # one more: its 422 names the limit
 SINGLE_FACE_FIELDS = ("face_image_b64", "face_image_uri", "face_images", "face_index", "identity_combine")
-
-
-def decode_json_form_fields(data: Any) -> Any:
-    """A multipart form carries list/object fields as JSON text; decode those (JSON bodies pass through)."""
-    if not isinstance(data, dict):
-        return data
-    for name in JSON_FORM_FIELDS:
-        if isinstance(data.get(name), str):
-            try:
-                data = {**data, name: json.loads(data[name])}
-            except ValueError:
-                raise ValueError(f"{name} must be a JSON list, e.g. {_JSON_EXAMPLES[name]}") from None
-    return data
-
-
-_JSON_EXAMPLES = {
-    "loras": '[{"name": "x", "scale": 0.8}]',
-    "controlnets": '[{"name": "canny", "strength": 0.4}]',
-    "identities": '[{"region": [0, 0, 512, 1024]}, {"region": [512, 0, 1024, 1024]}]',
-}
 
 
 def merge_identity_parts(data: Any) -> Any:
@@ -103,199 +69,6 @@ def merge_identity_parts(data: Any) -> Any:
             raise ValueError(f"identities[{index}]: its images were given twice (part {IDENTITY_PART.format(index)})")
         merged.append({**item, "images": parts[index]})
     return {**rest, "identities": merged}
-
-
-class LoraChoice(BaseModel):
-    """One LoRA of the catalogue (``GET /v1/models``) and its scale."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(max_length=64)
-    scale: float | None = Field(
-        default=None, ge=LORA_SCALE_RANGE[0], le=LORA_SCALE_RANGE[1], description="Absent: the catalogue's default."
-    )
-
-
-class ControlNetChoice(BaseModel):
-    """One extra ControlNet beside IdentityNet (``GET /v1/models`` lists the deployment's), and optionally its map.
-
-    Without an image its map is computed from the pose photo when given, else from the face photo (canny, depth;
-    a pose map must be uploaded). A map of another size is scaled to cover the output and centre-cropped.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: ControlNetName
-    strength: float = Field(default=DEFAULT_CONTROLNET_STRENGTH, ge=0.0, le=2.0, description="Residual scale.")
-    start: float | None = Field(default=None, ge=0.0, le=1.0, description="Absent: control_guidance_start.")
-    end: float | None = Field(default=None, ge=0.0, le=1.0, description="Absent: control_guidance_end.")
-    image_b64: str | None = Field(default=None, description="A ready-made map, base64 (multipart: control_image_NAME).")
-    image_uri: str | None = Field(default=None, description="A ready-made map as s3://bucket/key.")
-
-    @model_validator(mode="after")
-    def _one_image(self) -> ControlNetChoice:
-        if self.image_b64 is not None and self.image_uri is not None:
-            raise ValueError(f"controlnet {self.name}: give at most one of image_b64 and image_uri")
-        return self
-
-    @property
-    def has_image(self) -> bool:
-        return self.image_b64 is not None or self.image_uri is not None
-
-
-class GenerationOptions(BaseModel):
-    """Everything about a generation except the images themselves.
-
-    In multipart bodies, a list- or object-valued field (``loras``, ``controlnets``) is one form field holding its
-    JSON.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    style: StyleName = Field(default=DEFAULT_STYLE, description="Prompt template preset ('none' to disable).")
-    num_inference_steps: int = Field(default=DEFAULT_PARAMS.num_inference_steps, ge=1, le=100)
-    guidance_scale: float = Field(default=DEFAULT_PARAMS.guidance_scale, ge=0.0, le=20.0)
-    identitynet_strength: float = Field(
-        default=DEFAULT_PARAMS.identitynet_strength, ge=0.0, le=1.5, description="IdentityNet (ControlNet) scale."
-    )
-    adapter_strength: float = Field(
-        default=DEFAULT_PARAMS.adapter_strength, ge=0.0, le=1.5, description="Face-token attention scale."
-    )
-    control_guidance_start: float = Field(default=DEFAULT_PARAMS.control_guidance_start, ge=0.0, le=1.0)
-    control_guidance_end: float = Field(default=DEFAULT_PARAMS.control_guidance_end, ge=0.0, le=1.0)
-    enhance_face_region: bool = Field(
-        default=DEFAULT_PARAMS.enhance_face_region, description="Confine IdentityNet and face tokens to the face."
-    )
-    scheduler: SchedulerName = DEFAULT_PARAMS.scheduler  # type: ignore[assignment]
-    width: Side | None = Field(default=None, description="With height; absent: the reference size rule.")
-    height: Side | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Absent: drawn and returned.")
-    num_images: int = Field(default=DEFAULT_PARAMS.num_images, ge=1, le=MAX_IMAGES)
-    output_format: OutputFormat = "webp"
-    output_quality: int = Field(default=95, ge=1, le=100, description="JPEG/WebP quality.")
-    min_identity_similarity: float | None = Field(
-        default=None,
-        ge=-1.0,
-        le=1.0,
-        description="Flag images whose identity_similarity is below this (or that show no face) in the response.",
-    )
-    base_model: str | None = Field(default=None, max_length=64, description="A base from GET /v1/models.")
-    loras: list[LoraChoice] = Field(
-        default_factory=list, max_length=MAX_REQUEST_LORAS, description="LoRAs from GET /v1/models, with scales."
-    )
-    mode: str | None = Field(
-        default=None,
-        max_length=64,
-        description="A fast-mode preset (lcm, lightning, hyper, ...): its LoRA, scheduler, steps and guidance; "
-        "fields set explicitly in the request win.",
-    )
-    controlnets: list[ControlNetChoice] = Field(
-        default_factory=list,
-        max_length=len(CONTROLNET_NAMES),
-        description="Extra ControlNets beside IdentityNet (pose, canny, depth), each with its strength and window.",
-    )
-    canny_low: CannyThreshold = Field(default=DEFAULT_CANNY_LOW, description="Canny's lower hysteresis threshold.")
-    canny_high: CannyThreshold = Field(default=DEFAULT_CANNY_HIGH, description="Canny's upper hysteresis threshold.")
-    identity_combine: IdentityCombine = Field(
-        default=DEFAULT_IDENTITY_COMBINE,
-        description="Several face photos: mean of the raw embeddings, mean of the normalised ones rescaled to the "
-        "mean norm, or concat (all go to the resampler as input tokens). One photo is used as it is.",
-    )
-    face_index: int = Field(
-        default=0, ge=0, le=MAX_FACE_INDEX, description="Which face of each face photo, in POST /v1/faces order."
-    )
-    pose_face_index: int = Field(
-        default=0, ge=0, le=MAX_FACE_INDEX, description="Which face of the pose photo, in POST /v1/faces order."
-    )
-    face_noise: float = Field(
-        default=DEFAULT_PARAMS.face_noise,
-        ge=0.0,
-        le=1.0,
-        description="CFG negative identity input face_noise x U(0,1) (seeded) instead of zeros; against burnt images.",
-    )
-    strength: float = Field(
-        default=DEFAULT_IMG2IMG_STRENGTH,
-        ge=0.0,
-        le=1.0,
-        description="Image-to-image (with init_image): how far the init image is noised; int(steps x strength) "
-        "steps run. 1: the init image only sets the start.",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _json_form_fields(cls, data: Any) -> Any:
-        return decode_json_form_fields(data)
-
-    def lora_requests(self) -> list[tuple[str, float | None]]:
-        return [(lora.name, lora.scale) for lora in self.loras]
-
-    def control_settings(self) -> tuple[ControlSetting, ...]:
-        """The extra ControlNets with their windows (the request's window where an item sets none)."""
-        return tuple(
-            ControlSetting(
-                c.name,
-                c.strength,
-                self.control_guidance_start if c.start is None else c.start,
-                self.control_guidance_end if c.end is None else c.end,
-            )
-            for c in self.controlnets
-        )
-
-    def sampling_params(self, seed: int, preset: ModeSpec | None = None, *, img2img: bool = False) -> GenerationParams:
-        """The model-level parameters (one mapping, shared by the ingress and `instantid generate`).
-
-        A mode's preset supplies steps, guidance and scheduler unless the request set them itself. ``img2img``:
-        the request has an init image (``strength`` applies).
-        """
-        given = self.model_fields_set
-
-        def pick(field: str) -> Any:
-            if preset is not None and field not in given:
-                return getattr(preset, field)
-            return getattr(self, field)
-
-        return GenerationParams(
-            width=self.width,
-            height=self.height,
-            seed=seed,
-            num_images=self.num_images,
-            num_inference_steps=pick("num_inference_steps"),
-            guidance_scale=pick("guidance_scale"),
-            identitynet_strength=self.identitynet_strength,
-            adapter_strength=self.adapter_strength,
-            control_guidance_start=self.control_guidance_start,
-            control_guidance_end=self.control_guidance_end,
-            enhance_face_region=self.enhance_face_region,
-            scheduler=pick("scheduler"),
-            controlnets=self.control_settings(),
-            strength=self.strength if img2img else None,
-            face_noise=self.face_noise,
-        )
-
-    def resolved_seed(self) -> int:
-        """The given seed, or a fresh random one (returned to the client so it can reproduce the image)."""
-        return self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1)
-
-    @model_validator(mode="after")
-    def _check_consistency(self) -> GenerationOptions:
-        if self.control_guidance_start >= self.control_guidance_end:
-            raise ValueError("control_guidance_start must be less than control_guidance_end")
-        if (self.width is None) != (self.height is None):
-            raise ValueError("give both width and height, or neither")
-        if self.width is not None and self.height is not None and self.width * self.height > MAX_PIXELS:
-            raise ValueError(f"width*height must be at most {MAX_PIXELS} pixels")
-        names = [c.name for c in self.controlnets]
-        if len(set(names)) != len(names):
-            raise ValueError("each controlnet may be listed once")
-        if self.canny_low > self.canny_high:
-            raise ValueError("canny_low must be at most canny_high")
-        try:
-            self.control_settings()
-        except ValueError as exc:  # a window that is empty once the request's window fills in
-            raise ValueError(str(exc)) from None
-        return self
 
 
 class FacePhoto(BaseModel):
@@ -402,6 +175,7 @@ class GenerateRequest(GenerationOptions):
 
     @model_validator(mode="after")
     def _check_images(self) -> GenerateRequest:
+        """How each picture was sent; then the plan's own rules between the options and the pictures."""
         if self.identities is not None:
             both = sorted(set(SINGLE_FACE_FIELDS) & self.model_fields_set)
             if both:
@@ -409,23 +183,6 @@ class GenerateRequest(GenerationOptions):
                     f"give either identities or the single-person face fields, not both (also got {', '.join(both)}; "
                     "each identity has its own images, face_index and identity_combine)"
                 )
-            if not MIN_IDENTITIES <= len(self.identities) <= MAX_IDENTITIES:
-                raise ValueError(
-                    f"identities holds {MIN_IDENTITIES} to {MAX_IDENTITIES} people, got {len(self.identities)}"
-                )
-            if "pose_face_index" in self.model_fields_set:
-                raise ValueError(
-                    "pose_face_index is for one person: with identities the pose photo's faces are "
-                    "matched to the identities left to right"
-                )
-            regions = [identity.region for identity in self.identities]
-            if any(r is not None for r in regions) and any(r is None for r in regions):
-                raise ValueError("give a region for every identity or for none")
-            if self.width is not None and self.height is not None and all(r is not None for r in regions):
-                try:
-                    check_regions(regions, self.width, self.height)  # type: ignore[arg-type]
-                except InvalidParameterError as exc:
-                    raise ValueError(exc.message) from None
         else:
             given = [self.face_image_b64 is not None, self.face_image_uri is not None, self.face_images is not None]
             if sum(given) != 1:
@@ -437,11 +194,26 @@ class GenerateRequest(GenerationOptions):
             raise ValueError("give at most one of pose_image_b64 and pose_image_uri")
         if self.init_image_b64 is not None and self.init_image_uri is not None:
             raise ValueError("give at most one of init_image_b64 and init_image_uri")
-        if "pose_face_index" in self.model_fields_set and not self.has_pose_image:
-            raise ValueError("pose_face_index is for the pose photo: give pose_image too")
-        if "strength" in self.model_fields_set and not self.has_init_image:
-            raise ValueError("strength is for image-to-image: give init_image too")
+        try:
+            check_inputs(self, self.inputs_given())
+        except InvalidParameterError as exc:
+            raise ValueError(exc.message) from None
         return self
+
+    def inputs_given(self) -> InputsGiven:
+        """Which pictures the request brings (before any is loaded)."""
+        people = None
+        if self.identities is not None:
+            people = tuple(
+                PersonGiven(len(i.images), i.face_index, i.identity_combine, i.spec()) for i in self.identities
+            )
+        return InputsGiven(
+            face_photos=0 if people is not None else len(self.face_photos()),
+            people=people,
+            pose=self.has_pose_image,
+            init=self.has_init_image,
+            maps=frozenset(c.name for c in self.controlnets if c.has_image),
+        )
 
     def face_photos(self) -> list[FacePhoto]:
         """The face photos in order, whichever form the request used (every identity's, in order, with identities)."""

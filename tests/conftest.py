@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from serve.seaweed import EmbeddedS3
+from serve.tools.seaweed import EmbeddedS3
 
 pytest_plugins = ["tests.weights_fixtures", "tests.serve_fixtures"]
 

@@ -128,7 +128,7 @@ def fault_stack(serve_stack: ServeStack, tiny_weights: Path, tmp_path_factory: p
     from ray import serve as ray_serve
 
     from serve.app import build_app
-    from serve.seaweed import EmbeddedS3
+    from serve.tools.seaweed import EmbeddedS3
 
     folder = tmp_path_factory.mktemp("faults")
     data_dir = folder / "s3"

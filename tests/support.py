@@ -200,3 +200,80 @@ def stored_meta(client: Any, body: dict) -> dict:
 
     bucket, key = body["images"][0]["uri"][len("s3://") :].rsplit("/", 1)[0].split("/", 1)
     return json.loads(client.get_object(Bucket=bucket, Key=f"{key}/meta.json")["Body"].read())
+
+
+def generate_with_params(
+    pipeline: Any,
+    photos: np.ndarray | list[np.ndarray],
+    prompt: str,
+    negative: str | None = None,
+    *,
+    params: Any,
+    style: str = "none",
+    pose_rgb: np.ndarray | None = None,
+    loras: tuple[tuple[str, float], ...] = (),
+    face_index: int = 0,
+    pose_face_index: int = 0,
+    identity_combine: str = "mean",
+    identities: Any = None,
+    control_images: dict[str, np.ndarray] | None = None,
+    canny_thresholds: tuple[int, int] = (100, 200),
+    init_rgb: np.ndarray | None = None,
+) -> Any:
+    """The in-process pipeline's stages run at the model level with explicit ``GenerationParams`` (any size, so
+    model tests can run at 64 px, below the request schema's minimum): the face condition, the prompt, the control
+    inputs and the denoiser, as the flow chains them. Request-level tests use ``pipeline(options, inputs)``."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from deployments.generation.messages import ControlMapsResult, FaceResult, PromptRequest
+    from deployments.instantid.catalogue import ModelChoice
+    from deployments.instantid.conditioning import prepare_face_condition
+    from deployments.instantid.control_inputs import prepare_control_inputs
+    from deployments.instantid.group import prepare_group_condition
+    from deployments.instantid.styles import apply_style
+
+    analyzer = pipeline.face.analyzer
+    long_side = pipeline.face.long_side
+    if identities is not None:
+        condition = prepare_group_condition(
+            analyzer, identities, pose_rgb, width=params.width, height=params.height, long_side=long_side
+        )
+        params = dataclasses.replace(params, identities=len(identities))
+        first = identities[0].photos[0]
+    else:
+        condition = prepare_face_condition(
+            analyzer,
+            photos,
+            pose_rgb,
+            width=params.width,
+            height=params.height,
+            long_side=long_side,
+            face_index=face_index,
+            pose_face_index=pose_face_index,
+            identity_combine=identity_combine,
+        )
+        first = photos if isinstance(photos, np.ndarray) else photos[0]
+    styled, styled_negative = apply_style(style, prompt, negative)
+    model = ModelChoice(pipeline.catalogue.default_base, tuple(loras))
+    encoded = pipeline.prompt.encode(PromptRequest(styled, styled_negative, params.do_classifier_free_guidance, model))
+    controls = None
+    active = [c.name for c in params.active_controlnets]
+    if active or init_rgb is not None:
+        uploaded = {name: image for name, image in (control_images or {}).items() if name in active}
+        inputs = prepare_control_inputs(
+            first if pose_rgb is None else pose_rgb,
+            source_name="face_image" if pose_rgb is None else "pose_image",
+            width=params.width,
+            height=params.height,
+            long_side=long_side,
+            compute=[name for name in active if name not in uploaded],
+            uploaded=uploaded,
+            canny_low=canny_thresholds[0],
+            canny_high=canny_thresholds[1],
+            depth=pipeline.controls.depth,
+            init_rgb=init_rgb,
+        )
+        controls = ControlMapsResult(inputs, {})
+    result = pipeline.denoise.generate(params, model, FaceResult(condition, {}), encoded, controls)
+    return SimpleNamespace(images=result.images, condition=condition, params=result.params, result=result)

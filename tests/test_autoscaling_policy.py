@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from ray.serve.config import AutoscalingConfig
 
-from serve.autoscaling import GENERATIONS_METRIC, generation_slots_policy
+from serve.ingress.autoscaling import GENERATIONS_METRIC, generation_slots_policy
 
 
 def context(reported: dict[str, float] | None, *, current: int = 2, low: int = 1, high: int = 8) -> SimpleNamespace:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from serve.bench import percentile
-from serve.cli import main as cli_main
+from serve.tools.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,7 +193,7 @@ def bench_serve(home: Path, argv: list[str], timeout: float) -> dict[str, Any]:
     out = home / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "bench", "serve", *argv, "--home", str(home), "--out", str(out)],
+        [sys.executable, "-m", "serve.tools.cli", "bench", "serve", *argv, "--home", str(home), "--out", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -271,7 +271,7 @@ def test_events_reports_both_phases_and_every_subscriber_gets_the_outcome(tmp_pa
     argv = ["--jobs", "1", "--subscribers", "3", "--steps", "2", "--size", "256", "--home", str(tmp_path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "bench", "events", *argv, "--out", str(out)],
+        [sys.executable, "-m", "serve.tools.cli", "bench", "events", *argv, "--out", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,

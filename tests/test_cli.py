@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from deployments.instantid.keypoints import reference_size
-from serve.cli import main
+from serve.tools.cli import main
 from tests.support import astronaut_jpeg, group_photo_path
 
 POSE_PHOTO = group_photo_path()
@@ -43,8 +43,8 @@ def cli_env(**extra: str) -> dict[str, str]:
 def run_cli(
     args: Sequence[str | Path], *, env: dict[str, str] | None = None, script: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    """The installed ``instantid`` console script, or ``python -m serve.cli`` (the same ``main``)."""
-    program = [str(CONSOLE_SCRIPT)] if script else [sys.executable, "-m", "serve.cli"]
+    """The installed ``instantid`` console script, or ``python -m serve.tools.cli`` (the same ``main``)."""
+    program = [str(CONSOLE_SCRIPT)] if script else [sys.executable, "-m", "serve.tools.cli"]
     return subprocess.run(
         [*program, *map(str, args)], capture_output=True, text=True, env=env or cli_env(), timeout=TIMEOUT_S
     )
@@ -276,7 +276,7 @@ def test_generate_several_people_with_identity_flags(tiny_weights: Path, work: P
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
-        (["--identity", "A"], "--identity: give 2 to 4 people, got 1"),
+        (["--identity", "A"], "--identity holds 2 to 4 people, got 1"),
         (["--identity", "A", "--identity", "A", "--face", "A"], "--face (one person) or --identity (2-4 people)"),
         (["--identity", "A:0,0,300,256", "--identity", "A:256,0,512,256"], "overlap"),
         (["--identity", "A:0,0,256,256", "--identity", "A"], "a region for every identity or for none"),

@@ -26,8 +26,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from ray.autoscaler._private.kuberay.autoscaling_config import _HEAD_GROUP_NAME as HEAD  # autoscaler's head type
 
-from serve import cluster
 from serve.config import AppConfig, DeploymentOptions
+from serve.tools import cluster
 from tests.support import skip_unless_required
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -405,7 +405,7 @@ def test_committed_manifest_matches_production_config() -> None:
 
 
 def test_cli_hook_checks_the_committed_manifest() -> None:
-    from serve.cli import main
+    from serve.tools.cli import main
 
     assert main(["cluster", "render", "--check"]) == 0
 

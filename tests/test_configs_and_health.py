@@ -19,7 +19,7 @@ from deployments.storage.generations import StorageError
 from deployments.storage.s3 import make_client
 from serve.app import build_app, stage_arguments
 from serve.config import AppConfig
-from serve.runner import ServeFile
+from serve.tools.runner import ServeFile
 from tests.serve_fixtures import local_app_config
 from tests.support import free_port
 

@@ -25,7 +25,7 @@ from deployments.instantid.control_maps import (
 from deployments.instantid.errors import WeightsError
 from deployments.instantid.images import decode_image
 from deployments.instantid.keypoints import CropTransform
-from deployments.instantid.tiny_controls import CONTROL_KINDS, write_tiny_depth_model
+from deployments.tiny.controls import CONTROL_KINDS, write_tiny_depth_model
 from tests.support import astronaut_jpeg, group_photo_jpeg
 
 # The relative change of a tiny ControlNet's residuals between a blank control image and the astronaut's Canny map

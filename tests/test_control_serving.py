@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deployments.generation.local import InstantIDPipeline
+from deployments.generation.plan import GenerationInputs
 from deployments.instantid.control_maps import canny_map, load_depth_estimator
 from deployments.instantid.images import decode_image
 from deployments.instantid.keypoints import CropTransform
-from deployments.instantid.params import CONTROLNET_NAMES
-from deployments.instantid.pipeline import InstantIDPipeline
+from deployments.instantid.options import CONTROLNET_NAMES
 from deployments.instantid.weights import WeightsLayout
 from serve.schemas import GenerationOptions
 from tests.support import (
@@ -80,16 +81,7 @@ def test_canny_depth_and_img2img_in_one_request_equal_the_in_process_pipeline(se
     served = stored_image(serve_stack, body["images"][0]["uri"])
 
     options = GenerationOptions(**{k: v for k, v in {**FAST_REQUEST, **fields}.items() if not k.endswith("_b64")})
-    params = options.sampling_params(21, img2img=True).sized(256, 256)
-    local = local_pipeline(
-        decode_image(astronaut_jpeg()),
-        options.prompt,
-        options.negative_prompt,
-        params=params,
-        style=options.style,
-        canny_thresholds=(80, 160),
-        init_rgb=decode_image(group_photo_jpeg()),
-    )
+    local = local_pipeline(options, GenerationInputs(faces=(astronaut_jpeg(),), init=group_photo_jpeg()))
     assert np.abs(served.astype(int) - local.images[0].astype(int)).max() <= 2  # PNG; float noise across processes
 
     recorded = body["parameters"]
@@ -128,17 +120,15 @@ def test_multipart_maps_and_init_image_are_uploaded_parts(serve_stack, local_pip
 
     options = GenerationOptions(
         **{**FAST_REQUEST, "controlnets": [{"name": "pose", "strength": 0.8}, {"name": "canny", "strength": 0.4}]},
+        seed=5,
         strength=0.9,
     )
-    local = local_pipeline(
-        decode_image(astronaut_jpeg()),
-        options.prompt,
-        options.negative_prompt,
-        params=options.sampling_params(5, img2img=True).sized(256, 256),
-        style=options.style,
-        control_images={"pose": maps["pose"], "canny": maps["canny"]},
-        init_rgb=decode_image(group_photo_jpeg()),
+    inputs = GenerationInputs(
+        faces=(astronaut_jpeg(),),
+        init=group_photo_jpeg(),
+        maps={name: files[f"control_image_{name}"][1] for name in ("pose", "canny")},  # the uploaded PNG bytes
     )
+    local = local_pipeline(options, inputs)
     served = stored_image(serve_stack, body["images"][0]["uri"])
     assert np.abs(served.astype(int) - local.images[0].astype(int)).max() <= 2
 
@@ -189,13 +179,12 @@ def test_models_lists_the_extra_controlnets(serve_stack) -> None:
 
 
 def test_a_controlnet_the_deployment_lacks_is_a_422_naming_the_available_ones() -> None:
-    """The ingress's own check (a narrow unit test: the shared app loads all three)."""
+    """The plan's check against the deployment's ControlNets (a narrow unit test: the shared app loads all three)."""
+    from deployments.generation.plan import InputsGiven, plan_generation
+    from deployments.instantid.catalogue import ModelCatalogue
     from deployments.instantid.errors import InvalidParameterError
-    from deployments.instantid.params import ControlSetting, GenerationParams
-    from serve.api import Ingress
 
-    ingress = Ingress.func_or_class.__new__(Ingress.func_or_class)
-    ingress.controlnets = ["canny"]
-    params = GenerationParams(controlnets=(ControlSetting("depth"),))
+    catalogue = ModelCatalogue().with_layout("sdxl", None)
+    options = GenerationOptions(prompt="x", controlnets=[{"name": "depth"}])
     with pytest.raises(InvalidParameterError, match="no depth ControlNet; available: canny"):
-        ingress._check_controls(params, set())
+        plan_generation(options, InputsGiven(face_photos=1), catalogue, ["canny"])

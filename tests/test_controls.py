@@ -24,7 +24,8 @@ from PIL import Image
 
 from deployments.instantid.denoiser import DenoiseJob
 from deployments.instantid.errors import InvalidParameterError
-from deployments.instantid.params import CONTROLNET_NAMES, ControlSetting, GenerationParams
+from deployments.instantid.options import CONTROLNET_NAMES
+from deployments.instantid.params import ControlSetting, GenerationParams
 from deployments.instantid.schedulers import make_scheduler
 from tests.support import sample_control_maps, sample_init_image
 

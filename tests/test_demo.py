@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from serve.seaweed import EmbeddedS3
+from serve.tools.seaweed import EmbeddedS3
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def test_demo_prints_an_s3_object_that_exists_and_a_local_copy(tmp_path: Path):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS"):
         env.pop(name, None)  # the demo must bring its own S3 and Ray
     result = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "demo"], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "serve.tools.cli", "demo"], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     uri = re.search(r"^S3 object:\s+(s3://\S+)$", result.stdout, re.MULTILINE).group(1)

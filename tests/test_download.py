@@ -12,7 +12,7 @@ import pytest
 
 from deployments.instantid.catalogue import PRESET_LORA_FILES
 from deployments.instantid.errors import WeightsError
-from serve import download
+from serve.tools import download
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from deployments.instantid.attention import (
 )
 from deployments.instantid.errors import WeightsError
 from deployments.instantid.resampler import Resampler, ResamplerConfig
-from deployments.instantid.tiny import tiny_unet
+from deployments.tiny.weights import tiny_unet
 from tests.support import published_image_proj_keys
 
 

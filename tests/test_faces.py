@@ -26,7 +26,7 @@ from PIL import Image
 from deployments.instantid.errors import NoFaceError, WeightsError
 from deployments.instantid.faces import ANTELOPEV2_FILES, DetectedFace, FaceAnalyzer
 from deployments.instantid.images import decode_image
-from deployments.instantid.tiny_faces import write_tiny_antelopev2
+from deployments.tiny.faces import write_tiny_antelopev2
 from tests.support import astronaut_rgb, group_photo_jpeg
 
 CPU = ["CPUExecutionProvider"]

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from deployments.storage.idempotency_records import IdempotencyRecord, IdempotencyRecords
-from serve.idempotency_guard import DONE, PENDING, IdempotencyGuard, IdempotencyInProgress, IdempotencyKeyReused
-from serve.seaweed import EmbeddedS3
+from deployments.storage.conditional import ConditionalRecord
+from deployments.storage.idempotency_records import IdempotencyRecords
+from serve.ingress.idempotency import DONE, PENDING, IdempotencyGuard, IdempotencyInProgress, IdempotencyKeyReused
+from serve.tools.seaweed import EmbeddedS3
 
 pytestmark = pytest.mark.slow  # real SeaweedFS
 
@@ -38,7 +39,7 @@ class Replica:
     def __init__(self, embedded_s3: EmbeddedS3, records: IdempotencyRecords) -> None:
         self.records = IdempotencyRecords(embedded_s3.client(records.settings), records.settings)
 
-    async def read(self, digest: str) -> IdempotencyRecord | None:
+    async def read(self, digest: str) -> ConditionalRecord | None:
         return await asyncio.to_thread(self.records.read, digest)
 
     async def claim(self, digest: str, body: dict[str, Any]) -> str | None:
@@ -129,7 +130,7 @@ class CountingStore(Replica):
         super().__init__(embedded_s3, records)
         self.calls = 0
 
-    async def read(self, digest: str) -> IdempotencyRecord | None:
+    async def read(self, digest: str) -> ConditionalRecord | None:
         self.calls += 1
         return await super().read(digest)
 

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from deployments.generation.local import InstantIDPipeline
 from deployments.instantid.conditioning import prepare_face_condition
 from deployments.instantid.errors import InvalidParameterError, NoFaceError
 from deployments.instantid.identity import combine_embeddings
 from deployments.instantid.images import decode_image
 from deployments.instantid.keypoints import CropTransform
-from deployments.instantid.params import IDENTITY_COMBINE_MODES, GenerationParams
-from deployments.instantid.pipeline import InstantIDPipeline
-from tests.support import astronaut_rgb, group_photo_jpeg
+from deployments.instantid.options import IDENTITY_COMBINE_MODES
+from deployments.instantid.params import GenerationParams
+from tests.support import astronaut_rgb, generate_with_params, group_photo_jpeg
 
 PARAMS = GenerationParams(width=64, height=64, seed=5, num_inference_steps=3, guidance_scale=5.0)
 
@@ -36,7 +37,7 @@ def group() -> np.ndarray:
 
 
 def generate(pipeline: InstantIDPipeline, photos, params: GenerationParams = PARAMS, **kwargs):
-    return pipeline(photos, "a portrait", "blurry", params=params, **kwargs)
+    return generate_with_params(pipeline, photos, "a portrait", "blurry", params=params, **kwargs)
 
 
 def max_difference(a: np.ndarray, b: np.ndarray) -> int:
@@ -86,7 +87,7 @@ def test_different_photos_move_the_identity_and_each_mode_combines_its_own_way(p
     first, second = astronaut, group
     one = generate(pipeline, first)
     results = {mode: generate(pipeline, [first, second], identity_combine=mode) for mode in IDENTITY_COMBINE_MODES}
-    own = [prepare_face_condition(pipeline.analyzer, photo).embedding for photo in (first, second)]
+    own = [prepare_face_condition(pipeline.face.analyzer, photo).embedding for photo in (first, second)]
     np.testing.assert_allclose(results["mean"].condition.embedding, (own[0] + own[1]) / 2, rtol=1e-6)
     assert results["concat"].condition.embedding.shape == (2, 512)
     for mode, result in results.items():
@@ -97,7 +98,9 @@ def test_different_photos_move_the_identity_and_each_mode_combines_its_own_way(p
 
 def test_concat_hands_every_photo_to_the_resampler_as_an_input_token(pipeline, astronaut, group) -> None:
     seen: list[torch.Tensor] = []
-    hook = pipeline.denoiser.resampler.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    hook = pipeline.denoise.denoiser.resampler.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].clone())
+    )
     try:
         result = generate(pipeline, [astronaut, group], identity_combine="concat")
     finally:
@@ -112,44 +115,44 @@ def test_concat_hands_every_photo_to_the_resampler_as_an_input_token(pipeline, a
 
 
 def test_face_index_picks_the_face_listed_at_that_index(pipeline, group) -> None:
-    faces = pipeline.analyzer.detect(group)
+    faces = pipeline.face.analyzer.detect(group)
     assert len(faces) >= 4
     for index in (0, 2, len(faces) - 1):
-        condition = prepare_face_condition(pipeline.analyzer, group, face_index=index, width=256, height=256)
+        condition = prepare_face_condition(pipeline.face.analyzer, group, face_index=index, width=256, height=256)
         np.testing.assert_array_equal(condition.face.bbox, faces[index].bbox)
-        np.testing.assert_array_equal(condition.embedding, pipeline.analyzer.embed(group, faces[index]))
+        np.testing.assert_array_equal(condition.embedding, pipeline.face.analyzer.embed(group, faces[index]))
         transform = CropTransform.cover(group.shape[1], group.shape[0], 256, 256)
         np.testing.assert_allclose(condition.keypoints, transform.apply_points(faces[index].kps), rtol=1e-6)
         assert (condition.used[0].face_index, condition.used[0].photo_index) == (index, 0)
     with pytest.raises(InvalidParameterError) as info:
-        prepare_face_condition(pipeline.analyzer, group, face_index=len(faces))
+        prepare_face_condition(pipeline.face.analyzer, group, face_index=len(faces))
     assert info.value.message == f"face_index {len(faces)} is out of range: {len(faces)} faces found in the face image"
 
 
 def test_pose_face_index_picks_the_pose_photos_face_and_keeps_the_identity(pipeline, astronaut, group) -> None:
-    faces = pipeline.analyzer.detect(group)
-    plain = prepare_face_condition(pipeline.analyzer, astronaut)
-    chosen = prepare_face_condition(pipeline.analyzer, astronaut, group, pose_face_index=3, width=256, height=256)
+    faces = pipeline.face.analyzer.detect(group)
+    plain = prepare_face_condition(pipeline.face.analyzer, astronaut)
+    chosen = prepare_face_condition(pipeline.face.analyzer, astronaut, group, pose_face_index=3, width=256, height=256)
     transform = CropTransform.cover(group.shape[1], group.shape[0], 256, 256)
     np.testing.assert_allclose(chosen.keypoints, transform.apply_points(faces[3].kps), rtol=1e-6)
     np.testing.assert_array_equal(chosen.pose_face.bbox, faces[3].bbox)
     np.testing.assert_array_equal(chosen.embedding, plain.embedding)  # the identity is the face photo's
     assert [(c.source, c.face_index) for c in chosen.used] == [("face", 0), ("pose", 3)]
     with pytest.raises(InvalidParameterError, match=f"pose_face_index 99 is out of range: {len(faces)} faces found"):
-        prepare_face_condition(pipeline.analyzer, astronaut, group, pose_face_index=99)
+        prepare_face_condition(pipeline.face.analyzer, astronaut, group, pose_face_index=99)
 
 
 def test_a_photo_without_a_usable_face_is_named_by_its_index(pipeline, astronaut) -> None:
     grey = np.full((200, 240, 3), 128, dtype=np.uint8)
     with pytest.raises(NoFaceError) as info:
-        prepare_face_condition(pipeline.analyzer, [astronaut, astronaut, grey])
+        prepare_face_condition(pipeline.face.analyzer, [astronaut, astronaut, grey])
     assert info.value.message == "no face detected in face photo 2" and info.value.status == 422
-    found = len(pipeline.analyzer.detect(astronaut))
+    found = len(pipeline.face.analyzer.detect(astronaut))
     message = f"face_index 40 is out of range: {found} faces found in face photo 0"
     with pytest.raises(InvalidParameterError, match=message):
-        prepare_face_condition(pipeline.analyzer, [astronaut, astronaut], face_index=40)
+        prepare_face_condition(pipeline.face.analyzer, [astronaut, astronaut], face_index=40)
     with pytest.raises(InvalidParameterError, match="give 1 to 8 face photos, got 9"):
-        prepare_face_condition(pipeline.analyzer, [astronaut] * 9)
+        prepare_face_condition(pipeline.face.analyzer, [astronaut] * 9)
 
 
 # ------------------------------------------------------------------------------------------- face noise
@@ -171,7 +174,9 @@ def test_face_noise_is_the_negative_resampler_input_scaled_uniform_noise(pipelin
     """The negative identity input is face_noise x U(0,1) from a CPU generator seeded with the request's seed;
     the positive input and the latents' generator are untouched."""
     seen: list[torch.Tensor] = []
-    hook = pipeline.denoiser.resampler.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    hook = pipeline.denoise.denoiser.resampler.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].clone())
+    )
     try:
         result = generate(pipeline, astronaut, dataclasses.replace(PARAMS, face_noise=0.25))
     finally:

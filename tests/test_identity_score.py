@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from deployments.face_analyzer import FaceAnalyzerDeployment
+from deployments.generation.messages import DenoiseResult, FaceResult
 from deployments.instantid.catalogue import ModelChoice
 from deployments.instantid.conditioning import FaceCondition
 from deployments.instantid.faces import FaceAnalyzer
 from deployments.instantid.identity_score import identity_similarities, identity_similarity
 from deployments.instantid.images import decode_image
 from deployments.instantid.params import GenerationParams
-from deployments.instantid.tiny_faces import write_tiny_antelopev2
-from deployments.messages import DenoiseResult, FaceResult
+from deployments.tiny.faces import write_tiny_antelopev2
 from tests.support import astronaut_rgb, group_photo_jpeg
 
 CPU = ["CPUExecutionProvider"]

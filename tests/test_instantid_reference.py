@@ -39,13 +39,19 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from deployments.generation.local import InstantIDPipeline
 from deployments.instantid.denoiser import DenoiseJob
 from deployments.instantid.images import decode_image
 from deployments.instantid.keypoints import CropTransform, draw_keypoint_image
 from deployments.instantid.params import ControlSetting, GenerationParams
-from deployments.instantid.pipeline import InstantIDPipeline
 from deployments.instantid.schedulers import make_scheduler
-from tests.support import astronaut_jpeg, group_photo_jpeg, sample_control_maps, sample_init_image
+from tests.support import (
+    astronaut_jpeg,
+    generate_with_params,
+    group_photo_jpeg,
+    sample_control_maps,
+    sample_init_image,
+)
 
 KEYPOINTS = np.array([[22, 24], [42, 24], [32, 34], [24, 46], [40, 46]], dtype=np.float32)
 OTHER_KEYPOINTS = np.array([[12, 30], [30, 28], [20, 40], [14, 52], [28, 52]], dtype=np.float32)
@@ -309,12 +315,12 @@ def test_pose_photo_generation_equals_the_reference_loop(reference, tiny_layout)
     pipeline = InstantIDPipeline.from_layout(tiny_layout, device="cpu", dtype="float32")
     face_rgb, pose_rgb = decode_image(astronaut_jpeg()), decode_image(group_photo_jpeg())
     params = dataclasses.replace(BASE, width=96, height=64, identitynet_strength=0.9, adapter_strength=0.6)
-    output = pipeline(face_rgb, PROMPT, NEGATIVE, params=params, style="none", pose_rgb=pose_rgb)
+    output = generate_with_params(pipeline, face_rgb, PROMPT, NEGATIVE, params=params, pose_rgb=pose_rgb)
 
-    without_pose = pipeline(face_rgb, PROMPT, NEGATIVE, params=params, style="none")
+    without_pose = generate_with_params(pipeline, face_rgb, PROMPT, NEGATIVE, params=params)
     assert max_difference(output.images, without_pose.images) > 20  # the pose photo really steers the image
 
-    analyzer = pipeline.analyzer
+    analyzer = pipeline.face.analyzer
     embedding = analyzer.analyze(face_rgb).embedding
     pose_face = analyzer.detect(pose_rgb)[0]  # largest first
     crop = CropTransform.cover(pose_rgb.shape[1], pose_rgb.shape[0], 96, 64)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from serve.webhooks import verify_signature
+from serve.jobs.webhooks import verify_signature
 from tests.serve_fixtures import API_KEYS
 from tests.support import FAST_REQUEST, astronaut_b64
 

@@ -208,7 +208,7 @@ def test_an_idempotency_key_gives_the_same_job_back(serve_stack) -> None:
 def test_the_ingress_reports_generations_not_streams_for_autoscaling(serve_stack) -> None:
     from ray import serve as ray_serve
 
-    from serve.autoscaling import GENERATIONS_METRIC
+    from serve.ingress.autoscaling import GENERATIONS_METRIC
 
     accepted = submit(serve_stack.url, num_inference_steps=40)
     ingress = ray_serve.get_deployment_handle("Ingress", app_name="instantid")

@@ -11,16 +11,16 @@ import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
+from deployments.generation.local import InstantIDPipeline
 from deployments.instantid.bases import SDXLBase, load_text_encoders, load_unet_and_vae
 from deployments.instantid.catalogue import PRESET_LORA_FILES, PRESET_MODES, ModelCatalogue
 from deployments.instantid.errors import InvalidParameterError, WeightsError
 from deployments.instantid.images import decode_image
 from deployments.instantid.loras import architecture_skeletons, check_loras
+from deployments.instantid.options import GenerationOptions
 from deployments.instantid.params import GenerationParams
-from deployments.instantid.pipeline import InstantIDPipeline
-from deployments.instantid.tiny import ALT_BASE, STYLE_LORAS
-from serve.schemas import GenerationOptions
-from tests.support import astronaut_jpeg
+from deployments.tiny.weights import ALT_BASE, STYLE_LORAS
+from tests.support import astronaut_jpeg, generate_with_params
 
 PROMPT, NEGATIVE, SEED = "a portrait photo", "blurry", 5
 # InstantID's own paths off: what remains is SDXL, which the stock pipeline computes too.
@@ -46,7 +46,7 @@ def pipeline(tiny_layout, tiny_weights) -> InstantIDPipeline:
 
 
 def ours(pipeline, face, params=SDXL_ONLY, loras=()) -> np.ndarray:
-    return pipeline(face, PROMPT, NEGATIVE, params=params, style="none", loras=loras).images
+    return generate_with_params(pipeline, face, PROMPT, NEGATIVE, params=params, style="none", loras=loras).images
 
 
 def stock(weights: Path, params: GenerationParams, lora: str | None = None, scale: float = 1.0, scheduler=None):
@@ -92,7 +92,7 @@ def test_lora_scale_zero_and_no_lora_are_the_base_bit_for_bit(pipeline, face) ->
 
 def test_lcm_mode_equals_diffusers_with_the_lcm_lora_and_scheduler(pipeline, face, tiny_weights) -> None:
     preset = PRESET_MODES["lcm"]
-    params = GenerationOptions(prompt=PROMPT, mode="lcm").sampling_params(SEED, preset)
+    params = GenerationParams.from_options(GenerationOptions(prompt=PROMPT, mode="lcm"), SEED, preset)
     params = dataclasses.replace(params, width=64, height=64, identitynet_strength=0.0, adapter_strength=0.0)
     assert (params.scheduler, params.num_inference_steps, params.guidance_scale) == ("lcm", 10, 0.0)
     assert not params.do_classifier_free_guidance  # guidance 0: no negative pass at all
@@ -103,13 +103,16 @@ def test_lcm_mode_equals_diffusers_with_the_lcm_lora_and_scheduler(pipeline, fac
 
 def test_explicit_fields_override_a_mode_and_defaults_do_not() -> None:
     preset = PRESET_MODES["lightning"]
-    defaults = GenerationOptions(prompt="x", mode="lightning").sampling_params(1, preset)
+    defaults = GenerationParams.from_options(GenerationOptions(prompt="x", mode="lightning"), 1, preset)
     assert (defaults.num_inference_steps, defaults.guidance_scale, defaults.scheduler) == (8, 0.0, "euler_trailing")
     given = GenerationOptions(prompt="x", mode="lightning", num_inference_steps=4, scheduler="euler")
-    params = given.sampling_params(1, preset)
+    params = GenerationParams.from_options(given, 1, preset)
     assert (params.num_inference_steps, params.guidance_scale, params.scheduler) == (4, 0.0, "euler")
     # Explicitly setting a default value still counts as explicit.
-    assert GenerationOptions(prompt="x", guidance_scale=5.0).sampling_params(1, preset).guidance_scale == 5.0
+    assert (
+        GenerationParams.from_options(GenerationOptions(prompt="x", guidance_scale=5.0), 1, preset).guidance_scale
+        == 5.0
+    )
 
 
 def test_single_file_base_loads_the_tensors_of_its_folder_and_gives_the_same_image(tiny_layout, tiny_weights, face):
@@ -123,7 +126,8 @@ def test_single_file_base_loads_the_tensors_of_its_folder_and_gives_the_same_ima
         assert set(a) == set(b) and len(a) > 10
         assert all(torch.equal(a[k], b[k]) for k in a), type(from_folder).__name__
     images = [
-        InstantIDPipeline.from_layout(tiny_layout, device="cpu", dtype="float32", base=base)(
+        generate_with_params(
+            InstantIDPipeline.from_layout(tiny_layout, device="cpu", dtype="float32", base=base),
             face,
             PROMPT,
             NEGATIVE,

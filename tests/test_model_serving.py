@@ -3,6 +3,7 @@ eviction of idle bases, and catalogue failures at deploy and at load time (real 
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -137,11 +138,11 @@ def test_different_lora_or_controlnet_sets_never_share_a_forward_and_equal_sets_
 
 
 def test_single_file_base_through_serve_equals_the_in_process_pipeline(serve_stack, tiny_weights: Path) -> None:
+    from deployments.generation.local import InstantIDPipeline
+    from deployments.generation.plan import GenerationInputs
     from deployments.instantid.bases import SDXLBase
-    from deployments.instantid.images import decode_image
-    from deployments.instantid.pipeline import InstantIDPipeline
+    from deployments.instantid.options import GenerationOptions
     from deployments.instantid.weights import WeightsLayout
-    from serve.schemas import GenerationOptions
 
     fields = {**FAST_REQUEST, "seed": 77, "base_model": "tiny-alt", "num_inference_steps": 3}
     body = generate(serve_stack.url, **fields).json()
@@ -150,13 +151,8 @@ def test_single_file_base_through_serve_equals_the_in_process_pipeline(serve_sta
     pipeline = InstantIDPipeline.from_layout(
         WeightsLayout.from_root(tiny_weights), device="cpu", dtype="float32", base=base
     )
-    options = GenerationOptions(**{k: v for k, v in fields.items() if k != "base_model"})
-    local = pipeline(
-        decode_image(__import__("base64").b64decode(astronaut_b64())),
-        options.prompt,
-        params=options.sampling_params(77),
-        style="none",
-    )
+    options = GenerationOptions(**fields)  # the in-process catalogue's one base is the loaded tiny-alt
+    local = pipeline(options, GenerationInputs(faces=(base64.b64decode(astronaut_b64()),)))
     assert np.abs(image_of(serve_stack, body).astype(int) - local.images[0].astype(int)).max() <= 2
 
 

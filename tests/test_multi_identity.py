@@ -20,7 +20,7 @@ from deployments.instantid.images import decode_image
 from deployments.instantid.multi_identity import identity_conditioning
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.regions import PlacedIdentity, identity_masks
-from deployments.instantid.tiny_faces import write_tiny_antelopev2
+from deployments.tiny.faces import write_tiny_antelopev2
 from tests.support import astronaut_rgb, group_photo_jpeg
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*`estimate` is deprecated:FutureWarning")

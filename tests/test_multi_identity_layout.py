@@ -15,7 +15,7 @@ from deployments.instantid.conditioning import ChosenFace, identify
 from deployments.instantid.errors import InvalidParameterError
 from deployments.instantid.faces import FaceAnalyzer
 from deployments.instantid.group import IdentityPhotos, PoseFaces, group_condition, locate_pose_faces
-from deployments.instantid.identity_score import region_similarities
+from deployments.instantid.identity_score import RegionScore, region_similarities
 from deployments.instantid.images import decode_image
 from deployments.instantid.keypoints import CropTransform
 from deployments.instantid.regions import (
@@ -26,7 +26,7 @@ from deployments.instantid.regions import (
     identity_masks,
     shared_keypoint_image,
 )
-from deployments.instantid.tiny_faces import write_tiny_antelopev2
+from deployments.tiny.faces import write_tiny_antelopev2
 from serve.schemas import FacesRequest, GenerateRequest
 from tests.support import astronaut_rgb, group_photo_jpeg
 
@@ -228,15 +228,15 @@ def test_each_region_scores_its_best_matching_face(analyzer, group) -> None:
         group,
         [(references[0], np.array([0, 0, 640, 886])), (references[1], np.array([640, 0, 1280, 886]))],
     )
-    assert [s["index"] for s in scores] == [0, 1]
-    assert scores[0]["similarity"] == pytest.approx(1.0) and scores[1]["similarity"] == pytest.approx(1.0)
-    assert scores[0]["box"] == [float(v) for v in left.bbox] and scores[1]["box"] == [float(v) for v in right.bbox]
+    assert [s.index for s in scores] == [0, 1]
+    assert scores[0].similarity == pytest.approx(1.0) and scores[1].similarity == pytest.approx(1.0)
+    assert scores[0].box == [float(v) for v in left.bbox] and scores[1].box == [float(v) for v in right.bbox]
     swapped = region_similarities(
         analyzer, group, [(references[1], np.array([0, 0, 640, 886])), (references[0], np.array([640, 0, 1280, 886]))]
     )
-    assert all(s["similarity"] < 0.999 for s in swapped)  # the other person is not themselves
+    assert all(s.similarity < 0.999 for s in swapped)  # the other person is not themselves
     empty = region_similarities(analyzer, group, [(references[0], np.array([0, 0, 64, 64]))])
-    assert empty == [{"index": 0, "box": None, "similarity": None}]
+    assert empty == [RegionScore(0, None, None)]
 
 
 # ----------------------------------------------------------------------------------------- request model

@@ -181,10 +181,8 @@ def test_handle_call_matches_the_in_process_pipeline(serve_stack, tiny_weights) 
     code path) for the same people, pose photo and seed."""
     from ray import serve as ray_serve
 
-    from deployments.instantid.group import IdentityInput
-    from deployments.instantid.images import decode_image
-    from deployments.instantid.params import GenerationParams
-    from deployments.instantid.pipeline import InstantIDPipeline
+    from deployments.generation.local import InstantIDPipeline
+    from deployments.generation.plan import GenerationInputs, PersonInput
     from deployments.instantid.weights import WeightsLayout
     from serve.schemas import GenerateRequest, GenerateResponse
 
@@ -203,10 +201,8 @@ def test_handle_call_matches_the_in_process_pipeline(serve_stack, tiny_weights) 
     served = np.asarray(Image.open(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read())))
 
     pipeline = InstantIDPipeline.from_layout(WeightsLayout.from_root(tiny_weights), device="cpu", dtype="float32")
-    params = GenerationParams(width=512, height=256, seed=5, num_inference_steps=FAST_REQUEST["num_inference_steps"])
-    group = decode_image(group_photo_jpeg())
-    people = [IdentityInput([decode_image(astronaut_jpeg())]), IdentityInput([group], face_index=4)]
-    local = pipeline([], "an astronaut", params=params, pose_rgb=group, identities=people)
+    people = (PersonInput((astronaut_jpeg(),)), PersonInput((group_photo_jpeg(),), face_index=4))
+    local = pipeline(request.options(), GenerationInputs(people=people, pose=group_photo_jpeg()))
     assert local.params.identities == 2
     assert served.shape == local.images[0].shape == (256, 512, 3)
     assert np.abs(served.astype(int) - local.images[0].astype(int)).max() <= 2

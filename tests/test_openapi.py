@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.api import app
+from serve.ingress.routes import app
 from serve.schemas import FacesRequest, GenerateRequest
 
 

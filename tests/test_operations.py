@@ -20,8 +20,8 @@ from deployments import metrics
 from deployments.storage.generations import PreparedGeneration, new_generation_id
 from deployments.storage.s3 import S3Settings, make_client, on_retry
 from deployments.storage.spool import Spool
-from serve.errors import ApiError, install_error_handlers
-from serve.request_log import EVENT, RequestLogMiddleware, note, note_prompt, seconds_by_stage
+from serve.ingress.errors import ApiError, install_error_handlers
+from serve.ingress.request_log import EVENT, RequestLogMiddleware, note, note_prompt, seconds_by_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "cluster" / "monitoring"

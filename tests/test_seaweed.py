@@ -19,7 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from deployments.storage import S3Settings, make_client
-from serve.seaweed import EmbeddedS3, find_weed_binary
+from serve.tools.seaweed import EmbeddedS3, find_weed_binary
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +155,7 @@ def test_credentials_file_reuse_persistence_and_side_by_side(tmp_path: Path, emb
 _CHILD = """
 import os, sys
 from pathlib import Path
-from serve.seaweed import EmbeddedS3
+from serve.tools.seaweed import EmbeddedS3
 store = EmbeddedS3(Path(sys.argv[1]))
 store.start()
 print(store._proc.pid, store.ports["admin.port.grpc"], store.ports["s3.port.grpc"], flush=True)

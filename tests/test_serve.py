@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.instantid.images import decode_image
-from deployments.instantid.params import GenerationParams
-from deployments.instantid.pipeline import InstantIDPipeline
+from deployments.generation.local import InstantIDPipeline
+from deployments.generation.plan import GenerationInputs
+from deployments.instantid.options import GenerationOptions
 from deployments.instantid.weights import WeightsLayout
 from serve.schemas import GenerateRequest, GenerateResponse
 from tests.support import FAST_OPTIONS, astronaut_jpeg, encode_image, group_photo_jpeg
@@ -112,17 +112,8 @@ def test_serve_matches_in_process_generation(serve_stack, tiny_weights: Path):
     served = np.asarray(Image.open(io.BytesIO(_object(serve_stack, response.json()["images"][0]["uri"]))))
 
     pipeline = InstantIDPipeline.from_layout(WeightsLayout.from_root(tiny_weights), device="cpu", dtype="float32")
-    params = GenerationParams(
-        width=320,
-        height=256,
-        seed=1234,
-        num_inference_steps=4,
-        identitynet_strength=0.9,
-        adapter_strength=0.7,
-        scheduler="dpmpp_2m_karras",
-    )
-    # the served photo is JPEG bytes: decode the same bytes locally
-    local = pipeline(decode_image(ASTRONAUT), "a watercolor astronaut", "blurry", params=params, style="watercolor")
+    options = GenerationOptions(**{k: v for k, v in fields.items() if k != "face_image"})
+    local = pipeline(options, GenerationInputs(faces=(ASTRONAUT,)))  # the same JPEG bytes as the upload
     assert served.shape == local.images[0].shape == (256, 320, 3)
     assert np.abs(served.astype(int) - local.images[0].astype(int)).max() <= 2
 

@@ -111,7 +111,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iter
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for name in ("RAY_ADDRESS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"):
         env.pop(name, None)  # it must start its own Ray and S3
-    command = [sys.executable, "-m", "serve.cli", "serve", str(config), "--port", str(free_port())]
+    command = [sys.executable, "-m", "serve.tools.cli", "serve", str(config), "--port", str(free_port())]
     with open(workdir / "serve.out", "wb") as out, open(workdir / "serve.err", "wb") as err:
         proc = subprocess.Popen(
             command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True

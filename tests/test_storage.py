@@ -37,7 +37,7 @@ from deployments.storage import (
     validate_generation_id,
 )
 from deployments.storage.s3 import COMPLETE_MARKER, safe_relative_path
-from serve.seaweed import EmbeddedS3
+from serve.tools.seaweed import EmbeddedS3
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""Webhook delivery (``serve.webhooks``) against a real local HTTP(S) receiver: no Ray, no network beyond 127.0.0.1.
+"""Webhook delivery (``serve.jobs.webhooks``) against a real local HTTP(S) receiver: no Ray, no network beyond
+127.0.0.1.
 
 The receiver is a ``ThreadingHTTPServer`` that answers a scripted sequence of statuses and records every request,
 so each test can say both what ``deliver`` reported and what actually arrived (including "nothing at all" for
@@ -27,7 +28,7 @@ import httpx
 import pydantic
 import pytest
 
-from serve.webhooks import (
+from serve.jobs.webhooks import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -164,7 +165,7 @@ def test_delivered_once_with_a_valid_signature(receiver: Receiver) -> None:
     timestamp = request.headers[TIMESTAMP_HEADER.lower()]
     assert abs(int(timestamp) - time.time()) < 60
     assert verify_signature(request.body, header, SECRET)
-    # Independently of serve.webhooks: HMAC-SHA256 over "<t>." + body, hex, in "t=<t>,v1=<hex>".
+    # Independently of serve.jobs.webhooks: HMAC-SHA256 over "<t>." + body, hex, in "t=<t>,v1=<hex>".
     expected = hmac.new(SECRET.encode(), f"{timestamp}.".encode() + request.body, hashlib.sha256).hexdigest()
     assert header == f"t={timestamp},v1={expected}"
 

@@ -22,7 +22,6 @@ from deployments.instantid.errors import WeightsError
 from deployments.instantid.faces import ANTELOPEV2_FILES
 from deployments.instantid.loading import load_denoiser, load_face_analyzer, load_prompt_encoder
 from deployments.instantid.resampler import Resampler, ResamplerConfig
-from deployments.instantid.tiny import PARTS, write_tiny_weights
 from deployments.instantid.weights import (
     DENOISER_COMPONENTS,
     PROMPT_COMPONENTS,
@@ -32,7 +31,8 @@ from deployments.instantid.weights import (
     resolve_source,
 )
 from deployments.storage.s3 import COMPLETE_MARKER
-from serve.seaweed import EmbeddedS3
+from deployments.tiny.weights import PARTS, write_tiny_weights
+from serve.tools.seaweed import EmbeddedS3
 from tests.support import published_image_proj_keys
 
 TENSOR_FILES = (  # every file holding random tensors: each must change with the seed

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from deployments.instantid.loading import load_denoiser, load_prompt_encoder
-from deployments.instantid.params import CONTROLNET_NAMES
-from deployments.instantid.tiny import write_tiny_weights
+from deployments.instantid.options import CONTROLNET_NAMES
 from deployments.instantid.weights import WeightsLayout
+from deployments.tiny.weights import write_tiny_weights
 
 
 @pytest.fixture(scope="session")

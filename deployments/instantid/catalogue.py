@@ -15,12 +15,10 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import InvalidParameterError
-from .schedulers import SchedulerName
+from .options import LORA_SCALE_RANGE, MAX_REQUEST_LORAS, SchedulerName
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 DEFAULT_BASE = "sdxl"  # the weights layout's own SDXL folder
-MAX_REQUEST_LORAS = 4
-LORA_SCALE_RANGE = (-2.0, 2.0)
 LORAS_DIR = "loras"  # WEIGHTS/loras/*.safetensors
 
 

@@ -7,59 +7,15 @@ because it crosses process boundaries. The keypoint image itself is drawn by the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import replace
 
 import numpy as np
 
 from .errors import FaceTooSmallError, InvalidParameterError, NoFaceError
-from .faces import DetectedFace, FaceAnalyzer
+from .face_data import ChosenFace, DetectedFace, FaceCondition
+from .faces import FaceAnalyzer
 from .identity import DEFAULT_IDENTITY_COMBINE, MAX_FACE_PHOTOS, combine_embeddings
 from .keypoints import REFERENCE_LONG_SIDE, CropTransform, reference_size
-from .regions import Layout, PlacedIdentity
-
-
-@dataclass
-class ChosenFace:
-    """The face a generation used from one photo: which photo, which of its faces, and the photo's size."""
-
-    face: DetectedFace  # in that photo's pixels; with its embedding for identity photos (until it is reported)
-    source: Literal["face", "pose"]
-    photo_index: int  # the photo's index among the face photos (0 for the pose photo)
-    face_index: int  # its index in the photo's faces, largest first (the order POST /v1/faces lists them)
-    image_width: int
-    image_height: int
-    identity: int | None = None  # a multi-identity request: which identity this face belongs to
-
-    def without_embedding(self) -> ChosenFace:
-        return replace(self, face=replace(self.face, embedding=None))
-
-    def to_dict(self) -> dict[str, Any]:
-        identity = {} if self.identity is None else {"identity": self.identity}
-        return {
-            "source": self.source,
-            **identity,
-            "photo_index": self.photo_index,
-            "face_index": self.face_index,
-            **self.face.to_dict(),
-        }
-
-
-@dataclass
-class FaceCondition:
-    """The identity (from the face photos) and the geometry (from the pose photo, else the first face photo)."""
-
-    embedding: np.ndarray  # (512,) float32 raw (not normalised), or (N, 512) with identity_combine "concat"
-    keypoints: np.ndarray  # (5, 2) in output pixels
-    box: np.ndarray  # (4,) in output pixels
-    width: int
-    height: int
-    face: DetectedFace  # the first photo's identity face, in its pixels (reported to the client)
-    pose_face: DetectedFace | None = None
-    used: list[ChosenFace] = field(default_factory=list)  # every face used: identity photos in order, then pose
-    # Several people (2..4): each identity's vector, placed face and region; the fields above are the first one's.
-    identities: list[PlacedIdentity] | None = None
-    layout: Layout | None = None
 
 
 def output_size(

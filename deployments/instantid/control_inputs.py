@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .conditioning import output_size
-from .control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, DepthEstimator, canny_map, fit_image
+from .control_maps import DepthEstimator, canny_map, fit_image
 from .errors import InvalidParameterError
 from .keypoints import REFERENCE_LONG_SIDE
+from .options import COMPUTED_MAPS, DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW
 
-COMPUTED_MAPS = ("canny", "depth")  # what can be made from a photo here; a pose map is uploaded ready-made
 UPLOADED = "uploaded"
 
 

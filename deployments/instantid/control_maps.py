@@ -17,9 +17,8 @@ import torch
 
 from .errors import WeightsError
 from .keypoints import CropTransform
+from .options import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW
 
-DEFAULT_CANNY_LOW = 100  # the published multi-ControlNet demo's thresholds
-DEFAULT_CANNY_HIGH = 200
 DEPTH_CONFIG = "config.json"
 DEPTH_PREPROCESSOR = "preprocessor_config.json"
 DEPTH_WEIGHTS = "model*.safetensors*"  # one file, or shards with their index

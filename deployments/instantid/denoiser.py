@@ -31,7 +31,7 @@ from .errors import InvalidParameterError
 from .identity import negative_identity
 from .keypoints import draw_keypoint_image, face_region_mask
 from .multi_identity import identity_conditioning, per_identity_identitynet
-from .params import GenerationParams
+from .params import DEFAULT_VAE_BATCH_SIZE, GenerationParams
 from .regions import PlacedIdentity
 from .resampler import Resampler
 from .schedulers import make_scheduler
@@ -57,9 +57,6 @@ class DenoiseJob:
     # face_embedding/keypoints/face_box (see multi_identity).
     identities: Sequence[PlacedIdentity] | None = None
     _state: dict = field(default_factory=dict, repr=False)
-
-
-DEFAULT_VAE_BATCH_SIZE = 2  # latents decoded at once: SDXL's VAE at 1024^2 needs ~3 GiB of activations each
 
 
 def control_keep(step: int, num_steps: int, start: float, end: float) -> float:

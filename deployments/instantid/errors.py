@@ -80,3 +80,10 @@ class ModelUnavailableError(InstantIDError):
 
     code = "model_unavailable"
     status = 503
+
+
+class DeviceOutOfMemoryError(InstantIDError):
+    """The accelerator ran out of memory for this batch; the replica is fine, the client may retry."""
+
+    code = "overloaded"
+    status = 503

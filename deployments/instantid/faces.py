@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 from insightface.model_zoo.scrfd import SCRFD
 
 from .errors import NoFaceError, WeightsError
+from .face_data import DetectedFace
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 RECOGNIZER_FILE = "glintr100.onnx"
@@ -53,50 +54,6 @@ def default_providers() -> list[str]:
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
-
-
-@dataclass(frozen=True, eq=False)
-class DetectedFace:
-    """One detected face in the analysed image's pixel coordinates.
-
-    Arrays are read-only copies so a face can be shared (cached, sent across processes) without being
-    mutated behind its owner's back. ``eq=False``: element-wise array equality has no single truth value.
-    """
-
-    bbox: np.ndarray  # (4,) float32: x1, y1, x2, y2
-    kps: np.ndarray  # (5, 2) float32: left eye, right eye, nose, left mouth corner, right mouth corner
-    det_score: float
-    embedding: np.ndarray | None = field(default=None, repr=False)  # (512,) float32, raw (not normalised)
-
-    def __post_init__(self) -> None:
-        bbox = np.array(self.bbox, dtype=np.float32).reshape(-1)
-        kps = np.array(self.kps, dtype=np.float32)
-        if bbox.shape != (4,) or kps.shape != (5, 2):
-            raise ValueError(f"bbox must be (4,) and kps (5, 2); got {bbox.shape} and {kps.shape}")
-        bbox.setflags(write=False)
-        kps.setflags(write=False)
-        object.__setattr__(self, "bbox", bbox)
-        object.__setattr__(self, "kps", kps)
-        object.__setattr__(self, "det_score", float(self.det_score))
-        if self.embedding is not None:
-            embedding = np.array(self.embedding, dtype=np.float32).reshape(-1)
-            embedding.setflags(write=False)
-            object.__setattr__(self, "embedding", embedding)
-
-    @property
-    def area(self) -> float:
-        """Box area ``(x2-x1)*(y2-y1)``: the published rule picks the face with the largest one."""
-        x1, y1, x2, y2 = (float(v) for v in self.bbox)
-        return (x2 - x1) * (y2 - y1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able geometry for API responses (the embedding stays server-side)."""
-        return {
-            "bbox": [float(v) for v in self.bbox],
-            "kps": [[float(x), float(y)] for x, y in self.kps],
-            "det_score": self.det_score,
-            "area": self.area,
-        }
 
 
 def _listing(directory: Path, limit: int = 12) -> str:

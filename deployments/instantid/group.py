@@ -12,12 +12,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .conditioning import ChosenFace, FaceCondition, identify, output_size
+from .conditioning import identify, output_size
 from .errors import InstantIDError, InvalidParameterError, NoFaceError
-from .faces import DetectedFace, FaceAnalyzer
+from .face_data import ChosenFace, DetectedFace, FaceCondition
+from .faces import FaceAnalyzer
 from .identity import DEFAULT_IDENTITY_COMBINE, combine_embeddings
 from .keypoints import REFERENCE_LONG_SIDE
-from .params import MAX_IDENTITIES
+from .options import MAX_IDENTITIES
 from .regions import (
     Layout,
     PlacedIdentity,

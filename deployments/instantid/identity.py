@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .params import DEFAULT_IDENTITY_COMBINE, IDENTITY_COMBINE_MODES, MAX_FACE_PHOTOS, IdentityCombine
+from .options import DEFAULT_IDENTITY_COMBINE, IDENTITY_COMBINE_MODES, MAX_FACE_PHOTOS, IdentityCombine
 
 __all__ = [
     "DEFAULT_IDENTITY_COMBINE",

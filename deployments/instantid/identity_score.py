@@ -13,13 +13,14 @@ made-up low score would be indistinguishable from a real identity loss.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
+from .face_data import DetectedFace
 from .faces import FaceAnalyzer
 
-__all__ = ["identity_similarities", "identity_similarity", "reference_direction", "region_similarities"]
+__all__ = ["RegionScore", "identity_similarities", "identity_similarity", "reference_direction", "region_similarities"]
 
 
 def reference_direction(reference: np.ndarray) -> np.ndarray:
@@ -99,23 +100,32 @@ def identity_similarities(analyzer: FaceAnalyzer, images: np.ndarray, reference:
     return [_score(analyzer, image, direction) for image in images]
 
 
+@dataclass(frozen=True)
+class RegionScore:
+    """One identity's score in a multi-identity image: its region's best-matching face (box in the image's pixels)
+    and that face's cosine with the identity; both None when no face lies in the region."""
+
+    index: int
+    box: list[float] | None
+    similarity: float | None
+
+
 def region_similarities(
     analyzer: FaceAnalyzer, image_rgb: np.ndarray, identities: Sequence[tuple[np.ndarray, np.ndarray]]
-) -> list[dict[str, Any]]:
+) -> list[RegionScore]:
     """Several people in one image: per identity ``(reference, region)``, its region's best-matching face.
 
     The image's faces are detected once; a face belongs to the region that holds its box centre (regions do not
     overlap), and each face there is compared with that identity's reference (as :func:`identity_similarity`
-    compares). Returns one ``{"index", "box", "similarity"}`` per identity, in order: the best face's box in the
-    image's pixels and its cosine, or ``box``/``similarity`` None when no face lies in the region. So a client sees
+    compares). Returns one :class:`RegionScore` per identity, in order. So a client sees
     whether each person came out as themselves, and where.
     """
     directions = [reference_direction(reference) for reference, _ in identities]
     faces = analyzer.detect(image_rgb)
-    results: list[dict[str, Any]] = []
+    results: list[RegionScore] = []
     for index, ((_, region), direction) in enumerate(zip(identities, directions, strict=True)):
         x1, y1, x2, y2 = (float(v) for v in np.asarray(region).reshape(-1)[:4])
-        best: tuple[float, Any] | None = None
+        best: tuple[float, DetectedFace] | None = None
         for face in faces:
             cx, cy = float(face.bbox[0] + face.bbox[2]) / 2.0, float(face.bbox[1] + face.bbox[3]) / 2.0
             if not (x1 <= cx < x2 and y1 <= cy < y2):
@@ -123,11 +133,8 @@ def region_similarities(
             similarity = _cosine(analyzer.embed(image_rgb, face), direction)
             if similarity is not None and (best is None or similarity > best[0]):
                 best = (similarity, face)
-        results.append(
-            {
-                "index": index,
-                "box": None if best is None else [float(v) for v in best[1].bbox],
-                "similarity": None if best is None else best[0],
-            }
-        )
+        if best is None:
+            results.append(RegionScore(index, None, None))
+        else:
+            results.append(RegionScore(index, [float(v) for v in best[1].bbox], best[0]))
     return results

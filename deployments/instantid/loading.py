@@ -13,8 +13,9 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from .attention import attach_face_attention, load_face_attention
 from .bases import SDXLBase, load_text_encoders, load_unet_and_vae
 from .catalogue import DEFAULT_BASE
-from .denoiser import DEFAULT_VAE_BATCH_SIZE, InstantIDDenoiser
+from .denoiser import InstantIDDenoiser
 from .errors import WeightsError
+from .params import DEFAULT_VAE_BATCH_SIZE
 from .resampler import Resampler
 from .text import SDXLPromptEncoder
 from .weights import DENOISER_COMPONENTS, PROMPT_COMPONENTS, WeightsLayout, load_ip_adapter, sdxl_variant

@@ -1,29 +1,22 @@
-"""Per-request sampling parameters, with the published demo's defaults: the one place they are defined.
+"""The denoiser's per-request parameters, mapped from the request options (``options.py``) by field name.
 
-The public API's request models, the command line and the benchmarks read their defaults from here. The module
-imports nothing heavy, so argument parsers can read it too.
+A field of :class:`GenerationParams` that has the name of a request option takes the option's value and its
+default: adding a sampling option means declaring it in the schema, declaring it here, and reading it in the stage.
+The few fields that are resolved rather than copied (the seed, a mode's preset, image-to-image's strength, the
+extra ControlNets' windows, the number of people) are set by :meth:`GenerationParams.from_options`.
+The module imports nothing heavy, so the ingress and argument parsers read it too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Literal, get_args
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-DEFAULT_SCHEDULER = "euler"  # the demo's; every name the API accepts is in schedulers.SCHEDULER_NAMES
-# The extra ControlNets beside IdentityNet, in the order their residuals are added (the published demo's order).
-CONTROLNET_NAMES = ("pose", "canny", "depth")
-ControlNetName = Literal["pose", "canny", "depth"]
-DEFAULT_CONTROLNET_STRENGTH = 0.4  # the published multi-ControlNet demo's default for each
-DEFAULT_IMG2IMG_STRENGTH = 0.8  # share of the schedule an init image is noised to (1: pure noise)
-# Several photos of one person: how their identity vectors become the resampler's input (identity.py).
-IdentityCombine = Literal["mean", "normalized_mean", "concat"]
-IDENTITY_COMBINE_MODES: tuple[str, ...] = get_args(IdentityCombine)
-DEFAULT_IDENTITY_COMBINE: IdentityCombine = "mean"
-MAX_FACE_PHOTOS = 8
-# Several people in one image: how many identities one request may carry (each with its own region).
-MIN_IDENTITIES = 2
-MAX_IDENTITIES = 4
+from .options import CONTROLNET_NAMES, DEFAULT_CONTROLNET_STRENGTH, GenerationOptions, option_default
+
+if TYPE_CHECKING:
+    from .catalogue import ModeSpec
 
 
 @dataclass(frozen=True)
@@ -42,9 +35,14 @@ class ControlSetting:
             raise ValueError(f"ControlNet {self.name}: need 0 <= start < end <= 1, got {self.start}, {self.end}")
 
 
+def _option(name: str) -> Any:
+    """A dataclass field whose default is the request option's (declared once, in the schema)."""
+    return field(default=option_default(name))
+
+
 @dataclass(frozen=True)
 class GenerationParams:
-    """Per-request sampling parameters; the defaults are the published InstantID demo's.
+    """Per-request sampling parameters; the defaults are the request schema's (the published InstantID demo's).
 
     ``width``/``height`` may be left None until face analysis has fixed the output size (``sized``).
     """
@@ -52,19 +50,57 @@ class GenerationParams:
     width: int | None = None
     height: int | None = None
     seed: int = 0
-    num_images: int = 1
-    num_inference_steps: int = 30
-    guidance_scale: float = 5.0
-    identitynet_strength: float = 0.8
-    adapter_strength: float = 0.8
-    control_guidance_start: float = 0.0
-    control_guidance_end: float = 1.0
-    enhance_face_region: bool = True
-    scheduler: str = DEFAULT_SCHEDULER
+    num_images: int = _option("num_images")
+    num_inference_steps: int = _option("num_inference_steps")
+    guidance_scale: float = _option("guidance_scale")
+    identitynet_strength: float = _option("identitynet_strength")
+    adapter_strength: float = _option("adapter_strength")
+    control_guidance_start: float = _option("control_guidance_start")
+    control_guidance_end: float = _option("control_guidance_end")
+    enhance_face_region: bool = _option("enhance_face_region")
+    scheduler: str = _option("scheduler")
+    face_noise: float = _option("face_noise")  # CFG negative identity input: face_noise x U(0, 1) instead of zeros
     controlnets: tuple[ControlSetting, ...] = ()  # extra ControlNets, IdentityNet aside
     strength: float | None = None  # image-to-image: how far the init image is noised; None: text-to-image
-    face_noise: float = 0.0  # CFG negative identity input: face_noise x U(0, 1) instead of zeros (0: as published)
     identities: int = 1  # people in the image: each brings its own 16 face tokens (the context length grows)
+
+    @classmethod
+    def from_options(
+        cls,
+        options: GenerationOptions,
+        seed: int,
+        preset: ModeSpec | None = None,
+        *,
+        img2img: bool = False,
+        identities: int = 1,
+    ) -> GenerationParams:
+        """The parameters of a request: every field named like an option is copied from it; a mode's ``preset``
+        supplies steps, guidance and scheduler unless the request set them itself; ``strength`` applies only with
+        an init image (``img2img``); each extra ControlNet gets the request's window where it sets none."""
+        given = options.model_fields_set
+        copied = {
+            f.name: getattr(options, f.name)
+            for f in dataclasses.fields(cls)
+            if f.name in GenerationOptions.model_fields and f.name not in _RESOLVED
+        }
+        if preset is not None:
+            copied |= {name: getattr(preset, name) for name in _PRESET_FIELDS if name not in given}
+        controlnets = tuple(
+            ControlSetting(
+                c.name,
+                c.strength,
+                options.control_guidance_start if c.start is None else c.start,
+                options.control_guidance_end if c.end is None else c.end,
+            )
+            for c in options.controlnets
+        )
+        return cls(
+            **copied,
+            seed=seed,
+            controlnets=controlnets,
+            strength=options.strength if img2img else None,
+            identities=identities,
+        )
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -124,4 +160,8 @@ class GenerationParams:
         return (self.width, self.height, tuple(sorted(c.name for c in self.active_controlnets)), self.identities)
 
 
+_RESOLVED = {"seed", "controlnets", "strength"}  # options that are resolved by from_options, not copied
+_PRESET_FIELDS = ("num_inference_steps", "guidance_scale", "scheduler")  # what a mode's preset may supply
+
 DEFAULT_PARAMS = GenerationParams()
+DEFAULT_VAE_BATCH_SIZE = 2  # latents decoded at once: SDXL's VAE at 1024^2 needs ~3 GiB of activations each

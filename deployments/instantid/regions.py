@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import InvalidParameterError
 from .keypoints import draw_keypoint_image, face_region_mask
-from .params import MAX_IDENTITIES, MIN_IDENTITIES
+from .options import MAX_IDENTITIES, MIN_IDENTITIES
 
 Layout = Literal["pose", "regions", "columns"]
 Box = tuple[float, float, float, float]

@@ -1,8 +1,8 @@
-"""Scheduler names the API accepts, each a diffusers scheduler built from the base model's own config."""
+"""The diffusers scheduler behind each scheduler name the API accepts, built from the base model's own config."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from diffusers import (
     DDIMScheduler,
@@ -17,23 +17,9 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-SchedulerName = Literal[
-    "euler",
-    "euler_a",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "dpmpp_2m_sde_karras",
-    "ddim",
-    "unipc",
-    "heun",
-    "deis",
-    "lcm",
-    "tcd",
-    "euler_trailing",
-    "ddim_trailing",
-]
+from .options import SchedulerName
 
-_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+_SCHEDULERS: dict[SchedulerName, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
@@ -67,3 +53,5 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}") from None
     return cls.from_config(dict(base_config), **overrides)
+
+

@@ -181,7 +181,7 @@ def encode_meta(meta: dict[str, Any]) -> bytes:
 class IdentityScore(BaseModel):
     """Several people in one image: how one identity came out in its region."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, from_attributes=True)  # read from the face stage's scores as they come
 
     index: int = Field(description="The identity's index in the request's identities.")
     box: list[float] | None = Field(
@@ -304,7 +304,7 @@ class GenerationStore:
         meta: dict[str, Any],
         extra_objects: Sequence[tuple[str, bytes, str]] = (),
         identity_similarities: Sequence[float | None] | None = None,
-        identity_scores: Sequence[Sequence[dict[str, Any]]] | None = None,
+        identity_scores: Sequence[Sequence[Any]] | None = None,
     ) -> PreparedGeneration:
         """Encode everything a generation stores, without touching S3 (so it can be spooled and replayed).
 
@@ -313,7 +313,8 @@ class GenerationStore:
         arguments (including meta that is not JSON-serialisable) raise ``ValueError``/``TypeError``.
         ``extra_objects`` are ``(name, bytes, content_type)`` stored next to the images (e.g. input photos
         the client asked to keep); names are fixed by the server. ``identity_scores`` (several people): per image,
-        one :class:`IdentityScore` dict per identity; the image's ``identity_similarity`` is then their minimum.
+        one score per identity (an :class:`IdentityScore`, or an object with its fields); the image's
+        ``identity_similarity`` is then their minimum.
         """
         validate_generation_id(generation_id)
         if not images:

@@ -6,29 +6,19 @@ One object per (owner, key) digest: ``{prefix}/idempotency/{sha256}.json``. It i
 fails so that a retry can run. AWS S3 (since 2024) and SeaweedFS both honour these headers; a store that
 ignored them would make every claim succeed, which is the old, race-prone behaviour, never a lost result.
 
-The protocol that uses these operations lives at the API boundary (``serve/idempotency.py``); this module
+The protocol that uses these operations lives at the API boundary (``serve/ingress/idempotency.py``); this module
 only speaks S3.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from .conditional import put_json_if
-from .generations import S3_ERRORS, StorageError, describe_error
-from .s3 import S3Client, S3Settings, is_not_found
-
-
-@dataclass(frozen=True)
-class IdempotencyRecord:
-    """A record's JSON body and the ETag to make a conditional replace against."""
-
-    body: dict[str, Any]
-    etag: str
+from .conditional import ConditionalRecord, put_json_if, read_json
+from .generations import S3_ERRORS
+from .s3 import S3Client, S3Settings
 
 
 class IdempotencyRecords:
@@ -43,20 +33,11 @@ class IdempotencyRecords:
             raise ValueError("idempotency digests are sha256 hex strings")
         return f"{self.settings.prefix}/idempotency/{digest}.json"
 
-    def read(self, digest: str) -> IdempotencyRecord | None:
+    def read(self, digest: str) -> ConditionalRecord | None:
         """The record under ``digest`` with its ETag, or None when there is none."""
-        try:
-            response = self.client.get_object(Bucket=self.settings.bucket, Key=self.key(digest))
-            body = response["Body"].read()
-        except S3_ERRORS as exc:
-            if is_not_found(exc):
-                return None
-            raise StorageError(f"could not read an idempotency record: {describe_error(exc)}") from exc
-        try:
-            record = json.loads(body)
-        except ValueError as exc:
-            raise StorageError(f"the idempotency record {digest[:12]}... is not JSON") from exc
-        return IdempotencyRecord(body=record, etag=response["ETag"])
+        return read_json(
+            self.client, self.settings.bucket, self.key(digest), f"the idempotency record {digest[:12]}..."
+        )
 
     def claim(self, digest: str, body: dict[str, Any]) -> str | None:
         """Create the record only if none exists: its ETag, or None when another writer got there first."""

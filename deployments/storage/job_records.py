@@ -9,27 +9,18 @@ Per job (the id is also the id of the generation it makes):
 - ``{prefix}/jobs-active/{id}``: an empty marker while the job is unfinished, so a sweep for expired leases lists
   only the unfinished jobs.
 
-The job protocol (leases, takeover) lives at the API boundary (``serve/jobs.py``); this module only speaks S3.
+The job protocol (leases, takeover) lives at the API boundary (``serve/jobs/``); this module only speaks S3.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
-from .conditional import put_json_if
+from .conditional import ConditionalRecord, put_json_if, read_json
 from .generations import S3_ERRORS, StorageError, describe_error, validate_generation_id
 from .s3 import S3Client, S3Settings, is_not_found
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """A job's state document and the ETag to replace it against."""
-
-    body: dict[str, Any]
-    etag: str
 
 
 class JobRecords:
@@ -64,18 +55,8 @@ class JobRecords:
             raise StorageError(f"job {job_id} exists already")
         return etag
 
-    def read(self, job_id: str) -> JobRecord | None:
-        try:
-            response = self.client.get_object(Bucket=self.settings.bucket, Key=self._key(job_id))
-            body = response["Body"].read()
-        except S3_ERRORS as exc:
-            if is_not_found(exc):
-                return None
-            raise StorageError(f"could not read job {job_id}: {describe_error(exc)}") from exc
-        try:
-            return JobRecord(json.loads(body), response["ETag"])
-        except ValueError as exc:
-            raise StorageError(f"the record of job {job_id} is not JSON") from exc
+    def read(self, job_id: str) -> ConditionalRecord | None:
+        return read_json(self.client, self.settings.bucket, self._key(job_id), f"the record of job {job_id}")
 
     def read_request(self, job_id: str) -> dict[str, Any] | None:
         try:
@@ -86,10 +67,11 @@ class JobRecords:
                 return None
             raise StorageError(f"could not read the request of job {job_id}: {describe_error(exc)}") from exc
 
-    def replace(self, job_id: str, state: dict[str, Any], etag: str) -> str | None:
-        """Overwrite the state only if it is still version ``etag``: the new ETag, or None if it changed."""
+    def replace(self, job_id: str, state: dict[str, Any], etag: str, *, finished: bool = False) -> str | None:
+        """Overwrite the state only if it is still version ``etag``: the new ETag, or None if it changed.
+        ``finished``: the new state is terminal, so the job is no longer swept and its request is not kept."""
         etag = self._put(job_id, state, IfMatch=etag)
-        if etag is not None and state.get("status") in {"succeeded", "failed", "cancelled"}:
+        if etag is not None and finished:
             self._finished(job_id)
         return etag
 

@@ -14,9 +14,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .generations import PreparedGeneration, validate_generation_id
+from .generations import PreparedGeneration, StorageError, validate_generation_id
 
 MANIFEST = "manifest.json"
+
+
+class SpooledError(StorageError):
+    """S3 refused the upload; the generation is safe in the spool and will be uploaded later."""
+
+    def __init__(self, message: str, generation_id: str = "") -> None:
+        super().__init__(message)
+        self.generation_id = generation_id
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.generation_id))
 
 
 class Spool:

@@ -304,5 +304,8 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run ``args.bench_command``, importing only that benchmark's module (and so only its dependencies)."""
     import importlib
 
-    module = importlib.import_module(f"serve.bench.{BENCH_MODULES[args.bench_command]}")
+    name = BENCH_MODULES[args.bench_command]
+    if args.bench_command == "serve" and args.open_loop:
+        name = "batching_bench"  # static vs continuous batching under open-loop arrivals
+    module = importlib.import_module(f"serve.bench.{name}")
     return module.main_from_args(args)

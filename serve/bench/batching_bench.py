@@ -18,7 +18,9 @@ counts share its forwards. Mean rows per forward comes from the Denoiser's own c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -27,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.bench import BenchError, machine_facts, percentile, progress, ratio
-from serve.bench.serve_bench import _post, _request_body, own_cluster_and_tiny_weights
+from serve.bench import BenchError, emit, machine_facts, percentile, progress, ratio
+from serve.bench.stack import own_cluster_and_tiny_weights, post_json, request_body
 
 MODES = ("static", "continuous")
 APP = "instantid"
@@ -56,7 +58,7 @@ def request_mix(args: argparse.Namespace, count: int, rate: float | None, seed: 
 
 
 def _body(photo: bytes, args: argparse.Namespace, shot: Shot) -> dict[str, Any]:
-    return {**_request_body(photo, args.size, shot.steps, shot.seed), "num_images": shot.images}
+    return {**request_body(photo, args.size, shot.steps, shot.seed), "num_images": shot.images}
 
 
 def _phase_summary(
@@ -94,7 +96,7 @@ class Phases:
 
     def _send(self, shot: Shot, due: float, done: list, errors: list, lock: threading.Lock) -> None:
         try:
-            _, payload = _post(self.url, _body(self.photo, self.args, shot), timeout=self.args.request_timeout)
+            _, payload = post_json(self.url, _body(self.photo, self.args, shot), timeout=self.args.request_timeout)
         except (BenchError, OSError) as exc:
             with lock:
                 errors.append(str(exc)[:200])
@@ -160,8 +162,8 @@ def _deploy(serve_file, mode: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from serve.demo import local_config_path
-    from serve.runner import ServeFile, free_port, local_stack
+    from serve.tools.demo import local_config_path
+    from serve.tools.runner import ServeFile, free_port, local_stack
 
     weights, photo = own_cluster_and_tiny_weights(args.home)
     serve_file = ServeFile.load(local_config_path())
@@ -218,3 +220,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
         },
     }
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    # Ray, SeaweedFS and the loaders may print; stdout carries only the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = run(args)
+    emit(report, args.out)
+    return 0

@@ -212,7 +212,7 @@ def build_models(profile: str, device: torch.device | str, dtype: torch.dtype) -
 
     from deployments.instantid.attention import install_face_attention
     from deployments.instantid.resampler import Resampler, ResamplerConfig
-    from deployments.instantid.tiny import byte_level_tokenizer, sdxl_scheduler, tiny_text_encoders, tiny_unet, tiny_vae
+    from deployments.tiny.weights import byte_level_tokenizer, sdxl_scheduler, tiny_text_encoders, tiny_unet, tiny_vae
 
     tokenizer = byte_level_tokenizer()
     tokenizer_2 = byte_level_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!"
@@ -331,7 +331,7 @@ def write_random_loras(models: Models, args: argparse.Namespace, folder: Path) -
     """Random UNet LoRAs of a realistic rank (64 at full size) in the layouts the files are published in: the
     mode's (LCM-LoRA: PEFT; Lightning, Hyper: kohya) and, with ``--lora LAYOUT``, a style LoRA in that layout."""
     from deployments.instantid.catalogue import PRESET_MODES
-    from deployments.instantid.tiny_loras import random_lora, save_kohya_lora, save_peft_lora
+    from deployments.tiny.loras import random_lora, save_kohya_lora, save_peft_lora
 
     plan = LoraPlan()
     generator = torch.Generator().manual_seed(SEED)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from serve.bench import BenchError, emit, machine_facts, median, progress, ratio, rounded
-from serve.bench.serve_bench import _request_body, own_cluster_and_tiny_weights
+from serve.bench.stack import own_cluster_and_tiny_weights, request_body
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 POLL_S = 0.1
@@ -226,7 +226,7 @@ async def measure(url: str, photo: bytes, args: argparse.Namespace) -> dict[str,
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
 
         def body(seed: int) -> dict[str, Any]:
-            return _request_body(photo, args.size, args.steps, seed)
+            return request_body(photo, args.size, args.steps, seed)
 
         start = time.perf_counter()
         warmup = await run_job(client, body(WARMUP_SEED), 1)
@@ -271,8 +271,8 @@ async def measure(url: str, photo: bytes, args: argparse.Namespace) -> dict[str,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from serve.demo import local_config_path
-    from serve.runner import ServeFile, free_port, local_stack
+    from serve.tools.demo import local_config_path
+    from serve.tools.runner import ServeFile, free_port, local_stack
 
     weights, photo = own_cluster_and_tiny_weights(args.home)
 

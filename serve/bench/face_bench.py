@@ -48,7 +48,7 @@ def antelopev2_folder(weights: Path | None) -> Iterator[tuple[Path, str]]:
         folder = weights / "antelopev2" if (weights / "antelopev2").is_dir() else weights
         yield folder, "given"
         return
-    from deployments.instantid.tiny_faces import write_tiny_antelopev2
+    from deployments.tiny.faces import write_tiny_antelopev2
 
     with tempfile.TemporaryDirectory(prefix="instantid-bench-faces-") as tmp:
         folder = Path(tmp) / "antelopev2"

@@ -5,7 +5,7 @@ One run measures both, on the same tiny weights, photo, size, steps and seeds:
 - in-process: ``instantid generate``'s code path (:class:`deployments.instantid.pipeline.InstantIDPipeline`)
   plus the same image encoding the ResultStore does, one request after another;
 - served: the packaged ``local.yaml`` on a local Ray with an embedded SeaweedFS, started the way
-  ``instantid demo`` starts them (``serve.runner.local_stack``), over HTTP on 127.0.0.1: latency at
+  ``instantid demo`` starts them (``serve.tools.runner.local_stack``), over HTTP on 127.0.0.1: latency at
   concurrency 1 (median, p95) and throughput at ``--concurrency`` clients (the Denoiser batches them).
 
 It reports serve / in-process ratios and a per-stage breakdown from the responses' ``timings`` (face,
@@ -18,9 +18,7 @@ and the wall time are bounded.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -28,17 +26,21 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from serve.bench import BenchError, emit, machine_facts, median, percentile, progress, ratio
+from serve.bench import emit, machine_facts, median, percentile, progress, ratio
+from serve.bench.stack import (
+    OUTPUT_FORMAT,
+    OUTPUT_QUALITY,
+    PROMPT,
+    own_cluster_and_tiny_weights,
+    post_json,
+    request_body,
+)
 
-PROMPT = "a portrait of an astronaut, studio lighting"
-OUTPUT_FORMAT, OUTPUT_QUALITY = "webp", 95  # the API's defaults, used by both sides
 STAGES = ("face", "prompt", "denoise", "store")
 
 
@@ -51,33 +53,6 @@ class Deadline:
     @property
     def passed(self) -> bool:
         return time.monotonic() >= self.end
-
-
-def _request_body(photo: bytes, size: int, steps: int, seed: int) -> dict[str, Any]:
-    return {
-        "prompt": PROMPT,
-        "style": "none",
-        "width": size,
-        "height": size,
-        "num_inference_steps": steps,
-        "seed": seed,
-        "output_format": OUTPUT_FORMAT,
-        "output_quality": OUTPUT_QUALITY,
-        "face_image_b64": base64.b64encode(photo).decode(),
-    }
-
-
-def _post(url: str, body: dict[str, Any], timeout: float) -> tuple[float, dict[str, Any]]:
-    """(client-side seconds, response JSON) of one POST; any non-200 answer is an error."""
-    data = json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
-    start = time.perf_counter()
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise BenchError(f"POST {url} answered HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}") from None
-    return time.perf_counter() - start, payload
 
 
 # ------------------------------------------------------------------------------------------ summaries
@@ -131,13 +106,13 @@ def _seconds(response: dict[str, Any]) -> dict[str, float]:
 
 
 class InProcess:
-    """``instantid generate``'s pipeline in this process: decode the photo, generate, encode the image.
+    """``instantid generate``'s pipeline in this process: plan, generate (the face stage decodes the photo), encode.
 
     Stages are timed by wrapping the pipeline parts' entry points on these instances only.
     """
 
     def __init__(self, weights: Path, photo: bytes, args: argparse.Namespace) -> None:
-        from deployments.instantid.pipeline import InstantIDPipeline
+        from deployments.generation.local import InstantIDPipeline
         from deployments.instantid.weights import WeightsLayout
 
         start = time.perf_counter()
@@ -147,9 +122,9 @@ class InProcess:
         self.load_s = time.perf_counter() - start
         self.photo, self.args = photo, args
         self.current: dict[str, float] = {}
-        self._wrap(self.pipeline.analyzer, "analyze", "face")
-        self._wrap(self.pipeline.prompt_encoder, "encode", "prompt")
-        self._wrap(self.pipeline.denoiser, "generate", "denoise")
+        self._wrap(self.pipeline.face, "analyze", "face")
+        self._wrap(self.pipeline.prompt, "encode", "prompt")
+        self._wrap(self.pipeline.denoise, "generate", "denoise")
 
     def _wrap(self, owner: Any, method: str, stage: str) -> None:
         inner: Callable[..., Any] = getattr(owner, method)
@@ -165,16 +140,17 @@ class InProcess:
 
     def one(self, seed: int) -> dict[str, float]:
         """One request's stage seconds and ``total``, like a served response's ``timings``."""
-        from deployments.instantid.images import decode_image
-        from deployments.instantid.params import GenerationParams
+        from deployments.generation.plan import GenerationInputs
+        from deployments.instantid.options import GenerationOptions
         from deployments.storage.generations import encode_image
 
         self.current = {}
         start = time.perf_counter()
-        face = decode_image(self.photo)
         size, steps = self.args.size, self.args.steps
-        params = GenerationParams(width=size, height=size, seed=seed, num_inference_steps=steps)
-        output = self.pipeline(face, PROMPT, None, params=params, style="none")
+        options = GenerationOptions(
+            prompt=PROMPT, style="none", width=size, height=size, seed=seed, num_inference_steps=steps
+        )
+        output = self.pipeline(options, GenerationInputs(faces=(self.photo,)))
         encode_start = time.perf_counter()
         encode_image(output.images[0], OUTPUT_FORMAT, OUTPUT_QUALITY)
         end = time.perf_counter()
@@ -191,8 +167,8 @@ def measure(weights: Path, photo: bytes, args: argparse.Namespace, deadline: Dea
     machine is doing, which matters on small shared machines; Ray's replicas are idle during an in-process
     request and the driver is idle during a served one.
     """
-    from serve.demo import local_config_path
-    from serve.runner import ServeFile, free_port, local_stack
+    from serve.tools.demo import local_config_path
+    from serve.tools.runner import ServeFile, free_port, local_stack
 
     serve_file = ServeFile.load(local_config_path())
     for app in serve_file.apps:
@@ -221,7 +197,7 @@ def measure(weights: Path, photo: bytes, args: argparse.Namespace, deadline: Dea
                 return next(seeds)
 
         def send() -> tuple[float, dict[str, Any]]:
-            return _post(url, _request_body(photo, args.size, args.steps, next_seed()), timeout=300)
+            return post_json(url, request_body(photo, args.size, args.steps, next_seed()), timeout=300)
 
         local.one(0)
         send()  # the first request through every replica
@@ -317,24 +293,6 @@ def replica_threads(ray_actor_options: dict[str, Any]) -> int:
 # ------------------------------------------------------------------------------------------ main
 
 
-def own_cluster_and_tiny_weights(home: Path | None) -> tuple[Path, bytes]:
-    """For a benchmark on a local stack: its own Ray cluster, the tiny weights (made if missing) and the photo.
-
-    local_stack passes RAY_ADDRESS to ray.init, which without one joins the latest cluster started on this machine
-    (/tmp/ray/ray_current_cluster) and would then shut down someone else's Serve; "local" always starts a new one.
-    """
-    from deployments.instantid.tiny import tiny_weights_present, write_tiny_weights
-    from serve.cli import instantid_home
-    from serve.demo import demo_photo_jpeg
-
-    os.environ["RAY_ADDRESS"] = "local"
-    weights = (home or instantid_home()).expanduser() / "weights" / "tiny"
-    if not tiny_weights_present(weights):
-        progress(f"making tiny weights in {weights}")
-        write_tiny_weights(weights)
-    return weights, demo_photo_jpeg()
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     weights, photo = own_cluster_and_tiny_weights(args.home)
     deadline = Deadline(args.max_seconds)
@@ -370,11 +328,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main_from_args(args: argparse.Namespace) -> int:
     # Ray, SeaweedFS and the loaders may print; stdout carries only the JSON.
     with contextlib.redirect_stdout(sys.stderr):
-        if args.open_loop:
-            from serve.bench import batching_bench
-
-            report = batching_bench.run(args)
-        else:
-            report = run(args)
+        report = run(args)
     emit(report, args.out)
     return 0

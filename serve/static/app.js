@@ -91,12 +91,48 @@
   }
 
   // ------------------------------------------------------------------------------------ form
+  const showSlider = (slider) => (form.querySelector(`output[for="${slider.id}"]`).value = slider.value);
   for (const slider of form.querySelectorAll('input[type="range"]')) {
-    const output = form.querySelector(`output[for="${slider.id}"]`);
-    const show = () => (output.value = slider.value);
-    slider.addEventListener("input", show);
-    show();
+    slider.addEventListener("input", () => showSlider(slider));
   }
+
+  // Every range, default and choice comes from the service's own request model (its OpenAPI document), so
+  // the page never restates one. A field the user already changed keeps its value.
+  const touched = new Set();
+  form.addEventListener("input", (event) => touched.add(event.target.name));
+  const niceStep = (span) => {
+    const raw = span / 40;
+    const power = 10 ** Math.floor(Math.log10(raw));
+    return [1, 2, 5, 10].map((m) => m * power).find((step) => step >= raw);
+  };
+  const label = (value) => value.charAt(0).toUpperCase() + value.slice(1).replaceAll("_", " ");
+  function applySchema(field, schema) {
+    const bounds = schema.anyOf ? schema.anyOf.find((s) => s.type && s.type !== "null") : schema;
+    if (field.tagName === "SELECT") {
+      field.replaceChildren(...bounds.enum.map((value) => new Option(label(value), value)));
+    }
+    if (bounds.maxLength !== undefined) field.maxLength = bounds.maxLength;
+    if (field.type === "range" || field.type === "number") {
+      field.min = bounds.minimum;
+      field.max = bounds.maximum;
+      field.step = bounds.type === "integer" ? 1 : niceStep(bounds.maximum - bounds.minimum);
+    }
+    if (field.name === "seed") field.pattern = `[0-9]{1,${String(BigInt(bounds.maximum)).length}}`;
+    if (schema.default !== undefined && schema.default !== null && !touched.has(field.name)) {
+      field.value = schema.default;
+    }
+    if (field.type === "range") showSlider(field);
+  }
+  const schemaReady = (async () => {
+    const response = await fetch("openapi.json");
+    if (!response.ok) throw await apiError(response);
+    const spec = await response.json();
+    const fields = spec.paths["/v1/generate"].post.requestBody.content["application/json"].schema.properties;
+    for (const field of form.elements) {
+      if (field.name && fields[field.name]) applySchema(field, fields[field.name]);
+    }
+  })();
+  schemaReady.catch((error) => showError(error, "the form's settings could not be read from the service"));
 
   const thumbs = $("face_thumbs");
   let thumbUrls = [];
@@ -143,6 +179,11 @@
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    try {
+      await schemaReady; // the ranges and defaults are on the form before it is checked and sent
+    } catch {
+      return; // the page said why
+    }
     const invalid = form.querySelector("input:invalid, textarea:invalid, select:invalid");
     if (invalid) {
       const details = invalid.closest("details");
@@ -167,7 +208,9 @@
     setBusy(true);
 
     const body = new FormData(form);
-    for (const name of ["seed", "negative_prompt"]) if (!String(body.get(name) ?? "").trim()) body.delete(name);
+    for (const [name, value] of [...body.entries()]) {
+      if (typeof value === "string" && !value.trim()) body.delete(name); // absent: the service's default
+    }
     if (!$("pose_image").files.length) body.delete("pose_image"); // an empty file part would be a bad photo
     try {
       const response = await fetch("v1/jobs", {

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from deployments.instantid.params import CONTROLNET_NAMES, MAX_FACE_PHOTOS, MAX_IDENTITIES
+from deployments.instantid.options import CONTROLNET_NAMES, MAX_FACE_PHOTOS, MAX_IDENTITIES
 from serve.schemas import CONTROL_IMAGE_PART, IDENTITY_PART, ErrorResponse, FacesRequest, GenerateRequest
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

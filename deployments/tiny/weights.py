@@ -28,14 +28,15 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from .attention import install_face_attention
-from .catalogue import PRESET_LORA_FILES
-from .resampler import Resampler, ResamplerConfig
-from .sdxl_checkpoint import save_original_sdxl
-from .tiny_controls import make_controlnet_visible, write_tiny_controlnets, write_tiny_depth_model
-from .tiny_faces import write_tiny_antelopev2
-from .tiny_loras import random_lora, save_kohya_lora, save_peft_lora
-from .weights import CONTROLNET_DIR, IP_ADAPTER_FILE
+from deployments.instantid.attention import install_face_attention
+from deployments.instantid.catalogue import PRESET_LORA_FILES
+from deployments.instantid.resampler import Resampler, ResamplerConfig
+from deployments.instantid.sdxl_checkpoint import save_original_sdxl
+from deployments.instantid.weights import CONTROLNET_DIR, IP_ADAPTER_FILE
+
+from .controls import make_controlnet_visible, write_tiny_controlnets, write_tiny_depth_model
+from .faces import write_tiny_antelopev2
+from .loras import random_lora, save_kohya_lora, save_peft_lora
 
 # The two text encoders have different widths, as CLIP-L (768) and OpenCLIP bigG (1280) do: diffusers' single-file
 # loader tells them apart by width. The UNet's cross-attention width is their sum, as 768 + 1280 = 2048.
@@ -152,7 +153,7 @@ def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
     ``sdxl/``'s UNet) and ``depth/`` (the depth model that makes the depth ControlNet's maps). The extra parts
     are written last from their own seeds, so the others have the same bytes as before they existed.
     """
-    from .loading import quiet_progress_bars
+    from deployments.instantid.loading import quiet_progress_bars
 
     quiet_progress_bars()
     directory = Path(directory)

@@ -5,7 +5,8 @@ would scale the ingress out although they cost it almost nothing. Each ingress r
 it has admitted or queued (``Ingress.record_autoscaling_stats``), and this policy sizes the deployment so that
 each replica carries ``target_ongoing_requests`` of those.
 
-Use it in an ingress ``autoscaling_config``: ``policy: {policy_function: serve.autoscaling:generation_slots_policy}``.
+Use it in an ingress ``autoscaling_config``:
+``policy: {policy_function: serve.ingress.autoscaling:generation_slots_policy}``.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class RenderError(Exception):
 
 def repo_root() -> Path:
     """The checkout that holds the ``serve`` package: ``cluster/`` lives beside it."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
@@ -51,7 +51,7 @@ def render_serve_config_v2(config_path: Path | str) -> str:
     Validation (Ray's ServeDeploySchema + our AppConfig, via ServeFile.load) runs first so that an invalid
     production config can never reach the manifest.
     """
-    from serve.runner import ServeFile
+    from serve.tools.runner import ServeFile
 
     path = Path(config_path)
     try:

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from .sdxl_checkpoint import unet_block_paths, unet_key_to_original
+from deployments.instantid.sdxl_checkpoint import unet_block_paths, unet_key_to_original
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

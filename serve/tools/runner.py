@@ -118,9 +118,9 @@ def local_stack(serve_file: ServeFile, *, port: int | None = None) -> Iterator[d
     import ray
     from ray import serve as ray_serve
 
-    from deployments.instantid.tiny import tiny_weights_present, write_tiny_weights
+    from deployments.tiny.weights import tiny_weights_present, write_tiny_weights
     from serve.app import build_app
-    from serve.seaweed import EmbeddedS3
+    from serve.tools.seaweed import EmbeddedS3
 
     embedded: EmbeddedS3 | None = None
     caller_sigterm = signal.getsignal(signal.SIGTERM)

@@ -11,20 +11,25 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.instantid.catalogue import ModelChoice
-from deployments.instantid.conditioning import ChosenFace, FaceCondition
-from deployments.instantid.control_inputs import ControlInputs
-from deployments.instantid.control_maps import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW
-from deployments.instantid.faces import DetectedFace
-from deployments.instantid.identity import DEFAULT_IDENTITY_COMBINE, IdentityCombine
+from deployments.instantid.face_data import ChosenFace, DetectedFace, FaceCondition
+from deployments.instantid.options import (
+    DEFAULT_CANNY_HIGH,
+    DEFAULT_CANNY_LOW,
+    DEFAULT_IDENTITY_COMBINE,
+    IdentityCombine,
+)
 from deployments.instantid.params import GenerationParams
-from deployments.instantid.text import PromptEmbeddings
 from deployments.storage.generations import StoredGeneration, StoredImage
+
+if TYPE_CHECKING:  # tensors and maps that only travel between the model stages, never to the ingress
+    from deployments.instantid.control_inputs import ControlInputs
+    from deployments.instantid.text import PromptEmbeddings
 
 
 # When a stage ran: wall-clock start and end (unix seconds) and its duration, from one pair of clock reads.

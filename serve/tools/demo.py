@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from serve.runner import ServeFile, free_port, local_stack
+from serve.tools.runner import ServeFile, free_port, local_stack
 
 DEMO_REQUEST: dict[str, Any] = {
     "prompt": "a portrait of an astronaut, studio lighting",

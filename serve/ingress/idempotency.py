@@ -8,25 +8,32 @@ once its claim is older than the lease, and the next caller takes the claim over
 so two waiters cannot both take it).
 
 The record store is any object with the four async operations of :class:`RecordStore`; the ingress adapts
-the ResultStore deployment's handle to it, tests may adapt a plain ``IdempotencyRecords``.
+the ResultStore deployment's handle to it, tests may adapt a plain ``IdempotencyRecords``. :func:`run_once` is what
+the routes call: the key checked, scoped to its owner and route, and the guard's refusals turned into API errors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from deployments.storage.idempotency_records import IdempotencyRecord
+from pydantic import BaseModel
+
+from deployments.storage.conditional import ConditionalRecord
+
+from .errors import ApiError
 
 PENDING = "pending"
 DONE = "done"
 
 
 class RecordStore(Protocol):
-    async def read(self, digest: str) -> IdempotencyRecord | None: ...
+    async def read(self, digest: str) -> ConditionalRecord | None: ...
     async def claim(self, digest: str, body: dict[str, Any]) -> str | None: ...
     async def replace(self, digest: str, body: dict[str, Any], etag: str) -> str | None: ...
     async def release(self, digest: str) -> None: ...
@@ -159,3 +166,42 @@ class IdempotencyGuard:
             with contextlib.suppress(Exception):
                 await self.records.release(digest)
         return response
+
+
+_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+async def run_once(
+    guard: IdempotencyGuard,
+    scope: str,
+    owner: str,
+    key: str,
+    request: BaseModel,
+    produce: Callable[[], Awaitable[dict[str, Any]]],
+    *,
+    wait_s: float,
+    retry_after_s: int,
+) -> tuple[dict[str, Any], bool]:
+    """``produce()`` at most once per (``scope``, ``owner``, ``key``) among all replicas: ``(response, replayed)``.
+    ``scope`` keeps routes apart (``jobs``; generations use none).
+
+    The same key with a different request is a 422; a repeat that outwaits the first call (``wait_s``) is a 409
+    with ``Retry-After: retry_after_s``."""
+    if not _KEY.match(key):
+        raise ApiError(422, "invalid_parameter", "Idempotency-Key must be 1-128 characters [A-Za-z0-9._:-]")
+    scoped = f"{scope}\0{owner}\0{key}" if scope else f"{owner}\0{key}"  # generations: no scope (records predate it)
+    digest = hashlib.sha256(scoped.encode()).hexdigest()
+    fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+    try:
+        return await guard.run(digest, fingerprint, produce, wait_s=wait_s)
+    except IdempotencyKeyReused:
+        raise ApiError(
+            422, "idempotency_key_reused", "this Idempotency-Key was used with a different request"
+        ) from None
+    except IdempotencyInProgress:
+        raise ApiError(
+            409,
+            "idempotency_key_in_progress",
+            "the request that first used this Idempotency-Key is still running; retry later",
+            {"Retry-After": str(retry_after_s)},
+        ) from None

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from deployments.generation.plan import PersonInput
 from deployments.instantid.errors import (
     ImageTooLargeError,
     InvalidImageError,
@@ -25,7 +26,8 @@ from deployments.instantid.errors import (
     UnsupportedImageTypeError,
 )
 from deployments.storage.inputs import S3InputReader
-from serve.errors import ApiError
+from serve.ingress.errors import ApiError
+from serve.schemas import FacePhoto, IdentityChoice
 
 MAX_FORM_FIELDS = 64
 MAX_FORM_FIELD_BYTES = 64 * 1024
@@ -171,3 +173,26 @@ class ImageInputs:
         if uri is None:
             raise InvalidParameterError(f"{field} is required")
         return await asyncio.to_thread(self.reader.read, uri, field, self.max_bytes)
+
+    async def photos(self, photos: list[FacePhoto], field: str) -> tuple[bytes, ...]:
+        """One person's photos, loaded concurrently; errors name ``field`` (one photo) or ``field[i]``."""
+        names = [field] if len(photos) == 1 else [f"{field}[{i}]" for i in range(len(photos))]
+        return tuple(await asyncio.gather(*(self.load(p.b64, p.uri, n) for p, n in zip(photos, names, strict=True))))
+
+    async def people(self, identities: list[IdentityChoice]) -> tuple[PersonInput, ...]:
+        """Every identity's photos (all loaded concurrently) with its choices."""
+        loads = [
+            self.load(photo.b64, photo.uri, f"identities[{i}].images[{j}]")
+            for i, identity in enumerate(identities)
+            for j, photo in enumerate(identity.images)
+        ]
+        flat = iter(await asyncio.gather(*loads))
+        return tuple(
+            PersonInput(
+                tuple(next(flat) for _ in identity.images),
+                identity.face_index,
+                identity.identity_combine,
+                identity.spec(),
+            )
+            for identity in identities
+        )

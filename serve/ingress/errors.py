@@ -23,7 +23,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.instantid.errors import InstantIDError
-from serve.request_log import note
+from serve.ingress.request_log import note
 
 logger = logging.getLogger("ray.serve")
 

@@ -1,0 +1,96 @@
+"""A generation, top to bottom: the one description of the flow, run by the ingress on deployment handles and by
+the in-process pipeline on local stage objects.
+
+:func:`generate` reads like a diffusers pipeline's ``__call__``, in numbered steps. It never waits between steps:
+each stage is started with the previous stages' results as :class:`Stages` returns them (a Serve response that the
+next deployment resolves itself, or a plain value in process), so face analysis, prompt encoding and the control
+maps run side by side when served, and no image passes through the ingress.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from deployments.instantid.catalogue import ModelChoice
+from deployments.instantid.params import GenerationParams
+
+from .messages import (
+    ControlMapsRequest,
+    FaceRequest,
+    GenerationRecord,
+    GroupFaceRequest,
+    IdentityRequest,
+    PromptRequest,
+)
+from .plan import GenerationInputs, GenerationPlan
+
+
+class Stages(Protocol):
+    """Where each stage runs. Every method starts its stage and returns its result, or something the next stage
+    accepts in its place (a Serve ``DeploymentResponse``)."""
+
+    def identify(self, request: IdentityRequest) -> Any: ...
+
+    def analyze(self, request: FaceRequest, *identified: Any) -> Any: ...
+
+    def analyze_group(self, request: GroupFaceRequest, *identified: Any) -> Any: ...
+
+    def encode(self, request: PromptRequest) -> Any: ...
+
+    def prepare_controls(self, request: ControlMapsRequest) -> Any: ...
+
+    def denoise(
+        self, params: GenerationParams, model: ModelChoice, face: Any, prompt: Any, controls: Any, job_id: str | None
+    ) -> Any: ...
+
+    def score(self, output: Any, face: Any) -> Any: ...
+
+    def score_regions(self, output: Any, face: Any) -> Any: ...
+
+    def store(
+        self,
+        plan: GenerationPlan,
+        record: GenerationRecord,
+        output: Any,
+        scores: Any,
+        region_scores: Any,
+        kept: dict[str, bytes] | None,
+    ) -> Any: ...
+
+
+def generate(
+    plan: GenerationPlan,
+    inputs: GenerationInputs,
+    stages: Stages,
+    record: GenerationRecord,
+    *,
+    keep_inputs: bool = False,
+) -> Any:
+    """Run ``plan`` on ``inputs``: what ``stages.store`` returns (served: the stored generation; in process: the
+    images). ``keep_inputs``: store the request's pictures beside the images."""
+    # 1. The face condition: photos are identified one call each (served: spread over the replicas), then one call
+    #    combines them with the pose photo's geometry and fixes the output size.
+    identified = [stages.identify(request) for request in plan.identify_requests(inputs)]
+    face_request = plan.face_request(inputs)
+    if isinstance(face_request, GroupFaceRequest):
+        face = stages.analyze_group(face_request, *identified)
+    else:
+        face = stages.analyze(face_request, *identified)
+
+    # 2. The prompt embeddings, beside the face stage (served: routed to a replica that holds the base warm).
+    prompt = stages.encode(plan.prompt_request())
+
+    # 3. The extra ControlNets' maps and the image-to-image start, beside both, only when the request uses them.
+    controls_request = plan.control_maps_request(inputs)
+    controls = stages.prepare_controls(controls_request) if controls_request is not None else None
+
+    # 4. Denoising, fed with the three as they come; the output size is the face stage's.
+    output = stages.denoise(plan.params, plan.model, face, prompt, controls, record.job_id)
+
+    # 5. Each image's identity score, by the face stage's recognition model (several people: per region).
+    scores = stages.score(output, face) if plan.people is None else None
+    region_scores = stages.score_regions(output, face) if plan.people is not None else None
+
+    # 6. The images, their scores and meta.json, stored (served: confirmed in S3 before anyone is told).
+    kept = plan.kept_inputs(inputs) if keep_inputs else None
+    return stages.store(plan, record, output, scores, region_scores, kept)

@@ -1,0 +1,353 @@
+"""A request resolved once: the plan that every path runs (HTTP, handle, jobs, the CLI, the in-process pipeline).
+
+:func:`plan_generation` takes the request's options, what pictures it brings (before they are loaded) and what the
+deployment offers, checks every rule that spans fields, pictures, the catalogue and the deployment, and returns a
+:class:`GenerationPlan`: the denoiser's parameters, the models, the styled prompts, where each control map comes
+from and the effective parameters the response and ``meta.json`` report. The plan then maps the loaded pictures to
+each stage's input message; ``flow.py`` runs those stages in order.
+
+No Ray and nothing heavy: the ingress builds plans without the model stack.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from deployments.instantid.catalogue import ModelCatalogue, ModelChoice
+from deployments.instantid.errors import InvalidParameterError
+from deployments.instantid.options import (
+    COMPUTED_MAPS,
+    DEFAULT_IDENTITY_COMBINE,
+    MAX_FACE_PHOTOS,
+    MAX_IDENTITIES,
+    MAX_SEED,
+    MIN_IDENTITIES,
+    GenerationOptions,
+    IdentityCombine,
+)
+from deployments.instantid.params import GenerationParams
+from deployments.instantid.regions import Box, check_regions
+from deployments.instantid.styles import apply_style
+
+from .messages import (
+    ControlMapsRequest,
+    FaceRequest,
+    GenerationRecord,
+    GroupFaceRequest,
+    IdentityRequest,
+    IdentitySpec,
+    PromptRequest,
+)
+
+CONTROL_IMAGE_PART = "control_image_{}"  # how a ready-made map is named where it was given (multipart part)
+# Options that describe one person's photos: with several people each identity has its own.
+SINGLE_PERSON_OPTIONS = ("face_index", "identity_combine", "pose_face_index")
+
+
+@dataclass(frozen=True)
+class PersonGiven:
+    """One person of a multi-identity request: how many photos, which face of each, how they combine, and the
+    region of the output they own (output pixels), if given."""
+
+    photos: int
+    face_index: int = 0
+    identity_combine: IdentityCombine = DEFAULT_IDENTITY_COMBINE
+    region: Box | None = None
+
+
+@dataclass(frozen=True)
+class InputsGiven:
+    """Which pictures a request brings: what the rules need to know before any picture is loaded."""
+
+    face_photos: int = 0  # one person's photos (0 with several people)
+    people: tuple[PersonGiven, ...] | None = None  # several people
+    pose: bool = False
+    init: bool = False
+    maps: frozenset[str] = frozenset()  # extra ControlNets with a ready-made map
+
+
+@dataclass(frozen=True)
+class PersonInput:
+    """One person of a multi-identity request: their photos (encoded bytes) and the choices :class:`PersonGiven`
+    describes."""
+
+    photos: tuple[bytes, ...]
+    face_index: int = 0
+    identity_combine: IdentityCombine = DEFAULT_IDENTITY_COMBINE
+    region: Box | None = None
+
+    def given(self) -> PersonGiven:
+        return PersonGiven(len(self.photos), self.face_index, self.identity_combine, self.region)
+
+
+@dataclass(frozen=True)
+class GenerationInputs:
+    """A request's pictures as encoded bytes (PNG, JPEG or WebP), by role; each stage decodes what it reads."""
+
+    faces: tuple[bytes, ...] = ()  # one person's photos
+    people: tuple[PersonInput, ...] | None = None  # several people
+    pose: bytes | None = None
+    init: bytes | None = None
+    maps: Mapping[str, bytes] = field(default_factory=dict)  # ready-made maps, by ControlNet
+
+    def given(self) -> InputsGiven:
+        """What these inputs bring."""
+        people = None if self.people is None else tuple(person.given() for person in self.people)
+        return InputsGiven(len(self.faces), people, self.pose is not None, self.init is not None, frozenset(self.maps))
+
+    @property
+    def photos(self) -> list[bytes]:
+        """Every identity photo in order (with several people: identity by identity)."""
+        if self.people is not None:
+            return [photo for person in self.people for photo in person.photos]
+        return list(self.faces)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """A validated request, mapped once to every stage's input; built by :func:`plan_generation`."""
+
+    options: GenerationOptions
+    given: InputsGiven
+    params: GenerationParams  # the output size is fixed later, by the face stage
+    model: ModelChoice
+    prompt: str  # after the style template
+    negative_prompt: str | None
+    map_sources: dict[str, str]  # active extra ControlNet -> "uploaded" or "computed from <photo>"
+
+    @property
+    def people(self) -> tuple[PersonGiven, ...] | None:
+        return self.given.people
+
+    @property
+    def source_name(self) -> str:
+        """The photo the keypoints (and computed maps) come from."""
+        return "pose_image" if self.given.pose else "face_image"
+
+    @property
+    def uses_control_inputs(self) -> bool:
+        """Whether the control-maps stage runs: an active extra ControlNet or an init image."""
+        return bool(self.map_sources) or self.given.init
+
+    # ------------------------------------------------------------------------------------ what is reported
+    def effective_parameters(self) -> dict[str, Any]:
+        """The request's parameters as they ran: defaults and the mode's preset filled in, the seed drawn, each
+        extra ControlNet with its window and where its map came from (the size is the face stage's; the response
+        adds it)."""
+        params = self.params
+        effective = {
+            **self.options.model_dump(),
+            "seed": params.seed,
+            "base_model": self.model.base,
+            "num_inference_steps": params.num_inference_steps,
+            "guidance_scale": params.guidance_scale,
+            "scheduler": params.scheduler,
+            "controlnets": [{**asdict(c), "map": self.map_sources[c.name]} for c in params.active_controlnets],
+            "strength": params.strength,
+            "denoising_steps": params.denoising_steps,
+        }
+        if self.people is not None:  # the single-person face fields do not apply: each identity has its own
+            for name in SINGLE_PERSON_OPTIONS:
+                effective.pop(name, None)
+            effective["identities"] = [
+                {
+                    "index": i,
+                    "photos": person.photos,
+                    "face_index": person.face_index,
+                    "identity_combine": person.identity_combine,
+                    "region": None if person.region is None else list(person.region),
+                }
+                for i, person in enumerate(self.people)
+            ]
+        return effective
+
+    def record(
+        self,
+        generation_id: str,
+        request_id: str,
+        owner: str,
+        *,
+        models: dict[str, Any],
+        inputs_stored: bool,
+        job_id: str | None = None,
+    ) -> GenerationRecord:
+        """What meta.json records about the request (the store adds what the stages made)."""
+        return GenerationRecord(
+            id=generation_id,
+            request_id=request_id,
+            owner=owner,
+            created_at=datetime.now(timezone.utc).isoformat(),
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            parameters=self.effective_parameters(),
+            pose_image_given=self.given.pose,
+            face_photos=self.given.face_photos if self.people is None else sum(p.photos for p in self.people),
+            job_id=job_id,
+            inputs_stored=inputs_stored,
+            models=models,
+            init_image_given=self.given.init,
+        )
+
+    # ------------------------------------------------------------------------------------ each stage's input
+    def identify_requests(self, inputs: GenerationInputs) -> list[IdentityRequest]:
+        """The photos analysed one by one (spread over the face stage's replicas): every photo of several people,
+        or one person's photos when there are several (a single photo is analysed inside ``face_request``)."""
+        if inputs.people is not None:
+            return identify_people(inputs.people)
+        if len(inputs.faces) == 1:
+            return []
+        return [
+            IdentityRequest(image, i, len(inputs.faces), self.options.face_index)
+            for i, image in enumerate(inputs.faces)
+        ]
+
+    def face_request(self, inputs: GenerationInputs) -> FaceRequest | GroupFaceRequest:
+        """The face condition's request; the results of :meth:`identify_requests` come with it."""
+        options = self.options
+        if self.people is not None:
+            return GroupFaceRequest(people_specs(self.people), inputs.pose, options.width, options.height)
+        return FaceRequest(
+            inputs.faces[0] if len(inputs.faces) == 1 else None,
+            inputs.pose,
+            options.width,
+            options.height,
+            face_index=options.face_index,
+            pose_face_index=options.pose_face_index,
+            identity_combine=options.identity_combine,
+        )
+
+    def prompt_request(self) -> PromptRequest:
+        return PromptRequest(self.prompt, self.negative_prompt, self.params.do_classifier_free_guidance, self.model)
+
+    def control_maps_request(self, inputs: GenerationInputs) -> ControlMapsRequest | None:
+        """The maps to compute, the uploaded ones and the init image, or None when the request uses none."""
+        if not self.uses_control_inputs:
+            return None
+        uploaded = {name: inputs.maps[name] for name, source in self.map_sources.items() if source == "uploaded"}
+        return ControlMapsRequest(
+            inputs.pose if inputs.pose is not None else inputs.photos[0],
+            self.source_name,
+            self.options.width,
+            self.options.height,
+            compute=tuple(name for name in sorted(self.map_sources) if name not in uploaded),
+            uploaded=uploaded,
+            canny_low=self.options.canny_low,
+            canny_high=self.options.canny_high,
+            init_image=inputs.init,
+        )
+
+    def kept_inputs(self, inputs: GenerationInputs) -> dict[str, bytes]:
+        """The request's pictures under the names ``store_inputs`` keeps them as."""
+        if inputs.people is not None:
+            kept = {
+                f"identity-{i}-{j}": data for i, photos in enumerate(inputs.people) for j, data in enumerate(photos)
+            }
+        elif len(inputs.faces) == 1:
+            kept = {"face": inputs.faces[0]}
+        else:
+            kept = {f"face-{i}": data for i, data in enumerate(inputs.faces)}
+        kept |= {"pose": inputs.pose} if inputs.pose is not None else {}
+        kept |= {"init": inputs.init} if inputs.init is not None else {}
+        kept |= {f"control-{name}": inputs.maps[name] for name, src in self.map_sources.items() if src == "uploaded"}
+        return kept
+
+
+def identify_people(people: tuple[PersonInput, ...]) -> list[IdentityRequest]:
+    """One ``identify`` request per photo of several people, identity by identity, in photo order."""
+    return [
+        IdentityRequest(image, j, len(person.photos), person.face_index, identity=i)
+        for i, person in enumerate(people)
+        for j, image in enumerate(person.photos)
+    ]
+
+
+def people_specs(people: tuple[PersonGiven, ...]) -> list[IdentitySpec]:
+    """What the face stage needs of each person to combine their analysed photos."""
+    return [IdentitySpec(p.photos, p.identity_combine, p.region) for p in people]
+
+
+def resolved_seed(options: GenerationOptions) -> int:
+    """The given seed, or a fresh random one (returned to the client so it can reproduce the image)."""
+    return options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
+
+
+def plan_generation(
+    options: GenerationOptions,
+    given: InputsGiven,
+    catalogue: ModelCatalogue,
+    controlnets: tuple[str, ...] | list[str],
+) -> GenerationPlan:
+    """Check every rule that spans the options, the pictures given, the catalogue and the deployment (its loaded
+    extra ``controlnets``), then resolve the request (a seed is drawn when it has none): the one place these rules
+    live."""
+    check_inputs(options, given)
+    model, preset = catalogue.choose(options.base_model, [(c.name, c.scale) for c in options.loras], options.mode)
+    people = len(given.people) if given.people is not None else 1
+    params = GenerationParams.from_options(
+        options, resolved_seed(options), preset, img2img=given.init, identities=people
+    )
+    for setting in params.controlnets:
+        if setting.name not in controlnets:
+            available = ", ".join(controlnets) or "none"
+            raise InvalidParameterError(f"this deployment has no {setting.name} ControlNet; available: {available}")
+    source = "pose_image" if given.pose else "face_image"
+    map_sources = {
+        c.name: "uploaded" if c.name in given.maps else f"computed from {source}" for c in params.active_controlnets
+    }
+    for name, where in map_sources.items():
+        if where != "uploaded" and name not in COMPUTED_MAPS:
+            raise InvalidParameterError(
+                f"the {name} ControlNet needs a ready-made map ({CONTROL_IMAGE_PART.format(name)} "
+                f"or controlnets[].image_b64/image_uri): only {' and '.join(COMPUTED_MAPS)} maps are computed"
+            )
+    if given.people is not None and not given.pose and any(w != "uploaded" for w in map_sources.values()):
+        raise InvalidParameterError(
+            "with identities, computed control maps need a pose_image (the faces are placed by the layout, not "
+            "where they are in the identity photos); give pose_image or upload the maps"
+        )
+    if params.strength is not None and params.denoising_steps == 0:
+        raise InvalidParameterError(
+            f"strength {params.strength} leaves no denoising step of {params.num_inference_steps}: "
+            "int(num_inference_steps x strength) must be at least 1"
+        )
+    prompt, negative = apply_style(options.style, options.prompt, options.negative_prompt)
+    return GenerationPlan(options, given, params, model, prompt, negative, map_sources)
+
+
+def check_inputs(options: GenerationOptions, given: InputsGiven) -> None:
+    """The rules between the options and the pictures given, which need neither the catalogue nor the deployment
+    (the request model runs them too, so a handle caller's request fails where it is made): one person (1-8 photos)
+    or 2-4 people, each with 1-8 photos and regions for all or none, inside the image; pose_face_index needs a pose
+    photo and strength an init image."""
+    if given.people is not None:
+        _check_people(options, given.people, given.face_photos)
+    elif not 1 <= given.face_photos <= MAX_FACE_PHOTOS:
+        raise InvalidParameterError(f"give 1 to {MAX_FACE_PHOTOS} face photos, got {given.face_photos}")
+    if "pose_face_index" in options.model_fields_set and not given.pose:
+        raise InvalidParameterError("pose_face_index is for the pose photo: give pose_image too")
+    if "strength" in options.model_fields_set and not given.init:
+        raise InvalidParameterError("strength is for image-to-image: give init_image too")
+
+
+def _check_people(options: GenerationOptions, people: tuple[PersonGiven, ...], face_photos: int) -> None:
+    if face_photos:
+        raise InvalidParameterError("give either identities or the single-person face photos, not both")
+    if not MIN_IDENTITIES <= len(people) <= MAX_IDENTITIES:
+        raise InvalidParameterError(f"identities holds {MIN_IDENTITIES} to {MAX_IDENTITIES} people, got {len(people)}")
+    for index, person in enumerate(people):
+        if not 1 <= person.photos <= MAX_FACE_PHOTOS:
+            raise InvalidParameterError(f"identities[{index}]: give 1 to {MAX_FACE_PHOTOS} photos, got {person.photos}")
+    if "pose_face_index" in options.model_fields_set:
+        raise InvalidParameterError(
+            "pose_face_index is for one person: with identities the pose photo's faces are matched to the "
+            "identities left to right"
+        )
+    regions = [person.region for person in people]
+    if any(r is not None for r in regions) and any(r is None for r in regions):
+        raise InvalidParameterError("give a region for every identity or for none")
+    if options.width is not None and options.height is not None and all(r is not None for r in regions):
+        check_regions(regions, options.width, options.height)  # type: ignore[arg-type]

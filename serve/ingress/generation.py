@@ -1,0 +1,258 @@
+"""Generations on the deployment graph, for every ingress path (HTTP JSON and multipart, the handle API, jobs).
+
+A request is planned once (``deployments/generation/plan.py``: every cross-field rule, the catalogue, this
+deployment's ControlNets), its pictures are loaded (base64 or allowed ``s3://``), and the one flow
+(``deployments/generation/flow.py``) runs on the deployment handles: face analysis, prompt encoding and control maps
+side by side, their responses handed to the Denoiser, the Denoiser's to the FaceAnalyzer's score and the
+ResultStore, so no image passes through the ingress. The answer is built from what the store confirmed in S3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from deployments import metrics
+from deployments.generation.flow import generate
+from deployments.generation.messages import (
+    ControlMapsRequest,
+    FaceRequest,
+    GenerationRecord,
+    GroupFaceRequest,
+    IdentityRequest,
+    PromptRequest,
+    SavedGeneration,
+    StageTiming,
+)
+from deployments.generation.plan import (
+    CONTROL_IMAGE_PART,
+    GenerationInputs,
+    GenerationPlan,
+    plan_generation,
+)
+from deployments.instantid.catalogue import ModelCatalogue, ModelChoice
+from deployments.instantid.params import GenerationParams
+from deployments.storage.generations import new_generation_id
+from serve.schemas import (
+    BatchInfo,
+    FaceInfo,
+    FaceUsed,
+    GenerateRequest,
+    GenerateResponse,
+    LayoutInfo,
+    ModelUsed,
+)
+
+from .errors import REPLICA_GONE, ApiError
+from .inputs import ImageInputs
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class StageHandles:
+    """The ingress's handles to the model and storage deployments."""
+
+    face: DeploymentHandle
+    prompt: DeploymentHandle
+    denoiser: DeploymentHandle
+    store: DeploymentHandle
+    control_maps: DeploymentHandle
+
+
+class HandleStages:
+    """:class:`~deployments.generation.flow.Stages` on deployment handles: every call returns its response at once,
+    and the next deployment resolves it. The prompt encoder and the denoiser are called with the request's base as
+    ``multiplexed_model_id``, so Serve routes to a replica that holds it warm."""
+
+    def __init__(self, handles: StageHandles, base: str, request_timeout_s: float) -> None:
+        self.handles = handles
+        self.base = base
+        self.request_timeout_s = request_timeout_s
+
+    def identify(self, request: IdentityRequest) -> DeploymentResponse:
+        return self.handles.face.identify.remote(request)
+
+    def analyze(self, request: FaceRequest, *identified: DeploymentResponse) -> DeploymentResponse:
+        return self.handles.face.analyze.remote(request, *identified)
+
+    def analyze_group(self, request: GroupFaceRequest, *identified: DeploymentResponse) -> DeploymentResponse:
+        return self.handles.face.analyze_group.remote(request, *identified)
+
+    def encode(self, request: PromptRequest) -> DeploymentResponse:
+        return self.handles.prompt.options(multiplexed_model_id=self.base).encode.remote(request)
+
+    def prepare_controls(self, request: ControlMapsRequest) -> DeploymentResponse:
+        return self.handles.control_maps.prepare.remote(request)
+
+    def denoise(
+        self,
+        params: GenerationParams,
+        model: ModelChoice,
+        face: DeploymentResponse,
+        prompt: DeploymentResponse,
+        controls: DeploymentResponse | None,
+        job_id: str | None,
+    ) -> DeploymentResponse:
+        denoiser = self.handles.denoiser.options(multiplexed_model_id=self.base)
+        return denoiser.generate.remote(params, model, face, prompt, controls, job_id)
+
+    def score(self, output: DeploymentResponse, face: DeploymentResponse) -> DeploymentResponse:
+        return self.handles.face.score.remote(output, face)
+
+    def score_regions(self, output: DeploymentResponse, face: DeploymentResponse) -> DeploymentResponse:
+        return self.handles.face.score_identities.remote(output, face)
+
+    async def store(
+        self,
+        plan: GenerationPlan,
+        record: GenerationRecord,
+        output: DeploymentResponse,
+        scores: DeploymentResponse | None,
+        region_scores: DeploymentResponse | None,
+        kept: dict[str, bytes] | None,
+    ) -> SavedGeneration:
+        options = plan.options
+        saving = self.handles.store.save.remote(
+            record, output, options.output_format, options.output_quality, kept, scores, region_scores
+        )
+        try:
+            return await asyncio.wait_for(saving, timeout=self.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                504,
+                "timeout",
+                f"generation did not finish within {self.request_timeout_s:.0f} s",
+                {"Retry-After": "30"},
+            ) from None
+
+
+class Generations:
+    """Plans and runs generations on the graph: what every ingress path calls."""
+
+    def __init__(
+        self,
+        handles: StageHandles,
+        images: ImageInputs,
+        catalogue: ModelCatalogue,
+        controlnets: list[str],
+        weights: dict[str, Any],
+        request_timeout_s: float,
+    ) -> None:
+        self.handles = handles
+        self.images = images
+        self.catalogue = catalogue
+        self.controlnets = controlnets  # the extra ControlNets the denoiser loaded
+        self.weights = weights  # recorded in meta.json
+        self.request_timeout_s = request_timeout_s
+
+    def plan(self, request: GenerateRequest) -> GenerationPlan:
+        """The request checked against every rule and resolved (422 before any work starts)."""
+        return plan_generation(request.options(), request.inputs_given(), self.catalogue, self.controlnets)
+
+    async def run(
+        self, request: GenerateRequest, request_id: str, owner: str, job_id: str | None = None
+    ) -> GenerateResponse:
+        """One generation, retried once when a replica died under it (generation is deterministic for the seed,
+        so the retry gives the same images); a second failure reaches the client as a 503."""
+        try:
+            return await self._run(request, request_id, owner, job_id)
+        except REPLICA_GONE:
+            logger.warning("request %s: a replica failed; retrying once", request_id)
+            return await self._run(request, request_id, owner, job_id)
+
+    async def _run(self, request: GenerateRequest, request_id: str, owner: str, job_id: str | None) -> GenerateResponse:
+        started = time.time()
+        plan = self.plan(request)
+        inputs = await self.load(request, plan)
+        record = plan.record(
+            job_id or new_generation_id(),
+            request_id,
+            owner,
+            models=self.weights,
+            inputs_stored=request.store_inputs,
+            job_id=job_id,
+        )
+        stages = HandleStages(self.handles, plan.model.base, self.request_timeout_s)
+        saved: SavedGeneration = await generate(plan, inputs, stages, record, keep_inputs=request.store_inputs)
+        return self._response(plan, record, saved, started)
+
+    async def load(self, request: GenerateRequest, plan: GenerationPlan) -> GenerationInputs:
+        """The request's pictures as bytes, from base64 or allowed ``s3://`` URIs; photos are read concurrently."""
+        load = self.images.load
+        people = None
+        faces: tuple[bytes, ...] = ()
+        if request.identities is not None:
+            people = await self.images.people(request.identities)
+        else:
+            given = request.face_photos()
+            faces = await self.images.photos(given, "face_image" if len(given) == 1 else "face_images")
+        pose = (
+            await load(request.pose_image_b64, request.pose_image_uri, "pose_image") if request.has_pose_image else None
+        )
+        init = (
+            await load(request.init_image_b64, request.init_image_uri, "init_image") if request.has_init_image else None
+        )
+        maps = {
+            c.name: await load(c.image_b64, c.image_uri, CONTROL_IMAGE_PART.format(c.name))
+            for c in request.controlnets
+            if plan.map_sources.get(c.name) == "uploaded"
+        }
+        return GenerationInputs(faces, people, pose, init, maps)
+
+    def _response(
+        self, plan: GenerationPlan, record: GenerationRecord, saved: SavedGeneration, started: float
+    ) -> GenerateResponse:
+        """The client's answer: what the store confirmed, the warnings for images without a face, each image
+        flagged against ``min_identity_similarity``, every stage's timing."""
+        images = saved.stored.images
+        warnings = [
+            f"no face found in image {index}: its identity_similarity is null"
+            for index, image in enumerate(images)
+            if image.identity_similarity is None and image.identities is None
+        ]
+        warnings += [
+            f"no face found in identity {score.index}'s region in image {index}: its similarity is null"
+            for index, image in enumerate(images)
+            for score in image.identities or []
+            if score.similarity is None
+        ]
+        threshold = plan.options.min_identity_similarity
+        flagged = images
+        if threshold is not None:
+            flagged = [
+                image.model_copy(
+                    update={
+                        "below_min_identity_similarity": image.identity_similarity is None
+                        or image.identity_similarity < threshold
+                    }
+                )
+                for image in images
+            ]
+        timings = {**saved.timings, "total": StageTiming.since(started)}
+        metrics.record_generation(
+            {stage: timing.seconds for stage, timing in timings.items()},
+            plan.model.base,
+            [image.identity_similarity for image in images],
+        )
+        return GenerateResponse(
+            id=record.id,
+            request_id=record.request_id,
+            images=flagged,
+            seed=plan.params.seed,
+            face=FaceInfo.of(saved.face),
+            faces=[FaceUsed.of_chosen(chosen) for chosen in saved.faces],
+            model=ModelUsed.model_validate(saved.model.describe()),
+            timings=timings,
+            parameters={**record.parameters, "width": saved.params.width, "height": saved.params.height},
+            replicas=saved.replicas,
+            batch=BatchInfo(**dataclasses.asdict(saved.batch)) if saved.batch is not None else None,
+            layout=LayoutInfo.model_validate(saved.layout) if saved.layout is not None else None,
+            warnings=warnings,
+        )
