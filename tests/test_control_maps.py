@@ -15,6 +15,7 @@ import torch
 from diffusers import ControlNetModel
 from PIL import Image
 
+from deployments.instantid.control_inputs import prepare_control_inputs
 from deployments.instantid.control_maps import (
     DEFAULT_CANNY_HIGH,
     DEFAULT_CANNY_LOW,
@@ -88,6 +89,23 @@ def test_canny_thresholds_change_the_map(astronaut: np.ndarray) -> None:
     looser = canny_map(image, 20, 60)
     assert np.array_equal(looser, reference_canny(image, 20, 60))
     assert (looser[..., 0] > 0).sum() > (default[..., 0] > 0).sum()
+
+
+def test_prepared_canny_map_uses_the_requested_thresholds(astronaut: np.ndarray) -> None:
+    """``prepare_control_inputs`` (what the ControlMaps stage and the in-process pipeline both call) makes the canny
+    map with the request's thresholds: OpenCV's Canny at exactly (canny_low, canny_high) on the source brought to the
+    output size, which is not the default 100/200 map. (OpenCV orders the two thresholds itself, so only the values
+    matter to the map; a swap before ``canny_map`` is refused by its low <= high check.)"""
+    low, high = 50, 150
+    inputs = prepare_control_inputs(
+        astronaut, source_name="pose image", width=128, height=96, compute=("canny",), canny_low=low, canny_high=high
+    )
+    fitted = CropTransform.cover(astronaut.shape[1], astronaut.shape[0], 128, 96).apply_image(astronaut)
+    expected = reference_canny(fitted, low, high)
+    assert inputs.maps["canny"].shape == (96, 128, 3) and inputs.sources["canny"] == "pose image"
+    assert np.array_equal(inputs.maps["canny"], expected)
+    default = reference_canny(fitted)
+    assert np.sum(expected != default) > 100  # the thresholds visibly change this map
 
 
 def test_canny_before_resizing_is_a_different_map(group_photo: np.ndarray) -> None:

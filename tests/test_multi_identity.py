@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from deployments.instantid.attention import FaceConditioning, FaceTokenAttnProcessor
 from deployments.instantid.conditioning import condition_from, identify, locate_pose
@@ -17,9 +18,10 @@ from deployments.instantid.denoiser import DenoiseJob
 from deployments.instantid.faces import FaceAnalyzer
 from deployments.instantid.group import IdentityPhotos, PoseFaces, group_condition
 from deployments.instantid.images import decode_image
+from deployments.instantid.keypoints import face_region_mask
 from deployments.instantid.multi_identity import identity_conditioning
 from deployments.instantid.params import GenerationParams
-from deployments.instantid.regions import PlacedIdentity, identity_masks
+from deployments.instantid.regions import PlacedIdentity, identity_masks, place_face, shared_keypoint_image
 from deployments.tiny.faces import write_tiny_antelopev2
 from tests.support import astronaut_rgb, group_photo_jpeg
 
@@ -283,3 +285,156 @@ def test_multi_identity_jobs_join_a_continuous_batch_mid_way_and_keep_their_imag
         assert int(np.abs(outcome.images.astype(int) - expected[name].astype(int)).max()) <= 2, name
     assert outcome_a.stats.most_jobs == 2  # they did share forwards
     assert TWO.step_key() != dataclasses.replace(TWO, identities=1).step_key()
+
+
+# ------------------------------------------------------------------ each identity's own tokens and its own region
+#
+# Two identities in distinct regions of different widths (identity 0: a 64 px column at the left, identity 1: a 96 px
+# column at the right, with a strip owned by nobody between them), so a mix-up of whose tokens or whose mask channel
+# cannot look like the right answer. The expected values are computed here, identity by identity, from each
+# identity's own embedding and region: IdentityNet (diffusers' ControlNetModel) run once per identity with that
+# identity's face tokens, its residuals weighted by strength x its region mask (resized bilinearly), summed; the
+# face-token attention of each identity attended with its own softmax and weighted by strength x its region mask
+# (resized nearest).
+
+OWN_WIDTH, OWN_HEIGHT = 192, 64
+OWN_REGIONS = (np.array([0, 0, 64, 64], dtype=np.float32), np.array([96, 0, 192, 64], dtype=np.float32))
+
+
+def own_region_identities() -> list[PlacedIdentity]:
+    """Identity 0 (embedding seed 0) owning [0, 64) and identity 1 (seed 1) owning [96, 192), faces placed inside."""
+    identities = []
+    for seed, region in enumerate(OWN_REGIONS):
+        kps, box = place_face(KPS, BOX, region)
+        identities.append(PlacedIdentity(embedding(seed), kps, box, region))
+    return identities
+
+
+def own_tokens(denoiser, identity: PlacedIdentity) -> torch.Tensor:
+    """This identity's face tokens for the CFG rows [negative, positive], from its own embedding alone."""
+    positive, negative = denoiser.resampler.face_tokens(torch.from_numpy(identity.embedding)[None], with_negative=True)
+    assert negative is not None
+    return torch.cat([negative, positive])
+
+
+def own_mask(identity: PlacedIdentity) -> torch.Tensor:
+    """(1, 1, H, W): 1 inside this identity's region, 0 elsewhere (no enhance_face_region)."""
+    return torch.from_numpy(face_region_mask(identity.region, OWN_WIDTH, OWN_HEIGHT))[None, None]
+
+
+def test_identity_conditioning_puts_identity_i_in_token_block_i_and_mask_channel_i(denoiser) -> None:
+    """Face tokens are concatenated identity by identity and mask channel i is identity i's region, so block i and
+    channel i describe the same person."""
+    params = dataclasses.replace(BASE, identities=2, width=OWN_WIDTH, height=OWN_HEIGHT, enhance_face_region=False)
+    identities = own_region_identities()
+    face_pos, face_neg, _, mask = identity_conditioning(denoiser.resampler, identities, params)
+    assert face_neg is not None and mask is not None and tuple(mask.shape) == (1, 2, OWN_HEIGHT, OWN_WIDTH)
+    tokens = denoiser.num_face_tokens
+    for i, identity in enumerate(identities):
+        negative, positive = own_tokens(denoiser, identity)
+        torch.testing.assert_close(face_pos[0, i * tokens : (i + 1) * tokens], positive, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(face_neg[0, i * tokens : (i + 1) * tokens], negative, rtol=1e-5, atol=1e-6)
+        assert torch.equal(mask[0, i], own_mask(identity)[0, 0]), i
+    assert mask[0, 0, :, :64].all() and not mask[0, 0, :, 64:].any()
+
+
+def test_each_identitys_identitynet_residuals_come_from_its_own_tokens_and_region(denoiser, prompt) -> None:
+    """At every step, the residuals the UNet receives are the sum over identities of IdentityNet run (as diffusers'
+    ControlNetModel, conditioning scale 1) with THAT identity's face tokens on the shared keypoint image, times
+    identitynet_strength x THAT identity's region mask resized bilinearly to the residual."""
+    params = dataclasses.replace(
+        BASE,
+        identities=2,
+        width=OWN_WIDTH,
+        height=OWN_HEIGHT,
+        num_inference_steps=2,
+        identitynet_strength=0.7,
+        enhance_face_region=False,
+    )
+    identities = own_region_identities()
+    unet_inputs: list[tuple[tuple, dict]] = []
+    hook = denoiser.unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: unet_inputs.append((args, kwargs)), with_kwargs=True
+    )
+    first = identities[0]
+    job = DenoiseJob(params, first.embedding, first.keypoints, first.box, prompt, identities=identities)
+    try:
+        denoiser.generate([job])
+    finally:
+        hook.remove()
+    assert len(unet_inputs) == params.num_inference_steps
+
+    keypoints = shared_keypoint_image([identity.keypoints for identity in identities], OWN_WIDTH, OWN_HEIGHT)
+    condition = torch.from_numpy(keypoints).float().div(255.0).permute(2, 0, 1)[None].expand(2, -1, -1, -1)
+    for args, kwargs in unet_inputs:
+        sample, t = args[0], args[1]
+        added = kwargs["added_cond_kwargs"]
+        expected: list[torch.Tensor] = []  # down residuals then the mid one, summed over identities
+        for identity in identities:
+            with torch.no_grad():
+                down, mid = denoiser.controlnet(
+                    sample,
+                    t,
+                    encoder_hidden_states=own_tokens(denoiser, identity),
+                    controlnet_cond=condition,
+                    conditioning_scale=1.0,
+                    guess_mode=False,
+                    added_cond_kwargs={"text_embeds": added["text_embeds"], "time_ids": added["time_ids"]},
+                    return_dict=False,
+                )
+            weighted = [
+                residual
+                * params.identitynet_strength
+                * F.interpolate(own_mask(identity), size=tuple(residual.shape[-2:]), mode="bilinear")
+                for residual in [*down, mid]
+            ]
+            expected = weighted if not expected else [a + b for a, b in zip(expected, weighted, strict=True)]
+        given = [*kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"]]
+        assert len(given) == len(expected)
+        for ours, theirs in zip(given, expected, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def _reference_attention(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Plain multi-head softmax attention, (rows, seq, channels): softmax(q k^T x attn.scale) v, head by head."""
+    rows, seq, channels = query.shape
+    head_dim = channels // attn.heads
+    q = query.view(rows, seq, attn.heads, head_dim).transpose(1, 2)
+    k = key.view(rows, -1, attn.heads, head_dim).transpose(1, 2)
+    v = value.view(rows, -1, attn.heads, head_dim).transpose(1, 2)
+    probabilities = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+    return (probabilities @ v).transpose(1, 2).reshape(rows, seq, channels)
+
+
+def test_each_identitys_face_tokens_attend_only_in_its_own_region(denoiser, prompt) -> None:
+    """The face-token term of every cross-attention layer, for the conditioning a two-person job's batch hands the
+    UNet, is the sum over identities of attention to THAT identity's tokens (its own to_k_ip/to_v_ip softmax) times
+    adapter_strength x THAT identity's region mask resized nearest to the layer's grid: identity 0's tokens act
+    only inside identity 0's region, identity 1's only inside identity 1's, and none in the strip between."""
+    params = dataclasses.replace(
+        BASE, identities=2, width=OWN_WIDTH, height=OWN_HEIGHT, adapter_strength=0.6, enhance_face_region=False
+    )
+    identities = own_region_identities()
+    first = identities[0]
+    job = DenoiseJob(params, first.embedding, first.keypoints, first.box, prompt, identities=identities)
+    denoiser.start(job)
+    batch = denoiser.batch([job])
+    _, face_tokens = batch.conditioning.split_context(batch.context)
+    tokens = [own_tokens(denoiser, identity) for identity in identities]
+    generator = torch.Generator().manual_seed(3)
+    checked = 0
+    for name, attn, processor in _cross_attention_layers(denoiser.unet):
+        for height, width in ((8, 24), (4, 12), (2, 6)):
+            hidden = torch.randn(batch.rows, height * width, attn.to_q.in_features, generator=generator)
+            with torch.no_grad():
+                query = attn.to_q(hidden)
+                term = processor.face_term(attn, query, face_tokens, batch.conditioning)
+                expected = torch.zeros_like(term)
+                for identity, own in zip(identities, tokens, strict=True):
+                    attended = _reference_attention(attn, query, processor.to_k_ip(own), processor.to_v_ip(own))
+                    mask = F.interpolate(own_mask(identity), size=(height, width), mode="nearest").flatten()
+                    expected += params.adapter_strength * mask[None, :, None] * attended
+            where = f"{name} on a {height}x{width} grid"
+            torch.testing.assert_close(term, expected, rtol=1e-4, atol=1e-4, msg=lambda m, where=where: f"{where}: {m}")
+            checked += 1
+    assert checked >= 3
