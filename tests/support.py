@@ -276,4 +276,13 @@ def generate_with_params(
         )
         controls = ControlMapsResult(inputs, {})
     result = pipeline.denoise.generate(params, model, FaceResult(condition, {}), encoded, controls)
-    return SimpleNamespace(images=result.images, condition=condition, params=result.params, result=result)
+    return SimpleNamespace(
+        images=result.images,
+        condition=condition,
+        params=result.params,
+        result=result,
+        prompt=styled,
+        negative_prompt=styled_negative,
+        prompt_chunks=encoded.embeddings.chunks,
+        controls=None if controls is None else controls.inputs,
+    )

@@ -2,10 +2,12 @@
 
 What it pins: for each case of ``CASES`` (the default request, the ``lcm`` fast mode, a catalogue LoRA, three extra
 ControlNets with image-to-image, three photos of one person, a face index in a group photo, two people with regions,
-a two-chunk weighted prompt and negative, face noise) the image that :class:`InstantIDPipeline` makes in this process
-is, within 2/255 on uint8 RGB, the image that each other path gives:
+a two-chunk weighted prompt and negative, face noise) the image the model stages make in this process (the reference)
+is, within 2/255 on uint8 RGB, the image that each path gives:
 
-- ``cli``: ``instantid generate`` (``serve.cli.main`` called in this process, the PNG it writes read back);
+- ``in_process``: :class:`InstantIDPipeline` called with the request's options and pictures (the plan and flow that
+  every path runs, in this process);
+- ``cli``: ``instantid generate`` (``serve.tools.cli.main`` called in this process, the PNG it writes read back);
 - ``http_json`` / ``http_multipart``: ``POST /v1/generate`` with a JSON body (images base64) and a multipart body
   (images as file parts, list fields as one JSON form field);
 - ``handle``: ``get_app_handle(app).generate`` with a :class:`GenerateRequest`;
@@ -16,8 +18,9 @@ and the same app with ``denoiser.batching.mode: static``. Served images are read
 answer must also carry the case's seed, the requested size and the batching mode of the app that ran it, so a path
 cannot pass on an empty or wrong result.
 
-The in-process reference is built from the case's fields by this module itself (``reference_call``), not through
-``GenerationOptions``, so a mistake in the request-to-parameters mapping that every path shares shows too; and
+The reference is built from the case's fields by this module itself (``reference_call``: the model stages with
+explicit parameters), not through the request options or the plan, so a mistake in the request-to-parameters
+mapping that every path shares shows too; and
 ``test_the_case_changes_the_image`` checks that each case's distinctive feature changes the reference image by more
 than the tolerance (each case's ``twins``: the request without it), so a path that drops it cannot pass.
 """
@@ -40,17 +43,20 @@ import pytest
 import yaml
 from PIL import Image
 
+from deployments.generation.local import InstantIDPipeline
+from deployments.generation.plan import GenerationInputs, PersonInput
 from deployments.instantid.catalogue import LORAS_DIR, PRESET_LORA_FILES, PRESET_MODES
 from deployments.instantid.group import IdentityInput
 from deployments.instantid.images import decode_image
-from deployments.instantid.params import CONTROLNET_NAMES, DEFAULT_PARAMS, ControlSetting, GenerationParams
-from deployments.instantid.pipeline import GenerationOutput, InstantIDPipeline
+from deployments.instantid.options import CONTROLNET_NAMES, GenerationOptions
+from deployments.instantid.params import DEFAULT_PARAMS, ControlSetting, GenerationParams
 from deployments.instantid.weights import WeightsLayout
 from tests.serve_fixtures import LOCAL_CONFIG, ServeStack, local_app_config
 from tests.support import (
     astronaut_jpeg,
     astronaut_rgb,
     encode_image,
+    generate_with_params,
     group_photo_jpeg,
     sample_control_maps,
     stored_pixels,
@@ -208,8 +214,8 @@ CASE_BY_NAME = {case.name: case for case in CASES}
 # ----------------------------------------------------------------------------------------------- the reference
 
 
-def reference_call(pipeline: InstantIDPipeline, case: Case) -> GenerationOutput:
-    """The case through the in-process pipeline, its fields mapped to the pipeline's arguments right here."""
+def reference_call(pipeline: InstantIDPipeline, case: Case) -> Any:
+    """The case through the model stages, its fields mapped to their parameters right here."""
     f = dict(case.fields)
     known = {
         "prompt", "negative_prompt", "style", "seed", "num_inference_steps", "width", "height", "scheduler", "mode",
@@ -237,7 +243,8 @@ def reference_call(pipeline: InstantIDPipeline, case: Case) -> GenerationOutput:
         loras += ((preset.lora, preset.lora_scale),)
     faces = [decode_image(photo) for photo in case.faces]
     people = [IdentityInput([decode_image(p.photo)], p.region) for p in case.people] or None
-    return pipeline(
+    return generate_with_params(
+        pipeline,
         faces[0] if len(faces) == 1 else faces,
         f["prompt"],
         f.get("negative_prompt"),
@@ -269,11 +276,11 @@ def pipeline(tiny_weights: Path) -> InstantIDPipeline:
 
 
 @pytest.fixture(scope="module")
-def reference(pipeline: InstantIDPipeline) -> Callable[[str], GenerationOutput]:
+def reference(pipeline: InstantIDPipeline) -> Callable[[str], Any]:
     """A case's in-process output by name, made on first use and kept for the module."""
-    cache: dict[str, GenerationOutput] = {}
+    cache: dict[str, Any] = {}
 
-    def get(name: str) -> GenerationOutput:
+    def get(name: str) -> Any:
         if name not in cache:
             cache[name] = reference_call(pipeline, CASE_BY_NAME[name])
         return cache[name]
@@ -370,6 +377,18 @@ def cli_args(case: Case, weights: Path, folder: Path, out: Path) -> list[str]:
     for name, data in case.maps.items():
         args += ["--control-image", f"{name}={written(f'{name}.png', data)}"]
     return args
+
+
+def in_process(pipeline: InstantIDPipeline, case: Case) -> np.ndarray:
+    """The case through the in-process pipeline as a request: its options and pictures, planned as served."""
+    options = GenerationOptions(**case.fields, output_format="png")
+    inputs = GenerationInputs(
+        faces=case.faces,
+        people=tuple(PersonInput((p.photo,), region=p.region) for p in case.people) or None,
+        init=case.init_image,
+        maps=dict(case.maps),
+    )
+    return pipeline(options, inputs).images[0]
 
 
 # ----------------------------------------------------------------------------------------------- the served side
@@ -485,7 +504,7 @@ def assert_same_image(where: str, got: np.ndarray, reference: np.ndarray) -> Non
 
 
 # Served routes first: a case's first test sends its served requests, then makes the reference meanwhile.
-ROUTES = (*((path, mode) for mode in MODES for path in SERVED_PATHS), ("cli", None))
+ROUTES = (*((path, mode) for mode in MODES for path in SERVED_PATHS), ("in_process", None), ("cli", None))
 
 
 @pytest.mark.parametrize(
@@ -493,12 +512,13 @@ ROUTES = (*((path, mode) for mode in MODES for path in SERVED_PATHS), ("cli", No
     [(case.name, path, mode) for case in CASES for path, mode in ROUTES],
     ids=[f"{case.name}-{path}" + (f"-{mode}" if mode else "") for case in CASES for path, mode in ROUTES],
 )
-def test_every_path_gives_the_in_process_image(
+def test_every_path_gives_the_reference_image(
     case_name: str,
     path: str,
     mode: str | None,
-    reference: Callable[[str], GenerationOutput],
+    reference: Callable[[str], Any],
     served: Callable[[str, pytest.FixtureRequest], dict[tuple[str, str], Future[Served]]],
+    pipeline: InstantIDPipeline,
     tiny_weights: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -510,8 +530,10 @@ def test_every_path_gives_the_in_process_image(
     pending = served(case.name, request) if mode is not None else None
     expected = reference(case.name)
     assert expected.images.shape == (1, height, width, 3)
-    if pending is None:
-        from serve.cli import main
+    if path == "in_process":
+        got = in_process(pipeline, case)
+    elif pending is None:
+        from serve.tools.cli import main
 
         out = tmp_path / "x.png"
         code = main(cli_args(case, tiny_weights, tmp_path, out))
@@ -535,7 +557,7 @@ def test_every_path_gives_the_in_process_image(
         assert used == local, f"{where}: faces used {used}, in-process {local}"
 
 
-def test_the_cases_use_what_they_name(reference: Callable[[str], GenerationOutput]) -> None:
+def test_the_cases_use_what_they_name(reference: Callable[[str], Any]) -> None:
     """Each case exercises what its name says in the reference: the style, the mode, the maps and steps, the
     photos and faces, the layout, the chunks."""
     default = reference("default")
@@ -560,7 +582,7 @@ def test_the_cases_use_what_they_name(reference: Callable[[str], GenerationOutpu
     ids=[f"{case.name}-{label.replace(' ', '_')}" for case in CASES for label in case.twins],
 )
 def test_the_case_changes_the_image(
-    case_name: str, twin: str, pipeline: InstantIDPipeline, reference: Callable[[str], GenerationOutput]
+    case_name: str, twin: str, pipeline: InstantIDPipeline, reference: Callable[[str], Any]
 ) -> None:
     """Without its distinctive feature a case gives another image, by more than the tolerance: a path that dropped
     the feature could not pass the comparison above."""
