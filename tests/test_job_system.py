@@ -1,0 +1,470 @@
+"""The job system without Ray or SeaweedFS, fast: conditional job records, leases on a fake clock, the sweep's
+takeover, the run's outcome, admission order and base-slot eviction.
+
+The narrow fakes sit at the outer boundaries only: an in-memory S3 client that honours ``If-Match`` /
+``If-None-Match`` as S3 does (412 when the condition fails), the event channel (an object with the actor's methods),
+and Serve's multiplexed LRU. Everything between them (``JobRecords``, ``JobStates``, ``Leases``, ``JobRunner``,
+``Admission``, ``BaseSlots``) is the real code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from deployments.job_events import JobProgress, JobStatus
+from deployments.storage.job_records import JobRecords
+from deployments.storage.s3 import S3Settings
+from serve.jobs.admission import Admission
+from serve.jobs.leases import Leases
+from serve.jobs.runner import JobRunner
+from serve.jobs.state import JobsConfig, JobStates
+from serve.jobs.webhooks import WebhookSettings
+from serve.schemas import GenerateRequest, GenerateResponse
+
+SETTINGS = S3Settings(bucket="jobs-test", prefix="generations")
+REPLICA, OTHER = "replica-a", "replica-b"
+
+
+class ConditionalS3:
+    """An in-memory S3 client with S3's conditional writes: ``IfNoneMatch="*"`` creates only, ``IfMatch=etag``
+    replaces only that version; otherwise a 412 ``PreconditionFailed``."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, tuple[bytes, str]] = {}
+        self.puts: list[dict[str, Any]] = []
+
+    def put_object(self, *, Bucket: str, Key: str, Body: bytes, **kwargs: Any) -> dict[str, Any]:
+        self.puts.append({"Key": Key, **kwargs})
+        current = self.objects.get(Key)
+        if kwargs.get("IfNoneMatch") == "*" and current is not None:
+            raise _error(412, "PreconditionFailed")
+        if "IfMatch" in kwargs and (current is None or current[1] != kwargs["IfMatch"]):
+            raise _error(412 if current is not None else 404, "PreconditionFailed" if current else "NoSuchKey")
+        etag = '"' + hashlib.md5(Body + Key.encode()).hexdigest() + f'-{len(self.puts)}"'
+        self.objects[Key] = (bytes(Body), etag)
+        return {"ETag": etag}
+
+    def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        if Key not in self.objects:
+            raise _error(404, "NoSuchKey")
+        body, etag = self.objects[Key]
+        return {"Body": io.BytesIO(body), "ETag": etag}
+
+    def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        self.objects.pop(Key, None)
+        return {}
+
+    def get_paginator(self, name: str) -> Any:
+        objects = self.objects
+
+        class Pages:
+            def paginate(self, *, Bucket: str, Prefix: str) -> list[dict[str, Any]]:
+                return [{"Contents": [{"Key": key} for key in sorted(objects) if key.startswith(Prefix)]}]
+
+        return Pages()
+
+
+def _error(status: int, code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Remote:
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+    def remote(self, *args: Any) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(self.function(*args))
+        return future
+
+
+class Channel:
+    """The event channel's methods as a runner calls them (``.remote`` returns an awaitable); it keeps the events."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+        self.cancelled: set[str] = set()
+        self.publish = _Remote(lambda job_id, kind, data=None: self.events.append((job_id, kind, data or {})))
+        self.cancel = _Remote(self.cancelled.add)
+        self.progress = _Remote(lambda job_id: JobProgress())
+        self.want_previews = _Remote(lambda job_id: None)
+
+    def kinds(self, job_id: str) -> list[str]:
+        return [kind for job, kind, _ in self.events if job == job_id]
+
+
+def request(**fields: Any) -> GenerateRequest:
+    return GenerateRequest(prompt="a portrait", face_image_b64="aGVsbG8=", **fields)
+
+
+class Harness:
+    """One replica's JobRunner over the shared fake S3, on a fake clock; ``generate`` is scripted."""
+
+    def __init__(self, s3: ConditionalS3, clock: FakeClock, replica: str = REPLICA, lease_s: float = 30.0) -> None:
+        self.channel = Channel()
+        self.calls: list[tuple[str, str]] = []  # (job id, request prompt)
+        self.release = asyncio.Event()  # set to let a scripted generation finish
+        self.release.set()
+        self.runner = JobRunner(
+            states=JobStates(JobRecords(s3, SETTINGS)),
+            channel=self.channel,
+            admission=Admission(4),
+            leases=Leases(lease_s, clock),
+            replica=replica,
+            config=JobsConfig(lease_s=lease_s, sweep_interval_s=3600),
+            request_timeout_s=60,
+            generate=self.generate,
+            delete_generation=self.delete,
+            webhook_secret=lambda owner: None,
+            webhooks=WebhookSettings(),
+            owner_scoped=False,
+        )
+        self.deleted: list[str] = []
+
+    async def generate(self, req: GenerateRequest, request_id: str, owner: str, job_id: str) -> GenerateResponse:
+        self.calls.append((job_id, req.prompt))
+        await self.release.wait()
+        return GenerateResponse.model_validate(_response(job_id, request_id))
+
+    async def delete(self, job_id: str) -> int:
+        self.deleted.append(job_id)
+        return 1
+
+    async def finished(self, job_id: str) -> None:
+        for _ in range(200):
+            if job_id not in self.runner._runs:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"job {job_id} still running")
+
+
+def _response(job_id: str, request_id: str) -> dict[str, Any]:
+    timing = {"start": 0.0, "end": 1.0, "seconds": 1.0}
+    return {
+        "id": job_id,
+        "request_id": request_id,
+        "images": [],
+        "seed": 1,
+        "face": {"box": [0, 0, 1, 1], "keypoints": [[0, 0]] * 5, "score": 1.0},
+        "faces": [],
+        "model": {"base": "sdxl", "loras": [], "mode": None},
+        "timings": {"total": timing},
+        "parameters": {},
+    }
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+# ----------------------------------------------------------------------------------------------- leases
+
+
+def test_a_lease_is_held_until_its_end_and_expired_after() -> None:
+    clock = FakeClock()
+    leases = Leases(30.0, clock)
+    lease = leases.grant(REPLICA)
+    assert lease.holder == REPLICA and lease.expires_at == clock.now + 30.0
+    assert not leases.expired(lease)
+    clock.now += 29.9
+    assert not leases.expired(lease)
+    clock.now += 0.2
+    assert leases.expired(lease)
+    assert leases.expired(None)  # nobody holds it
+
+
+# ------------------------------------------------------------------------------------------ job records
+
+
+def test_a_replace_against_a_stale_version_loses() -> None:
+    """Two replicas read the same version of a job; the first write wins and the second, made against the version
+    it read, is refused (If-Match), so no update is lost unseen."""
+    s3 = ConditionalS3()
+    records = JobRecords(s3, SETTINGS)
+    job_id = "20261207T120000Z-0123456789abcdef"
+    records.create(job_id, {"status": "queued"}, {"prompt": "x"})
+    first, second = records.read(job_id), records.read(job_id)
+    assert first is not None and second is not None and first.etag == second.etag
+    assert records.replace(job_id, {"status": "running"}, first.etag) is not None
+    assert records.replace(job_id, {"status": "cancelled"}, second.etag, finished=True) is None
+    assert records.read(job_id).body == {"status": "running"}
+    assert records.active() == [job_id]  # the losing terminal write did not retire the job
+    assert all(("IfMatch" in put) or ("IfNoneMatch" in put) for put in s3.puts if put["Key"].endswith(f"{job_id}.json"))
+
+
+def test_a_finished_job_is_no_longer_swept_and_its_request_is_gone() -> None:
+    s3 = ConditionalS3()
+    records = JobRecords(s3, SETTINGS)
+    job_id = "20261207T120000Z-00000000000000aa"
+    records.create(job_id, {"status": "queued"}, {"prompt": "with a photo"})
+    etag = records.read(job_id).etag
+    assert records.replace(job_id, {"status": "succeeded"}, etag, finished=True) is not None
+    assert records.active() == [] and records.read_request(job_id) is None
+    with pytest.raises(Exception, match="exists already"):
+        records.create(job_id, {"status": "queued"}, {})
+
+
+# --------------------------------------------------------------------------------------------- the runner
+
+
+def test_a_job_runs_to_its_outcome_once_and_publishes_it() -> None:
+    async def scenario() -> None:
+        harness = Harness(ConditionalS3(), FakeClock())
+        accepted = await harness.runner.submit(request(), "rid", "alice", "")
+        await harness.finished(accepted.id)
+        state = await harness.runner.states.read(accepted.id)
+        assert state.status is JobStatus.SUCCEEDED and state.lease is None and state.attempts == 1
+        assert state.result["id"] == accepted.id
+        assert harness.calls == [(accepted.id, "a portrait")]
+        kinds = harness.channel.kinds(accepted.id)
+        assert kinds[-1] == "succeeded" and kinds.count("succeeded") == 1
+        assert await harness.runner.states.active() == []
+
+    run(scenario())
+
+
+def test_the_sweep_takes_over_only_jobs_whose_lease_expired() -> None:
+    """A job held by a replica that stopped renewing is taken over once its lease has ended, not before."""
+
+    async def scenario() -> None:
+        s3, clock = ConditionalS3(), FakeClock()
+        dead = Harness(s3, clock, replica=OTHER)
+        dead.release.clear()  # its generation never finishes: the replica "died" mid-run
+        accepted = await dead.runner.submit(request(), "rid", "alice", "")
+        await asyncio.sleep(0.05)
+        for task in list(dead.runner._runs.values()):
+            task.cancel()  # the process is gone: no renewal, no outcome
+        await asyncio.sleep(0.01)
+        alive = Harness(s3, clock)
+        clock.now += 29.0  # within the 30 s lease: still the dead replica's
+        assert await alive.runner.sweep() == []
+        state = await alive.runner.states.read(accepted.id)
+        assert state.lease.holder == OTHER and state.attempts == 1
+        clock.now += 2.0  # past its end
+        assert await alive.runner.sweep() == [accepted.id]
+        await alive.finished(accepted.id)
+        state = await alive.runner.states.read(accepted.id)
+        assert state.status is JobStatus.SUCCEEDED and state.attempts == 2
+        assert alive.calls == [(accepted.id, "a portrait")]  # the stored request, run again
+        assert await alive.runner.sweep() == []  # finished: nothing left to take
+
+    run(scenario())
+
+
+def test_a_run_that_lost_its_lease_stops_and_writes_nothing() -> None:
+    """When another replica took the job over, the orphaned run is cancelled at its next renewal and never writes
+    an outcome over the new holder's."""
+
+    async def scenario() -> None:
+        s3, clock = ConditionalS3(), FakeClock()
+        orphan = Harness(s3, clock, lease_s=3.0)  # renews every second
+        orphan.release.clear()
+        accepted = await orphan.runner.submit(request(), "rid", "alice", "")
+        await asyncio.sleep(0.05)
+        # Another replica takes the job over (as its sweep would after the orphan missed its renewals).
+        taker = Harness(s3, clock, replica=OTHER, lease_s=3.0)
+        taker.release.clear()
+
+        def take(current: Any) -> bool:
+            current.lease = taker.runner.leases.grant(OTHER)
+            current.attempts += 1
+            return True
+
+        await taker.runner.states.update(accepted.id, take)
+        await orphan.finished(accepted.id)  # stopped by its lease keeper within ~1 s
+        state = await orphan.runner.states.read(accepted.id)
+        assert state.status is not JobStatus.SUCCEEDED and state.lease.holder == OTHER and state.attempts == 2
+        assert "succeeded" not in orphan.channel.kinds(accepted.id)
+
+    run(scenario())
+
+
+def test_cancelling_a_running_job_ends_it_cancelled_once() -> None:
+    async def scenario() -> None:
+        harness = Harness(ConditionalS3(), FakeClock())
+        harness.release.clear()
+        accepted = await harness.runner.submit(request(), "rid", "alice", "")
+        await asyncio.sleep(0.05)
+        body = await harness.runner.cancel(accepted.id, "alice")
+        assert body["status"] == "cancelled"
+        await harness.finished(accepted.id)
+        state = await harness.runner.states.read(accepted.id)
+        assert state.status is JobStatus.CANCELLED and state.result is None
+        assert harness.channel.kinds(accepted.id).count("cancelled") == 1
+        assert accepted.id in harness.channel.cancelled  # the denoiser's flag
+        assert await harness.runner.cancel(accepted.id, "alice") is None  # finished: deleted instead
+        assert await harness.runner.states.read(accepted.id) is None
+
+    run(scenario())
+
+
+def test_an_unreadable_stored_request_fails_the_job_instead_of_looping() -> None:
+    async def scenario() -> None:
+        s3, clock = ConditionalS3(), FakeClock()
+        harness = Harness(s3, clock)
+        harness.release.clear()
+        accepted = await harness.runner.submit(request(), "rid", "alice", "")
+        await asyncio.sleep(0.05)
+        for task in list(harness.runner._runs.values()):
+            task.cancel()
+        await asyncio.sleep(0.01)
+        key = f"{SETTINGS.prefix}/jobs/{accepted.id}.request.json"
+        s3.objects[key] = (b'{"prompt": ""}', s3.objects[key][1])  # no longer a valid request
+        clock.now += 31
+        other = Harness(s3, clock, replica=OTHER)
+        assert await other.runner.sweep() == []
+        state = await other.runner.states.read(accepted.id)
+        assert state.status is JobStatus.FAILED and state.error.code == "internal_error"
+        assert other.calls == []
+
+    run(scenario())
+
+
+# ------------------------------------------------------------------------------------------- admission
+
+
+def test_admission_serves_jobs_in_arrival_order_and_reports_positions() -> None:
+    async def scenario() -> None:
+        admission = Admission(1)
+        assert admission.try_enter()  # a request holds the only slot
+        positions: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+        order: list[str] = []
+
+        async def job(name: str) -> None:
+            await admission.wait_turn(name, positions[name].append)
+            order.append(name)
+            await asyncio.sleep(0.01)
+            await admission.leave()
+
+        tasks = []
+        for name in ("a", "b", "c"):
+            tasks.append(asyncio.create_task(job(name)))
+            await asyncio.sleep(0.005)
+        assert not admission.try_enter()  # waiting jobs keep their turn
+        assert admission.waiting == 3
+        await admission.leave()
+        await asyncio.gather(*tasks)
+        assert order == ["a", "b", "c"]
+        assert positions == {"a": [0], "b": [1, 0], "c": [2, 1, 0]}
+        assert admission.in_flight == 0 and admission.waiting == 0
+
+    run(scenario())
+
+
+def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    async def scenario() -> None:
+        admission = Admission(1)
+        assert admission.try_enter()
+        waiter = asyncio.create_task(admission.wait_turn("a", lambda _: None))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert admission.waiting == 0
+        await admission.leave()
+        assert admission.try_enter()
+
+    run(scenario())
+
+
+# ------------------------------------------------------------------------------------------- base slots
+
+
+class LruMultiplexer:
+    """Serve's ``@serve.multiplexed`` as the base slots rely on it: at most ``size`` models, a hit moves a model to
+    the recent end, a miss beyond capacity unloads the least recently used one (its ``__del__``, in a thread)."""
+
+    def __init__(self, load: Any, size: int) -> None:
+        self.load, self.size = load, size
+        self.models: OrderedDict[str, Any] = OrderedDict()
+        self.unloaded: list[str] = []
+
+    async def __call__(self, name: str) -> Any:
+        if name in self.models:
+            self.models.move_to_end(name)
+            return self.models[name]
+        if len(self.models) >= self.size:
+            evicted, model = self.models.popitem(last=False)
+            self.unloaded.append(evicted)
+            await asyncio.to_thread(model.__del__)
+        self.models[name] = model = await self.load(name)
+        return model
+
+
+@pytest.fixture
+def multiplexer(monkeypatch: pytest.MonkeyPatch) -> dict[str, LruMultiplexer]:
+    import deployments.base_slots as base_slots
+
+    made: dict[str, LruMultiplexer] = {}
+
+    def loader(load: Any, size: int) -> LruMultiplexer:
+        made["lru"] = LruMultiplexer(load, size)
+        return made["lru"]
+
+    monkeypatch.setattr(base_slots, "multiplexed_loader", loader)
+    return made
+
+
+class _Adapters:
+    """What a slot needs of its LoRA adapters here: nothing is loaded."""
+
+    @property
+    def loaded(self) -> list[str]:
+        return []
+
+
+def test_a_busy_base_is_never_the_one_unloaded(multiplexer: dict[str, LruMultiplexer]) -> None:
+    from deployments.base_slots import BaseSlots
+
+    async def scenario() -> None:
+        slots = BaseSlots(lambda name: (f"model-{name}", _Adapters()), max_models=2)
+        a, _ = await slots.acquire("a")  # "a" stays busy
+        b, _ = await slots.acquire("b")
+        b.release()
+        c, waited = await slots.acquire("c")  # "a" is the least recently used, but busy: "b" goes
+        assert multiplexer["lru"].unloaded == ["b"]
+        assert waited is not None and a.model == "model-a" and b.model is None
+        assert sorted(slots.loaded) == ["a", "c"]
+        a.release()
+        c.release()
+
+    run(scenario())
+
+
+def test_when_every_base_is_busy_the_unload_waits_for_the_last_job(multiplexer: dict[str, LruMultiplexer]) -> None:
+    from deployments.base_slots import BaseSlots
+
+    async def scenario() -> None:
+        slots = BaseSlots(lambda name: (f"model-{name}", _Adapters()), max_models=1)
+        a, _ = await slots.acquire("a")
+        loading = asyncio.create_task(slots.acquire("b"))
+        await asyncio.sleep(0.1)
+        assert not loading.done() and a.model == "model-a"  # the unload waits for "a"'s job
+        released = threading.Event()
+
+        def finish() -> None:
+            released.set()
+            a.release()
+
+        await asyncio.to_thread(finish)
+        b, _ = await asyncio.wait_for(loading, 5)
+        assert released.is_set() and a.model is None and b.model == "model-b"
+        b.release()
+
+    run(scenario())
