@@ -437,11 +437,13 @@ def test_a_busy_base_is_never_the_one_unloaded(multiplexer: dict[str, LruMultipl
         a, _ = await slots.acquire("a")  # "a" stays busy
         b, _ = await slots.acquire("b")
         b.release()
-        c, waited = await slots.acquire("c")  # "a" is the least recently used, but busy: "b" goes
+        try:  # "a" is the least recently used, but busy: "b" must go (unloading "a" would wait for its job)
+            c, waited = await asyncio.wait_for(slots.acquire("c"), 5)
+        finally:
+            a.release()  # never leave an unload waiting
         assert multiplexer["lru"].unloaded == ["b"]
         assert waited is not None and a.model == "model-a" and b.model is None
         assert sorted(slots.loaded) == ["a", "c"]
-        a.release()
         c.release()
 
     run(scenario())
