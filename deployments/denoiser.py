@@ -311,9 +311,11 @@ class DenoiserDeployment:
         )
 
     def batching_stats(self) -> dict[str, Any]:
-        """Forwards run and UNet rows stepped since the replica started (rows / forwards = rows per forward)."""
+        """Forwards run and UNet rows stepped since the replica started (rows / forwards = rows per forward); in
+        continuous mode also the jobs waiting and running and the rows admitted now."""
         if self.batcher is not None:
-            return {"mode": self.mode, "forwards": self.batcher.forwards, "rows": self.batcher.rows_stepped}
+            counts = {"forwards": self.batcher.forwards, "rows": self.batcher.rows_stepped}
+            return {"mode": self.mode, **counts, **self.batcher.load()}
         return {"mode": self.mode, "forwards": self._forwards, "rows": self._rows_stepped}
 
     def model_info(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from deployments.generation.messages import StageTiming
 from deployments.generation.plan import CONTROL_IMAGE_PART, InputsGiven, PersonGiven, check_inputs
+from deployments.instantid.catalogue import ModelCatalogue
 from deployments.instantid.errors import InvalidParameterError
 from deployments.instantid.face_data import ChosenFace, DetectedFace
 from deployments.instantid.options import (
@@ -442,3 +443,24 @@ class ModelsResponse(BaseModel):
     controlnets: list[str] = Field(description="Extra ControlNets a request may name, beside IdentityNet.")
     denoiser: dict[str, Any] = Field(description="One denoiser replica: InstantID's weights, its bases and LoRAs.")
     api_version: str
+
+    @classmethod
+    def of(
+        cls, catalogue: ModelCatalogue, controlnets: list[str], denoiser: dict[str, Any], api_version: str
+    ) -> ModelsResponse:
+        """What a request may choose (names, descriptions, defaults; never where the files are)."""
+        return cls(
+            default_base=catalogue.default_base,
+            base_models={
+                name: BaseModelInfo(description=spec.description, single_file=spec.single_file)
+                for name, spec in sorted(catalogue.base_models.items())
+            },
+            loras={
+                name: LoraInfo(scale=spec.scale, description=spec.description)
+                for name, spec in sorted(catalogue.loras.items())
+            },
+            modes={name: ModeInfo(**mode.model_dump()) for name, mode in sorted(catalogue.all_modes().items())},
+            controlnets=controlnets,
+            denoiser=denoiser,
+            api_version=api_version,
+        )

@@ -28,6 +28,7 @@ from deployments.storage import (
     GenerationStore,
     S3Settings,
     StorageError,
+    StoredGeneration,
     download_prefix,
     encode_image,
     generation_prefix,
@@ -57,6 +58,11 @@ def _smooth(height: int = 64, width: int = 96) -> np.ndarray:
 def _keys(client: Any, bucket: str, prefix: str) -> list[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+def write(store: GenerationStore, generation_id: str, images, fmt, quality: int, meta: dict) -> StoredGeneration:
+    """What the ResultStore does with a generation: encode it (``prepare``), then upload and confirm it."""
+    return store.upload(store.prepare(generation_id, images, fmt, quality, meta))
 
 
 @pytest.fixture
@@ -142,7 +148,7 @@ def test_invalid_ids_never_reach_s3(store: GenerationStore) -> None:
         with pytest.raises(ValueError):
             store.delete(bad)
         with pytest.raises(ValueError):
-            store.write(bad, [_noise()], "png", 90, {})
+            write(store, bad, [_noise()], "png", 90, {})
 
 
 def test_encode_image_rejects_bad_input() -> None:
@@ -163,7 +169,7 @@ def test_write_layout_content_types_and_meta(store: GenerationStore) -> None:
     gid = new_generation_id()
     images = [_noise(), _noise()]
     meta_in = {"prompt": "a snowman ☃", "seed": np.int64(42), "guidance": np.float32(5.0), "images": "ignored"}
-    stored = store.write(gid, images, "png", 95, meta_in)
+    stored = write(store, gid, images, "png", 95, meta_in)
 
     base = generation_prefix(store.settings.prefix, gid)
     day = gid[:4] + "/" + gid[4:6] + "/" + gid[6:8]
@@ -215,7 +221,7 @@ def test_write_layout_content_types_and_meta(store: GenerationStore) -> None:
 def test_lossy_formats_round_trip_closely(store: GenerationStore, fmt: str, ext: str, content_type: str) -> None:
     gid = new_generation_id()
     array = _smooth()
-    stored = store.write(gid, [array], fmt, 92, {})  # type: ignore[arg-type]
+    stored = write(store, gid, [array], fmt, 92, {})  # type: ignore[arg-type]
     img = stored.images[0]
     assert img.key.endswith(f"/image-0.{ext}") and img.content_type == content_type
     head = store.client.head_object(Bucket=store.settings.bucket, Key=img.key)
@@ -227,7 +233,7 @@ def test_lossy_formats_round_trip_closely(store: GenerationStore, fmt: str, ext:
 
 
 def test_presigned_url_serves_the_bytes(store: GenerationStore) -> None:
-    stored = store.write(new_generation_id(), [_noise()], "png", 90, {})
+    stored = write(store, new_generation_id(), [_noise()], "png", 90, {})
     img = stored.images[0]
     with urllib.request.urlopen(img.url, timeout=5) as response:
         body = response.read()
@@ -250,9 +256,9 @@ def test_read_unknown_generation_is_not_found(store: GenerationStore) -> None:
 
 
 def test_delete_removes_everything(store: GenerationStore) -> None:
-    keep = store.write(new_generation_id(), [_noise()], "png", 90, {})
+    keep = write(store, new_generation_id(), [_noise()], "png", 90, {})
     gid = new_generation_id()
-    store.write(gid, [_noise(), _noise(), _noise()], "webp", 80, {"k": 1})
+    write(store, gid, [_noise(), _noise(), _noise()], "webp", 80, {"k": 1})
     assert store.delete(gid) == 4
     prefix = generation_prefix(store.settings.prefix, gid) + "/"
     assert _keys(store.client, store.settings.bucket, prefix) == []
@@ -290,9 +296,9 @@ def test_failed_write_cleans_up_and_raises_storage_error(store: GenerationStore)
 def test_unserialisable_meta_fails_before_upload(store: GenerationStore) -> None:
     gid = new_generation_id()
     with pytest.raises(TypeError):
-        store.write(gid, [_noise()], "png", 90, {"bad": object()})
+        write(store, gid, [_noise()], "png", 90, {"bad": object()})
     with pytest.raises(ValueError):
-        store.write(gid, [_noise()], "png", 90, {"bad": float("nan")})
+        write(store, gid, [_noise()], "png", 90, {"bad": float("nan")})
     assert _keys(store.client, store.settings.bucket, generation_prefix(store.settings.prefix, gid)) == []
 
 
@@ -303,7 +309,7 @@ def test_unreachable_s3_fails_fast_with_storage_error() -> None:
     store = GenerationStore(make_client(settings, session=session), settings)
     t0 = time.monotonic()
     with pytest.raises(StorageError):
-        store.write(new_generation_id(), [_noise()], "png", 90, {})
+        write(store, new_generation_id(), [_noise()], "png", 90, {})
     with pytest.raises(StorageError):
         store.read(new_generation_id())
     with pytest.raises(StorageError) as info:

@@ -62,7 +62,6 @@ class JobStats:
     most_jobs: int = 0  # the most jobs in one of its forwards (itself included)
     most_rows: int = 0
     most_images: int = 0  # latents in that forward
-    queued_s: float = 0.0  # submit -> its first step
     switch_s: float = 0.0  # weight switches (LoRA sets) paid at the start of its group's runs
 
     @property
@@ -245,7 +244,6 @@ class ContinuousBatcher:
                             ended.append((entry, exc))
                             continue
                         entry.running, entry.started = True, now
-                        entry.stats.queued_s = now - entry.submitted
                     running.append(entry)
                 if running:
                     jobs = [e.job for e in running]

@@ -369,17 +369,6 @@ class GenerationStore:
         stored = [self._stored_image(record) for record in prepared.image_records]
         return StoredGeneration(id=prepared.generation_id, meta_key=prepared.objects[-1][0], images=stored)
 
-    def write(
-        self,
-        generation_id: str,
-        images: Sequence[np.ndarray],
-        fmt: ImageFormat,
-        quality: int,
-        meta: dict[str, Any],
-    ) -> StoredGeneration:
-        """:meth:`prepare` then :meth:`upload`."""
-        return self.upload(self.prepare(generation_id, images, fmt, quality, meta))
-
     def _put_and_confirm(self, key: str, data: bytes, content_type: str) -> None:
         self.client.put_object(Bucket=self.settings.bucket, Key=key, Body=data, ContentType=content_type)
         head = self.client.head_object(Bucket=self.settings.bucket, Key=key)

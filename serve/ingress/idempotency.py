@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from pydantic import BaseModel
+from ray.serve.handle import DeploymentHandle
 
 from deployments.storage.conditional import ConditionalRecord
 
@@ -166,6 +167,25 @@ class IdempotencyGuard:
             with contextlib.suppress(Exception):
                 await self.records.release(digest)
         return response
+
+
+class StoreRecords:
+    """The ResultStore deployment's idempotency-record methods, as a :class:`RecordStore`."""
+
+    def __init__(self, store: DeploymentHandle) -> None:
+        self.store = store
+
+    async def read(self, digest: str) -> ConditionalRecord | None:
+        return await self.store.read_idempotency.remote(digest)
+
+    async def claim(self, digest: str, body: dict[str, Any]) -> str | None:
+        return await self.store.claim_idempotency.remote(digest, body)
+
+    async def replace(self, digest: str, body: dict[str, Any], etag: str) -> str | None:
+        return await self.store.replace_idempotency.remote(digest, body, etag)
+
+    async def release(self, digest: str) -> None:
+        await self.store.release_idempotency.remote(digest)
 
 
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

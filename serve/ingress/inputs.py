@@ -25,10 +25,22 @@ from deployments.instantid.errors import (
     InvalidParameterError,
     UnsupportedImageTypeError,
 )
+from deployments.instantid.options import CONTROLNET_NAMES, MAX_FACE_PHOTOS
 from deployments.storage.inputs import S3InputReader
+from serve.config import ApiConfig
 from serve.ingress.errors import ApiError
-from serve.schemas import FacePhoto, IdentityChoice
+from serve.schemas import CONTROL_IMAGE_PART, IDENTITY_PARTS, FacePhoto, IdentityChoice
 
+# Multipart file parts -> the JSON field each fills (``NAME`` -> ``NAME_b64``); the first is required.
+GENERATE_FILES = {
+    "face_image": "face_image",
+    "pose_image": "pose_image",
+    "init_image": "init_image",
+    **{CONTROL_IMAGE_PART.format(name): CONTROL_IMAGE_PART.format(name) for name in CONTROLNET_NAMES},
+    **{part: part for part in IDENTITY_PARTS},
+}
+# /v1/generate's name works here too; several people's parts show their layout
+FACES_FILES = {"image": "image", "face_image": "image", **{part: part for part in IDENTITY_PARTS}}
 MAX_FORM_FIELDS = 64
 MAX_FORM_FIELD_BYTES = 64 * 1024
 _IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "application/octet-stream"}
@@ -57,7 +69,24 @@ async def _read_limited(request: Request, limit: int, idle_timeout_s: float) -> 
     return b"".join(chunks)
 
 
-async def read_body(
+async def read_body(request: Request, api: ApiConfig, files: Mapping[str, str]) -> dict[str, Any]:
+    """A generation or faces request's fields (``files``: ``GENERATE_FILES`` or ``FACES_FILES``), within ``api``'s
+    limits: face photos and identity parts may repeat, identity parts stand in for the face photo."""
+    return await read_fields(
+        request,
+        max_upload_bytes=api.max_upload_bytes,
+        max_request_bytes=api.max_request_bytes,
+        idle_timeout_s=api.body_idle_timeout_s,
+        files=files,
+        repeated={
+            "face_image": ("face_images", MAX_FACE_PHOTOS),
+            **{part: (f"{part}_images", MAX_FACE_PHOTOS) for part in IDENTITY_PARTS},
+        },
+        alternatives=IDENTITY_PARTS,
+    )
+
+
+async def read_fields(
     request: Request,
     *,
     max_upload_bytes: int,

@@ -23,9 +23,8 @@ from deployments import metrics
 from deployments.generation.messages import GenerationMeta
 from deployments.instantid.catalogue import ModelCatalogue
 from deployments.instantid.errors import InvalidParameterError
-from deployments.instantid.options import CONTROLNET_NAMES, MAX_FACE_PHOTOS
+from deployments.instantid.options import CONTROLNET_NAMES
 from deployments.job_events import job_events
-from deployments.storage.conditional import ConditionalRecord
 from deployments.storage.generations import GenerationNotFound, validate_generation_id
 from deployments.storage.inputs import S3InputReader
 from deployments.storage.job_records import JobRecords
@@ -37,16 +36,11 @@ from serve.jobs.runner import JobRunner
 from serve.jobs.state import JobStates
 from serve.jobs.webhooks import WebhookRefused, validate_callback_url
 from serve.schemas import (
-    CONTROL_IMAGE_PART,
-    IDENTITY_PARTS,
-    BaseModelInfo,
     FacesRequest,
     FacesResponse,
     GenerateRequest,
     GenerateResponse,
     JobAccepted,
-    LoraInfo,
-    ModeInfo,
     ModelsResponse,
 )
 
@@ -55,24 +49,14 @@ from .autoscaling import GENERATIONS_METRIC
 from .errors import OVERLOADED, ApiError, install_error_handlers, request_id
 from .faces import FaceQueries
 from .generation import Generations, StageHandles
-from .idempotency import IdempotencyGuard, run_once
-from .inputs import ImageInputs, read_body
+from .idempotency import IdempotencyGuard, StoreRecords, run_once
+from .inputs import FACES_FILES, GENERATE_FILES, ImageInputs, read_body
 from .openapi import ERROR_RESPONSES, FACES_BODY, GENERATE_BODY
 from .request_log import RequestLogMiddleware, note, note_prompt, seconds_by_stage
 
 logger = logging.getLogger("ray.serve")
 
 API_VERSION = "1"
-# Multipart file parts -> the JSON field each fills (``NAME`` -> ``NAME_b64``); the first is required.
-GENERATE_FILES = {
-    "face_image": "face_image",
-    "pose_image": "pose_image",
-    "init_image": "init_image",
-    **{CONTROL_IMAGE_PART.format(name): CONTROL_IMAGE_PART.format(name) for name in CONTROLNET_NAMES},
-    **{part: part for part in IDENTITY_PARTS},
-}
-# /v1/generate's name works here too; several people's parts show their layout
-FACES_FILES = {"image": "image", "face_image": "image", **{part: part for part in IDENTITY_PARTS}}
 STATIC_DIR = Path(__file__).parent.parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the page's files, and only those
 
@@ -90,25 +74,6 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
     yield first
     async for chunk in rest:
         yield chunk
-
-
-class _StoreRecords:
-    """The ResultStore deployment's idempotency-record methods, as ``idempotency.RecordStore``."""
-
-    def __init__(self, store: DeploymentHandle) -> None:
-        self.store = store
-
-    async def read(self, digest: str) -> ConditionalRecord | None:
-        return await self.store.read_idempotency.remote(digest)
-
-    async def claim(self, digest: str, body: dict[str, Any]) -> str | None:
-        return await self.store.claim_idempotency.remote(digest, body)
-
-    async def replace(self, digest: str, body: dict[str, Any], etag: str) -> str | None:
-        return await self.store.replace_idempotency.remote(digest, body, etag)
-
-    async def release(self, digest: str) -> None:
-        await self.store.release_idempotency.remote(digest)
 
 
 @ray_serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -139,13 +104,11 @@ class Ingress:
             logger.warning("API keys are required but none are configured: every request will get 401")
         images = ImageInputs(S3InputReader(storage, api.allowed_input_buckets), api.max_upload_bytes)
         handles = StageHandles(face, prompt, denoiser, store, control_maps)
-        self.generations = Generations(
-            handles, images, models, self.controlnets, weights, api.request_timeout_s
-        )
+        self.generations = Generations(handles, images, models, self.controlnets, weights, api.request_timeout_s)
         self.faces = FaceQueries(handles, images, self.controlnets)
         self.admission = Admission(api.max_in_flight)
         # A claimant may run the request and its one replica-loss retry, each bounded by the timeout.
-        self.idempotency = IdempotencyGuard(_StoreRecords(store), lease_s=2 * api.request_timeout_s + 60)
+        self.idempotency = IdempotencyGuard(StoreRecords(store), lease_s=2 * api.request_timeout_s + 60)
         self.jobs = JobRunner(
             states=JobStates(JobRecords(make_client(storage), storage)),
             channel=job_events(),
@@ -200,22 +163,7 @@ class Ingress:
 
     async def models(self) -> ModelsResponse:
         """The catalogue (names, descriptions, defaults; never where the files are) and what one denoiser holds."""
-        catalogue = self.catalogue
-        return ModelsResponse(
-            default_base=catalogue.default_base,
-            base_models={
-                name: BaseModelInfo(description=spec.description, single_file=spec.single_file)
-                for name, spec in sorted(catalogue.base_models.items())
-            },
-            loras={
-                name: LoraInfo(scale=spec.scale, description=spec.description)
-                for name, spec in sorted(catalogue.loras.items())
-            },
-            modes={name: ModeInfo(**mode.model_dump()) for name, mode in sorted(catalogue.all_modes().items())},
-            controlnets=self.controlnets,
-            denoiser=await self.denoiser.model_info.remote(),
-            api_version=API_VERSION,
-        )
+        return ModelsResponse.of(self.catalogue, self.controlnets, await self.denoiser.model_info.remote(), API_VERSION)
 
     async def get_generation(self, generation_id: str, owner: str | None = None) -> dict[str, Any]:
         """Stored metadata with fresh URLs. With ``owner``, another principal's generation is "not found"."""
@@ -431,18 +379,7 @@ class Ingress:
         return self.keys.webhook_secret(owner) if self.api.auth.required else self.api.webhooks.secret
 
     async def _read_body(self, request: Request, files: dict[str, str]) -> dict[str, Any]:
-        return await read_body(
-            request,
-            max_upload_bytes=self.api.max_upload_bytes,
-            max_request_bytes=self.api.max_request_bytes,
-            idle_timeout_s=self.api.body_idle_timeout_s,
-            files=files,
-            repeated={
-                "face_image": ("face_images", MAX_FACE_PHOTOS),
-                **{part: (f"{part}_images", MAX_FACE_PHOTOS) for part in IDENTITY_PARTS},
-            },
-            alternatives=IDENTITY_PARTS,
-        )
+        return await read_body(request, self.api, files)
 
     def _principal(self, request: Request) -> str:
         try:
