@@ -62,6 +62,32 @@ def test_zero_strengths_equal_a_stock_diffusers_sdxl_pipeline(tiny_weights, deno
         assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1
 
 
+def test_guidance_rescale_equals_diffusers_sdxl_pipeline(tiny_weights, denoiser, prompt_encoder):
+    """``guidance_rescale`` is diffusers' SDXL rescale of the guided prediction (Lin et al. 2023): with both InstantID
+    strengths at 0 our loop gives the stock pipeline's image at the same rescale, and the rescale moves it."""
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_weights / "sdxl")
+    stock.set_progress_bar_config(disable=True)
+    embeddings = prompt_encoder.encode(["a portrait photo"], ["ugly"], do_classifier_free_guidance=True)[0]
+    plain = dataclasses.replace(BASE, identitynet_strength=0.0, adapter_strength=0.0, guidance_scale=9.0)
+    rescaled = dataclasses.replace(plain, guidance_rescale=0.7)
+    ours = denoiser.generate([job(embeddings, rescaled)])[0]
+    expected = stock(
+        "a portrait photo",
+        negative_prompt="ugly",
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=9.0,
+        guidance_rescale=0.7,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="np",
+    ).images
+    expected = (expected * 255).round().astype(np.uint8)
+    assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1
+    unrescaled = denoiser.generate([job(embeddings, plain)])[0]
+    assert np.abs(ours.astype(int) - unrescaled.astype(int)).max() > 3
+
+
 def test_each_strength_changes_the_image(denoiser, prompt):
     base = denoiser.generate([job(prompt, BASE)])[0].astype(int)
     for change in (

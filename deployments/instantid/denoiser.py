@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import CONDITIONING_KWARG
@@ -366,6 +367,8 @@ class InstantIDDenoiser:
             if rows.cfg:
                 uncond, cond = part.chunk(2)
                 part = uncond + rows.guidance * (cond - uncond)
+                if job.params.guidance_rescale > 0:
+                    part = rescale_noise_cfg(part, cond, job.params.guidance_rescale)
             st = job._state
             st["latents"] = st["scheduler"].step(part, t, st["latents"], **st["step_kwargs"], return_dict=False)[0]
             st["index"] += 1

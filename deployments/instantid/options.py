@@ -187,6 +187,13 @@ class GenerationOptions(BaseModel):
     pose_face_index: int = Field(
         default=0, ge=0, le=MAX_FACE_INDEX, description="Which face of the pose photo, in POST /v1/faces order."
     )
+    guidance_rescale: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Rescale the guided prediction toward the conditional one's standard deviation (Lin et al. 2023, "
+        "as diffusers' SDXL pipelines do); against over-exposed images at high guidance. 0: off.",
+    )
     face_noise: float = Field(
         default=0.0,
         ge=0.0,

@@ -53,6 +53,7 @@ class GenerationParams:
     num_images: int = _option("num_images")
     num_inference_steps: int = _option("num_inference_steps")
     guidance_scale: float = _option("guidance_scale")
+    guidance_rescale: float = _option("guidance_rescale")
     identitynet_strength: float = _option("identitynet_strength")
     adapter_strength: float = _option("adapter_strength")
     control_guidance_start: float = _option("control_guidance_start")
