@@ -312,10 +312,10 @@ class DenoiserDeployment:
 
     def batching_stats(self) -> dict[str, Any]:
         """Forwards run and UNet rows stepped since the replica started (rows / forwards = rows per forward); in
-        continuous mode also the jobs waiting and running and the rows admitted now."""
+        continuous mode also ``load``: the jobs waiting and running and the rows admitted now."""
         if self.batcher is not None:
             counts = {"forwards": self.batcher.forwards, "rows": self.batcher.rows_stepped}
-            return {"mode": self.mode, **counts, **self.batcher.load()}
+            return {"mode": self.mode, **counts, "load": self.batcher.load()}
         return {"mode": self.mode, "forwards": self._forwards, "rows": self._rows_stepped}
 
     def model_info(self) -> dict[str, Any]:

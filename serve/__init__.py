@@ -1,6 +1,7 @@
-"""The served application: the ingress (``api``: routes; ``inputs``: request reading; ``errors``: the error
-mapping; ``schemas``: request and response models), the typed configuration (``config``), the app builder
-(``app``), the command line (``cli``, ``runner``, ``demo``) and the benchmarks (``bench``).
+"""The served application: ``app`` (the builder: typed config -> the deployment graph), ``config`` (the typed
+configuration), ``schemas`` (the public request and response models), ``ingress/`` (the HTTP routes and the handle
+API), ``jobs/`` (async jobs: leases, takeover, events, webhooks), ``tools/`` (the ``instantid`` command line, the
+embedded S3, downloads, the cluster render), ``bench/`` (the benchmarks), ``configs/`` and ``static/`` (the page).
 
 Ray Serve itself is imported as ``ray_serve`` throughout, since this package is called ``serve`` too.
 """

@@ -287,7 +287,7 @@ def test_failed_write_cleans_up_and_raises_storage_error(store: GenerationStore)
     broken = GenerationStore(_FailOnMeta(store.client), store.settings)
     gid = new_generation_id()
     with pytest.raises(StorageError) as info:
-        broken.write(gid, [_noise(), _noise()], "png", 90, {})
+        write(broken, gid, [_noise(), _noise()], "png", 90, {})
     assert info.value.status == 503 and info.value.code == "storage_unavailable"
     prefix = generation_prefix(store.settings.prefix, gid) + "/"
     assert _keys(store.client, store.settings.bucket, prefix) == []
