@@ -273,3 +273,25 @@ def test_health_models_and_openapi(serve_stack):
     assert str(serve_stack.config.weights.root) not in response.text  # where the files are is not published
     spec = httpx.get(f"{serve_stack.url}/openapi.json", timeout=10).json()
     assert {"/v1/generate", "/v1/faces", "/v1/generations/{generation_id}", "/healthz"} <= set(spec["paths"])
+
+
+HEAVY_LIBRARIES = ("torch", "onnxruntime", "cv2", "opencv")  # parts of the native libraries' file names
+
+
+def test_the_ingress_replica_loads_no_model_stack(serve_stack):
+    """Every autoscaled ingress replica pays for what the ingress imports: no torch, onnxruntime or OpenCV library is
+    mapped into its process, and it stays under 250 MiB."""
+    import psutil
+
+    httpx.get(f"{serve_stack.url}/healthz", timeout=30).raise_for_status()
+    replicas = [
+        proc
+        for proc in psutil.process_iter(["cmdline"])
+        if "ServeReplica:instantid:Ingress" in " ".join(proc.info["cmdline"] or [])
+    ]
+    assert replicas, "no Ingress replica process found"
+    for proc in replicas:
+        libraries = {Path(m.path).name for m in proc.memory_maps()}
+        heavy = sorted(name for name in libraries if any(lib in name for lib in HEAVY_LIBRARIES))
+        assert heavy == [], heavy
+        assert proc.memory_info().rss < 250 * 2**20, proc.memory_info().rss
