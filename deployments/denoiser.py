@@ -37,6 +37,7 @@ from deployments.generation.messages import (
     DenoiseBatch,
     DenoiseResult,
     FaceResult,
+    JobTicket,
     PromptResult,
     StageTiming,
     Timings,
@@ -56,7 +57,7 @@ from deployments.instantid.loading import (
 from deployments.instantid.loras import LoraAdapters
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.weights import DENOISER_COMPONENTS, WeightsLayout
-from deployments.job_events import StepReporter, job_events
+from deployments.job_events import StepReporter, checked_publish, job_events
 from deployments.replica import replica_id
 
 logger = logging.getLogger("ray.serve")
@@ -160,11 +161,11 @@ class DenoiserDeployment:
         face: FaceResult,
         prompt: PromptResult,
         controls: ControlMapsResult | None = None,
-        job_id: str | None = None,
+        job: JobTicket | None = None,
     ) -> DenoiseResult:
         """``face``, ``prompt`` and ``controls`` (maps and init image, when the request has any) arrive as upstream
-        responses resolved by Serve (no await in the caller). ``job_id``: an async job, whose steps are reported
-        to the event channel and which is dropped at the next step once cancelled."""
+        responses resolved by Serve (no await in the caller). ``job``: an async job, whose steps are reported
+        to the event channel and which is dropped at the next step once cancelled or superseded by a takeover."""
         entered = time.time()
         condition = face.condition
         size = (condition.width, condition.height)
@@ -174,13 +175,13 @@ class DenoiserDeployment:
                 f"{condition.width}x{condition.height}"
             )
         reporter = None
-        if job_id is not None:
-            channel = job_events()
-            channel.publish.remote(job_id, "stage", {"stage": "prepare", "phase": "end"})
-            answer = await channel.publish.remote(job_id, "stage", {"stage": "denoise", "phase": "start"})
-            if answer.cancelled:
-                raise GenerationCancelled(f"job {job_id} was cancelled")
-            reporter = StepReporter(channel, job_id, answer, self.preview_every)
+        if job is not None:
+            job_events().publish.remote(job.id, "stage", {"stage": "prepare", "phase": "end"}, attempt=job.attempt)
+            answer = await asyncio.to_thread(checked_publish, job, "stage", {"stage": "denoise", "phase": "start"})
+            if answer is not None and answer.cancelled:
+                raise GenerationCancelled(f"job {job.id} was cancelled or taken over")
+            if answer is not None:  # without the channel, the job runs without progress events
+                reporter = StepReporter(job_events(), job.id, answer, self.preview_every, job.attempt)
         slot, waited = await self.bases.acquire(model.base)
         try:
             sized = params.sized(condition.width, condition.height)
@@ -188,8 +189,8 @@ class DenoiserDeployment:
             result = await (self._continuous(item) if self.batcher is not None else self._batch(item))
         finally:
             slot.release()
-        if job_id is not None:
-            channel.publish.remote(job_id, "stage", {"stage": "denoise", "phase": "end"})
+        if reporter is not None:
+            reporter.channel.publish.remote(job.id, "stage", {"stage": "denoise", "phase": "end"}, attempt=job.attempt)
         if isinstance(result, Exception):  # a failed group's error, returned per item by _batch
             raise result
         if waited is not None:

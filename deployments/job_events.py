@@ -82,6 +82,7 @@ class _Job:
     previews: bool = False
     latest_step: tuple[int, int] | None = None  # (step, total)
     stage: str | None = None
+    attempt: int = 0  # the newest run of the job announced (a takeover's run supersedes the ones before it)
 
 
 class JobEventsActor:
@@ -100,8 +101,16 @@ class JobEventsActor:
         self._jobs.move_to_end(job_id)
         return job
 
-    async def publish(self, job_id: str, type_: str, data: dict[str, Any] | None = None) -> PublishAnswer:
+    async def publish(
+        self, job_id: str, type_: str, data: dict[str, Any] | None = None, attempt: int | None = None
+    ) -> PublishAnswer:
+        """Record an event of ``job_id``. A run that names its ``attempt`` learns whether it was superseded: an event
+        of an attempt older than the newest announced is not recorded, and the answer tells the run to stop."""
         job = self._job(job_id)
+        if attempt is not None:
+            if attempt < job.attempt:
+                return PublishAnswer(cancelled=True, previews=False)
+            job.attempt = attempt
         data = data or {}
         job.seq += 1
         job.events.append(JobEvent(job.seq, type_, data, time.time()))
@@ -167,18 +176,36 @@ def job_events() -> ray.actor.ActorHandle:
     return actor.remote()
 
 
+CHANNEL_TIMEOUT_S = 5.0  # a stage waits this long for the channel's answer before it goes on without it
+
+
+def checked_publish(job: Any, type_: str, data: dict[str, Any]) -> PublishAnswer | None:
+    """Publish an event of ``job`` (a ``JobTicket``) and wait for the channel's answer: None when the channel does not
+    answer (its actor is restarting), so a stage goes on without progress events rather than failing the job; the
+    durable job state in S3, not the channel, decides the job's outcome."""
+    try:
+        reference = job_events().publish.remote(job.id, type_, data, attempt=job.attempt)
+        return ray.get(reference, timeout=CHANNEL_TIMEOUT_S)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        return None
+
+
 class StepReporter:
     """A denoising job's ``on_step``: reports each step to the channel and stops the job once it is cancelled.
 
-    The channel's answer to a step's report is read at the next step only if it has arrived (``ray.wait`` with no
-    timeout), so the loop never waits on the channel; a cancellation is seen one or two steps after it was made.
-    A preview (the only host copy of the latents) is made every ``preview_every`` steps, and only while a
-    subscriber asked for previews.
+    A run that a takeover superseded (its ``attempt`` is no longer the newest) is told so in the same answer and
+    stops like a cancelled one. The channel's answer to a step's report is read at the next step only if it has
+    arrived (``ray.wait`` with no timeout), so the loop never waits on the channel; a cancellation is seen one or two
+    steps after it was made. A preview (the only host copy of the latents) is made every ``preview_every`` steps,
+    and only while a subscriber asked for previews.
     """
 
-    def __init__(self, channel: ray.actor.ActorHandle, job_id: str, answer: PublishAnswer, preview_every: int) -> None:
+    def __init__(
+        self, channel: ray.actor.ActorHandle, job_id: str, answer: PublishAnswer, preview_every: int, attempt: int = 1
+    ) -> None:
         self.channel = channel
         self.job_id = job_id
+        self.attempt = attempt
         self.answer = answer
         self.preview_every = preview_every
         self._pending: ray.ObjectRef | None = None
@@ -198,7 +225,7 @@ class StepReporter:
             from deployments.instantid.previews import preview_data_url
 
             data["preview"] = preview_data_url(latents)
-        reference = self.channel.publish.remote(self.job_id, "step", data)
+        reference = self.channel.publish.remote(self.job_id, "step", data, attempt=self.attempt)
         if self._pending is None:
             self._pending = reference
         return False

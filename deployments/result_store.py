@@ -23,7 +23,8 @@ from deployments.generation.messages import (
     SavedGeneration,
     StageTiming,
 )
-from deployments.job_events import job_events
+from deployments.instantid.errors import GenerationCancelled
+from deployments.job_events import checked_publish, job_events
 from deployments.replica import replica_id
 from deployments.storage.conditional import ConditionalRecord
 from deployments.storage.generations import GenerationNotFound, GenerationStore, StorageError
@@ -71,8 +72,11 @@ class ResultStoreDeployment:
         S3; otherwise SpooledError (503, generation kept) or StorageError (503, no spool configured).
         """
         start = time.time()
-        if record.job_id is not None:
-            job_events().publish.remote(record.job_id, "stage", {"stage": "store", "phase": "start"})
+        job = record.job
+        if job is not None:
+            answer = checked_publish(job, "stage", {"stage": "store", "phase": "start"})
+            if answer is not None and answer.cancelled:  # cancelled by its owner, or superseded by a takeover
+                raise GenerationCancelled(f"job {job.id} (attempt {job.attempt}) was cancelled or taken over")
         timings = dict(output.timings)
         # meta.json is written during this stage: it records when the stage started (its end is not known yet).
         timings["store"] = StageTiming(start=start, end=start, seconds=0.0)
@@ -115,8 +119,8 @@ class ResultStoreDeployment:
                 record.id,
             ) from exc
         timings["store"] = StageTiming.since(start)
-        if record.job_id is not None:
-            job_events().publish.remote(record.job_id, "stage", {"stage": "store", "phase": "end"})
+        if job is not None:
+            job_events().publish.remote(job.id, "stage", {"stage": "store", "phase": "end"}, attempt=job.attempt)
         replicas = {**output.replicas, "store": replica_id()}
         return SavedGeneration(
             stored,

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from deployments.generation.messages import JobTicket
 from deployments.job_events import JobProgress, JobStatus
 from deployments.storage.job_records import JobRecords
 from deployments.storage.s3 import S3Settings
@@ -88,9 +89,9 @@ class _Remote:
     def __init__(self, function: Any) -> None:
         self.function = function
 
-    def remote(self, *args: Any) -> asyncio.Future:
+    def remote(self, *args: Any, **kwargs: Any) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        future.set_result(self.function(*args))
+        future.set_result(self.function(*args, **kwargs))
         return future
 
 
@@ -100,7 +101,9 @@ class Channel:
     def __init__(self) -> None:
         self.events: list[tuple[str, str, dict[str, Any]]] = []
         self.cancelled: set[str] = set()
-        self.publish = _Remote(lambda job_id, kind, data=None: self.events.append((job_id, kind, data or {})))
+        self.publish = _Remote(
+            lambda job_id, kind, data=None, attempt=None: self.events.append((job_id, kind, data or {}))
+        )
         self.cancel = _Remote(self.cancelled.add)
         self.progress = _Remote(lambda job_id: JobProgress())
         self.want_previews = _Remote(lambda job_id: None)
@@ -119,6 +122,7 @@ class Harness:
     def __init__(self, s3: ConditionalS3, clock: FakeClock, replica: str = REPLICA, lease_s: float = 30.0) -> None:
         self.channel = Channel()
         self.calls: list[tuple[str, str]] = []  # (job id, request prompt)
+        self.attempts: list[int] = []  # the attempt each generation was told it is
         self.release = asyncio.Event()  # set to let a scripted generation finish
         self.release.set()
         self.runner = JobRunner(
@@ -137,10 +141,11 @@ class Harness:
         )
         self.deleted: list[str] = []
 
-    async def generate(self, req: GenerateRequest, request_id: str, owner: str, job_id: str) -> GenerateResponse:
-        self.calls.append((job_id, req.prompt))
+    async def generate(self, req: GenerateRequest, request_id: str, owner: str, job: JobTicket) -> GenerateResponse:
+        self.calls.append((job.id, req.prompt))
+        self.attempts.append(job.attempt)
         await self.release.wait()
-        return GenerateResponse.model_validate(_response(job_id, request_id))
+        return GenerateResponse.model_validate(_response(job.id, request_id))
 
     async def delete(self, job_id: str) -> int:
         self.deleted.append(job_id)
@@ -262,6 +267,7 @@ def test_the_sweep_takes_over_only_jobs_whose_lease_expired() -> None:
         state = await alive.runner.states.read(accepted.id)
         assert state.status is JobStatus.SUCCEEDED and state.attempts == 2
         assert alive.calls == [(accepted.id, "a portrait")]  # the stored request, run again
+        assert alive.attempts == [2]  # as the second attempt: the first one's run, wherever it is, stops
         assert await alive.runner.sweep() == []  # finished: nothing left to take
 
     run(scenario())
@@ -468,5 +474,30 @@ def test_when_every_base_is_busy_the_unload_waits_for_the_last_job(multiplexer: 
         b, _ = await asyncio.wait_for(loading, 5)
         assert released.is_set() and a.model is None and b.model == "model-b"
         b.release()
+
+    run(scenario())
+
+
+# ------------------------------------------------------------------------------------------- the channel
+
+
+def test_a_superseded_attempt_is_told_to_stop_and_its_events_are_not_recorded() -> None:
+    """After a takeover announces attempt 2, the earlier run (attempt 1) still stepping somewhere learns at its next
+    report that it must stop, and none of its events reach the job's subscribers."""
+    from deployments.job_events import JobEventsActor
+
+    async def scenario() -> None:
+        channel = JobEventsActor()
+        job = "20261207T120000Z-00000000000000cc"
+        first = await channel.publish(job, "step", {"step": 1, "total": 4}, attempt=1)
+        assert not first.cancelled
+        await channel.publish(job, "queued", {"position": None, "attempt": 2}, attempt=2)
+        stale = await channel.publish(job, "step", {"step": 2, "total": 4}, attempt=1)
+        assert stale.cancelled
+        fresh = await channel.publish(job, "step", {"step": 1, "total": 4}, attempt=2)
+        assert not fresh.cancelled
+        events = await channel.wait(job, 0, 0.0)
+        assert [(e.type, e.data.get("step")) for e in events] == [("step", 1), ("queued", None), ("step", 1)]
+        assert (await channel.progress(job)).step == 1  # the new attempt's progress, not the orphan's step 2
 
     run(scenario())

@@ -22,6 +22,7 @@ from .messages import (
     DenoiseBatch,
     DenoiseResult,
     FaceResult,
+    JobTicket,
     PromptResult,
     StageTiming,
     Timings,
@@ -109,9 +110,9 @@ class DenoiseStage:
         face: FaceResult,
         prompt: PromptResult,
         controls: ControlMapsResult | None = None,
-        job_id: str | None = None,
+        job: JobTicket | None = None,
     ) -> DenoiseResult:
-        """The images of one request (``job_id`` is for the served stage's progress events; unused here)."""
+        """The images of one request (``job`` is for the served stage's progress events; unused here)."""
         arrived = time.time()
         sized = params.sized(face.condition.width, face.condition.height)
         self.adapters.activate(model.loras)

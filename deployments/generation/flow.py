@@ -20,6 +20,7 @@ from .messages import (
     GenerationRecord,
     GroupFaceRequest,
     IdentityRequest,
+    JobTicket,
     PromptRequest,
 )
 from .plan import GenerationInputs, GenerationPlan
@@ -40,7 +41,7 @@ class Stages(Protocol):
     def prepare_controls(self, request: ControlMapsRequest) -> Any: ...
 
     def denoise(
-        self, params: GenerationParams, model: ModelChoice, face: Any, prompt: Any, controls: Any, job_id: str | None
+        self, params: GenerationParams, model: ModelChoice, face: Any, prompt: Any, controls: Any, job: JobTicket | None
     ) -> Any: ...
 
     def score(self, output: Any, face: Any) -> Any: ...
@@ -85,7 +86,7 @@ def generate(
     controls = stages.prepare_controls(controls_request) if controls_request is not None else None
 
     # 4. Denoising, fed with the three as they come; the output size is the face stage's.
-    output = stages.denoise(plan.params, plan.model, face, prompt, controls, record.job_id)
+    output = stages.denoise(plan.params, plan.model, face, prompt, controls, record.job)
 
     # 5. Each image's identity score, by the face stage's recognition model (several people: per region).
     scores = stages.score(output, face) if plan.people is None else None

@@ -51,6 +51,7 @@ from .messages import (
     GroupFaceRequest,
     IdentityRequest,
     IdentityResult,
+    JobTicket,
     PromptRequest,
     PromptResult,
 )
@@ -186,7 +187,7 @@ class _LocalStages:
         face: FaceResult,
         prompt: PromptResult,
         controls: Any,
-        job_id: str | None,
+        job: JobTicket | None,
     ) -> DenoiseResult:
         return self.pipeline.denoise.generate(params, model, face, prompt, controls)
 

@@ -243,6 +243,20 @@ class GenerationRecord:
     init_image_given: bool = False
     face_photos: int = 1
     job_id: str | None = None  # an async job's id (its progress events go to the job channel)
+    job_attempt: int = 1  # which run of the job this is (a takeover after a replica's death starts the next)
+
+    @property
+    def job(self) -> JobTicket | None:
+        return None if self.job_id is None else JobTicket(self.job_id, self.job_attempt)
+
+
+@dataclass(frozen=True)
+class JobTicket:
+    """An async job as a stage sees it: its id (progress goes to the job's events) and the attempt this run is. A run
+    whose attempt a takeover superseded stops at its next step, so two runs never both finish one job."""
+
+    id: str
+    attempt: int = 1
 
 
 @dataclass

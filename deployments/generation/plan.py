@@ -174,6 +174,7 @@ class GenerationPlan:
         models: dict[str, Any],
         inputs_stored: bool,
         job_id: str | None = None,
+        job_attempt: int = 1,
     ) -> GenerationRecord:
         """What meta.json records about the request (the store adds what the stages made)."""
         return GenerationRecord(
@@ -187,6 +188,7 @@ class GenerationPlan:
             pose_image_given=self.given.pose,
             face_photos=self.given.face_photos if self.people is None else sum(p.photos for p in self.people),
             job_id=job_id,
+            job_attempt=job_attempt,
             inputs_stored=inputs_stored,
             models=models,
             init_image_given=self.given.init,

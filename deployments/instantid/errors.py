@@ -19,6 +19,11 @@ class InstantIDError(Exception):
     def __reduce__(self):  # keep the subclass and message across pickling (Ray)
         return (type(self), (self.message,))
 
+    @property
+    def public_message(self) -> str:
+        """What a client is told; the message itself unless it holds internals (see StorageError)."""
+        return self.message
+
 
 class InvalidImageError(InstantIDError):
     """The bytes are not a decodable image (truncated, corrupt, unknown format)."""

@@ -53,5 +53,3 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}") from None
     return cls.from_config(dict(base_config), **overrides)
-
-

@@ -21,6 +21,7 @@ class ConditionalRecord:
     body: dict[str, Any]
     etag: str
 
+
 # 412: the precondition failed (the object exists / changed). 409: AWS's answer to two conditional writes
 # racing on one key. Either way somebody else's write won.
 _LOST_RACE_STATUS = {409, 412}

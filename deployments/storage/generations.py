@@ -27,7 +27,8 @@ from pathlib import PurePath
 from typing import Any, Literal
 
 import numpy as np
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ReadTimeoutError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,6 +62,8 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 META_NAME = "meta.json"
 S3_ERRORS = (BotoCoreError, ClientError)
+# S3 did not answer at all (no connection, or no response in time): retrying anything now waits the same again.
+UNREACHABLE = (BotoConnectionError, ReadTimeoutError, ConnectionClosedError)
 
 _ID_RE = re.compile(r"^(?P<stamp>[0-9]{8}T[0-9]{6}Z)-(?P<rand>[0-9a-f]{16})$")
 _ID_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -74,6 +77,11 @@ class StorageError(InstantIDError):
 
     code = "storage_unavailable"
     status = 503
+
+    @property
+    def public_message(self) -> str:
+        """S3's own words name the endpoint, the bucket and object keys: those stay in the service's logs."""
+        return "storage is unavailable; retry shortly"
 
 
 class GenerationNotFound(InstantIDError, KeyError):
@@ -353,8 +361,11 @@ class GenerationStore:
     def upload(self, prepared: PreparedGeneration) -> StoredGeneration:
         """Upload every object (meta.json last) and confirm each (HEAD, size) before returning.
 
-        On any S3 failure the objects of this generation are deleted (best effort) and
-        :class:`StorageError` is raised, so success is only ever reported for objects that are really there.
+        On any S3 failure :class:`StorageError` is raised, so success is only ever reported for objects that are
+        really there, and the objects of this generation are deleted (best effort) unless S3 could not be reached:
+        then a delete would only wait out the same timeouts again before the client hears of the failure, and what
+        was written (images, never meta.json, so no route shows them) is overwritten by the spool's upload or
+        expired by the bucket's lifecycle rule.
         """
         attempted: list[str] = []
         try:
@@ -362,7 +373,8 @@ class GenerationStore:
                 attempted.append(key)
                 self._put_and_confirm(key, data, content_type)
         except (*S3_ERRORS, StorageError) as exc:
-            self._delete_keys_quietly(attempted)
+            if not isinstance(exc, UNREACHABLE):
+                self._delete_keys_quietly(attempted)
             if isinstance(exc, StorageError):
                 raise
             raise StorageError(f"could not store generation {prepared.generation_id}: {describe_error(exc)}") from exc

@@ -104,10 +104,20 @@ class S3Settings(BaseModel):
     addressing_style: Literal["path", "virtual", "auto"] = Field(
         "path", description="'path' works with every S3-compatible store and with dotted bucket names."
     )
-    connect_timeout_s: float = Field(2.0, gt=0, le=300)
-    read_timeout_s: float = Field(10.0, gt=0, le=3600)
+    connect_timeout_s: float = Field(
+        2.0, gt=0, le=300, description="Per attempt: how long a connection to S3 may take to open."
+    )
+    read_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="Per attempt: how long S3 may take to answer on an open connection."
+    )
     max_attempts: int = Field(
-        3, ge=1, le=20, description="Total attempts per request, the first included (standard retry mode)."
+        3,
+        ge=1,
+        le=20,
+        description="Total attempts per request, the first included (standard retry mode). With the two timeouts "
+        "this bounds how long a stalled or unreachable S3 holds a request before its 503: max_attempts x "
+        "(connect_timeout_s + read_timeout_s), 36 s with the defaults (the store's first failing call; it then "
+        "spools the generation without further S3 calls).",
     )
     presign_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="SigV4 allows at most 7 days.")
     create_bucket: bool = Field(False, description="Create the bucket on start if missing (embedded store).")

@@ -29,6 +29,10 @@ class SpooledError(StorageError):
     def __reduce__(self):
         return (type(self), (self.message, self.generation_id))
 
+    @property
+    def public_message(self) -> str:
+        return self.message  # written by the store: the generation id and its URL, no S3 internals
+
 
 class Spool:
     def __init__(self, directory: str | Path) -> None:

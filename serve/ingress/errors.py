@@ -11,6 +11,7 @@ else is a 500 that says nothing about its cause. :func:`install_error_handlers` 
 import logging
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,28 +81,47 @@ def validation_message(exc: ValidationError | RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def causes(exc: BaseException, depth: int = 8) -> Iterator[BaseException]:
+    """``exc`` and what caused it, outermost first: an error raised in another deployment arrives wrapped
+    (``RayTaskError``, possibly several times along a chain of calls), with the original in its cause chain."""
+    cause: BaseException | None = exc
+    for _ in range(depth):
+        if cause is None:
+            return
+        yield cause
+        nxt = getattr(cause, "cause", None) or cause.__cause__
+        cause = None if nxt is cause else nxt
+
+
+def replica_gone(exc: BaseException) -> bool:
+    """Whether a replica died under the request, at any depth of its cause chain (the Denoiser's death reaches the
+    ingress through the ResultStore call it was an argument of): a transparent retry is safe."""
+    for cause in causes(exc):
+        if isinstance(cause, InstantIDError | BackPressureError):
+            return False  # the request's own outcome, decided before any replica loss
+        if isinstance(cause, REPLICA_GONE):
+            return True
+    return False
+
+
 def classify_error(exc: BaseException) -> ErrorInfo:
     """Status, code, message and headers for any exception reaching the API, downstream ones included."""
     if isinstance(exc, ApiError):
         return ErrorInfo(exc.status, exc.code, exc.message, exc.headers)
     if isinstance(exc, (ValidationError, RequestValidationError)):
         return ErrorInfo(422, "invalid_parameter", validation_message(exc))
-    # Errors raised in another deployment arrive wrapped (RayTaskError); the original is in the cause chain.
-    cause: BaseException | None = exc
-    for _ in range(6):
-        if cause is None:
-            break
+    for cause in causes(exc):
         if isinstance(cause, InstantIDError):
             headers = {"Retry-After": "10"} if cause.status == 503 else {}
-            return ErrorInfo(cause.status, cause.code, cause.message, headers, getattr(cause, "generation_id", None))
+            return ErrorInfo(
+                cause.status, cause.code, cause.public_message, headers, getattr(cause, "generation_id", None)
+            )
         if isinstance(cause, BackPressureError):
             return ErrorInfo(503, *OVERLOADED, {"Retry-After": "5"})
         if isinstance(cause, REPLICA_GONE):
             return ErrorInfo(
                 503, "replica_unavailable", "a worker failed while serving the request; retry", {"Retry-After": "5"}
             )
-        nxt = getattr(cause, "cause", None) or cause.__cause__
-        cause = None if nxt is cause else nxt
     return ErrorInfo(500, "internal_error", "internal error; quote the request id when reporting it")
 
 

@@ -26,6 +26,7 @@ from deployments.generation.messages import (
     GenerationRecord,
     GroupFaceRequest,
     IdentityRequest,
+    JobTicket,
     PromptRequest,
     SavedGeneration,
     StageTiming,
@@ -49,7 +50,7 @@ from serve.schemas import (
     ModelUsed,
 )
 
-from .errors import REPLICA_GONE, ApiError
+from .errors import ApiError, replica_gone
 from .inputs import ImageInputs
 
 logger = logging.getLogger("ray.serve")
@@ -98,10 +99,10 @@ class HandleStages:
         face: DeploymentResponse,
         prompt: DeploymentResponse,
         controls: DeploymentResponse | None,
-        job_id: str | None,
+        job: JobTicket | None,
     ) -> DeploymentResponse:
         denoiser = self.handles.denoiser.options(multiplexed_model_id=self.base)
-        return denoiser.generate.remote(params, model, face, prompt, controls, job_id)
+        return denoiser.generate.remote(params, model, face, prompt, controls, job)
 
     def score(self, output: DeploymentResponse, face: DeploymentResponse) -> DeploymentResponse:
         return self.handles.face.score.remote(output, face)
@@ -157,27 +158,32 @@ class Generations:
         return plan_generation(request.options(), request.inputs_given(), self.catalogue, self.controlnets)
 
     async def run(
-        self, request: GenerateRequest, request_id: str, owner: str, job_id: str | None = None
+        self, request: GenerateRequest, request_id: str, owner: str, job: JobTicket | None = None
     ) -> GenerateResponse:
         """One generation, retried once when a replica died under it (generation is deterministic for the seed,
         so the retry gives the same images); a second failure reaches the client as a 503."""
         try:
-            return await self._run(request, request_id, owner, job_id)
-        except REPLICA_GONE:
-            logger.warning("request %s: a replica failed; retrying once", request_id)
-            return await self._run(request, request_id, owner, job_id)
+            return await self._run(request, request_id, owner, job)
+        except Exception as exc:
+            if not replica_gone(exc):
+                raise
+            logger.warning("request %s: a replica failed (%s); retrying once", request_id, type(exc).__name__)
+        return await self._run(request, request_id, owner, job)
 
-    async def _run(self, request: GenerateRequest, request_id: str, owner: str, job_id: str | None) -> GenerateResponse:
+    async def _run(
+        self, request: GenerateRequest, request_id: str, owner: str, job: JobTicket | None
+    ) -> GenerateResponse:
         started = time.time()
         plan = self.plan(request)
         inputs = await self.load(request, plan)
         record = plan.record(
-            job_id or new_generation_id(),
+            job.id if job is not None else new_generation_id(),
             request_id,
             owner,
             models=self.weights,
             inputs_stored=request.store_inputs,
-            job_id=job_id,
+            job_id=None if job is None else job.id,
+            job_attempt=1 if job is None else job.attempt,
         )
         stages = HandleStages(self.handles, plan.model.base, self.request_timeout_s)
         saved: SavedGeneration = await generate(plan, inputs, stages, record, keep_inputs=request.store_inputs)

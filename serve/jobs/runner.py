@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from deployments import metrics
+from deployments.generation.messages import JobTicket
 from deployments.job_events import JobStatus
 from deployments.storage.generations import new_generation_id, validate_generation_id
 from serve.ingress.errors import ApiError, classify_error
@@ -33,7 +34,8 @@ from .webhooks import WebhookSettings, deliver
 
 logger = logging.getLogger("ray.serve")
 
-Generate = Callable[[GenerateRequest, str, str, str], Awaitable[GenerateResponse]]  # request, request id, owner, job
+# request, request id, owner, the job and this run's attempt
+Generate = Callable[[GenerateRequest, str, str, JobTicket], Awaitable[GenerateResponse]]
 
 
 class JobRunner:
@@ -225,7 +227,8 @@ class JobRunner:
                     raise asyncio.CancelledError
                 self.channel.publish.remote(job_id, "stage", {"stage": "prepare", "phase": "start"})
                 response = await asyncio.wait_for(
-                    self.generate(request, request_id, owner, job_id), self.request_timeout_s
+                    self.generate(request, request_id, owner, JobTicket(job_id, state.attempts)),
+                    self.request_timeout_s,
                 )
             finally:
                 await self.admission.leave()
@@ -316,7 +319,10 @@ class JobRunner:
             if request is None:
                 continue
             logger.warning("job %s: its lease expired; taking it over (attempt %d)", job_id, taken.attempts)
-            self.channel.publish.remote(job_id, "queued", {"position": None, "attempt": taken.attempts})
+            # Announced with its attempt: a run of an earlier attempt still going somewhere stops at its next step.
+            self.channel.publish.remote(
+                job_id, "queued", {"position": None, "attempt": taken.attempts}, attempt=taken.attempts
+            )
             self._start(job_id, request, taken.owner, taken.request_id)
             taken_over.append(job_id)
         return taken_over
