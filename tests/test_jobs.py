@@ -150,9 +150,15 @@ def test_cancel_stops_the_denoiser_within_a_step_and_delete_removes_a_finished_j
 
 
 def test_a_job_survives_the_ingress_replica_that_ran_it(serve_stack) -> None:
+    """The replica running a job dies: another one takes the job over from S3 and runs it again (attempt 2), and
+    the first run, still denoising on the Denoiser, stops at its next step instead of running every step again."""
     import ray
+    from ray import serve as ray_serve
 
-    accepted = submit(serve_stack.url, num_inference_steps=60)
+    steps, size = 60, 512  # long enough that the first run is still denoising when the takeover starts
+    denoiser = ray_serve.get_deployment_handle("Denoiser", serve_stack.app_name)
+    rows_before = denoiser.batching_stats.remote().result()["rows"]
+    accepted = submit(serve_stack.url, num_inference_steps=steps, width=size, height=size)
     events(serve_stack.url, accepted["id"], until={"step"})
     replicas = [
         actor["name"]
@@ -161,7 +167,7 @@ def test_a_job_survives_the_ingress_replica_that_ran_it(serve_stack) -> None:
     ]
     assert len(replicas) == 1
     ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
     job = None
     while time.monotonic() < deadline:  # Serve replaces the replica; its sweep takes the job over
         try:
@@ -174,6 +180,10 @@ def test_a_job_survives_the_ingress_replica_that_ran_it(serve_stack) -> None:
     assert job is not None and job["status"] == "succeeded", job
     assert job["attempts"] == 2
     assert all(s3_object_exists(serve_stack.s3.client(), image["uri"]) for image in job["result"]["images"])
+    # Every UNet row the Denoiser stepped meanwhile (2 per step with guidance): the second run's whole schedule plus
+    # the first run's steps until it learnt of the takeover, far fewer than a second whole schedule.
+    stepped = denoiser.batching_stats.remote().result()["rows"] - rows_before
+    assert 2 * steps < stepped < 2 * steps * 1.8, stepped
 
 
 def test_job_errors_are_json(serve_stack) -> None:
