@@ -4,6 +4,7 @@ and which failures the ingress retries, at any depth of a chain of deployment ca
 from __future__ import annotations
 
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
@@ -64,3 +65,46 @@ def test_storage_failures_tell_clients_no_s3_internals() -> None:
     spooled = SpooledError("storage is unavailable; generation G is kept (GET /v1/generations/G)", "G")
     info = classify_error(raised_in("ResultStore.save", spooled))
     assert info.message == spooled.message and info.generation_id == "G"
+
+
+class _StalledS3:
+    """An S3 client whose puts fail with ``error``; it records every call."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.calls: list[str] = []
+
+    def put_object(self, **kwargs: object) -> None:
+        self.calls.append("put")
+        raise self.error
+
+    def delete_object(self, **kwargs: object) -> None:
+        self.calls.append("delete")
+
+
+@pytest.mark.parametrize(
+    ("error", "deletes"),
+    [
+        (ReadTimeoutError(endpoint_url="http://s3"), 0),
+        (EndpointConnectionError(endpoint_url="http://s3"), 0),
+        (
+            ClientError({"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 500}}, "PutObject"),
+            1,
+        ),
+    ],
+    ids=["stalled", "unreachable", "refused"],
+)
+def test_a_failed_upload_cleans_up_only_when_s3_answers(error: BaseException, deletes: int) -> None:
+    """S3 that does not answer would make the cleanup wait out the same timeouts again before the client hears of
+    the failure (a stall's 503 took 64-72 s): only an S3 that answered is asked to delete what was written."""
+    import numpy as np
+
+    from deployments.storage.generations import GenerationStore
+    from deployments.storage.s3 import S3Settings
+
+    client = _StalledS3(error)
+    store = GenerationStore(client, S3Settings(bucket="stalled"))
+    prepared = store.prepare("20261207T120000Z-0123456789abcdef", [np.zeros((8, 8, 3), np.uint8)], "png", 90, {})
+    with pytest.raises(StorageError):
+        store.upload(prepared)
+    assert client.calls == ["put"] + ["delete"] * deletes
