@@ -1,5 +1,5 @@
 """The job system without Ray or SeaweedFS, fast: conditional job records, leases on a fake clock, the sweep's
-takeover, the run's outcome, admission order and base-slot eviction.
+takeover, the run's outcome and its webhook's, admission order and base-slot eviction.
 
 The narrow fakes sit at the outer boundaries only: an in-memory S3 client that honours ``If-Match`` /
 ``If-None-Match`` as S3 does (412 when the condition fails), the event channel (an object with the actor's methods),
@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, EndpointConnectionError
 
 from deployments.job_events import JobProgress, JobStatus
 from deployments.storage.job_records import JobRecords
@@ -35,14 +37,21 @@ REPLICA, OTHER = "replica-a", "replica-b"
 
 class ConditionalS3:
     """An in-memory S3 client with S3's conditional writes: ``IfNoneMatch="*"`` creates only, ``IfMatch=etag``
-    replaces only that version; otherwise a 412 ``PreconditionFailed``."""
+    replaces only that version; otherwise a 412 ``PreconditionFailed``. ``failing(operation, key)`` says when S3 is
+    unreachable for a call (``put``, ``get``, ``delete``, ``list``): it raises botocore's connection error."""
 
     def __init__(self) -> None:
         self.objects: dict[str, tuple[bytes, str]] = {}
         self.puts: list[dict[str, Any]] = []
+        self.failing: Callable[[str, str], bool] = lambda operation, key: False
+
+    def _reach(self, operation: str, key: str) -> None:
+        if self.failing(operation, key):
+            raise EndpointConnectionError(endpoint_url="http://s3.test")
 
     def put_object(self, *, Bucket: str, Key: str, Body: bytes, **kwargs: Any) -> dict[str, Any]:
         self.puts.append({"Key": Key, **kwargs})
+        self._reach("put", Key)
         current = self.objects.get(Key)
         if kwargs.get("IfNoneMatch") == "*" and current is not None:
             raise _error(412, "PreconditionFailed")
@@ -53,20 +62,23 @@ class ConditionalS3:
         return {"ETag": etag}
 
     def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        self._reach("get", Key)
         if Key not in self.objects:
             raise _error(404, "NoSuchKey")
         body, etag = self.objects[Key]
         return {"Body": io.BytesIO(body), "ETag": etag}
 
     def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        self._reach("delete", Key)
         self.objects.pop(Key, None)
         return {}
 
     def get_paginator(self, name: str) -> Any:
-        objects = self.objects
+        objects, reach = self.objects, self._reach
 
         class Pages:
             def paginate(self, *, Bucket: str, Prefix: str) -> list[dict[str, Any]]:
+                reach("list", Prefix)
                 return [{"Contents": [{"Key": key} for key in sorted(objects) if key.startswith(Prefix)]}]
 
         return Pages()
@@ -116,7 +128,15 @@ def request(**fields: Any) -> GenerateRequest:
 class Harness:
     """One replica's JobRunner over the shared fake S3, on a fake clock; ``generate`` is scripted."""
 
-    def __init__(self, s3: ConditionalS3, clock: FakeClock, replica: str = REPLICA, lease_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        s3: ConditionalS3,
+        clock: FakeClock,
+        replica: str = REPLICA,
+        lease_s: float = 30.0,
+        webhooks: WebhookSettings | None = None,
+        webhook_secret: str | None = None,
+    ) -> None:
         self.channel = Channel()
         self.calls: list[tuple[str, str]] = []  # (job id, request prompt)
         self.release = asyncio.Event()  # set to let a scripted generation finish
@@ -131,8 +151,8 @@ class Harness:
             request_timeout_s=60,
             generate=self.generate,
             delete_generation=self.delete,
-            webhook_secret=lambda owner: None,
-            webhooks=WebhookSettings(),
+            webhook_secret=lambda owner: webhook_secret,
+            webhooks=webhooks or WebhookSettings(),
             owner_scoped=False,
         )
         self.deleted: list[str] = []
@@ -332,6 +352,51 @@ def test_an_unreadable_stored_request_fails_the_job_instead_of_looping() -> None
         state = await other.runner.states.read(accepted.id)
         assert state.status is JobStatus.FAILED and state.error.code == "internal_error"
         assert other.calls == []
+
+    run(scenario())
+
+
+# --------------------------------------------------------------------------------------------- webhooks
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:  # a port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+WEBHOOK_SECRET = "whsec-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("allowed", "host", "secret", "reason"),
+    [
+        (["127.0.0.1"], "127.0.0.1:{port}", WEBHOOK_SECRET, "ConnectError"),  # tried, nobody listening
+        (["hooks.example.com"], "other.example.org:8443", WEBHOOK_SECRET, "other.example.org"),  # the list changed
+        (["127.0.0.1"], "127.0.0.1:{port}", None, "no signing secret"),  # the owner's key was revoked since
+    ],
+    ids=["unreachable", "refused", "no-secret"],
+)
+def test_an_undelivered_webhook_says_why_in_the_job_body(
+    allowed: list[str], host: str, secret: str | None, reason: str
+) -> None:
+    """The reason names at most the host: never the URL's path or query (a token?) nor the signing secret."""
+    settings = WebhookSettings(
+        allowed_hosts=allowed, allow_private_addresses=True, allow_http=True, max_attempts=1, timeout_s=2
+    )
+    url = f"http://{host.format(port=_closed_port())}/private/hook?token=query-secret"
+
+    async def scenario() -> None:
+        harness = Harness(ConditionalS3(), FakeClock(), webhooks=settings, webhook_secret=secret)
+        accepted = await harness.runner.submit(request(callback_url=url), "rid", "alice", "")
+        await harness.finished(accepted.id)
+        webhook = (await harness.runner.get(accepted.id, "alice"))["webhook"]
+        assert webhook["delivered"] is False and webhook["status"] is None
+        assert reason in webhook["error"]
+        for private in ("query-secret", "/private/hook", secret or url, url):
+            assert private not in webhook["error"]
+        state = await harness.runner.states.read(accepted.id)
+        assert state.webhook is not None and state.webhook.error == webhook["error"]  # stored with the outcome
 
     run(scenario())
 

@@ -265,15 +265,18 @@ class JobRunner:
                 return
 
     async def _deliver_webhook(self, final: JobState, owner: str) -> None:
-        secret = self.webhook_secret(owner)
-        if secret is None:
-            logger.warning("job %s: no webhook secret for its owner; the webhook is not sent", final.id)
-            return
+        """Send the final body and record how that ended, with the reason when it was not delivered (the
+        delivery's error names at most the host, so the owner may see it). Without a secret (the owner's key was
+        revoked since) nothing is sent, and the outcome says so."""
         assert final.callback_url is not None
+        secret = self.webhook_secret(owner) or ""
         result = await deliver(final.callback_url, public_body(final), secret, self.webhooks)
+        outcome = WebhookOutcome(
+            delivered=result.delivered, attempts=result.attempts, status=result.status, error=result.error
+        )
 
         def record(current: JobState) -> bool:
-            current.webhook = WebhookOutcome(delivered=result.delivered, attempts=result.attempts, status=result.status)
+            current.webhook = outcome
             return True
 
         await self.states.update(final.id, record)

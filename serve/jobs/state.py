@@ -50,8 +50,14 @@ class WebhookOutcome(BaseModel):
     """How the delivery of the final body to ``callback_url`` ended."""
 
     delivered: bool
-    attempts: int
-    status: int | None
+    attempts: int = Field(description="Tries started (0: refused before any, e.g. the host left the allow-list).")
+    status: int | None = Field(description="The receiver's last HTTP status (None: no answer).")
+    error: str | None = Field(
+        default=None,
+        description="Why it was not delivered (None once delivered): the last try's failure, e.g. 'HTTP 500', "
+        "'ConnectError: ...' or 'refused: ...'. It names at most the host, never the URL's path or query (it may "
+        "carry a token) nor the signing secret.",
+    )
 
 
 class JobState(BaseModel):
@@ -68,7 +74,11 @@ class JobState(BaseModel):
     callback_url: str | None = None
     result: dict[str, Any] | None = None
     error: JobError | None = None
-    webhook: WebhookOutcome | None = None
+    webhook: WebhookOutcome | None = Field(
+        default=None,
+        description="Set once the job ended and a callback_url was given: delivered or not, tries, the receiver's "
+        "last status, and the error that ended an undelivered one.",
+    )
 
     def finish(self, status: JobStatus, result: dict[str, Any] | None = None, error: JobError | None = None) -> None:
         """Enter a terminal status: nobody holds the job any more."""
