@@ -1,5 +1,5 @@
 """The job system without Ray or SeaweedFS, fast: conditional job records, leases on a fake clock, the sweep's
-takeover, the run's outcome and its webhook's, admission order and base-slot eviction.
+takeover, the run's outcome and its webhook's, the event stream's ids, admission order and base-slot eviction.
 
 The narrow fakes sit at the outer boundaries only: an in-memory S3 client that honours ``If-Match`` /
 ``If-None-Match`` as S3 does (412 when the condition fails), the event channel (an object with the actor's methods),
@@ -21,13 +21,14 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from deployments.job_events import JobProgress, JobStatus
+from deployments.job_events import JobEvent, JobProgress, JobStatus
 from deployments.storage.job_records import JobRecords
 from deployments.storage.s3 import S3Settings
 from serve.jobs.admission import Admission
+from serve.jobs.events import SharedFeeds, follow_events
 from serve.jobs.leases import Leases
 from serve.jobs.runner import JobRunner
-from serve.jobs.state import JobsConfig, JobStates
+from serve.jobs.state import JobsConfig, JobState, JobStates, now_iso
 from serve.jobs.webhooks import WebhookSettings
 from serve.schemas import GenerateRequest, GenerateResponse
 
@@ -399,6 +400,67 @@ def test_an_undelivered_webhook_says_why_in_the_job_body(
         assert state.webhook is not None and state.webhook.error == webhook["error"]  # stored with the outcome
 
     run(scenario())
+
+
+# ------------------------------------------------------------------------------------------- event ids
+
+
+class EventChannel:
+    """The event side of the channel: the job's numbered events (all published already), ``progress`` with the last
+    id, and ``wait`` answering those after an id (a short sleep first when there are none, as a long poll would)."""
+
+    def __init__(self, kinds: list[str]) -> None:
+        self.events = [JobEvent(seq, kind, {"n": seq}, 0.0) for seq, kind in enumerate(kinds, start=1)]
+        self.progress = _Remote(lambda job_id: JobProgress(stage="denoise", last_event_id=len(self.events)))
+        self.wait = self
+
+    async def remote(self, job_id: str, after: int, timeout_s: float) -> list[JobEvent]:
+        fresh = [event for event in self.events if event.seq > after]
+        if not fresh:
+            await asyncio.sleep(min(timeout_s, 0.01))
+        return fresh
+
+
+def _ids(chunks: list[bytes]) -> list[tuple[str, int | None]]:
+    """(event type, id) of each event of a stream, heartbeats left out."""
+    events = []
+    for chunk in chunks:
+        if chunk.startswith(b":"):
+            continue
+        fields = dict(line.split(": ", 1) for line in chunk.decode().strip().split("\n"))
+        events.append((fields["event"], int(fields["id"]) if "id" in fields else None))
+    return events
+
+
+@pytest.mark.parametrize("status", [JobStatus.RUNNING, JobStatus.SUCCEEDED])
+@pytest.mark.parametrize("last_event_id", [0, 2, 5])
+def test_event_ids_never_go_back_and_a_resumed_stream_repeats_none(status: JobStatus, last_event_id: int) -> None:
+    """Whether the job is still running or finished (the terminal path), a stream's ids only go up, and a stream
+    resumed with Last-Event-ID gets exactly the events after it (the state first, with no id of its own)."""
+    kinds = ["queued", "stage", "step", "step", "step", "succeeded"]
+    channel = EventChannel(kinds)
+    stamp = now_iso()
+    job = "20261207T120000Z-00000000000000ee"
+    state = JobState(id=job, owner="alice", request_id="r", status=status, created_at=stamp, updated_at=stamp)
+    final = state.model_copy(update={"status": JobStatus.SUCCEEDED})
+
+    async def read_state() -> JobState:
+        return final
+
+    async def scenario() -> list[bytes]:
+        stream = follow_events(job, channel, SharedFeeds(channel), state, read_state, last_event_id, 0.05)
+        return [chunk async for chunk in stream]
+
+    events = _ids(run(scenario()))
+    assert events[0][0] == "state" and events[-1][0] == "succeeded"
+    ids = [event_id for _, event_id in events if event_id is not None]
+    assert ids == sorted(set(ids))  # strictly increasing
+    if last_event_id:
+        assert events[0][1] is None  # the state stands for the present, the replay for what came before it
+        assert all(event_id > last_event_id for event_id in ids)
+        assert events[1:] == [(kind, seq) for seq, kind in enumerate(kinds, start=1) if seq > last_event_id]
+    else:
+        assert events[0][1] == len(kinds)  # a new stream: the state covers every event so far
 
 
 # ------------------------------------------------------------------------------------------- admission
