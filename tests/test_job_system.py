@@ -1,5 +1,6 @@
 """The job system without Ray or SeaweedFS, fast: conditional job records, leases on a fake clock, the sweep's
-takeover, the run's outcome and its webhook's, the event stream's ids, admission order and base-slot eviction.
+takeover and its removal of what failed submissions left, the run's outcome and its webhook's, the event stream's
+ids, admission order and base-slot eviction.
 
 The narrow fakes sit at the outer boundaries only: an in-memory S3 client that honours ``If-Match`` /
 ``If-None-Match`` as S3 does (412 when the condition fails), the event channel (an object with the actor's methods),
@@ -22,6 +23,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from deployments.job_events import JobEvent, JobProgress, JobStatus
+from deployments.storage.generations import StorageError, generation_time
 from deployments.storage.job_records import JobRecords
 from deployments.storage.s3 import S3Settings
 from serve.jobs.admission import Admission
@@ -87,6 +89,21 @@ class ConditionalS3:
 
 def _error(status: int, code: str) -> ClientError:
     return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+def is_state(key: str) -> bool:
+    """``jobs/<id>.json``, a job's state (not its request)."""
+    return key.startswith(f"{SETTINGS.prefix}/jobs/") and key.endswith(".json") and not is_request(key)
+
+
+def is_request(key: str) -> bool:
+    return key.endswith(".request.json")
+
+
+def stored_request_id(s3: ConditionalS3) -> str:
+    """The id of the one job whose request was written (a failed submission never answers it)."""
+    (key,) = {put["Key"] for put in s3.puts if is_request(put["Key"])}
+    return key.rsplit("/", 1)[1].removesuffix(".request.json")
 
 
 class FakeClock:
@@ -241,6 +258,47 @@ def test_a_finished_job_is_no_longer_swept_and_its_request_is_gone() -> None:
         records.create(job_id, {"status": "queued"}, {})
 
 
+def test_a_create_whose_state_write_fails_removes_what_it_wrote() -> None:
+    """S3 fails the state write (the client gets a 503): the request, which may hold a face photo, and the marker
+    are removed again, so nothing is left that no job points to."""
+    s3 = ConditionalS3()
+    s3.failing = lambda operation, key: operation == "put" and is_state(key)
+    records = JobRecords(s3, SETTINGS)
+    job_id = "20261207T120000Z-00000000000000bb"
+    with pytest.raises(StorageError, match="could not"):
+        records.create(job_id, {"status": "queued"}, {"prompt": "with a photo", "face_image_b64": "aGVsbG8="})
+    assert any(is_request(put["Key"]) for put in s3.puts)  # it was written...
+    assert s3.objects == {}  # ...and is gone, with the marker
+
+
+def test_a_create_whose_state_landed_unanswered_removes_it_too() -> None:
+    """A write may land although its answer is lost: the state this create wrote goes as well (the client was told
+    the job does not exist), while a state another writer made (here a finished job's) is left as it was."""
+
+    class LostAnswer(ConditionalS3):
+        def put_object(self, **kwargs: Any) -> dict[str, Any]:
+            answer = super().put_object(**kwargs)
+            if is_state(kwargs["Key"]):
+                raise EndpointConnectionError(endpoint_url="http://s3.test")
+            return answer
+
+    s3 = LostAnswer()
+    records = JobRecords(s3, SETTINGS)
+    with pytest.raises(StorageError):
+        records.create("20261207T120000Z-00000000000000cc", {"status": "queued"}, {"prompt": "x"})
+    assert s3.objects == {}
+
+    plain = ConditionalS3()
+    records = JobRecords(plain, SETTINGS)
+    job_id = "20261207T120000Z-00000000000000dd"
+    records.create(job_id, {"status": "queued"}, {"prompt": "first"})
+    records.replace(job_id, {"status": "failed", "by": "the first"}, records.read(job_id).etag, finished=True)
+    with pytest.raises(StorageError, match="exists already"):
+        records.create(job_id, {"status": "queued", "by": "the second"}, {"prompt": "second"})
+    assert records.read(job_id).body == {"status": "failed", "by": "the first"}
+    assert records.active() == [] and records.read_request(job_id) is None
+
+
 # --------------------------------------------------------------------------------------------- the runner
 
 
@@ -353,6 +411,116 @@ def test_an_unreadable_stored_request_fails_the_job_instead_of_looping() -> None
         state = await other.runner.states.read(accepted.id)
         assert state.status is JobStatus.FAILED and state.error.code == "internal_error"
         assert other.calls == []
+
+    run(scenario())
+
+
+def test_the_sweep_removes_a_failed_submissions_leftovers_once_older_than_a_lease() -> None:
+    """S3 stalls during a submission and during its clean-up: the request (with the face photo) stays, pointed to by
+    no state. Once S3 is back, a sweep leaves it alone while it could still be a create in progress on another
+    replica (its id is younger than a lease), then removes it; the job never runs."""
+
+    async def scenario() -> None:
+        s3, clock = ConditionalS3(), FakeClock()
+        harness = Harness(s3, clock)
+        s3.failing = lambda operation, key: operation == "delete" or (operation == "put" and is_state(key))
+        with pytest.raises(StorageError):
+            await harness.runner.submit(request(), "rid", "alice", "")
+        job_id = stored_request_id(s3)
+        s3.failing = lambda operation, key: False  # S3 is back
+        assert await harness.runner.states.read_request(job_id) is not None
+        made = generation_time(job_id).timestamp()  # the wall-clock second the id was made
+        other = Harness(s3, clock, replica=OTHER)
+        clock.now = made + 29.0
+        assert await other.runner.sweep() == []
+        assert await other.runner.states.read_request(job_id) is not None  # younger than a lease: left alone
+        clock.now = made + 31.0
+        assert await other.runner.sweep() == []
+        assert await other.runner.states.read_request(job_id) is None
+        assert await other.runner.states.active() == []
+        state = await other.runner.states.read(job_id)  # the failed job that took the state's place
+        assert state.status is JobStatus.FAILED and state.error.code == "storage_unavailable"
+        assert not any(is_request(key) for key in s3.objects)
+        assert other.calls == [] and harness.calls == []
+
+    run(scenario())
+
+
+def test_a_create_still_under_way_after_the_grace_cannot_complete() -> None:
+    """A replica whose state write stalls past the grace: the sweep on another replica removes the request, and the
+    stalled write, once it arrives, loses to the failed state the sweep put first (If-None-Match), so no job is left
+    running without its request or its marker."""
+
+    async def scenario() -> None:
+        s3, clock = ConditionalS3(), FakeClock()
+        harness = Harness(s3, clock)
+        gate, stalled = threading.Event(), threading.Event()
+
+        def stall_first_state_write(operation: str, key: str) -> bool:
+            if operation == "put" and is_state(key) and not stalled.is_set():
+                stalled.set()
+                gate.wait(5)
+            return False
+
+        s3.failing = stall_first_state_write
+        submission = asyncio.create_task(harness.runner.submit(request(), "rid", "alice", ""))
+        for _ in range(200):
+            if stalled.is_set():
+                break
+            await asyncio.sleep(0.01)
+        job_id = stored_request_id(s3)
+        clock.now = generation_time(job_id).timestamp() + 31.0
+        other = Harness(s3, clock, replica=OTHER)
+        await other.runner.sweep()
+        assert await other.runner.states.read_request(job_id) is None
+        gate.set()
+        with pytest.raises(StorageError):
+            await submission
+        state = await other.runner.states.read(job_id)
+        assert state.status is JobStatus.FAILED and state.error.code == "storage_unavailable"
+        assert not any(is_request(key) for key in s3.objects) and await other.runner.states.active() == []
+        assert harness.calls == [] and harness.runner._runs == {}
+
+    run(scenario())
+
+
+def test_a_finished_jobs_request_whose_removal_failed_is_removed_by_the_sweep() -> None:
+    """The request goes before the marker: when its removal fails, the job stays listed and a sweep finishes it."""
+
+    async def scenario() -> None:
+        s3 = ConditionalS3()
+        harness = Harness(s3, FakeClock())
+        s3.failing = lambda operation, key: operation == "delete" and is_request(key)
+        accepted = await harness.runner.submit(request(), "rid", "alice", "")
+        await harness.finished(accepted.id)
+        assert (await harness.runner.states.read(accepted.id)).status is JobStatus.SUCCEEDED
+        assert await harness.runner.states.read_request(accepted.id) is not None
+        assert await harness.runner.states.active() == [accepted.id]
+        s3.failing = lambda operation, key: False
+        assert await harness.runner.sweep() == []
+        assert await harness.runner.states.read_request(accepted.id) is None
+        assert await harness.runner.states.active() == []
+        assert (await harness.runner.states.read(accepted.id)).status is JobStatus.SUCCEEDED
+
+    run(scenario())
+
+
+def test_deleting_a_finished_job_while_s3_fails_answers_an_error_and_keeps_it_findable() -> None:
+    """A DELETE that could not remove the request says so (503) and leaves the state and marker, so the job can be
+    deleted again and is swept meanwhile, instead of leaving the request behind unreachable."""
+
+    async def scenario() -> None:
+        s3 = ConditionalS3()
+        harness = Harness(s3, FakeClock())
+        accepted = await harness.runner.submit(request(), "rid", "alice", "")
+        await harness.finished(accepted.id)
+        s3.failing = lambda operation, key: operation == "delete" and is_request(key)
+        with pytest.raises(StorageError):
+            await harness.runner.cancel(accepted.id, "alice")
+        assert (await harness.runner.states.read(accepted.id)).status is JobStatus.SUCCEEDED
+        s3.failing = lambda operation, key: False
+        assert await harness.runner.cancel(accepted.id, "alice") is None
+        assert s3.objects == {}
 
     run(scenario())
 

@@ -26,7 +26,12 @@ class JobsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lease_s: float = Field(default=30.0, ge=3.0, description="A job whose replica stops renewing is taken over after.")
+    lease_s: float = Field(
+        default=30.0,
+        ge=3.0,
+        description="A job whose replica stops renewing is taken over after; what a failed submission left in S3 "
+        "is removed once its job id is this old.",
+    )
     sweep_interval_s: float = Field(default=5.0, gt=0, description="How often each replica looks for expired leases.")
     max_event_streams: int = Field(
         default=256, ge=1, description="Open event streams per ingress replica (beyond: 503); never generation slots."
@@ -119,6 +124,14 @@ class JobStates:
 
     async def create(self, state: JobState, request: dict[str, Any]) -> None:
         await asyncio.to_thread(self.records.create, state.id, state.model_dump(mode="json"), request)
+
+    async def create_state(self, state: JobState) -> bool:
+        """Create the state alone, only if the job has none (the sweep's, for an abandoned submission): written?"""
+        return await asyncio.to_thread(self.records.create_state, state.id, state.model_dump(mode="json")) is not None
+
+    async def retire(self, job_id: str) -> bool:
+        """Remove a finished job's request and marker (best effort): both gone?"""
+        return await asyncio.to_thread(self.records.retire, job_id)
 
     async def read(self, job_id: str) -> JobState | None:
         record = await asyncio.to_thread(self.records.read, job_id)
