@@ -1,5 +1,6 @@
 """The job system without Ray or SeaweedFS, fast: conditional job records, leases on a fake clock, the sweep's
-takeover, the run's outcome, admission order and base-slot eviction.
+takeover and its removal of what failed submissions left, the run's outcome and its webhook's, the event stream's
+ids, admission order and base-slot eviction.
 
 The narrow fakes sit at the outer boundaries only: an in-memory S3 client that honours ``If-Match`` /
 ``If-None-Match`` as S3 does (412 when the condition fails), the event channel (an object with the actor's methods),
@@ -12,21 +13,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, EndpointConnectionError
 
 from deployments.generation.messages import JobTicket
-from deployments.job_events import JobProgress, JobStatus
+from deployments.job_events import JobEvent, JobProgress, JobStatus
+from deployments.storage.generations import StorageError, generation_time
 from deployments.storage.job_records import JobRecords
 from deployments.storage.s3 import S3Settings
 from serve.jobs.admission import Admission
+from serve.jobs.events import SharedFeeds, follow_events
 from serve.jobs.leases import Leases
 from serve.jobs.runner import JobRunner
-from serve.jobs.state import JobsConfig, JobStates
+from serve.jobs.state import JobsConfig, JobState, JobStates, now_iso
 from serve.jobs.webhooks import WebhookSettings
 from serve.schemas import GenerateRequest, GenerateResponse
 
@@ -36,14 +41,21 @@ REPLICA, OTHER = "replica-a", "replica-b"
 
 class ConditionalS3:
     """An in-memory S3 client with S3's conditional writes: ``IfNoneMatch="*"`` creates only, ``IfMatch=etag``
-    replaces only that version; otherwise a 412 ``PreconditionFailed``."""
+    replaces only that version; otherwise a 412 ``PreconditionFailed``. ``failing(operation, key)`` says when S3 is
+    unreachable for a call (``put``, ``get``, ``delete``, ``list``): it raises botocore's connection error."""
 
     def __init__(self) -> None:
         self.objects: dict[str, tuple[bytes, str]] = {}
         self.puts: list[dict[str, Any]] = []
+        self.failing: Callable[[str, str], bool] = lambda operation, key: False
+
+    def _reach(self, operation: str, key: str) -> None:
+        if self.failing(operation, key):
+            raise EndpointConnectionError(endpoint_url="http://s3.test")
 
     def put_object(self, *, Bucket: str, Key: str, Body: bytes, **kwargs: Any) -> dict[str, Any]:
         self.puts.append({"Key": Key, **kwargs})
+        self._reach("put", Key)
         current = self.objects.get(Key)
         if kwargs.get("IfNoneMatch") == "*" and current is not None:
             raise _error(412, "PreconditionFailed")
@@ -54,20 +66,23 @@ class ConditionalS3:
         return {"ETag": etag}
 
     def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        self._reach("get", Key)
         if Key not in self.objects:
             raise _error(404, "NoSuchKey")
         body, etag = self.objects[Key]
         return {"Body": io.BytesIO(body), "ETag": etag}
 
     def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        self._reach("delete", Key)
         self.objects.pop(Key, None)
         return {}
 
     def get_paginator(self, name: str) -> Any:
-        objects = self.objects
+        objects, reach = self.objects, self._reach
 
         class Pages:
             def paginate(self, *, Bucket: str, Prefix: str) -> list[dict[str, Any]]:
+                reach("list", Prefix)
                 return [{"Contents": [{"Key": key} for key in sorted(objects) if key.startswith(Prefix)]}]
 
         return Pages()
@@ -75,6 +90,21 @@ class ConditionalS3:
 
 def _error(status: int, code: str) -> ClientError:
     return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+def is_state(key: str) -> bool:
+    """``jobs/<id>.json``, a job's state (not its request)."""
+    return key.startswith(f"{SETTINGS.prefix}/jobs/") and key.endswith(".json") and not is_request(key)
+
+
+def is_request(key: str) -> bool:
+    return key.endswith(".request.json")
+
+
+def stored_request_id(s3: ConditionalS3) -> str:
+    """The id of the one job whose request was written (a failed submission never answers it)."""
+    (key,) = {put["Key"] for put in s3.puts if is_request(put["Key"])}
+    return key.rsplit("/", 1)[1].removesuffix(".request.json")
 
 
 class FakeClock:
@@ -119,7 +149,15 @@ def request(**fields: Any) -> GenerateRequest:
 class Harness:
     """One replica's JobRunner over the shared fake S3, on a fake clock; ``generate`` is scripted."""
 
-    def __init__(self, s3: ConditionalS3, clock: FakeClock, replica: str = REPLICA, lease_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        s3: ConditionalS3,
+        clock: FakeClock,
+        replica: str = REPLICA,
+        lease_s: float = 30.0,
+        webhooks: WebhookSettings | None = None,
+        webhook_secret: str | None = None,
+    ) -> None:
         self.channel = Channel()
         self.calls: list[tuple[str, str]] = []  # (job id, request prompt)
         self.attempts: list[int] = []  # the attempt each generation was told it is
@@ -135,8 +173,8 @@ class Harness:
             request_timeout_s=60,
             generate=self.generate,
             delete_generation=self.delete,
-            webhook_secret=lambda owner: None,
-            webhooks=WebhookSettings(),
+            webhook_secret=lambda owner: webhook_secret,
+            webhooks=webhooks or WebhookSettings(),
             owner_scoped=False,
         )
         self.deleted: list[str] = []
@@ -223,6 +261,47 @@ def test_a_finished_job_is_no_longer_swept_and_its_request_is_gone() -> None:
     assert records.active() == [] and records.read_request(job_id) is None
     with pytest.raises(Exception, match="exists already"):
         records.create(job_id, {"status": "queued"}, {})
+
+
+def test_a_create_whose_state_write_fails_removes_what_it_wrote() -> None:
+    """S3 fails the state write (the client gets a 503): the request, which may hold a face photo, and the marker
+    are removed again, so nothing is left that no job points to."""
+    s3 = ConditionalS3()
+    s3.failing = lambda operation, key: operation == "put" and is_state(key)
+    records = JobRecords(s3, SETTINGS)
+    job_id = "20261207T120000Z-00000000000000bb"
+    with pytest.raises(StorageError, match="could not"):
+        records.create(job_id, {"status": "queued"}, {"prompt": "with a photo", "face_image_b64": "aGVsbG8="})
+    assert any(is_request(put["Key"]) for put in s3.puts)  # it was written...
+    assert s3.objects == {}  # ...and is gone, with the marker
+
+
+def test_a_create_whose_state_landed_unanswered_removes_it_too() -> None:
+    """A write may land although its answer is lost: the state this create wrote goes as well (the client was told
+    the job does not exist), while a state another writer made (here a finished job's) is left as it was."""
+
+    class LostAnswer(ConditionalS3):
+        def put_object(self, **kwargs: Any) -> dict[str, Any]:
+            answer = super().put_object(**kwargs)
+            if is_state(kwargs["Key"]):
+                raise EndpointConnectionError(endpoint_url="http://s3.test")
+            return answer
+
+    s3 = LostAnswer()
+    records = JobRecords(s3, SETTINGS)
+    with pytest.raises(StorageError):
+        records.create("20261207T120000Z-00000000000000cc", {"status": "queued"}, {"prompt": "x"})
+    assert s3.objects == {}
+
+    plain = ConditionalS3()
+    records = JobRecords(plain, SETTINGS)
+    job_id = "20261207T120000Z-00000000000000dd"
+    records.create(job_id, {"status": "queued"}, {"prompt": "first"})
+    records.replace(job_id, {"status": "failed", "by": "the first"}, records.read(job_id).etag, finished=True)
+    with pytest.raises(StorageError, match="exists already"):
+        records.create(job_id, {"status": "queued", "by": "the second"}, {"prompt": "second"})
+    assert records.read(job_id).body == {"status": "failed", "by": "the first"}
+    assert records.active() == [] and records.read_request(job_id) is None
 
 
 # --------------------------------------------------------------------------------------------- the runner
@@ -340,6 +419,222 @@ def test_an_unreadable_stored_request_fails_the_job_instead_of_looping() -> None
         assert other.calls == []
 
     run(scenario())
+
+
+def test_the_sweep_removes_a_failed_submissions_leftovers_once_older_than_a_lease() -> None:
+    """S3 stalls during a submission and during its clean-up: the request (with the face photo) stays, pointed to by
+    no state. Once S3 is back, a sweep leaves it alone while it could still be a create in progress on another
+    replica (its id is younger than a lease), then removes it; the job never runs."""
+
+    async def scenario() -> None:
+        s3, clock = ConditionalS3(), FakeClock()
+        harness = Harness(s3, clock)
+        s3.failing = lambda operation, key: operation == "delete" or (operation == "put" and is_state(key))
+        with pytest.raises(StorageError):
+            await harness.runner.submit(request(), "rid", "alice", "")
+        job_id = stored_request_id(s3)
+        s3.failing = lambda operation, key: False  # S3 is back
+        assert await harness.runner.states.read_request(job_id) is not None
+        made = generation_time(job_id).timestamp()  # the wall-clock second the id was made
+        other = Harness(s3, clock, replica=OTHER)
+        clock.now = made + 29.0
+        assert await other.runner.sweep() == []
+        assert await other.runner.states.read_request(job_id) is not None  # younger than a lease: left alone
+        clock.now = made + 31.0
+        assert await other.runner.sweep() == []
+        assert await other.runner.states.read_request(job_id) is None
+        assert await other.runner.states.active() == []
+        state = await other.runner.states.read(job_id)  # the failed job that took the state's place
+        assert state.status is JobStatus.FAILED and state.error.code == "storage_unavailable"
+        assert not any(is_request(key) for key in s3.objects)
+        assert other.calls == [] and harness.calls == []
+
+    run(scenario())
+
+
+def test_a_create_still_under_way_after_the_grace_cannot_complete() -> None:
+    """A replica whose state write stalls past the grace: the sweep on another replica removes the request, and the
+    stalled write, once it arrives, loses to the failed state the sweep put first (If-None-Match), so no job is left
+    running without its request or its marker."""
+
+    async def scenario() -> None:
+        s3, clock = ConditionalS3(), FakeClock()
+        harness = Harness(s3, clock)
+        gate, stalled = threading.Event(), threading.Event()
+
+        def stall_first_state_write(operation: str, key: str) -> bool:
+            if operation == "put" and is_state(key) and not stalled.is_set():
+                stalled.set()
+                gate.wait(5)
+            return False
+
+        s3.failing = stall_first_state_write
+        submission = asyncio.create_task(harness.runner.submit(request(), "rid", "alice", ""))
+        for _ in range(200):
+            if stalled.is_set():
+                break
+            await asyncio.sleep(0.01)
+        job_id = stored_request_id(s3)
+        clock.now = generation_time(job_id).timestamp() + 31.0
+        other = Harness(s3, clock, replica=OTHER)
+        await other.runner.sweep()
+        assert await other.runner.states.read_request(job_id) is None
+        gate.set()
+        with pytest.raises(StorageError):
+            await submission
+        state = await other.runner.states.read(job_id)
+        assert state.status is JobStatus.FAILED and state.error.code == "storage_unavailable"
+        assert not any(is_request(key) for key in s3.objects) and await other.runner.states.active() == []
+        assert harness.calls == [] and harness.runner._runs == {}
+
+    run(scenario())
+
+
+def test_a_finished_jobs_request_whose_removal_failed_is_removed_by_the_sweep() -> None:
+    """The request goes before the marker: when its removal fails, the job stays listed and a sweep finishes it."""
+
+    async def scenario() -> None:
+        s3 = ConditionalS3()
+        harness = Harness(s3, FakeClock())
+        s3.failing = lambda operation, key: operation == "delete" and is_request(key)
+        accepted = await harness.runner.submit(request(), "rid", "alice", "")
+        await harness.finished(accepted.id)
+        assert (await harness.runner.states.read(accepted.id)).status is JobStatus.SUCCEEDED
+        assert await harness.runner.states.read_request(accepted.id) is not None
+        assert await harness.runner.states.active() == [accepted.id]
+        s3.failing = lambda operation, key: False
+        assert await harness.runner.sweep() == []
+        assert await harness.runner.states.read_request(accepted.id) is None
+        assert await harness.runner.states.active() == []
+        assert (await harness.runner.states.read(accepted.id)).status is JobStatus.SUCCEEDED
+
+    run(scenario())
+
+
+def test_deleting_a_finished_job_while_s3_fails_answers_an_error_and_keeps_it_findable() -> None:
+    """A DELETE that could not remove the request says so (503) and leaves the state and marker, so the job can be
+    deleted again and is swept meanwhile, instead of leaving the request behind unreachable."""
+
+    async def scenario() -> None:
+        s3 = ConditionalS3()
+        harness = Harness(s3, FakeClock())
+        accepted = await harness.runner.submit(request(), "rid", "alice", "")
+        await harness.finished(accepted.id)
+        s3.failing = lambda operation, key: operation == "delete" and is_request(key)
+        with pytest.raises(StorageError):
+            await harness.runner.cancel(accepted.id, "alice")
+        assert (await harness.runner.states.read(accepted.id)).status is JobStatus.SUCCEEDED
+        s3.failing = lambda operation, key: False
+        assert await harness.runner.cancel(accepted.id, "alice") is None
+        assert s3.objects == {}
+
+    run(scenario())
+
+
+# --------------------------------------------------------------------------------------------- webhooks
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:  # a port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+WEBHOOK_SECRET = "whsec-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("allowed", "host", "secret", "reason"),
+    [
+        (["127.0.0.1"], "127.0.0.1:{port}", WEBHOOK_SECRET, "ConnectError"),  # tried, nobody listening
+        (["hooks.example.com"], "other.example.org:8443", WEBHOOK_SECRET, "other.example.org"),  # the list changed
+        (["127.0.0.1"], "127.0.0.1:{port}", None, "no signing secret"),  # the owner's key was revoked since
+    ],
+    ids=["unreachable", "refused", "no-secret"],
+)
+def test_an_undelivered_webhook_says_why_in_the_job_body(
+    allowed: list[str], host: str, secret: str | None, reason: str
+) -> None:
+    """The reason names at most the host: never the URL's path or query (a token?) nor the signing secret."""
+    settings = WebhookSettings(
+        allowed_hosts=allowed, allow_private_addresses=True, allow_http=True, max_attempts=1, timeout_s=2
+    )
+    url = f"http://{host.format(port=_closed_port())}/private/hook?token=query-secret"
+
+    async def scenario() -> None:
+        harness = Harness(ConditionalS3(), FakeClock(), webhooks=settings, webhook_secret=secret)
+        accepted = await harness.runner.submit(request(callback_url=url), "rid", "alice", "")
+        await harness.finished(accepted.id)
+        webhook = (await harness.runner.get(accepted.id, "alice"))["webhook"]
+        assert webhook["delivered"] is False and webhook["status"] is None
+        assert reason in webhook["error"]
+        for private in ("query-secret", "/private/hook", secret or url, url):
+            assert private not in webhook["error"]
+        state = await harness.runner.states.read(accepted.id)
+        assert state.webhook is not None and state.webhook.error == webhook["error"]  # stored with the outcome
+
+    run(scenario())
+
+
+# ------------------------------------------------------------------------------------------- event ids
+
+
+class EventChannel:
+    """The event side of the channel: the job's numbered events (all published already), ``progress`` with the last
+    id, and ``wait`` answering those after an id (a short sleep first when there are none, as a long poll would)."""
+
+    def __init__(self, kinds: list[str]) -> None:
+        self.events = [JobEvent(seq, kind, {"n": seq}, 0.0) for seq, kind in enumerate(kinds, start=1)]
+        self.progress = _Remote(lambda job_id: JobProgress(stage="denoise", last_event_id=len(self.events)))
+        self.wait = self
+
+    async def remote(self, job_id: str, after: int, timeout_s: float) -> list[JobEvent]:
+        fresh = [event for event in self.events if event.seq > after]
+        if not fresh:
+            await asyncio.sleep(min(timeout_s, 0.01))
+        return fresh
+
+
+def _ids(chunks: list[bytes]) -> list[tuple[str, int | None]]:
+    """(event type, id) of each event of a stream, heartbeats left out."""
+    events = []
+    for chunk in chunks:
+        if chunk.startswith(b":"):
+            continue
+        fields = dict(line.split(": ", 1) for line in chunk.decode().strip().split("\n"))
+        events.append((fields["event"], int(fields["id"]) if "id" in fields else None))
+    return events
+
+
+@pytest.mark.parametrize("status", [JobStatus.RUNNING, JobStatus.SUCCEEDED])
+@pytest.mark.parametrize("last_event_id", [0, 2, 5])
+def test_event_ids_never_go_back_and_a_resumed_stream_repeats_none(status: JobStatus, last_event_id: int) -> None:
+    """Whether the job is still running or finished (the terminal path), a stream's ids only go up, and a stream
+    resumed with Last-Event-ID gets exactly the events after it (the state first, with no id of its own)."""
+    kinds = ["queued", "stage", "step", "step", "step", "succeeded"]
+    channel = EventChannel(kinds)
+    stamp = now_iso()
+    job = "20261207T120000Z-00000000000000ee"
+    state = JobState(id=job, owner="alice", request_id="r", status=status, created_at=stamp, updated_at=stamp)
+    final = state.model_copy(update={"status": JobStatus.SUCCEEDED})
+
+    async def read_state() -> JobState:
+        return final
+
+    async def scenario() -> list[bytes]:
+        stream = follow_events(job, channel, SharedFeeds(channel), state, read_state, last_event_id, 0.05)
+        return [chunk async for chunk in stream]
+
+    events = _ids(run(scenario()))
+    assert events[0][0] == "state" and events[-1][0] == "succeeded"
+    ids = [event_id for _, event_id in events if event_id is not None]
+    assert ids == sorted(set(ids))  # strictly increasing
+    if last_event_id:
+        assert events[0][1] is None  # the state stands for the present, the replay for what came before it
+        assert all(event_id > last_event_id for event_id in ids)
+        assert events[1:] == [(kind, seq) for seq, kind in enumerate(kinds, start=1) if seq > last_event_id]
+    else:
+        assert events[0][1] == len(kinds)  # a new stream: the state covers every event so far
 
 
 # ------------------------------------------------------------------------------------------- admission

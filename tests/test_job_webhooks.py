@@ -89,7 +89,7 @@ def test_a_finished_job_is_posted_signed_to_its_callback_and_retried(secure_stac
     while job.get("webhook") is None and time.monotonic() < deadline:
         time.sleep(0.2)
         job = httpx.get(f"{secure_stack.url}/v1/jobs/{job_id}", headers=headers("alice"), timeout=30).json()
-    assert job["webhook"] == {"delivered": True, "attempts": 2, "status": 204}
+    assert job["webhook"] == {"delivered": True, "attempts": 2, "status": 204, "error": None}
 
 
 @pytest.mark.parametrize(

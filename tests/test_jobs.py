@@ -108,7 +108,7 @@ def test_the_event_stream_delivers_every_step_in_order_then_the_result(serve_sta
     assert steps and all(s["total"] == 10 for s in steps)
     already = first_state["step"] or 0  # a subscriber that connects late gets the steps from where it joined
     assert [s["step"] for s in steps] == list(range(already + 1, 11))
-    ids = [event_id for event_id, _, _ in stream[1:] if event_id is not None]
+    ids = [event_id for event_id, _, _ in stream if event_id is not None]  # the state's (the last so far) too
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert any(s.get("preview", "").startswith("data:image/webp;base64,") for s in steps)
     stages = [(d["stage"], d["phase"]) for _, kind, d in stream if kind == "stage"]
@@ -119,8 +119,10 @@ def test_the_event_stream_delivers_every_step_in_order_then_the_result(serve_sta
     half = steps[len(steps) // 2]["step"]
     middle = next(event for event in stream if event[1] == "step" and event[2]["step"] == half)
     resumed = events(serve_stack.url, accepted["id"], headers={"Last-Event-ID": str(middle[0])})
-    assert resumed[0][1] == "state"
+    assert resumed[0][1] == "state" and resumed[0][0] is None  # no id: the replay after it has lower ones
     assert resumed[1:] == [event for event in stream if event[0] is not None and event[0] > middle[0]]
+    resumed_ids = [event_id for event_id, _, _ in resumed if event_id is not None]
+    assert resumed_ids == sorted(set(resumed_ids)) and min(resumed_ids) > middle[0]
     late = events(serve_stack.url, accepted["id"])
     assert [kind for _, kind, _ in late] == ["state", "succeeded"] and late[0][2]["status"] == "succeeded"
 

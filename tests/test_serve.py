@@ -245,6 +245,9 @@ def test_unreadable_and_wrong_type_inputs(serve_stack):
 
 def test_health_models_and_openapi(serve_stack):
     assert httpx.get(f"{serve_stack.url}/healthz", timeout=10).json() == {"status": "ok"}
+    for path in ("/", "/healthz"):  # probes send HEAD: GET's answer without a body, through Serve's proxy too
+        head = httpx.head(f"{serve_stack.url}{path}", timeout=10)
+        assert head.status_code == 200 and head.content == b"", path
     response = httpx.get(f"{serve_stack.url}/v1/models", timeout=30)
     models = response.json()
     assert models["api_version"] == "1" and models["default_base"] == "sdxl"

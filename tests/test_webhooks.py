@@ -302,16 +302,53 @@ def test_empty_allow_list_means_webhooks_are_off(receiver: Receiver) -> None:
     assert receiver.requests == []
 
 
-def test_wildcard_matches_subdomains_only() -> None:
-    settings = WebhookSettings(allowed_hosts=["*.example.com"])
-    for url in ("https://a.example.com/x", "https://b.a.example.com:8443/x", "https://A.Example.COM/x"):
+# The allow-list's rule, case by case: an exact entry is that host only; "*.example.com" is every subdomain of
+# example.com at any depth, never example.com itself (the README and the setting say "subdomains"), and never a
+# name that merely ends in the same letters.
+ALLOW_LIST_CASES = [
+    (["*.example.com"], "a.example.com", True),
+    (["*.example.com"], "b.a.example.com", True),
+    (["*.example.com"], "x.y.z.b.a.example.com", True),
+    (["*.example.com"], "A.Example.COM", True),
+    (["*.example.com"], "a.example.com.", True),  # the root's dot
+    (["*.example.com"], "xn--bcher-kva.example.com", True),
+    (["*.example.com"], "example.com", False),  # the apex is not a subdomain
+    (["*.example.com"], "example.com.", False),
+    (["*.example.com"], "evil-example.com", False),
+    (["*.example.com"], "evilexample.com", False),
+    (["*.example.com"], "aexample.com", False),
+    (["*.example.com"], "xample.com", False),
+    (["*.example.com"], "a-example.com", False),
+    (["*.example.com"], "a.evilexample.com", False),
+    (["*.example.com"], "example.com.evil.org", False),
+    (["*.example.com"], "a.example.com.evil.org", False),
+    (["*.example.com"], "a.example.co", False),
+    (["*.example.com"], "a.example.comm", False),
+    (["*.example.com"], "a.eexample.com", False),
+    (["*.a.example.com"], "b.a.example.com", True),
+    (["*.a.example.com"], "a.example.com", False),
+    (["*.a.example.com"], "b.example.com", False),
+    (["*.a.example.com"], "ba.example.com", False),
+    (["hooks.example.com"], "hooks.example.com", True),
+    (["hooks.example.com"], "a.hooks.example.com", False),  # an exact entry covers no subdomain
+    (["hooks.example.com"], "example.com", False),
+    (["hooks.example.com"], "xhooks.example.com", False),
+    (["hooks.example.com", "*.example.org"], "a.example.org", True),
+    (["hooks.example.com", "*.example.org"], "example.org", False),
+]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "host", "accepted"), ALLOW_LIST_CASES, ids=[f"{'+'.join(a)}-{h}" for a, h, _ in ALLOW_LIST_CASES]
+)
+def test_allow_list_matches_exact_hosts_and_subdomains_of_wildcards_only(
+    allowed: list[str], host: str, accepted: bool
+) -> None:
+    settings = WebhookSettings(allowed_hosts=allowed)
+    url = f"https://{host}:8443/hook"
+    if accepted:
         assert validate_callback_url(url, settings) == url
-    for url in (
-        "https://example.com/x",
-        "https://example.com.evil.org/x",
-        "https://aexample.com/x",
-        "https://a.example.com.evil.org/x",
-    ):
+    else:
         with pytest.raises(WebhookRefused, match="allow-list"):
             validate_callback_url(url, settings)
 
@@ -372,6 +409,44 @@ def test_private_literals_are_refused_at_request_time_and_at_resolution(host: st
 )
 def test_is_public_address(address: str, public: bool) -> None:
     assert is_public_address(address) is public
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        # NAT64, the well-known prefix (RFC 6052): the IPv4 address in the low 32 bits is where a gateway sends it.
+        ("64:ff9b::808:808", True),  # 8.8.8.8 (ipaddress calls the prefix reserved: only the IPv4 decides)
+        ("64:ff9b::7f00:1", False),  # 127.0.0.1
+        ("64:ff9b::a00:1", False),  # 10.0.0.1
+        ("64:ff9b::a9fe:a9fe", False),  # 169.254.169.254, the cloud metadata service
+        ("64:ff9b::", False),  # 0.0.0.0
+        # NAT64, the local-use prefix (RFC 8215): the translator's prefix length is local configuration, so every
+        # place RFC 6052 allows inside the /48 is read, and each address found must be public.
+        ("64:ff9b:1::808:808", True),  # /96: 8.8.8.8
+        ("64:ff9b:1::a00:1", False),  # /96: 10.0.0.1
+        ("64:ff9b:1::7f00:1", False),  # /96: 127.0.0.1
+        ("64:ff9b:1:a00:0:100:808:808", False),  # /48: 10.0.0.1 (and 8.8.8.8 in the low bits)
+        ("64:ff9b:1:0:7f:0:808:808", False),  # /64: 127.0.0.8 (and 8.8.8.8 in the low bits)
+        # Teredo (2001::/32): the server's address and the client's (stored inverted); a relay sends to both.
+        ("2001:0:808:808::fefe:fefe", True),  # server 8.8.8.8, client 1.1.1.1
+        ("2001:0:808:808::f5ff:fffe", False),  # client 10.0.0.1
+        ("2001:0:808:808::80ff:fffe", False),  # client 127.0.0.1
+        ("2001:0:808:808::5601:5601", False),  # client 169.254.169.254
+        ("2001:0:a00:1::fefe:fefe", False),  # server 10.0.0.1
+        # IPv4-mapped and 6to4 carry one address too, by the same rule.
+        ("::ffff:8.8.8.8", True),
+        ("::ffff:127.0.0.1", False),
+        ("2002:808:808::1", True),
+        ("2002:a00:1::1", False),
+    ],
+)
+def test_ipv6_forms_that_carry_an_ipv4_address_are_as_public_as_what_they_carry(address: str, public: bool) -> None:
+    """These inputs reach the unwrapping: a public IPv4 inside is accepted although ``ipaddress`` calls the NAT64 and
+    Teredo prefixes reserved or private, and a private one inside is refused although the form is otherwise fine."""
+    assert is_public_address(address) is public
+    if not public:  # and a host that resolves to one is refused before any connection
+        with pytest.raises(WebhookRefused, match="private"):
+            asyncio.run(resolve_and_check(address, 443, WebhookSettings(allowed_hosts=["hook.test"])))
 
 
 # ------------------------------------------------------------------------------------------ DNS pinning

@@ -126,6 +126,13 @@ def generation_date(generation_id: str) -> date:
     return date(int(stamp[:4]), int(stamp[4:6]), int(stamp[6:8]))
 
 
+def generation_time(generation_id: str) -> datetime:
+    """The UTC time, to the second, encoded in a (valid) id: when it was made, whatever became of it since (the job
+    sweep tells a submission still being stored from an abandoned one by it)."""
+    stamp = validate_generation_id(generation_id)[:16]
+    return datetime.strptime(stamp, _ID_TIME_FORMAT).replace(tzinfo=timezone.utc)
+
+
 def generation_prefix(prefix: str, generation_id: str) -> str:
     """``PREFIX/YYYY/MM/DD/ID`` (no trailing slash) for a valid id."""
     day = generation_date(generation_id)

@@ -323,6 +323,7 @@ class Ingress:
         return Response(data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/", include_in_schema=False)
+    @app.head("/", include_in_schema=False)  # probes and prefetches: GET's answer without a body
     async def http_page(self, request: Request) -> Response:
         """The web page (plain files in the package; it uses only the public API)."""
         if not request.url.path.endswith("/"):  # under a route prefix: relative links need the trailing slash
@@ -336,6 +337,7 @@ class Ingress:
         return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz", summary="Liveness of the ingress")
+    @app.head("/healthz", include_in_schema=False)  # probes: as GET, no body (in the schema it would repeat GET)
     async def http_health(self) -> dict[str, str]:
         return {"status": "ok"}
 

@@ -108,14 +108,25 @@ async def follow_events(
     heartbeat_s: float,
 ) -> AsyncIterator[bytes]:
     """A job's event stream: its current ``state`` first (the whole job body), then live events from the channel
-    after ``last_event_id``, a heartbeat comment while nothing happens, and the terminal event last."""
+    after ``last_event_id``, a heartbeat comment while nothing happens, and the terminal event last.
+
+    Ids only go up within a stream, and a resumed one never repeats an id up to ``last_event_id`` (a client keeps
+    the last id it saw and sends it back when it reconnects). A new stream's ``state`` carries the channel's last
+    id, since it stands for every event so far; a resumed stream's ``state`` carries none, since the replay of
+    what the client missed comes after it with lower ids. Events without an id (the state a durable read
+    decided) leave the client's last id as it was.
+    """
     progress = await channel.progress.remote(job_id)
-    yield sse("state", public_body(state, progress), progress.last_event_id or None)
-    after = last_event_id if last_event_id > 0 else progress.last_event_id
+    resumed = last_event_id > 0
+    yield sse("state", public_body(state, progress), None if resumed else (progress.last_event_id or None))
+    after = last_event_id if resumed else progress.last_event_id
     if state.status.terminal:
         # A resumed stream gets what it missed (as far as the channel's window reaches), the outcome last.
-        missed = await channel.wait.remote(job_id, after, 0.0) if last_event_id > 0 else []
+        missed = await channel.wait.remote(job_id, after, 0.0) if resumed else []
         for event in missed:
+            if event.seq <= after:
+                continue
+            after = event.seq
             yield sse(event.type, event.data, event.seq)
             if is_terminal_event(event.type):
                 return
@@ -132,6 +143,8 @@ async def follow_events(
             yield b": keep-alive\n\n"
             continue
         for event in events:
+            if event.seq <= after:  # the promise is this function's, whatever a feed answers
+                continue
             after = event.seq
             yield sse(event.type, event.data, event.seq)
             if is_terminal_event(event.type):

@@ -7,7 +7,8 @@ the webhook. A replica that dies stops renewing; every replica's sweep takes ove
 them again from the start (``attempts`` goes up; the job id is the generation id and generation is deterministic
 for the seed, so a rerun rewrites the same result). A run whose lease is lost (taken over, or the job cancelled)
 is cancelled at once, so two replicas never finish the same attempt. A cancellation is a state change plus a flag
-in the event channel, which the denoiser reads at its next step.
+in the event channel, which the denoiser reads at its next step. The sweep also removes what S3 trouble left
+behind: a finished job's request, and the request and marker of a submission that failed before its state existed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from deployments import metrics
 from deployments.generation.messages import JobTicket
 from deployments.job_events import JobStatus
-from deployments.storage.generations import new_generation_id, validate_generation_id
+from deployments.storage.generations import generation_time, new_generation_id, validate_generation_id
 from serve.ingress.errors import ApiError, classify_error
 from serve.schemas import GenerateRequest, GenerateResponse, JobAccepted
 
@@ -268,15 +269,18 @@ class JobRunner:
                 return
 
     async def _deliver_webhook(self, final: JobState, owner: str) -> None:
-        secret = self.webhook_secret(owner)
-        if secret is None:
-            logger.warning("job %s: no webhook secret for its owner; the webhook is not sent", final.id)
-            return
+        """Send the final body and record how that ended, with the reason when it was not delivered (the
+        delivery's error names at most the host, so the owner may see it). Without a secret (the owner's key was
+        revoked since) nothing is sent, and the outcome says so."""
         assert final.callback_url is not None
+        secret = self.webhook_secret(owner) or ""
         result = await deliver(final.callback_url, public_body(final), secret, self.webhooks)
+        outcome = WebhookOutcome(
+            delivered=result.delivered, attempts=result.attempts, status=result.status, error=result.error
+        )
 
         def record(current: JobState) -> bool:
-            current.webhook = WebhookOutcome(delivered=result.delivered, attempts=result.attempts, status=result.status)
+            current.webhook = outcome
             return True
 
         await self.states.update(final.id, record)
@@ -295,13 +299,22 @@ class JobRunner:
             await asyncio.sleep(self.config.sweep_interval_s)
 
     async def sweep(self) -> list[str]:
-        """Take over unfinished jobs whose lease expired (their replica died) and run them again: their ids."""
+        """Take over unfinished jobs whose lease expired (their replica died) and run them again: their ids.
+
+        It also finishes removals that S3 failed: the request of a finished job (its marker outlived it), and what
+        a failed submission left with no state (see :meth:`_remove_abandoned`)."""
         taken_over = []
         for job_id in await self.states.active():
             if job_id in self._runs:
                 continue
             state = await self.states.read(job_id)
-            if state is None or state.status.terminal or not self.leases.expired(state.lease):
+            if state is None:
+                await self._remove_abandoned(job_id)
+                continue
+            if state.status.terminal:
+                await self.states.retire(job_id)
+                continue
+            if not self.leases.expired(state.lease):
                 continue
 
             def take(current: JobState) -> bool:
@@ -326,6 +339,30 @@ class JobRunner:
             self._start(job_id, request, taken.owner, taken.request_id)
             taken_over.append(job_id)
         return taken_over
+
+    async def _remove_abandoned(self, job_id: str) -> None:
+        """A marker with no state: a submission that failed (the client got a 503) and could not remove what it
+        had stored, S3 failing too, or one that another replica is storing right now. Its request may hold face
+        photos, kept for nobody. Once the job id, which holds when it was made, is older than a lease, a failed
+        state takes the empty place (only if still empty: a create still under way then fails at its own state
+        write instead of completing a job without its request), and the request and marker go as a finished
+        job's do."""
+        made = generation_time(job_id)
+        if self.leases.clock() - made.timestamp() < self.config.lease_s:
+            return
+        error = JobError(code="storage_unavailable", message="the job could not be stored when it was submitted")
+        failed = JobState(
+            id=job_id,
+            owner="",  # it was only in the state never written: nobody's (with API keys on, a 404 to everyone)
+            request_id="",
+            status=JobStatus.FAILED,
+            created_at=made.isoformat(),
+            updated_at=now_iso(),
+            error=error,
+        )
+        if await self.states.create_state(failed):
+            logger.warning("job %s: removing what its failed submission left in S3", job_id)
+            await self.states.retire(job_id)
 
     async def _stored_request(self, job_id: str) -> GenerateRequest | None:
         """The job's request as it was accepted; a request that cannot be read back fails the job (instead of

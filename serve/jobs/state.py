@@ -26,7 +26,12 @@ class JobsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lease_s: float = Field(default=30.0, ge=3.0, description="A job whose replica stops renewing is taken over after.")
+    lease_s: float = Field(
+        default=30.0,
+        ge=3.0,
+        description="A job whose replica stops renewing is taken over after; what a failed submission left in S3 "
+        "is removed once its job id is this old.",
+    )
     sweep_interval_s: float = Field(default=5.0, gt=0, description="How often each replica looks for expired leases.")
     max_event_streams: int = Field(
         default=256, ge=1, description="Open event streams per ingress replica (beyond: 503); never generation slots."
@@ -50,8 +55,14 @@ class WebhookOutcome(BaseModel):
     """How the delivery of the final body to ``callback_url`` ended."""
 
     delivered: bool
-    attempts: int
-    status: int | None
+    attempts: int = Field(description="Tries started (0: refused before any, e.g. the host left the allow-list).")
+    status: int | None = Field(description="The receiver's last HTTP status (None: no answer).")
+    error: str | None = Field(
+        default=None,
+        description="Why it was not delivered (None once delivered): the last try's failure, e.g. 'HTTP 500', "
+        "'ConnectError: ...' or 'refused: ...'. It names at most the host, never the URL's path or query (it may "
+        "carry a token) nor the signing secret.",
+    )
 
 
 class JobState(BaseModel):
@@ -68,7 +79,11 @@ class JobState(BaseModel):
     callback_url: str | None = None
     result: dict[str, Any] | None = None
     error: JobError | None = None
-    webhook: WebhookOutcome | None = None
+    webhook: WebhookOutcome | None = Field(
+        default=None,
+        description="Set once the job ended and a callback_url was given: delivered or not, tries, the receiver's "
+        "last status, and the error that ended an undelivered one.",
+    )
 
     def finish(self, status: JobStatus, result: dict[str, Any] | None = None, error: JobError | None = None) -> None:
         """Enter a terminal status: nobody holds the job any more."""
@@ -109,6 +124,14 @@ class JobStates:
 
     async def create(self, state: JobState, request: dict[str, Any]) -> None:
         await asyncio.to_thread(self.records.create, state.id, state.model_dump(mode="json"), request)
+
+    async def create_state(self, state: JobState) -> bool:
+        """Create the state alone, only if the job has none (the sweep's, for an abandoned submission): written?"""
+        return await asyncio.to_thread(self.records.create_state, state.id, state.model_dump(mode="json")) is not None
+
+    async def retire(self, job_id: str) -> bool:
+        """Remove a finished job's request and marker (best effort): both gone?"""
+        return await asyncio.to_thread(self.records.retire, job_id)
 
     async def read(self, job_id: str) -> JobState | None:
         record = await asyncio.to_thread(self.records.read, job_id)

@@ -73,8 +73,11 @@ MAX_URL_LENGTH = 2048
 # keeps underscores, percent-encoding and other parser-differential material out of allowed hosts.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
-# NAT64 (RFC 6052) embeds an IPv4 address in the low 32 bits; a gateway would forward it there.
+# NAT64 (RFC 6052): the well-known prefix carries an IPv4 address in its low 32 bits; inside the local-use prefix
+# (RFC 8215) a translator's own prefix may be /48, /56, /64 or /96, which puts the address elsewhere (see below).
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
 ClientFactory = Callable[[], httpx.AsyncClient]
@@ -150,23 +153,49 @@ def _ip_or_none(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
 def is_public_address(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """True only for globally routable unicast addresses, looking inside IPv6 forms that carry an IPv4 one.
 
-    ``::ffff:127.0.0.1``, 6to4 ``2002:7f00:1::`` and NAT64 ``64:ff9b::7f00:1`` all lead to 127.0.0.1, and
-    ``is_global`` alone calls the last two global, so the embedded IPv4 address is checked as well.
+    An IPv6 address that carries IPv4 addresses (IPv4-mapped ``::ffff:0:0/96``, 6to4 ``2002::/16``, NAT64
+    ``64:ff9b::/96`` and ``64:ff9b:1::/48``, Teredo ``2001::/32``) is public exactly when every IPv4 address it
+    carries is: a packet to it is delivered to (or through) them. So ``::ffff:127.0.0.1``, ``2002:7f00:1::`` and
+    ``64:ff9b::7f00:1`` are refused although ``is_global`` calls the last two global, and NAT64 of a public address
+    is accepted although ``ipaddress`` calls its prefix reserved (Teredo: private).
     """
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-    flags = (ip.is_private, ip.is_loopback, ip.is_link_local, ip.is_multicast, ip.is_reserved, ip.is_unspecified)
-    if any(flags) or not ip.is_global:
-        return False
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
-        if ip in _NAT64:
-            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        return all(is_public_address(inner) for inner in embedded if inner is not None)
-    return True
+        carried = _carried_ipv4(ip)
+        if carried:
+            return all(is_public_address(inner) for inner in carried)
+    flags = (ip.is_private, ip.is_loopback, ip.is_link_local, ip.is_multicast, ip.is_reserved, ip.is_unspecified)
+    return ip.is_global and not any(flags)
+
+
+def _carried_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (none: it is not one of those forms).
+
+    Teredo carries its server's address and its client's. In the local-use NAT64 prefix the translator's prefix
+    length is the network's own configuration, unknown here, so each place RFC 6052 allows for it is read (the
+    ``u`` octet, byte 8, is always skipped) and all must be public: a crafted address cannot show a public one
+    where this check looks and hold a private one where the translator does. The places overlap, and the zero
+    bytes of the common /96 form read as 0.x.y.z elsewhere ("this network", which nothing routes to), so readings
+    in 0.0.0.0/8 are left out, except that of the low 32 bits, which is always checked.
+    """
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)
+    raw = ip.packed
+    if ip in _NAT64:
+        return [ipaddress.IPv4Address(raw[12:])]
+    if ip in _NAT64_LOCAL:
+        places = [ipaddress.IPv4Address(place) for place in (raw[6:8] + raw[9:11], raw[7:8] + raw[9:12], raw[9:13])]
+        return [ipaddress.IPv4Address(raw[12:])] + [place for place in places if place not in _THIS_NETWORK]
+    return []
 
 
 def _host_allowed(host: str, allowed_hosts: list[str]) -> bool:
-    """Exact match (IP literals by value), or ``*.suffix`` matching at least one more label (not the suffix)."""
+    """Exact match (IP literals by value), or ``*.suffix`` matching subdomains of ``suffix`` at any depth: the host
+    ends with ``.suffix`` at a label boundary, so neither the suffix itself nor ``evil-suffix`` matches."""
     ip = _ip_or_none(host)
     if ip is not None:
         return str(ip) in allowed_hosts
