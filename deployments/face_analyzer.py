@@ -10,6 +10,7 @@ from typing import Any
 
 from ray import serve as ray_serve
 
+from deployments.generation.face_cache import FaceCache
 from deployments.generation.face_stage import FaceStage
 from deployments.instantid.faces import FaceAnalyzer
 from deployments.instantid.weights import WeightsLayout
@@ -27,6 +28,8 @@ class FaceAnalyzerDeployment(FaceStage):
         min_face_px: int,
         max_image_bytes: int,
         max_image_pixels: int,
+        cache_entries: int = 0,
+        cache_ttl_s: float = 3600.0,
     ) -> None:
         layout = WeightsLayout.resolve(**weights, parts=("antelopev2",))
         super().__init__(
@@ -36,6 +39,7 @@ class FaceAnalyzerDeployment(FaceStage):
             max_image_bytes=max_image_bytes,
             max_image_pixels=max_image_pixels,
             replica=replica_id(),
+            cache=FaceCache(cache_entries, cache_ttl_s),
         )
 
     def check_health(self) -> None:

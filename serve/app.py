@@ -37,6 +37,8 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
             "providers": config.face.providers,
             "long_side": config.face.long_side,
             "min_face_px": config.face.min_face_px,
+            "cache_entries": config.face.cache_entries,
+            "cache_ttl_s": config.face.cache_ttl_s,
             "max_image_bytes": config.api.max_upload_bytes,
             "max_image_pixels": config.api.max_image_pixels,
         },

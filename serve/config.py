@@ -100,6 +100,13 @@ class FaceConfig(_Strict):
     providers: list[str] | None = Field(default=None, description="onnxruntime providers; None: CUDA if present.")
     long_side: int = Field(default=REFERENCE_LONG_SIDE, ge=256, le=2048, description="Reference size rule's long side.")
     min_face_px: int = Field(default=32, ge=1, description="Smaller faces (box side, in photo pixels) are refused.")
+    cache_entries: int = Field(
+        default=1024,
+        ge=0,
+        description="Recent photos' analyses kept per replica (keyed by the photo's SHA-256 and the analysis options; "
+        "no photo is kept), so a photo sent again skips detection and recognition; 0: off.",
+    )
+    cache_ttl_s: float = Field(default=3600.0, gt=0, description="An analysis older than this is made afresh.")
 
 
 class PromptConfig(_Strict):

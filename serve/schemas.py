@@ -37,7 +37,14 @@ from deployments.storage.generations import StoredImage
 
 IDENTITY_PART = "identity_{}"  # multipart file part (repeatable) of identity N's photos
 IDENTITY_PARTS = tuple(IDENTITY_PART.format(i) for i in range(MAX_IDENTITIES + 1))  # one more: its 422 names the limit
-SINGLE_FACE_FIELDS = ("face_image_b64", "face_image_uri", "face_images", "face_index", "identity_combine")
+SINGLE_FACE_FIELDS = (
+    "face_image_b64",
+    "face_image_uri",
+    "face_images",
+    "identity_id",
+    "face_index",
+    "identity_combine",
+)
 
 
 def merge_identity_parts(data: Any) -> Any:
@@ -88,12 +95,19 @@ class FacePhoto(BaseModel):
 
 
 class IdentityChoice(BaseModel):
-    """One person of a multi-identity request: their photos, and optionally the region of the output they own."""
+    """One person of a multi-identity request: their photos or a saved identity, and optionally the region of the
+    output they own."""
 
     model_config = ConfigDict(extra="forbid")
 
-    images: list[FacePhoto] = Field(
-        min_length=1, max_length=MAX_FACE_PHOTOS, description="1-8 photos of this person (multipart: identity_N parts)."
+    images: list[FacePhoto] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_FACE_PHOTOS,
+        description="1-8 photos of this person (multipart: identity_N parts), or identity_id.",
+    )
+    identity_id: str | None = Field(
+        default=None, max_length=64, description="A saved identity (POST /v1/identities) instead of images."
     )
     face_index: int = Field(default=0, ge=0, le=MAX_FACE_INDEX, description="Which face of each of its photos.")
     identity_combine: IdentityCombine = Field(default=DEFAULT_IDENTITY_COMBINE, description="As for one person.")
@@ -104,6 +118,16 @@ class IdentityChoice(BaseModel):
         description="x1, y1, x2, y2 in output pixels: where this person's face tokens and IdentityNet act, and where "
         "their face goes. Give one for every identity or for none; regions may not overlap.",
     )
+
+    @model_validator(mode="after")
+    def _photos_or_saved(self) -> IdentityChoice:
+        if (self.images is None) == (self.identity_id is None):
+            raise ValueError("each identity needs exactly one of images and identity_id")
+        if self.identity_id is not None and {"face_index", "identity_combine"} & self.model_fields_set:
+            raise ValueError(
+                "a saved identity fixed its photos' faces and how they combine: drop face_index and identity_combine"
+            )
+        return self
 
     def spec(self) -> tuple[float, float, float, float] | None:
         return None if self.region is None else (self.region[0], self.region[1], self.region[2], self.region[3])
@@ -124,6 +148,12 @@ class GenerateRequest(GenerationOptions):
         max_length=MAX_FACE_PHOTOS,
         description="1-8 photos of the same person, instead of face_image_b64/face_image_uri (multipart: repeat the "
         "face_image part).",
+    )
+    identity_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description="A saved identity (POST /v1/identities) instead of face photos: no photo is sent or analysed "
+        "again; with no pose_image, its first photo's keypoints set the pose.",
     )
     identities: list[IdentityChoice] | None = Field(
         default=None,
@@ -185,11 +215,21 @@ class GenerateRequest(GenerationOptions):
                     "each identity has its own images, face_index and identity_combine)"
                 )
         else:
-            given = [self.face_image_b64 is not None, self.face_image_uri is not None, self.face_images is not None]
+            given = [
+                self.face_image_b64 is not None,
+                self.face_image_uri is not None,
+                self.face_images is not None,
+                self.identity_id is not None,
+            ]
             if sum(given) != 1:
                 raise ValueError(
-                    "give exactly one of face_image_b64, face_image_uri and face_images (or identities, for several "
-                    "people)"
+                    "give exactly one of face_image_b64, face_image_uri, face_images and identity_id (or identities, "
+                    "for several people)"
+                )
+            if self.identity_id is not None and {"face_index", "identity_combine"} & self.model_fields_set:
+                raise ValueError(
+                    "a saved identity fixed its photos' faces and how they combine: drop face_index and "
+                    "identity_combine"
                 )
         if self.pose_image_b64 is not None and self.pose_image_uri is not None:
             raise ValueError("give at most one of pose_image_b64 and pose_image_uri")
@@ -206,7 +246,8 @@ class GenerateRequest(GenerationOptions):
         people = None
         if self.identities is not None:
             people = tuple(
-                PersonGiven(len(i.images), i.face_index, i.identity_combine, i.spec()) for i in self.identities
+                PersonGiven(len(i.images or ()), i.face_index, i.identity_combine, i.spec(), i.identity_id)
+                for i in self.identities
             )
         return InputsGiven(
             face_photos=0 if people is not None else len(self.face_photos()),
@@ -214,14 +255,17 @@ class GenerateRequest(GenerationOptions):
             pose=self.has_pose_image,
             init=self.has_init_image,
             maps=frozenset(c.name for c in self.controlnets if c.has_image),
+            saved_identity=self.identity_id,
         )
 
     def face_photos(self) -> list[FacePhoto]:
         """The face photos in order, whichever form the request used (every identity's, in order, with identities)."""
         if self.identities is not None:
-            return [photo for identity in self.identities for photo in identity.images]
+            return [photo for identity in self.identities for photo in identity.images or ()]
         if self.face_images is not None:
             return list(self.face_images)
+        if self.identity_id is not None:
+            return []
         return [FacePhoto(b64=self.face_image_b64, uri=self.face_image_uri)]
 
     @property
@@ -261,6 +305,12 @@ class FacesRequest(BaseModel):
         description="Show the layout a multi-identity generation would use (as on /v1/generate); the image, if any, "
         "is then the pose photo.",
     )
+    identity_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description="A saved identity instead of a photo: its stored faces, one per enrolled photo (the first sets the "
+        "pose of a generation without pose_image).",
+    )
     include_keypoint_image: bool = False
     include_control_maps: bool = Field(
         default=False, description="Also return the canny/depth maps a generation from this photo would use."
@@ -286,8 +336,15 @@ class FacesRequest(BaseModel):
                 raise ValueError("give at most one of image_b64 and image_uri (the pose photo)")
             if self.include_control_maps:
                 raise ValueError("include_control_maps is for one photo, not for a multi-identity layout")
+            if self.identity_id is not None:
+                raise ValueError("give identity_id inside identities[] for a multi-identity layout")
+        elif self.identity_id is not None:
+            if self.image_b64 is not None or self.image_uri is not None:
+                raise ValueError("give one of identity_id and the image")
+            if self.include_control_maps:
+                raise ValueError("include_control_maps needs a photo: a saved identity keeps none to compute maps from")
         elif (self.image_b64 is None) == (self.image_uri is None):
-            raise ValueError("give exactly one of image_b64 and image_uri")
+            raise ValueError("give exactly one of image_b64 and image_uri (or identity_id)")
         if (self.width is None) != (self.height is None):
             raise ValueError("give both width and height, or neither")
         if self.canny_low > self.canny_high:
@@ -310,6 +367,12 @@ class FaceUsed(FaceInfo):
     identity: int | None = Field(default=None, description="Several people: the identity this face belongs to.")
     photo_index: int = Field(description="The photo's index among the face photos (0 for the pose photo).")
     face_index: int = Field(description="The face's index in that photo, in POST /v1/faces order.")
+    cached: bool = Field(
+        default=False, description="The photo was analysed recently: its analysis was reused, not made again."
+    )
+    saved_identity: str | None = Field(
+        default=None, description="The saved identity whose stored analysis gave this face (no photo was analysed)."
+    )
 
     @classmethod
     def of_chosen(cls, chosen: ChosenFace) -> FaceUsed:
@@ -319,6 +382,8 @@ class FaceUsed(FaceInfo):
             identity=chosen.identity,
             photo_index=chosen.photo_index,
             face_index=chosen.face_index,
+            cached=chosen.cached,
+            saved_identity=chosen.saved_identity,
         )
 
 
@@ -392,7 +457,10 @@ class FacesResponse(BaseModel):
     request_id: str
     width: int
     height: int
-    faces: list[FaceInfo]
+    faces: list[FaceInfo] = Field(
+        description="Every face, largest first; with identity_id, each enrolled photo's face in photo order (each in "
+        "its own photo's pixels)."
+    )
     chosen: int | None = Field(description="Index of the face generation would use (the largest).")
     keypoint_image_png_b64: str | None = None
     control_maps_png_b64: dict[str, str] | None = Field(
@@ -464,3 +532,73 @@ class ModelsResponse(BaseModel):
             denoiser=denoiser,
             api_version=api_version,
         )
+
+
+# ------------------------------------------------------------------------------------------- saved identities
+
+
+class IdentityCreateRequest(BaseModel):
+    """JSON body of ``POST /v1/identities`` (multipart: ``face_image`` parts, every other field a form field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    face_image_b64: str | None = Field(default=None, description="One photo of the person, base64.")
+    face_image_uri: str | None = Field(default=None, description="One photo as s3://bucket/key.")
+    face_images: list[FacePhoto] | None = Field(
+        default=None, min_length=1, max_length=MAX_FACE_PHOTOS, description="1-8 photos of the same person."
+    )
+    face_index: int = Field(default=0, ge=0, le=MAX_FACE_INDEX, description="Which face of each photo.")
+    identity_combine: IdentityCombine = Field(
+        default=DEFAULT_IDENTITY_COMBINE, description="How several photos make one identity (as on /v1/generate)."
+    )
+    name: str | None = Field(default=None, max_length=100, description="A label for the owner's own listing.")
+    keep_photos: bool = Field(
+        default=False,
+        description="Keep the photos themselves beside the analysis (biometric data: off by default; without them a "
+        "generation from this identity needs a pose_image for computed control maps).",
+    )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> IdentityCreateRequest:
+        given = [self.face_image_b64 is not None, self.face_image_uri is not None, self.face_images is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of face_image_b64, face_image_uri and face_images")
+        return self
+
+    def photos(self) -> list[FacePhoto]:
+        if self.face_images is not None:
+            return list(self.face_images)
+        return [FacePhoto(b64=self.face_image_b64, uri=self.face_image_uri)]
+
+
+class IdentityPhotoInfo(BaseModel):
+    index: int
+    sha256: str = Field(description="The photo's SHA-256: which photo it was, without keeping it.")
+    width: int
+    height: int
+    face_index: int
+    box: list[float] = Field(description="The chosen face's x1, y1, x2, y2 in the photo's pixels.")
+    keypoints: list[list[float]]
+    score: float
+    stored: bool = Field(description="Whether the photo itself is kept (keep_photos).")
+
+
+class IdentityInfo(BaseModel):
+    id: str
+    name: str | None
+    created_at: str
+    identity_combine: str
+    photos: list[IdentityPhotoInfo]
+    photos_kept: bool
+    thumbnail_url: str | None = Field(description="A presigned URL of the 128 px face thumbnail (WebP).")
+    embedding: list[float] | list[list[float]] | None = Field(
+        default=None, description="With ?include=embeddings: the combined identity (an export, for instantid generate)."
+    )
+    photo_embeddings: list[list[float]] | None = Field(
+        default=None, description="With ?include=embeddings: each photo's embedding."
+    )
+
+
+class IdentityList(BaseModel):
+    identities: list[IdentityInfo]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page.")

@@ -273,11 +273,56 @@ def test_generate_several_people_with_identity_flags(tiny_weights: Path, work: P
     assert pixels(out).shape == (256, 512, 3)
 
 
+def test_generate_from_an_exported_identity_equals_the_photo(
+    tiny_weights: Path, work: Path, tmp_path: Path, capsys
+) -> None:
+    """``--identity-file``: a saved identity's export (as ``GET /v1/identities/ID?include=embeddings`` gives it)
+    makes the image its photo makes, without analysing a photo."""
+    import json
+
+    from deployments.generation.face_stage import FaceStage
+    from deployments.generation.messages import IdentityRequest
+    from deployments.generation.saved import saved_photos
+    from deployments.instantid.faces import FaceAnalyzer
+
+    stage = FaceStage(FaceAnalyzer(tiny_weights / "antelopev2", providers=["CPUExecutionProvider"]))
+    enrolment = stage.enrol("mean", stage.identify(IdentityRequest(astronaut_jpeg(), 0, 1, 0, thumbnail=True)))
+    photos = saved_photos(enrolment.chosen)
+    export = {
+        "id": "idt-20261207T120000Z-0123456789abcdef",
+        "identity_combine": "mean",
+        "photos": [{k: v for k, v in p.items() if k != "embedding"} | {"sha256": "0" * 64} for p in photos],
+        "embedding": enrolment.embedding.tolist(),
+        "photo_embeddings": [p["embedding"] for p in photos],
+    }
+    exported = tmp_path / "identity.json"
+    exported.write_text(json.dumps(export))
+    common = ["--prompt", "a portrait", "--style", "none", "--steps", "1", "--seed", "4", *SMALL]
+    by_file = [*generate_args(tiny_weights, work / "astronaut.jpg", tmp_path / "file.png", *common)]
+    by_file[by_file.index("--face") : by_file.index("--face") + 2] = ["--identity-file", exported]
+    assert main([str(a) for a in by_file]) == 0, capsys.readouterr().err
+    by_photo = generate_args(tiny_weights, work / "astronaut.jpg", tmp_path / "photo.png", *common)
+    assert main([str(a) for a in by_photo]) == 0, capsys.readouterr().err
+    assert np.array_equal(pixels(tmp_path / "file.png"), pixels(tmp_path / "photo.png"))
+
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"id": "x", "photos": []}))
+    by_file[by_file.index("--identity-file") + 1] = broken
+    code, line = run_main([str(a) for a in by_file], capsys)
+    assert code == 2 and line.startswith("error: --identity-file") and "include=embeddings" in line, line
+    by_file[by_file.index("--identity-file") + 1] = exported
+    code, line = run_main([*map(str, by_file), "--face-index", "1"], capsys)
+    assert code == 2 and "drop --face-index" in line, line
+
+
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
         (["--identity", "A"], "--identity holds 2 to 4 people, got 1"),
-        (["--identity", "A", "--identity", "A", "--face", "A"], "--face (one person) or --identity (2-4 people)"),
+        (
+            ["--identity", "A", "--identity", "A", "--face", "A"],
+            "--face (one person), --identity-file (one saved identity) and --identity",
+        ),
         (["--identity", "A:0,0,300,256", "--identity", "A:256,0,512,256"], "overlap"),
         (["--identity", "A:0,0,256,256", "--identity", "A"], "a region for every identity or for none"),
     ],

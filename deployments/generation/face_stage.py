@@ -8,23 +8,28 @@ photo's geometry.
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import cv2
 import numpy as np
+from PIL import Image
 
-from deployments.instantid.conditioning import condition_from, identify, locate_pose, output_size
-from deployments.instantid.errors import InstantIDError
+from deployments.instantid.conditioning import condition_from, identify, output_size, pose_face
+from deployments.instantid.errors import InstantIDError, NoFaceError
 from deployments.instantid.face_data import FaceCondition
 from deployments.instantid.faces import FaceAnalyzer
-from deployments.instantid.group import IdentityPhotos, PoseFaces, group_condition, locate_pose_faces
+from deployments.instantid.group import IdentityPhotos, PoseFaces, group_condition
+from deployments.instantid.identity import combine_embeddings
 from deployments.instantid.identity_score import RegionScore, identity_similarities, region_similarities
 from deployments.instantid.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
 from deployments.instantid.keypoints import REFERENCE_LONG_SIDE, draw_keypoint_image
 from deployments.instantid.regions import shared_keypoint_image
 
+from .face_cache import FaceCache
 from .messages import (
     DenoiseResult,
+    Enrolment,
     FaceListing,
     FaceRequest,
     FaceResult,
@@ -49,12 +54,14 @@ class FaceStage:
         max_image_bytes: int = DEFAULT_MAX_BYTES,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         replica: str = "",
+        cache: FaceCache | None = None,
     ) -> None:
         self.analyzer = analyzer
         self.long_side = long_side
         self.min_face_px = min_face_px
         self.limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels}
         self.replica = replica  # the Serve replica that runs this stage, for the response's ``replicas``
+        self.cache = cache if cache is not None else FaceCache(max_entries=0)  # recent photos' analyses
 
     def identify(self, request: IdentityRequest) -> IdentityResult:
         """One of several face photos: its chosen face and embedding."""
@@ -62,17 +69,13 @@ class FaceStage:
         stage = f"face_photo_{request.photo_index}"
         if request.identity is not None:
             stage = f"face_{request.identity}_photo_{request.photo_index}"
+        thumbnail = None
         with timed(timings, stage):
             try:
-                rgb = decode_image(request.image, **self.limits)
-                chosen = identify(
-                    self.analyzer,
-                    rgb,
-                    photo_index=request.photo_index,
-                    photos=request.photos,
-                    face_index=request.face_index,
-                    min_face_px=self.min_face_px,
-                )
+                chosen, rgb = self._identified(request.image, request.photo_index, request.photos, request.face_index)
+                if request.thumbnail:
+                    rgb = rgb if rgb is not None else decode_image(request.image, **self.limits)
+                    thumbnail = face_thumbnail(rgb, chosen.face.bbox)
             except InstantIDError as exc:
                 if request.identity is None:
                     raise
@@ -80,7 +83,45 @@ class FaceStage:
                 raise type(exc)(f"identities[{request.identity}]: {exc.message}") from exc
         if request.identity is not None:
             chosen = replace(chosen, identity=request.identity)
-        return IdentityResult(chosen, timings, self.replica)
+        return IdentityResult(chosen, timings, self.replica, thumbnail)
+
+    def enrol(self, identity_combine: str, *identified: IdentityResult) -> Enrolment:
+        """A saved identity's analysis: the photos (analysed by :meth:`identify`, the first with a thumbnail) and
+        their combined embedding, as a generation from the same photos would combine them."""
+        chosen = [result.chosen for result in identified]
+        embedding = combine_embeddings([c.face.embedding for c in chosen], identity_combine)
+        thumbnail = identified[0].thumbnail
+        assert thumbnail is not None, "the first photo is analysed with its thumbnail"
+        return Enrolment(chosen, np.asarray(embedding, dtype=np.float32), thumbnail)
+
+    def _identified(self, image: bytes, photo_index: int, photos: int, face_index: int) -> tuple:
+        """The chosen face (with its embedding) of one identity photo, from the cache when the same photo was
+        analysed with the same options recently; and the decoded photo when it had to be decoded."""
+        key = ("identify", self.cache.photo_key(image), face_index, self.min_face_px)
+        found = self.cache.get(key)
+        if found is not None:
+            return replace(found, photo_index=photo_index, cached=True), None
+        rgb = decode_image(image, **self.limits)
+        chosen = identify(
+            self.analyzer,
+            rgb,
+            photo_index=photo_index,
+            photos=photos,
+            face_index=face_index,
+            min_face_px=self.min_face_px,
+        )
+        self.cache.put(key, replace(chosen, photo_index=0))
+        return chosen, rgb
+
+    def _detected(self, image: bytes) -> PoseFaces:
+        """Every face of a photo (largest first) and its size, from the cache when the photo was seen recently."""
+        key = ("detect", self.cache.photo_key(image))
+        found = self.cache.get(key)
+        if found is None:
+            rgb = decode_image(image, **self.limits)
+            found = PoseFaces(self.analyzer.detect(rgb), rgb.shape[1], rgb.shape[0])
+            self.cache.put(key, PoseFaces(list(found.faces), found.width, found.height))
+        return PoseFaces(list(found.faces), found.width, found.height)
 
     def analyze(self, request: FaceRequest, *identified: IdentityResult) -> FaceResult:
         """The face condition: from ``request.face_image`` (one photo, analysed here) or from photos already
@@ -91,14 +132,11 @@ class FaceStage:
             timings |= result.timings
         with timed(timings, "face"):
             if request.face_image is not None:
-                rgb = decode_image(request.face_image, **self.limits)
-                identities.append(
-                    identify(self.analyzer, rgb, face_index=request.face_index, min_face_px=self.min_face_px)
-                )
+                identities.append(self._identified(request.face_image, 0, 1, request.face_index)[0])
             pose = None
             if request.pose_image is not None:
-                pose_rgb = decode_image(request.pose_image, **self.limits)
-                pose = locate_pose(self.analyzer, pose_rgb, request.pose_face_index)
+                detected = self._detected(request.pose_image)
+                pose = pose_face(detected.faces, detected.width, detected.height, request.pose_face_index)
             condition = condition_from(
                 identities,
                 pose,
@@ -158,6 +196,14 @@ class FaceStage:
             )
         return listing
 
+    def keypoint_image(
+        self, kps: np.ndarray, photo_width: int, photo_height: int, width: int | None = None, height: int | None = None
+    ) -> bytes:
+        """The keypoint image (PNG) of stored keypoints ``kps`` of a ``photo_width`` x ``photo_height`` photo, as
+        :meth:`faces` draws it for a photo: a saved identity's, without the photo."""
+        out_w, out_h, transform = output_size(photo_width, photo_height, width, height, self.long_side)
+        return encode_png(draw_keypoint_image(transform.apply_points(np.asarray(kps, np.float32)), out_w, out_h))
+
     def score(self, output: DenoiseResult, face: FaceResult) -> list[float | None]:
         """Per generated image, how well it kept the identity: the cosine of its largest face with the identity it
         was conditioned on, None where no face is found (see
@@ -184,7 +230,9 @@ class FaceStage:
             identities.append(IdentityPhotos(chosen, spec.identity_combine, spec.region))
         pose = None
         if request.pose_image is not None:
-            pose = locate_pose_faces(self.analyzer, decode_image(request.pose_image, **self.limits))
+            pose = self._detected(request.pose_image)
+            if not pose.faces:
+                raise NoFaceError("no face detected in the pose image")
         condition = group_condition(
             identities, pose, width=request.width, height=request.height, long_side=self.long_side
         )
@@ -197,3 +245,22 @@ def encode_png(rgb: np.ndarray) -> bytes:
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return png.tobytes()
+
+
+THUMBNAIL_PX = 128
+
+
+def face_thumbnail(rgb: np.ndarray, box: np.ndarray) -> bytes:
+    """A square ``THUMBNAIL_PX`` WebP of the face in ``box`` with some context (1.6 x the box), for a saved
+    identity's listing: small enough to say who it is, nothing more of the photo."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = 1.6 * max(x2 - x1, y2 - y1)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    height, width = rgb.shape[:2]
+    left, top = max(0, round(cx - side / 2)), max(0, round(cy - side / 2))
+    right, bottom = min(width, round(cx + side / 2)), min(height, round(cy + side / 2))
+    crop = Image.fromarray(np.ascontiguousarray(rgb[top:bottom, left:right]))
+    crop.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.LANCZOS)
+    buffer = io.BytesIO()
+    crop.save(buffer, format="WEBP", quality=85)
+    return buffer.getvalue()

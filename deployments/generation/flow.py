@@ -71,7 +71,9 @@ def generate(
     images). ``keep_inputs``: store the request's pictures beside the images."""
     # 1. The face condition: photos are identified one call each (served: spread over the replicas), then one call
     #    combines them with the pose photo's geometry and fixes the output size.
-    identified = [stages.identify(request) for request in plan.identify_requests(inputs)]
+    identified = [
+        stages.identify(item) if isinstance(item, IdentityRequest) else item for item in plan.identified(inputs)
+    ]
     face_request = plan.face_request(inputs)
     if isinstance(face_request, GroupFaceRequest):
         face = stages.analyze_group(face_request, *identified)

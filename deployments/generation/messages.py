@@ -87,6 +87,7 @@ class IdentityRequest:
     photos: int
     face_index: int = 0
     identity: int | None = None
+    thumbnail: bool = False  # enrolment: also a small face thumbnail (WebP) of the chosen face
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,17 @@ class IdentityResult:
     chosen: ChosenFace  # with its embedding
     timings: Timings
     replica: str = ""
+    thumbnail: bytes | None = None  # when the request asked for one
+
+
+@dataclass
+class Enrolment:
+    """A person's photos analysed for a saved identity: each photo's chosen face (with its embedding), the
+    combined embedding the record keeps, and the first photo's face thumbnail."""
+
+    chosen: list[ChosenFace]
+    embedding: np.ndarray
+    thumbnail: bytes
 
 
 @dataclass
@@ -242,6 +254,7 @@ class GenerationRecord:
     models: dict[str, Any]
     init_image_given: bool = False
     face_photos: int = 1
+    identity_ids: list[str] = field(default_factory=list)  # the saved identities it used
     job_id: str | None = None  # an async job's id (its progress events go to the job channel)
     job_attempt: int = 1  # which run of the job this is (a takeover after a replica's death starts the next)
 

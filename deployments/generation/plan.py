@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -39,6 +39,7 @@ from .messages import (
     GenerationRecord,
     GroupFaceRequest,
     IdentityRequest,
+    IdentityResult,
     IdentitySpec,
     PromptRequest,
 )
@@ -57,6 +58,7 @@ class PersonGiven:
     face_index: int = 0
     identity_combine: IdentityCombine = DEFAULT_IDENTITY_COMBINE
     region: Box | None = None
+    saved_identity: str | None = None  # a saved identity's id instead of photos
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,14 @@ class InputsGiven:
     pose: bool = False
     init: bool = False
     maps: frozenset[str] = frozenset()  # extra ControlNets with a ready-made map
+    saved_identity: str | None = None  # one person, as a saved identity's id instead of photos
+
+    @property
+    def saved_identities(self) -> list[str]:
+        """The saved identities the request uses, in order."""
+        if self.people is not None:
+            return [p.saved_identity for p in self.people if p.saved_identity is not None]
+        return [self.saved_identity] if self.saved_identity is not None else []
 
 
 @dataclass(frozen=True)
@@ -79,9 +89,12 @@ class PersonInput:
     face_index: int = 0
     identity_combine: IdentityCombine = DEFAULT_IDENTITY_COMBINE
     region: Box | None = None
+    known: tuple[IdentityResult, ...] = ()  # a saved identity's faces, analysed when it was enrolled
+    saved_identity: str | None = None
 
     def given(self) -> PersonGiven:
-        return PersonGiven(len(self.photos), self.face_index, self.identity_combine, self.region)
+        photos = len(self.photos) + len(self.known)
+        return PersonGiven(photos, self.face_index, self.identity_combine, self.region, self.saved_identity)
 
 
 @dataclass(frozen=True)
@@ -93,11 +106,20 @@ class GenerationInputs:
     pose: bytes | None = None
     init: bytes | None = None
     maps: Mapping[str, bytes] = field(default_factory=dict)  # ready-made maps, by ControlNet
+    known: tuple[IdentityResult, ...] = ()  # one person as a saved identity: the faces its record holds
+    saved_identity: str | None = None
 
     def given(self) -> InputsGiven:
         """What these inputs bring."""
         people = None if self.people is None else tuple(person.given() for person in self.people)
-        return InputsGiven(len(self.faces), people, self.pose is not None, self.init is not None, frozenset(self.maps))
+        return InputsGiven(
+            len(self.faces) + len(self.known),
+            people,
+            self.pose is not None,
+            self.init is not None,
+            frozenset(self.maps),
+            self.saved_identity,
+        )
 
     @property
     def photos(self) -> list[bytes]:
@@ -122,6 +144,14 @@ class GenerationPlan:
     @property
     def people(self) -> tuple[PersonGiven, ...] | None:
         return self.given.people
+
+    def loaded(self, inputs: GenerationInputs, identity_combine: str | None = None) -> GenerationPlan:
+        """The plan with what loading the pictures found: each saved identity's photo count, and, for one person
+        as a saved identity, how its record combines the photos (the request could not say)."""
+        options = self.options
+        if identity_combine is not None:
+            options = options.model_copy(update={"identity_combine": identity_combine})
+        return replace(self, options=options, given=inputs.given())
 
     @property
     def source_name(self) -> str:
@@ -160,9 +190,13 @@ class GenerationPlan:
                     "face_index": person.face_index,
                     "identity_combine": person.identity_combine,
                     "region": None if person.region is None else list(person.region),
+                    **({"identity_id": person.saved_identity} if person.saved_identity is not None else {}),
                 }
                 for i, person in enumerate(self.people)
             ]
+        elif self.given.saved_identity is not None:  # the record fixed each photo's face and how they combine
+            effective.pop("face_index", None)
+            effective["identity_id"] = self.given.saved_identity
         return effective
 
     def record(
@@ -187,6 +221,7 @@ class GenerationPlan:
             parameters=self.effective_parameters(),
             pose_image_given=self.given.pose,
             face_photos=self.given.face_photos if self.people is None else sum(p.photos for p in self.people),
+            identity_ids=self.given.saved_identities,
             job_id=job_id,
             job_attempt=job_attempt,
             inputs_stored=inputs_stored,
@@ -195,11 +230,14 @@ class GenerationPlan:
         )
 
     # ------------------------------------------------------------------------------------ each stage's input
-    def identify_requests(self, inputs: GenerationInputs) -> list[IdentityRequest]:
-        """The photos analysed one by one (spread over the face stage's replicas): every photo of several people,
-        or one person's photos when there are several (a single photo is analysed inside ``face_request``)."""
+    def identified(self, inputs: GenerationInputs) -> list[IdentityRequest | IdentityResult]:
+        """What the face condition is made of, in photo order: photos to analyse one by one (spread over the face
+        stage's replicas) and faces already analysed (a saved identity's); a single photo is analysed inside
+        ``face_request`` instead."""
         if inputs.people is not None:
             return identify_people(inputs.people)
+        if inputs.known:
+            return list(inputs.known)
         if len(inputs.faces) == 1:
             return []
         return [
@@ -208,12 +246,12 @@ class GenerationPlan:
         ]
 
     def face_request(self, inputs: GenerationInputs) -> FaceRequest | GroupFaceRequest:
-        """The face condition's request; the results of :meth:`identify_requests` come with it."""
+        """The face condition's request; what :meth:`identified` lists comes with it."""
         options = self.options
         if self.people is not None:
             return GroupFaceRequest(people_specs(self.people), inputs.pose, options.width, options.height)
         return FaceRequest(
-            inputs.faces[0] if len(inputs.faces) == 1 else None,
+            inputs.faces[0] if len(inputs.faces) == 1 and not inputs.known else None,
             inputs.pose,
             options.width,
             options.height,
@@ -258,13 +296,17 @@ class GenerationPlan:
         return kept
 
 
-def identify_people(people: tuple[PersonInput, ...]) -> list[IdentityRequest]:
-    """One ``identify`` request per photo of several people, identity by identity, in photo order."""
-    return [
-        IdentityRequest(image, j, len(person.photos), person.face_index, identity=i)
-        for i, person in enumerate(people)
-        for j, image in enumerate(person.photos)
-    ]
+def identify_people(people: tuple[PersonInput, ...]) -> list[IdentityRequest | IdentityResult]:
+    """Several people's faces, identity by identity in photo order: an ``identify`` request per photo sent, or the
+    faces of a saved identity as its record holds them."""
+    identified: list[IdentityRequest | IdentityResult] = []
+    for i, person in enumerate(people):
+        identified += [replace(result, chosen=replace(result.chosen, identity=i)) for result in person.known]
+        identified += [
+            IdentityRequest(image, j, len(person.photos), person.face_index, identity=i)
+            for j, image in enumerate(person.photos)
+        ]
+    return identified
 
 
 def people_specs(people: tuple[PersonGiven, ...]) -> list[IdentitySpec]:
@@ -306,6 +348,11 @@ def plan_generation(
                 f"the {name} ControlNet needs a ready-made map ({CONTROL_IMAGE_PART.format(name)} "
                 f"or controlnets[].image_b64/image_uri): only {' and '.join(COMPUTED_MAPS)} maps are computed"
             )
+    if given.saved_identity is not None and not given.pose and any(w != "uploaded" for w in map_sources.values()):
+        raise InvalidParameterError(
+            "with identity_id, computed control maps need a pose_image (a saved identity keeps no photo to compute "
+            "them from); give pose_image or upload the maps"
+        )
     if given.people is not None and not given.pose and any(w != "uploaded" for w in map_sources.values()):
         raise InvalidParameterError(
             "with identities, computed control maps need a pose_image (the faces are placed by the layout, not "
@@ -327,7 +374,7 @@ def check_inputs(options: GenerationOptions, given: InputsGiven) -> None:
     photo and strength an init image."""
     if given.people is not None:
         _check_people(options, given.people, given.face_photos)
-    elif not 1 <= given.face_photos <= MAX_FACE_PHOTOS:
+    elif given.saved_identity is None and not 1 <= given.face_photos <= MAX_FACE_PHOTOS:
         raise InvalidParameterError(f"give 1 to {MAX_FACE_PHOTOS} face photos, got {given.face_photos}")
     if "pose_face_index" in options.model_fields_set and not given.pose:
         raise InvalidParameterError("pose_face_index is for the pose photo: give pose_image too")
@@ -341,7 +388,7 @@ def _check_people(options: GenerationOptions, people: tuple[PersonGiven, ...], f
     if not MIN_IDENTITIES <= len(people) <= MAX_IDENTITIES:
         raise InvalidParameterError(f"identities holds {MIN_IDENTITIES} to {MAX_IDENTITIES} people, got {len(people)}")
     for index, person in enumerate(people):
-        if not 1 <= person.photos <= MAX_FACE_PHOTOS:
+        if person.saved_identity is None and not 1 <= person.photos <= MAX_FACE_PHOTOS:
             raise InvalidParameterError(f"identities[{index}]: give 1 to {MAX_FACE_PHOTOS} photos, got {person.photos}")
     if "pose_face_index" in options.model_fields_set:
         raise InvalidParameterError(

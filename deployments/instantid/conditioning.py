@@ -76,8 +76,13 @@ def identify(
 
 def locate_pose(analyzer: FaceAnalyzer, rgb: np.ndarray, pose_face_index: int = 0) -> ChosenFace:
     """The pose photo's face number ``pose_face_index``: only its keypoints and box are used (no embedding)."""
-    face = choose_face(analyzer.detect(rgb), pose_face_index, "the pose image", "pose_face_index")
-    return ChosenFace(face, "pose", 0, pose_face_index, rgb.shape[1], rgb.shape[0])
+    return pose_face(analyzer.detect(rgb), rgb.shape[1], rgb.shape[0], pose_face_index)
+
+
+def pose_face(faces: Sequence[DetectedFace], width: int, height: int, pose_face_index: int = 0) -> ChosenFace:
+    """Face number ``pose_face_index`` of a pose photo's detected ``faces`` (largest first)."""
+    face = choose_face(faces, pose_face_index, "the pose image", "pose_face_index")
+    return ChosenFace(face, "pose", 0, pose_face_index, width, height)
 
 
 def condition_from(

@@ -70,17 +70,22 @@ class ChosenFace:
     image_width: int
     image_height: int
     identity: int | None = None  # a multi-identity request: which identity this face belongs to
+    cached: bool = False  # taken from the face stage's cache of recent photos (no detection, no recognition)
+    saved_identity: str | None = None  # taken from a saved identity's record (the photo was not sent again)
 
     def without_embedding(self) -> ChosenFace:
         return replace(self, face=replace(self.face, embedding=None))
 
     def to_dict(self) -> dict[str, Any]:
         identity = {} if self.identity is None else {"identity": self.identity}
+        origin = {"cached": True} if self.cached else {}
+        origin |= {"saved_identity": self.saved_identity} if self.saved_identity is not None else {}
         return {
             "source": self.source,
             **identity,
             "photo_index": self.photo_index,
             "face_index": self.face_index,
+            **origin,
             **self.face.to_dict(),
         }
 

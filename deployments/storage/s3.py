@@ -94,6 +94,11 @@ class S3Settings(BaseModel):
     prefix: str = Field(
         "generations", description="Key prefix for results: no leading/trailing '/', safe characters only."
     )
+    identities_prefix: str = Field(
+        "identities",
+        description="Key prefix for saved identities, apart from the results so that a lifecycle rule expiring "
+        "generations never expires a person an owner chose to keep.",
+    )
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; None = AWS (or AWS_ENDPOINT_URL).")
     public_endpoint: str | None = Field(
         None,
@@ -127,7 +132,7 @@ class S3Settings(BaseModel):
     def _check_bucket(cls, value: str) -> str:
         return validate_bucket_name(value)
 
-    @field_validator("prefix")
+    @field_validator("prefix", "identities_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
         # Keys are built by the server only; a strict prefix keeps every key predictable and safe to log.

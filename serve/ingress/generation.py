@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
@@ -52,6 +52,9 @@ from serve.schemas import (
 
 from .errors import ApiError, replica_gone
 from .inputs import ImageInputs
+
+if TYPE_CHECKING:
+    from .identities import Identities
 
 logger = logging.getLogger("ray.serve")
 
@@ -145,9 +148,11 @@ class Generations:
         controlnets: list[str],
         weights: dict[str, Any],
         request_timeout_s: float,
+        identities: Identities,
     ) -> None:
         self.handles = handles
         self.images = images
+        self.identities = identities  # saved identities, read by id in place of face photos
         self.catalogue = catalogue
         self.controlnets = controlnets  # the extra ControlNets the denoiser loaded
         self.weights = weights  # recorded in meta.json
@@ -156,6 +161,13 @@ class Generations:
     def plan(self, request: GenerateRequest) -> GenerationPlan:
         """The request checked against every rule and resolved (422 before any work starts)."""
         return plan_generation(request.options(), request.inputs_given(), self.catalogue, self.controlnets)
+
+    async def check(self, request: GenerateRequest, owner: str) -> None:
+        """Every rule, and that each saved identity the request names is ``owner``'s (else a 404), without loading
+        a picture: what a job's submission checks before the job exists."""
+        self.plan(request)
+        for identity_id in request.inputs_given().saved_identities:
+            await self.identities.record(owner, identity_id)
 
     async def run(
         self, request: GenerateRequest, request_id: str, owner: str, job: JobTicket | None = None
@@ -174,8 +186,7 @@ class Generations:
         self, request: GenerateRequest, request_id: str, owner: str, job: JobTicket | None
     ) -> GenerateResponse:
         started = time.time()
-        plan = self.plan(request)
-        inputs = await self.load(request, plan)
+        plan, inputs = await self.load(request, self.plan(request), owner)
         record = plan.record(
             job.id if job is not None else new_generation_id(),
             request_id,
@@ -189,13 +200,26 @@ class Generations:
         saved: SavedGeneration = await generate(plan, inputs, stages, record, keep_inputs=request.store_inputs)
         return self._response(plan, record, saved, started)
 
-    async def load(self, request: GenerateRequest, plan: GenerationPlan) -> GenerationInputs:
-        """The request's pictures as bytes, from base64 or allowed ``s3://`` URIs; photos are read concurrently."""
+    async def load(
+        self, request: GenerateRequest, plan: GenerationPlan, owner: str
+    ) -> tuple[GenerationPlan, GenerationInputs]:
+        """The request's pictures as bytes, from base64 or allowed ``s3://`` URIs (photos are read concurrently), and
+        its saved identities' faces (``owner``'s only: another's is a 404); the plan completed with what they hold."""
         load = self.images.load
         people = None
         faces: tuple[bytes, ...] = ()
+        known: tuple = ()
+        identity_combine = None
         if request.identities is not None:
-            people = await self.images.people(request.identities)
+            saved = {
+                i: await self.identities.faces(owner, choice.identity_id, i)
+                for i, choice in enumerate(request.identities)
+                if choice.identity_id is not None
+            }
+            people = await self.images.people(request.identities, saved)
+        elif request.identity_id is not None:
+            record, known = await self.identities.faces(owner, request.identity_id)
+            identity_combine = record.identity_combine
         else:
             given = request.face_photos()
             faces = await self.images.photos(given, "face_image" if len(given) == 1 else "face_images")
@@ -210,7 +234,8 @@ class Generations:
             for c in request.controlnets
             if plan.map_sources.get(c.name) == "uploaded"
         }
-        return GenerationInputs(faces, people, pose, init, maps)
+        inputs = GenerationInputs(faces, people, pose, init, maps, known, request.identity_id)
+        return plan.loaded(inputs, identity_combine), inputs
 
     def _response(
         self, plan: GenerationPlan, record: GenerationRecord, saved: SavedGeneration, started: float

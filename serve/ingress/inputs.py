@@ -26,6 +26,7 @@ from deployments.instantid.errors import (
     UnsupportedImageTypeError,
 )
 from deployments.instantid.options import CONTROLNET_NAMES, MAX_FACE_PHOTOS
+from deployments.storage.identities import SavedIdentity
 from deployments.storage.inputs import S3InputReader
 from serve.config import ApiConfig
 from serve.ingress.errors import ApiError
@@ -41,6 +42,9 @@ GENERATE_FILES = {
 }
 # /v1/generate's name works here too; several people's parts show their layout
 FACES_FILES = {"image": "image", "face_image": "image", **{part: part for part in IDENTITY_PARTS}}
+IDENTITY_FILES = {"face_image": "face_image"}  # POST /v1/identities: the person's photos
+# Instead of a face photo part: several people's parts, or saved identities (form fields) in their place.
+INSTEAD_OF_A_PHOTO = (*IDENTITY_PARTS, "identity_id", "identities")
 MAX_FORM_FIELDS = 64
 MAX_FORM_FIELD_BYTES = 64 * 1024
 _IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "application/octet-stream"}
@@ -82,7 +86,7 @@ async def read_body(request: Request, api: ApiConfig, files: Mapping[str, str]) 
             "face_image": ("face_images", MAX_FACE_PHOTOS),
             **{part: (f"{part}_images", MAX_FACE_PHOTOS) for part in IDENTITY_PARTS},
         },
-        alternatives=IDENTITY_PARTS,
+        alternatives=INSTEAD_OF_A_PHOTO,
     )
 
 
@@ -152,8 +156,8 @@ async def _read_multipart(
         else:
             fields[name] = value
     required = next(iter(files.values()))
-    if required not in uploads and not any(name in uploads for name in alternatives):
-        instead = f" (or {', '.join(alternatives[:2])}, ... for several people)" if alternatives else ""
+    if required not in uploads and not any(name in uploads or name in fields for name in alternatives):
+        instead = f" (or {', '.join(alternatives[:2])}, ... for several people, or identity_id)" if alternatives else ""
         raise ApiError(422, "invalid_parameter", f"multipart requests need a file part {required!r}{instead}")
     for target, parts in uploads.items():
         encoded = [base64.b64encode(data).decode() for data in parts]
@@ -208,20 +212,26 @@ class ImageInputs:
         names = [field] if len(photos) == 1 else [f"{field}[{i}]" for i in range(len(photos))]
         return tuple(await asyncio.gather(*(self.load(p.b64, p.uri, n) for p, n in zip(photos, names, strict=True))))
 
-    async def people(self, identities: list[IdentityChoice]) -> tuple[PersonInput, ...]:
-        """Every identity's photos (all loaded concurrently) with its choices."""
+    async def people(
+        self, identities: list[IdentityChoice], saved: Mapping[int, tuple[SavedIdentity, tuple]] | None = None
+    ) -> tuple[PersonInput, ...]:
+        """Every identity's photos (all loaded concurrently) with its choices; ``saved``: by identity index, the saved
+        identities' records and faces (``Identities.faces``) for those given by ``identity_id``."""
+        saved = saved or {}
         loads = [
             self.load(photo.b64, photo.uri, f"identities[{i}].images[{j}]")
             for i, identity in enumerate(identities)
-            for j, photo in enumerate(identity.images)
+            for j, photo in enumerate(identity.images or ())
         ]
         flat = iter(await asyncio.gather(*loads))
-        return tuple(
-            PersonInput(
-                tuple(next(flat) for _ in identity.images),
-                identity.face_index,
-                identity.identity_combine,
-                identity.spec(),
-            )
-            for identity in identities
-        )
+        people = []
+        for i, identity in enumerate(identities):
+            if i in saved:
+                record, known = saved[i]
+                people.append(
+                    PersonInput((), 0, record.identity_combine, identity.spec(), known=known, saved_identity=record.id)
+                )
+            else:
+                photos = tuple(next(flat) for _ in identity.images or ())
+                people.append(PersonInput(photos, identity.face_index, identity.identity_combine, identity.spec()))
+        return tuple(people)

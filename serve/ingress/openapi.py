@@ -13,7 +13,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from deployments.instantid.options import CONTROLNET_NAMES, MAX_FACE_PHOTOS, MAX_IDENTITIES
-from serve.schemas import CONTROL_IMAGE_PART, IDENTITY_PART, ErrorResponse, FacesRequest, GenerateRequest
+from serve.schemas import (
+    CONTROL_IMAGE_PART,
+    IDENTITY_PART,
+    ErrorResponse,
+    FacesRequest,
+    GenerateRequest,
+    IdentityCreateRequest,
+)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 415, 422, 503, 504)
@@ -97,4 +104,10 @@ FACES_BODY = _request_body(
     },
     required_file=None,
     identity_parts=True,
+)
+IDENTITY_BODY = _request_body(
+    IdentityCreateRequest,
+    {"face_image": "A photo of the person (PNG, JPEG or WebP); repeat the part for up to 8 photos of them."},
+    required_file="face_image",
+    repeated={"face_image": "face_images"},
 )

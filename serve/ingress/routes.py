@@ -10,12 +10,12 @@ it imports load none of the model stack, so an ingress replica stays small.
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from ray import cloudpickle
 from ray import serve as ray_serve
 from ray.serve.handle import DeploymentHandle
 
@@ -26,11 +26,13 @@ from deployments.instantid.errors import InvalidParameterError
 from deployments.instantid.options import CONTROLNET_NAMES
 from deployments.job_events import job_events
 from deployments.storage.generations import GenerationNotFound, validate_generation_id
+from deployments.storage.identities import IdentityStore
 from deployments.storage.inputs import S3InputReader
 from deployments.storage.job_records import JobRecords
 from deployments.storage.s3 import S3Settings, make_client
 from serve.config import ApiConfig
 from serve.jobs.admission import Admission
+from serve.jobs.events import prepend
 from serve.jobs.leases import Leases
 from serve.jobs.runner import JobRunner
 from serve.jobs.state import JobStates
@@ -44,41 +46,33 @@ from serve.schemas import (
     ModelsResponse,
 )
 
+from . import identities as identity_module
 from .auth import ANONYMOUS, ApiKeys, AuthError
 from .autoscaling import GENERATIONS_METRIC
-from .errors import OVERLOADED, ApiError, install_error_handlers, request_id
+from .errors import OVERLOADED, ApiError, request_id
 from .faces import FaceQueries
 from .generation import Generations, StageHandles
+from .http_app import API_VERSION, app
 from .idempotency import IdempotencyGuard, StoreRecords, run_once
+from .identities import Identities, IdentityRoutes
 from .inputs import FACES_FILES, GENERATE_FILES, ImageInputs, read_body
-from .openapi import ERROR_RESPONSES, FACES_BODY, GENERATE_BODY
-from .request_log import RequestLogMiddleware, note, note_prompt, seconds_by_stage
+from .openapi import FACES_BODY, GENERATE_BODY
+from .request_log import note, note_prompt, seconds_by_stage
 
 logger = logging.getLogger("ray.serve")
 
-API_VERSION = "1"
+# Ray Serve pickles the app with the Ingress and binds ``self`` of each route method in the driver. The Ingress's
+# own methods travel by value (``Ingress`` names the deployment, not the class); a mixin's methods, importable by
+# name, would travel by reference and arrive unbound: its module travels by value too.
+cloudpickle.register_pickle_by_value(identity_module)
+
 STATIC_DIR = Path(__file__).parent.parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the page's files, and only those
-
-app = FastAPI(
-    title="InstantID Serve",
-    version=API_VERSION,
-    description="Identity-preserving SDXL generation (InstantID) on Ray Serve; results in S3.",
-    responses=ERROR_RESPONSES,
-)
-install_error_handlers(app)
-app.add_middleware(RequestLogMiddleware)  # one JSON log line and one counted request per HTTP request
-
-
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async for chunk in rest:
-        yield chunk
 
 
 @ray_serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 @ray_serve.ingress(app)
-class Ingress:
+class Ingress(IdentityRoutes):
     def __init__(
         self,
         face: DeploymentHandle,
@@ -104,13 +98,17 @@ class Ingress:
             logger.warning("API keys are required but none are configured: every request will get 401")
         images = ImageInputs(S3InputReader(storage, api.allowed_input_buckets), api.max_upload_bytes)
         handles = StageHandles(face, prompt, denoiser, store, control_maps)
-        self.generations = Generations(handles, images, models, self.controlnets, weights, api.request_timeout_s)
-        self.faces = FaceQueries(handles, images, self.controlnets)
+        client = make_client(storage)
+        self.identities = Identities(IdentityStore(client, storage), face, images)
+        self.generations = Generations(
+            handles, images, models, self.controlnets, weights, api.request_timeout_s, self.identities
+        )
+        self.faces = FaceQueries(handles, images, self.controlnets, self.identities)
         self.admission = Admission(api.max_in_flight)
         # A claimant may run the request and its one replica-loss retry, each bounded by the timeout.
         self.idempotency = IdempotencyGuard(StoreRecords(store), lease_s=2 * api.request_timeout_s + 60)
         self.jobs = JobRunner(
-            states=JobStates(JobRecords(make_client(storage), storage)),
+            states=JobStates(JobRecords(client, storage)),
             channel=job_events(),
             admission=self.admission,
             leases=Leases(api.jobs.lease_s),
@@ -158,8 +156,11 @@ class Ingress:
         response = GenerateResponse.model_validate(body)
         return await self._refreshed(response) if replayed else response
 
-    async def analyze_faces(self, request: FacesRequest, request_id: str | None = None) -> FacesResponse:
-        return await self.faces.analyze(request, request_id)
+    async def analyze_faces(
+        self, request: FacesRequest, request_id: str | None = None, owner: str = ANONYMOUS
+    ) -> FacesResponse:
+        """What face analysis sees (``owner``: whose saved identities the layout of several people may use)."""
+        return await self.faces.analyze(request, request_id, owner)
 
     async def models(self) -> ModelsResponse:
         """The catalogue (names, descriptions, defaults; never where the files are) and what one denoiser holds."""
@@ -188,7 +189,7 @@ class Ingress:
         """
         request_id = request_id or uuid.uuid4().hex
         self.jobs.ensure_sweeper()
-        self.generations.plan(request)  # every rule, before the job exists
+        await self.generations.check(request, owner)  # every rule and saved identity, before the job exists
         if request.callback_url is not None:
             try:
                 validate_callback_url(request.callback_url, self.api.webhooks)
@@ -253,9 +254,9 @@ class Ingress:
         openapi_extra=FACES_BODY,
     )
     async def http_faces(self, request: Request) -> JSONResponse:
-        self._principal(request)
+        owner = self._principal(request)
         fields = await self._read_body(request, FACES_FILES)
-        result = await self.analyze_faces(FacesRequest(**fields), request_id(request))
+        result = await self.analyze_faces(FacesRequest(**fields), request_id(request), owner)
         return JSONResponse(result.model_dump(mode="json"))
 
     @app.post(
@@ -301,7 +302,7 @@ class Ingress:
         stream = self.jobs.events(job_id, owner, last_event_id, previews)
         first = await anext(stream)  # errors (not found, too many streams) are answered as JSON, before streaming
         return StreamingResponse(
-            _prepend(first, stream),
+            prepend(first, stream),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -149,3 +149,11 @@ async def follow_events(
             yield sse(event.type, event.data, event.seq)
             if is_terminal_event(event.type):
                 return
+
+
+async def prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``first``, then ``rest``: a stream whose first chunk was read before its response started (so that the
+    errors it may raise are answered as JSON, not inside an open event stream)."""
+    yield first
+    async for chunk in rest:
+        yield chunk

@@ -11,12 +11,17 @@ schema validates. The pictures and the list-valued options have flags of their o
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deployments.instantid.options import GenerationOptions
 from serve.tools import CliError
+
+if TYPE_CHECKING:
+    from deployments.storage.identities import SavedIdentity
 
 # Options the command line spells its own way: base_model by --base (a name or a path, loaded here), loras and
 # controlnets by repeatable flags, output_format by --out's suffix.
@@ -122,6 +127,13 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
         "of the output it owns in output pixels (all or none); faces come from --pose (left to right), else the "
         "regions, else equal columns",
     )
+    p.add_argument(
+        "--identity-file",
+        type=Path,
+        default=None,
+        help="a saved identity exported from the service (GET /v1/identities/ID?include=embeddings, saved as JSON), "
+        "instead of --face: no photo is analysed; its first photo's keypoints set the pose unless --pose is given",
+    )
     p.add_argument("--pose", type=Path, default=None, help="photo whose largest face sets pose and size")
     p.add_argument("--init-image", type=Path, default=None, help="image-to-image: start from this picture")
     p.add_argument(
@@ -162,13 +174,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from deployments.generation.local import InstantIDPipeline, local_catalogue
+    from deployments.generation.messages import StageTiming
     from deployments.generation.plan import GenerationInputs, PersonInput, plan_generation
+    from deployments.generation.saved import saved_faces
     from deployments.instantid.errors import InvalidParameterError
     from deployments.instantid.weights import WeightsLayout
     from serve.ingress.errors import validation_message
 
-    if bool(args.face) == bool(args.identity):
-        raise CliError("give --face (one person) or --identity (2-4 people), not both and not neither")
+    if sum(map(bool, (args.face, args.identity, args.identity_file))) != 1:
+        raise CliError(
+            "give one of --face (one person), --identity-file (one saved identity) and --identity (2-4 people)"
+        )
+    saved = _saved_identity(args.identity_file) if args.identity_file else None
+    if saved is not None:
+        if args.face_index is not None or args.identity_combine is not None:
+            raise CliError(
+                "--identity-file fixed its photos' faces and how they combine: drop --face-index and --identity-combine"
+            )
+        args.identity_combine = saved.identity_combine
     people = [_identity_item(item) for item in args.identity]
     choices = {}  # several people: each one's photo takes the single-person face choices
     if people:
@@ -196,6 +219,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pose=_read(args.pose, "--pose") if args.pose else None,
         init=_read(args.init_image, "--init-image") if args.init_image else None,
         maps={name: _read(path, "--control-image") for name, path in control_files.items()},
+        known=saved_faces(saved, StageTiming.since(time.time())) if saved is not None else (),
+        saved_identity=saved.id if saved is not None else None,
     )
     layout = WeightsLayout.from_root(args.weights)
     base, lora_files = _local_models(args.weights, args.base, loras, options.mode)
@@ -222,6 +247,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CliError(f"--out: cannot write {args.out}: {exc}") from None
     print(f"wrote {args.out} ({output.params.width}x{output.params.height}, seed {plan.params.seed})")
     return 0
+
+
+def _saved_identity(path: Path) -> SavedIdentity:
+    """An identity export (JSON with embeddings) as the record a generation reads."""
+    from deployments.storage.identities import SavedIdentity
+
+    try:
+        return SavedIdentity.from_export(json.loads(_read(path, "--identity-file")))
+    except (ValueError, TypeError) as exc:  # JSON, the export's shape, pydantic's checks
+        raise CliError(f"--identity-file {path}: {str(exc).splitlines()[0]}") from None
 
 
 def _identity_item(item: str) -> tuple[Path, tuple[float, float, float, float] | None]:
