@@ -312,12 +312,13 @@ class DenoiserDeployment:
         )
 
     def batching_stats(self) -> dict[str, Any]:
-        """Forwards run and UNet rows stepped since the replica started (rows / forwards = rows per forward); in
-        continuous mode also ``load``: the jobs waiting and running and the rows admitted now."""
+        """Forwards run and UNet rows stepped since this ``replica`` started (rows / forwards = rows per forward); in
+        continuous mode also ``load``: the jobs waiting and running and the rows admitted now. The replica's id lets a
+        reader tell a replaced replica's fresh counters from its predecessor's."""
         if self.batcher is not None:
             counts = {"forwards": self.batcher.forwards, "rows": self.batcher.rows_stepped}
-            return {"mode": self.mode, **counts, "load": self.batcher.load()}
-        return {"mode": self.mode, "forwards": self._forwards, "rows": self._rows_stepped}
+            return {"mode": self.mode, "replica": self.replica, **counts, "load": self.batcher.load()}
+        return {"mode": self.mode, "replica": self.replica, "forwards": self._forwards, "rows": self._rows_stepped}
 
     def model_info(self) -> dict[str, Any]:
         """What this replica serves now: InstantID's weights, the bases it holds warm, the LoRAs each has loaded."""

@@ -159,7 +159,7 @@ def test_a_job_survives_the_ingress_replica_that_ran_it(serve_stack) -> None:
 
     steps, size = 60, 512  # long enough that the first run is still denoising when the takeover starts
     denoiser = ray_serve.get_deployment_handle("Denoiser", serve_stack.app_name)
-    rows_before = denoiser.batching_stats.remote().result()["rows"]
+    before = denoiser.batching_stats.remote().result()
     accepted = submit(serve_stack.url, num_inference_steps=steps, width=size, height=size)
     events(serve_stack.url, accepted["id"], until={"step"})
     replicas = [
@@ -184,7 +184,9 @@ def test_a_job_survives_the_ingress_replica_that_ran_it(serve_stack) -> None:
     assert all(s3_object_exists(serve_stack.s3.client(), image["uri"]) for image in job["result"]["images"])
     # Every UNet row the Denoiser stepped meanwhile (2 per step with guidance): the second run's whole schedule plus
     # the first run's steps until it learnt of the takeover, far fewer than a second whole schedule.
-    stepped = denoiser.batching_stats.remote().result()["rows"] - rows_before
+    after = denoiser.batching_stats.remote().result()
+    assert after["replica"] == before["replica"], "the Denoiser replica was replaced: its step counters restarted"
+    stepped = after["rows"] - before["rows"]
     assert 2 * steps < stepped < 2 * steps * 1.8, stepped
 
 

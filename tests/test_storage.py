@@ -18,7 +18,7 @@ from typing import Any
 import boto3
 import numpy as np
 import pytest
-from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from PIL import Image
 from pydantic import ValidationError
 
@@ -269,14 +269,15 @@ def test_delete_removes_everything(store: GenerationStore) -> None:
 
 
 class _FailOnMeta:
-    """Delegates to a real client but loses the connection when meta.json is uploaded."""
+    """Delegates to a real client but fails the meta.json upload with ``error``."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, error: Exception) -> None:
         self._client = client
+        self._error = error
 
     def put_object(self, **kwargs: Any) -> Any:
         if kwargs["Key"].endswith("/meta.json"):
-            raise EndpointConnectionError(endpoint_url="http://simulated")
+            raise self._error
         return self._client.put_object(**kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -284,13 +285,36 @@ class _FailOnMeta:
 
 
 def test_failed_write_cleans_up_and_raises_storage_error(store: GenerationStore) -> None:
-    broken = GenerationStore(_FailOnMeta(store.client), store.settings)
+    """S3 answered with an error: the images already written are deleted, so nothing of the generation is left."""
+    refused = ClientError({"Error": {"Code": "InternalError", "Message": "simulated"}}, "PutObject")
+    broken = GenerationStore(_FailOnMeta(store.client, refused), store.settings)
     gid = new_generation_id()
     with pytest.raises(StorageError) as info:
         write(broken, gid, [_noise(), _noise()], "png", 90, {})
     assert info.value.status == 503 and info.value.code == "storage_unavailable"
     prefix = generation_prefix(store.settings.prefix, gid) + "/"
     assert _keys(store.client, store.settings.bucket, prefix) == []
+
+
+def test_unreachable_s3_fails_fast_and_leaves_no_meta(store: GenerationStore) -> None:
+    """S3 could not be reached: no delete is attempted (it would only wait out the same timeouts before the 503),
+    and without meta.json no route shows the images written before the failure."""
+    lost = EndpointConnectionError(endpoint_url="http://simulated")
+    broken = GenerationStore(_FailOnMeta(store.client, lost), store.settings)
+    deletes: list[Any] = []
+    broken.client.delete_object = lambda **kwargs: deletes.append(kwargs)  # type: ignore[method-assign]
+    gid = new_generation_id()
+    with pytest.raises(StorageError) as info:
+        write(broken, gid, [_noise(), _noise()], "png", 90, {})
+    assert info.value.status == 503 and info.value.code == "storage_unavailable"
+    assert deletes == []
+    prefix = generation_prefix(store.settings.prefix, gid) + "/"
+    assert [key.rsplit("/", 1)[1] for key in _keys(store.client, store.settings.bucket, prefix)] == [
+        "image-0.png",
+        "image-1.png",
+    ]
+    with pytest.raises(GenerationNotFound):
+        store.read(gid)
 
 
 def test_unserialisable_meta_fails_before_upload(store: GenerationStore) -> None:
