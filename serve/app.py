@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
 from deployments.control_maps import ControlMapsDeployment
 from deployments.denoiser import DenoiserDeployment
@@ -78,10 +79,11 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
     }
 
 
-def build_app(args: dict[str, Any] | AppConfig) -> Application:
+def build_app(args: dict[str, Any] | AppConfig, *, safety_checker: Deployment = SafetyCheckerDeployment) -> Application:
     """Bind the deployments (the SafetyChecker unless its policy is off), each with its own Ray options from ``args``,
     after checking the licences of every weight source they would load (:class:`LicenseNotAccepted` names each
-    non-commercial or unknown one unless the config accepts them)."""
+    non-commercial or unknown one unless the config accepts them). ``safety_checker``: the deployment that judges
+    images (tests give one whose classifier is a double; Serve config files always get the real one)."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     licenses = check_licenses(config)
     arguments = stage_arguments(config)
@@ -93,7 +95,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     control_maps = ControlMapsDeployment.options(**maps_options).bind(**arguments["control_maps"])
     safety = None
     if config.safety.policy != "off":
-        safety = SafetyCheckerDeployment.options(**config.safety.deployment.to_options()).bind(**arguments["safety"])
+        safety = safety_checker.options(**config.safety.deployment.to_options()).bind(**arguments["safety"])
     return Ingress.options(**config.ingress.deployment.to_options()).bind(
         face,
         prompt,

@@ -132,6 +132,8 @@ def obscure(rgb: np.ndarray, cells: int = OBSCURE_CELLS) -> np.ndarray:
         for j, c in enumerate(cols):
             means[i, j] = rgb[r[0] : r[-1] + 1, c[0] : c[-1] + 1].reshape(-1, 3).mean(axis=0)
     grid = Image.fromarray(np.clip(np.rint(means), 0, 255).astype(np.uint8))
-    smooth = grid.resize((width, height), Image.Resampling.BILINEAR)
-    radius = max(width, height) / cells / 2
-    return np.asarray(smooth.filter(ImageFilter.GaussianBlur(radius)), dtype=np.uint8).copy()
+    # Smoothed at 1/8 of the size (the same look, 64 times fewer pixels to blur), then scaled up.
+    small = (max(1, width // 8), max(1, height // 8))
+    radius = max(small) / cells / 2
+    smooth = grid.resize(small, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(radius))
+    return np.asarray(smooth.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8).copy()
