@@ -5,7 +5,8 @@ endpoint beside Serve's own and appear in the Ray dashboard. Prometheus sees eac
 (:func:`exported_name`); Ray adds ``WorkerId`` (one per replica process), ``NodeAddress`` and ``SessionName``.
 
 Every tag has a bounded set of values (application, deployment, stage, route, status, code, reason, kind, model
-name, S3 operation): never a request id, a prompt or a generation id, which would make one series per request.
+name, S3 operation, safety policy): never a request id, a prompt or a generation id, which would make one series per
+request.
 
 The Ray metric objects are made on first use in each process (a replica, the spool thread), never when this module
 is imported: the model math and the CLI import modules that import this one without a Ray worker.
@@ -35,7 +36,7 @@ SIMILARITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 # The stages a generation's timings name that are recorded as stage latencies (a photo's own analysis,
 # ``face_photo_N``, is recorded as ``face_photo``; model loads have their own metrics).
-STAGES = frozenset({"face", "face_photo", "prompt", "control_maps", "denoise", "store", "total"})
+STAGES = frozenset({"face", "face_photo", "prompt", "control_maps", "denoise", "safety", "store", "total"})
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,13 @@ S3_RETRIES = MetricSpec(
     "S3 requests sent again after a failed attempt (botocore's retries), by operation.",
     ("application", "deployment", "operation"),
 )
+SAFETY_FLAGGED = MetricSpec(
+    "instantid_safety_flagged_total",
+    "counter",
+    "Generated images the safety check flagged, by the policy applied to them (flag: kept, blur: stored blurred, "
+    "refuse: not stored).",
+    ("application", "policy"),
+)
 SPOOL_DEPTH = MetricSpec(
     "instantid_spool_depth",
     "gauge",
@@ -169,6 +177,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     S3_RETRIES,
     SPOOL_DEPTH,
     SPOOL_OLDEST_AGE,
+    SAFETY_FLAGGED,
 )
 
 
@@ -315,6 +324,16 @@ def record_gpu_memory() -> None:
         return
     _record(GPU_MEMORY_ALLOCATED, float(torch.cuda.memory_allocated()))
     _record(GPU_MEMORY_RESERVED, float(torch.cuda.memory_reserved()))
+
+
+# ----------------------------------------------------------------------------------------------- safety check
+
+
+def record_safety(policy: str, flagged: Iterable[bool]) -> None:
+    """One generation's verdicts: each flagged image counts once, under the policy that decided its fate."""
+    for is_flagged in flagged:
+        if is_flagged:
+            _record(SAFETY_FLAGGED, 1, policy=policy)
 
 
 # ------------------------------------------------------------------------------------------------------ store

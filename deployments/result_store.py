@@ -20,9 +20,11 @@ from deployments.generation.messages import (
     DenoiseResult,
     GenerationMeta,
     GenerationRecord,
+    SafetyResult,
     SavedGeneration,
     StageTiming,
 )
+from deployments.generation.safety_stage import screen
 from deployments.instantid.errors import GenerationCancelled
 from deployments.job_events import checked_publish, job_events
 from deployments.replica import replica_id
@@ -62,6 +64,7 @@ class ResultStoreDeployment:
         inputs: dict[str, bytes] | None = None,
         identity_similarities: list[float | None] | None = None,
         identity_scores: list[list[dict[str, Any]]] | None = None,
+        safety: SafetyResult | None = None,
     ) -> SavedGeneration:
         """Store one generation; returns the stored objects and every stage's timing.
 
@@ -70,6 +73,8 @@ class ResultStoreDeployment:
         each identity's score in its region). ``inputs`` (only when the client
         asked to keep its photos) are stored next to the images. Success means every object is confirmed in
         S3; otherwise SpooledError (503, generation kept) or StorageError (503, no spool configured).
+        ``safety`` (the SafetyChecker's verdicts, resolved by Serve) is applied before anything is encoded: a blurred
+        or refused image's original is never written, to S3 or the spool; ContentRefusedError (422) if none is left.
         """
         start = time.time()
         job = record.job
@@ -77,7 +82,9 @@ class ResultStoreDeployment:
             answer = checked_publish(job, "stage", {"stage": "store", "phase": "start"})
             if answer is not None and answer.cancelled:  # cancelled by its owner, or superseded by a takeover
                 raise GenerationCancelled(f"job {job.id} (attempt {job.attempt}) was cancelled or taken over")
-        timings = dict(output.timings)
+        screened = screen(output.images, safety, identity_similarities, identity_scores)
+        timings = {**output.timings, **(safety.timings if safety is not None else {})}
+        stage_replicas = {**output.replicas, **({"safety": safety.replica} if safety is not None else {})}
         # meta.json is written during this stage: it records when the stage started (its end is not known yet).
         timings["store"] = StageTiming(start=start, end=start, seconds=0.0)
         meta = {
@@ -87,23 +94,25 @@ class ResultStoreDeployment:
             "face": output.face.to_dict(),
             "faces": [chosen.to_dict() for chosen in output.faces],
             "prompt_chunks": output.prompt_chunks,
-            "replicas": output.replicas,
+            "replicas": stage_replicas,
             "batch": dataclasses.asdict(output.batch) if output.batch is not None else None,
             **({"layout": output.layout} if output.layout is not None else {}),
             "timings": {stage: timing.model_dump() for stage, timing in timings.items()},
+            **({"safety": screened.meta} if screened.meta is not None else {}),
         }
         extra = [
             (f"input-{name}.{_extension(data)}", data, _content_type(data)) for name, data in (inputs or {}).items()
         ]
         prepared = self.generations.prepare(
             record.id,
-            list(output.images),
+            screened.images,
             output_format,
             output_quality,
             meta,
             extra,
-            identity_similarities,
-            identity_scores,
+            screened.identity_similarities,
+            screened.identity_scores,
+            screened.fields,
         )
         try:
             stored = self.generations.upload(prepared)
@@ -121,7 +130,7 @@ class ResultStoreDeployment:
         timings["store"] = StageTiming.since(start)
         if job is not None:
             job_events().publish.remote(job.id, "stage", {"stage": "store", "phase": "end"}, attempt=job.attempt)
-        replicas = {**output.replicas, "store": replica_id()}
+        replicas = {**stage_replicas, "store": replica_id()}
         return SavedGeneration(
             stored,
             output.params,
@@ -133,6 +142,7 @@ class ResultStoreDeployment:
             replicas,
             output.batch,
             output.layout,
+            screened.meta,
         )
 
     def get(self, generation_id: str) -> GenerationMeta:

@@ -8,14 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
 from deployments.control_maps import ControlMapsDeployment
 from deployments.denoiser import DenoiserDeployment
 from deployments.face_analyzer import FaceAnalyzerDeployment
 from deployments.prompt_encoder import PromptEncoderDeployment
 from deployments.result_store import ResultStoreDeployment
+from deployments.safety_checker import SafetyCheckerDeployment
 from serve.config import AppConfig
 from serve.ingress.routes import Ingress
+from serve.licenses import check_licenses
 
 APP_NAME = "instantid"
 
@@ -74,12 +77,17 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
             "spool_dir": config.storage.spool_dir,
             "spool_retry_s": config.storage.spool_retry_s,
         },
+        "safety": config.safety.model_dump(include={"policy", "threshold", "providers", "threads"}),
     }
 
 
-def build_app(args: dict[str, Any] | AppConfig) -> Application:
-    """Bind the six deployments, each with its own Ray options from ``args``."""
+def build_app(args: dict[str, Any] | AppConfig, *, safety_checker: Deployment = SafetyCheckerDeployment) -> Application:
+    """Bind the deployments (the SafetyChecker unless its policy is off), each with its own Ray options from ``args``,
+    after checking the licences of every weight source they would load (:class:`LicenseNotAccepted` names each
+    non-commercial or unknown one unless the config accepts them). ``safety_checker``: the deployment that judges
+    images (tests give one whose classifier is a double; Serve config files always get the real one)."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    licenses = check_licenses(config)
     arguments = stage_arguments(config)
     face = FaceAnalyzerDeployment.options(**config.face.deployment.to_options()).bind(**arguments["face"])
     prompt = PromptEncoderDeployment.options(**config.prompt.deployment.to_options()).bind(**arguments["prompt"])
@@ -87,16 +95,21 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     store = ResultStoreDeployment.options(**config.store.deployment.to_options()).bind(**arguments["store"])
     maps_options = config.control_maps.deployment.to_options()
     control_maps = ControlMapsDeployment.options(**maps_options).bind(**arguments["control_maps"])
+    safety = None
+    if config.safety.policy != "off":
+        safety = safety_checker.options(**config.safety.deployment.to_options()).bind(**arguments["safety"])
     return Ingress.options(**config.ingress.deployment.to_options()).bind(
         face,
         prompt,
         denoiser,
         store,
         control_maps,
+        safety,
         api=config.api,
         storage=config.storage.s3,
         weights=arguments["denoiser"]["weights"],
         models=config.weights.catalogue(config.models),
         controlnets=sorted(arguments["denoiser"]["controlnets"]),
         log_prompts=config.ingress.log_prompts,
+        licenses=licenses,
     )

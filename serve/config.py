@@ -14,8 +14,10 @@ from deployments.config import BatchOptions, DenoiserBatching
 from deployments.instantid.catalogue import ModelCatalogue, WeightsSource
 from deployments.instantid.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from deployments.instantid.keypoints import REFERENCE_LONG_SIDE
+from deployments.instantid.licenses import LicenseTerms
 from deployments.instantid.options import ControlNetName
 from deployments.instantid.params import DEFAULT_VAE_BATCH_SIZE
+from deployments.instantid.safety import DEFAULT_THRESHOLD, SafetyPolicy
 from deployments.storage.s3 import S3Settings
 from serve.ingress.auth import AuthConfig
 from serve.jobs.state import JobsConfig
@@ -148,6 +150,43 @@ class StoreConfig(_Strict):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 
+class SafetyConfig(_Strict):
+    """The safety check of every output image: open_nsfw in its own CPU deployment (``SafetyChecker``)."""
+
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    policy: SafetyPolicy = Field(
+        default="flag",
+        description="off: no check; flag: keep flagged images and say so; blur: store flagged images blurred beyond "
+        "recognition (never the original); refuse: store nothing of them (the request keeps its other images, with a "
+        "warning each; all refused: 422 content_refused).",
+    )
+    threshold: float = Field(
+        default=DEFAULT_THRESHOLD, ge=0.0, le=1.0, description="An image is flagged when its nsfw score reaches this."
+    )
+    providers: list[str] | None = Field(default=None, description="onnxruntime providers; None: CPU.")
+    threads: int | None = Field(default=None, ge=1, description="onnxruntime intra-op threads; None: its default.")
+
+
+class LicensesConfig(_Strict):
+    """Which licences the deployment accepts (``serve/licenses.py`` checks them when the app is built)."""
+
+    weights: Literal["published", "tiny"] = Field(
+        default="published",
+        description="What the weights root holds: published (what `instantid weights download` fetches: each part "
+        "under its publisher's licence) or tiny (`instantid weights tiny`: this project's random weights, Apache-2.0).",
+    )
+    accept_noncommercial: bool = Field(
+        default=False,
+        description="Start even when a weight source's licence does not allow commercial use, or does not say "
+        "(the default InstantID checkpoints and antelopev2 do not): false refuses to start, naming each one.",
+    )
+    parts: dict[Literal["sdxl", "instantid", "antelopev2"], LicenseTerms] = Field(
+        default_factory=dict,
+        description="The licence of a weights part that is not the published default (another SDXL base, a licensed "
+        "face model); catalogue entries state theirs with license, license_url and commercial_use.",
+    )
+
+
 class StorageConfig(_Strict):
     s3: S3Settings
     embedded_data_dir: str | None = Field(
@@ -204,6 +243,8 @@ class AppConfig(_Strict):
     denoiser: DenoiserConfig = Field(default_factory=DenoiserConfig)
     control_maps: ControlMapsConfig = Field(default_factory=ControlMapsConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    licenses: LicensesConfig = Field(default_factory=LicensesConfig)
 
     @model_validator(mode="after")
     def _streams_fit_the_ingress(self) -> AppConfig:

@@ -17,6 +17,7 @@ from deployments.generation.plan import CONTROL_IMAGE_PART, InputsGiven, PersonG
 from deployments.instantid.catalogue import ModelCatalogue
 from deployments.instantid.errors import InvalidParameterError
 from deployments.instantid.face_data import ChosenFace, DetectedFace
+from deployments.instantid.licenses import SourceLicense
 from deployments.instantid.options import (
     CONTROLNET_NAMES,
     DEFAULT_CANNY_HIGH,
@@ -511,10 +512,20 @@ class ModelsResponse(BaseModel):
     controlnets: list[str] = Field(description="Extra ControlNets a request may name, beside IdentityNet.")
     denoiser: dict[str, Any] = Field(description="One denoiser replica: InstantID's weights, its bases and LoRAs.")
     api_version: str
+    licenses: list[SourceLicense] = Field(
+        default_factory=list,
+        description="Every weight source this deployment loads (bases, LoRAs, ControlNets, IdentityNet, the face "
+        "models, the depth and safety models) with its licence and whether it allows commercial use.",
+    )
 
     @classmethod
     def of(
-        cls, catalogue: ModelCatalogue, controlnets: list[str], denoiser: dict[str, Any], api_version: str
+        cls,
+        catalogue: ModelCatalogue,
+        controlnets: list[str],
+        denoiser: dict[str, Any],
+        api_version: str,
+        licenses: list[SourceLicense] | None = None,
     ) -> ModelsResponse:
         """What a request may choose (names, descriptions, defaults; never where the files are)."""
         return cls(
@@ -531,6 +542,7 @@ class ModelsResponse(BaseModel):
             controlnets=controlnets,
             denoiser=denoiser,
             api_version=api_version,
+            licenses=licenses or [],
         )
 
 

@@ -155,7 +155,7 @@ def test_weights_tiny_writes_the_layout(runs: dict[str, Run], tiny_weights: Path
     result, folder = runs["weights tiny"]
     assert result.returncode == 0, result.stderr
     assert f"wrote tiny weights to {folder}" in result.stdout
-    parts = ["antelopev2", "bases", "controlnets", "depth", "instantid", "loras", "sdxl"]
+    parts = ["antelopev2", "bases", "controlnets", "depth", "instantid", "licenses.json", "loras", "sdxl"]
     assert sorted(p.name for p in folder.iterdir()) == parts
     assert (folder / "sdxl" / "model_index.json").is_file()
     assert (folder / "bases" / "tiny-alt.safetensors").is_file() and (folder / "bases" / "tiny-alt").is_dir()

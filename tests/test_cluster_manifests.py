@@ -54,6 +54,7 @@ INTENDED_GROUP = {
     "face": "cpu",
     "control_maps": "cpu",
     "store": "cpu",
+    "safety": "cpu",
     "prompt": "gpu-small",
     "denoiser": "gpu-large",
 }

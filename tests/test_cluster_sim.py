@@ -33,6 +33,7 @@ INTENDED = {
     "FaceAnalyzer": "cpu",
     "ResultStore": "cpu",
     "ControlMaps": "cpu",
+    "SafetyChecker": "cpu",
     "PromptEncoder": "gpu-small",
     "Denoiser": "gpu-large",
 }

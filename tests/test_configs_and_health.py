@@ -61,6 +61,7 @@ def test_local_config_fits_two_cores_and_production_separates_node_types():
         local.denoiser.deployment,
         local.control_maps.deployment,
         local.store.deployment,
+        local.safety.deployment,
     ]
     assert sum(s.ray_actor_options.get("num_cpus", 1) for s in stages) <= 2
     assert local.api.auth.required is False and local.storage.embedded_data_dir

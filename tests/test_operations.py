@@ -27,7 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "cluster" / "monitoring"
 MANIFEST = ROOT / "cluster" / "rayservice.yaml"
 # What a tag value may be drawn from: bounded sets only (never request ids, prompts or generation ids).
-BOUNDED_TAGS = {"application", "deployment", "stage", "route", "status", "code", "reason", "kind", "model", "operation"}
+BOUNDED_TAGS = {
+    *("application", "deployment", "stage", "route", "status", "code", "reason", "kind", "model", "operation"),
+    "policy",  # the safety policy: off, flag, blur, refuse
+}
 PROMETHEUS_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 SERIES_IN_QUERY = re.compile(r"\bray_[a-zA-Z0-9_]+")
 
@@ -37,7 +40,7 @@ SERIES_IN_QUERY = re.compile(r"\bray_[a-zA-Z0-9_]+")
 
 def test_metrics_are_defined_once_with_bounded_tags() -> None:
     names = [spec.name for spec in metrics.ALL_METRICS]
-    assert len(names) == len(set(names)) == 16
+    assert len(names) == len(set(names)) == 17
     specs = {value for value in vars(metrics).values() if isinstance(value, metrics.MetricSpec)}
     assert specs == set(metrics.ALL_METRICS)  # every definition is exported (and nothing is defined twice)
     for spec in metrics.ALL_METRICS:

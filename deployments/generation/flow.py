@@ -48,6 +48,8 @@ class Stages(Protocol):
 
     def score_regions(self, output: Any, face: Any) -> Any: ...
 
+    def check_safety(self, output: Any) -> Any: ...
+
     def store(
         self,
         plan: GenerationPlan,
@@ -56,6 +58,7 @@ class Stages(Protocol):
         scores: Any,
         region_scores: Any,
         kept: dict[str, bytes] | None,
+        safety: Any = None,
     ) -> Any: ...
 
 
@@ -94,6 +97,10 @@ def generate(
     scores = stages.score(output, face) if plan.people is None else None
     region_scores = stages.score_regions(output, face) if plan.people is not None else None
 
-    # 6. The images, their scores and meta.json, stored (served: confirmed in S3 before anyone is told).
+    # 6. Each image's safety verdict, beside the scores (None when the deployment's policy is off); the store applies
+    #    it before encoding anything, so a blurred or refused image's original is never stored.
+    safety = stages.check_safety(output)
+
+    # 7. The images, their scores, verdicts and meta.json, stored (served: confirmed in S3 before anyone is told).
     kept = plan.kept_inputs(inputs) if keep_inputs else None
-    return stages.store(plan, record, output, scores, region_scores, kept)
+    return stages.store(plan, record, output, scores, region_scores, kept, safety)

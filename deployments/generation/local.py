@@ -54,9 +54,11 @@ from .messages import (
     JobTicket,
     PromptRequest,
     PromptResult,
+    SafetyResult,
 )
 from .plan import GenerationInputs, GenerationPlan, plan_generation
 from .prompt_stage import PromptStage
+from .safety_stage import SafetyStage, screen
 
 
 @dataclass
@@ -67,6 +69,7 @@ class GenerationOutput:
     result: DenoiseResult  # the faces used, timings, prompt chunks, the layout of several people
     identity_similarities: list[float | None] | None = None  # one person: per image
     region_scores: list[list[RegionScore]] | None = None  # several people: per image, per identity
+    safety: SafetyResult | None = None  # with a safety check: every image's verdict (refused ones are not in images)
 
 
 class InstantIDPipeline:
@@ -80,12 +83,14 @@ class InstantIDPipeline:
         controls: ControlMapsStage,
         denoise: DenoiseStage,
         catalogue: ModelCatalogue,
+        safety: SafetyStage | None = None,
     ) -> None:
         self.face = face
         self.prompt = prompt
         self.controls = controls
         self.denoise = denoise
         self.catalogue = catalogue
+        self.safety = safety  # None: no safety check (its images are returned as they are)
         self.controlnets = tuple(sorted(denoise.denoiser.controlnets))
 
     @classmethod
@@ -197,6 +202,9 @@ class _LocalStages:
     def score_regions(self, output: DenoiseResult, face: FaceResult) -> list[list[RegionScore]]:
         return self.pipeline.face.score_identities(output, face)
 
+    def check_safety(self, output: DenoiseResult) -> SafetyResult | None:
+        return None if self.pipeline.safety is None else self.pipeline.safety.check(output)
+
     def store(
         self,
         plan: GenerationPlan,
@@ -205,12 +213,16 @@ class _LocalStages:
         scores: list[float | None] | None,
         region_scores: list[list[RegionScore]] | None,
         kept: dict[str, bytes] | None,
+        safety: SafetyResult | None = None,
     ) -> GenerationOutput:
-        return GenerationOutput(  # nothing is stored in process: the images go back to the caller
-            images=output.images,
+        # Nothing is stored in process: the images go back to the caller, screened as the store would screen them.
+        screened = screen(output.images, safety, scores, region_scores)
+        return GenerationOutput(
+            images=np.stack(screened.images) if safety is not None else output.images,
             plan=plan,
             params=output.params,
             result=output,
-            identity_similarities=scores,
-            region_scores=region_scores,
+            identity_similarities=screened.identity_similarities,
+            region_scores=screened.identity_scores,
+            safety=safety,
         )

@@ -25,6 +25,7 @@ from deployments.instantid.options import (
     IdentityCombine,
 )
 from deployments.instantid.params import GenerationParams
+from deployments.instantid.safety import SafetyVerdict
 from deployments.storage.generations import StoredGeneration, StoredImage
 
 if TYPE_CHECKING:  # tensors and maps that only travel between the model stages, never to the ingress
@@ -235,6 +236,26 @@ class DenoiseResult:
     layout: dict[str, Any] | None = None  # several people: group_layout() of the face condition
 
 
+# ------------------------------------------------------------------------------------------------- safety check
+
+
+@dataclass
+class SafetyResult:
+    """The safety check's verdict on each image of one generation (in order), and what made it."""
+
+    verdicts: list[SafetyVerdict]
+    policy: str  # flag, blur or refuse (off runs no check)
+    model: str
+    threshold: float
+    timings: Timings = field(default_factory=dict)
+    replica: str = ""
+
+    def meta(self) -> dict[str, Any]:
+        """meta.json's ``safety``: the policy and, per refused image, its index and scores (it is stored nowhere)."""
+        refused = [{"index": i, "scores": v.scores} for i, v in enumerate(self.verdicts) if v.action == "refuse"]
+        return {"policy": self.policy, "model": self.model, "threshold": self.threshold, "refused": refused}
+
+
 # ------------------------------------------------------------------------------------------------------- storage
 
 
@@ -286,6 +307,7 @@ class SavedGeneration:
     replicas: dict[str, str]
     batch: DenoiseBatch | None
     layout: dict[str, Any] | None = None
+    safety: dict[str, Any] | None = None  # meta.json's safety block (SafetyResult.meta); None when the check is off
 
 
 def group_layout(condition: FaceCondition) -> dict[str, Any] | None:

@@ -20,7 +20,10 @@ Nothing in this package imports Ray: a notebook can use it directly. Its modules
   step), ``denoiser`` (the loop, extra ControlNets, image-to-image, decoding), ``continuous`` (step-level batching),
   ``schedulers`` (the scheduler names), ``previews`` (latent previews for progress);
 - weights: ``weights`` (sources and the folder layout), ``loading`` (components from a layout), ``bases`` (SDXL
-  bases, folders or single files), ``sdxl_checkpoint`` (the original single-file key layout), ``loras``.
+  bases, folders or single files), ``sdxl_checkpoint`` (the original single-file key layout), ``loras``,
+  ``licenses`` (each weight source's licence and whether it allows commercial use);
+- outputs: ``safety`` (the safety check of generated images: a classifier shipped in a package, the policy, the
+  blur).
 
 The whole generation in one process is ``deployments.generation.local.InstantIDPipeline``; tiny weights in the
 published formats are written by ``deployments.tiny``.

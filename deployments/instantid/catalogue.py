@@ -15,6 +15,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import InvalidParameterError
+from .licenses import CommercialUse, LicenseTerms
 from .options import LORA_SCALE_RANGE, MAX_REQUEST_LORAS, SchedulerName
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -37,6 +38,11 @@ class _Sourced(_Strict):
     source: str | None = Field(default=None, description="A path (relative to the weights root) or s3:// URI.")
     repo: str | None = Field(default=None, description="A Hugging Face repo id, instead of a source.")
     file: str | None = Field(default=None, description="A file inside the repo.")
+    license: str | None = Field(
+        default=None, description="Its licence (SPDX id or short name); absent: the weights' own terms, or unknown."
+    )
+    license_url: str | None = Field(default=None, description="Where its licence is published.")
+    commercial_use: CommercialUse | None = Field(default=None, description="true, false or unknown; with license.")
 
     @model_validator(mode="after")
     def _one_place(self) -> _Sourced:
@@ -44,7 +50,16 @@ class _Sourced(_Strict):
             raise ValueError("give exactly one of source and repo")
         if self.file is not None and self.repo is None:
             raise ValueError("file goes with repo (a source names the file itself)")
+        if (self.license is None) != (self.commercial_use is None):
+            raise ValueError("give license and commercial_use together")
         return self
+
+    @property
+    def terms(self) -> LicenseTerms | None:
+        """The licence this entry states, or None (then the weights' own terms apply, else it is unknown)."""
+        if self.license is None or self.commercial_use is None:
+            return None
+        return LicenseTerms(license=self.license, url=self.license_url, commercial_use=self.commercial_use)
 
     @property
     def location(self) -> str:

@@ -92,3 +92,18 @@ class DeviceOutOfMemoryError(InstantIDError):
 
     code = "overloaded"
     status = 503
+
+
+class ContentRefusedError(InstantIDError):
+    """The safety check refused every image of a generation (policy ``refuse``): nothing was stored. A 422, not a
+    retryable error: the same request and seed make the same images; another prompt or seed may not."""
+
+    code = "content_refused"
+    status = 422
+
+
+class LicenseNotAccepted(InstantIDError):
+    """The deployment would load weights whose licence does not allow commercial use (or does not say), and its
+    config does not accept that (``licenses.accept_noncommercial``). Raised when the app is built."""
+
+    code = "license_not_accepted"

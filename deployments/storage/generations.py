@@ -45,6 +45,7 @@ __all__ = [
     "GenerationStore",
     "ImageFormat",
     "PreparedGeneration",
+    "SafetyInfo",
     "StorageError",
     "StoredGeneration",
     "StoredImage",
@@ -205,6 +206,16 @@ class IdentityScore(BaseModel):
     similarity: float | None = Field(description="Its cosine similarity with the identity's photos (ArcFace).")
 
 
+class SafetyInfo(BaseModel):
+    """The safety check's verdict on one stored image."""
+
+    model_config = ConfigDict(frozen=True)
+
+    flagged: bool = Field(description="A score reached the deployment's threshold.")
+    scores: dict[str, float] = Field(description="The classifier's scores in [0, 1] by category (open_nsfw: nsfw).")
+    blurred: bool = Field(default=False, description="The stored image is the blurred version (policy blur).")
+
+
 class StoredImage(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -219,6 +230,12 @@ class StoredImage(BaseModel):
         description="Cosine similarity of the largest face in the image with the request's identity (ArcFace, the "
         "model the input side uses); null when no face was found.",
     )
+    index: int | None = Field(
+        default=None,
+        description="Its place among the request's images (its seed offset); differs from its place in this list when "
+        "the safety check refused an earlier image.",
+    )
+    safety: SafetyInfo | None = Field(default=None, description="The safety check's verdict (absent when it is off).")
     below_min_identity_similarity: bool | None = Field(
         default=None, description="With min_identity_similarity: true when this image scored below it (or has no face)."
     )
@@ -320,6 +337,7 @@ class GenerationStore:
         extra_objects: Sequence[tuple[str, bytes, str]] = (),
         identity_similarities: Sequence[float | None] | None = None,
         identity_scores: Sequence[Sequence[Any]] | None = None,
+        image_fields: Sequence[dict[str, Any]] | None = None,
     ) -> PreparedGeneration:
         """Encode everything a generation stores, without touching S3 (so it can be spooled and replayed).
 
@@ -329,7 +347,8 @@ class GenerationStore:
         ``extra_objects`` are ``(name, bytes, content_type)`` stored next to the images (e.g. input photos
         the client asked to keep); names are fixed by the server. ``identity_scores`` (several people): per image,
         one score per identity (an :class:`IdentityScore`, or an object with its fields); the image's
-        ``identity_similarity`` is then their minimum.
+        ``identity_similarity`` is then their minimum. ``image_fields``: more fields per image record (its index among
+        the request's images, the safety verdict).
         """
         validate_generation_id(generation_id)
         if not images:
@@ -357,6 +376,8 @@ class GenerationStore:
                 values = [score["similarity"] for score in scores]
                 image_records[-1]["identities"] = scores
                 image_records[-1]["identity_similarity"] = None if None in values or not values else min(values)
+            if image_fields is not None:  # never over the store's own record of what it stored
+                image_records[-1] = {**image_fields[index], **image_records[-1]}
         for name, data, content_type in extra_objects:
             if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9]+)?", name):
                 raise ValueError(f"invalid object name {name!r}")

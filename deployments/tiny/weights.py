@@ -30,6 +30,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from deployments.instantid.attention import install_face_attention
 from deployments.instantid.catalogue import PRESET_LORA_FILES
+from deployments.instantid.licenses import TINY, layout_entries, write_manifest
 from deployments.instantid.resampler import Resampler, ResamplerConfig
 from deployments.instantid.sdxl_checkpoint import save_original_sdxl
 from deployments.instantid.weights import CONTROLNET_DIR, IP_ADAPTER_FILE
@@ -139,6 +140,7 @@ _FACE_KV_GAIN = 3.0  # the face-token K/V projections, x their default initialis
 
 
 PARTS = ("sdxl", "instantid", "antelopev2", "bases", "loras", "controlnets", "depth")
+TINY_ORIGIN = "instantid weights tiny"  # licenses.json names it as every part's origin
 ALT_BASE = "tiny-alt"  # a second base: a diffusers folder and the single-file checkpoint written from it
 STYLE_LORAS = ("style-peft", "style-kohya")  # one random LoRA (UNet + both text encoders) in both layouts
 
@@ -151,7 +153,8 @@ def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
     layout); ``loras/`` with the fast-mode presets' LoRA names and two style LoRAs (PEFT and kohya layouts);
     ``controlnets/pose/``, ``controlnets/canny/``, ``controlnets/depth/`` (the extra ControlNets, fitting
     ``sdxl/``'s UNet) and ``depth/`` (the depth model that makes the depth ControlNet's maps). The extra parts
-    are written last from their own seeds, so the others have the same bytes as before they existed.
+    are written last from their own seeds, so the others have the same bytes as before they existed. ``licenses.json``
+    says what each part is: this project's random weights (Apache-2.0).
     """
     from deployments.instantid.loading import quiet_progress_bars
 
@@ -172,6 +175,7 @@ def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
             (staging / part).rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    write_manifest(directory, {path: (TINY_ORIGIN, TINY) for path in layout_entries(directory)})
     return directory
 
 

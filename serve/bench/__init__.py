@@ -27,7 +27,13 @@ from typing import Any
 from deployments.instantid.errors import InstantIDError  # plain exceptions, no imports behind them
 from deployments.instantid.params import DEFAULT_PARAMS  # a plain dataclass, no imports behind it
 
-BENCH_MODULES = {"serve": "serve_bench", "face": "face_bench", "denoise": "denoise_bench", "events": "events_bench"}
+BENCH_MODULES = {
+    "serve": "serve_bench",
+    "face": "face_bench",
+    "denoise": "denoise_bench",
+    "events": "events_bench",
+    "safety": "safety_bench",
+}
 
 
 class BenchError(InstantIDError):
@@ -278,7 +284,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     add_events_arguments(
         bsub.add_parser("events", help="do job event-stream subscribers slow generation? (local Ray Serve, CPU)")
     )
+    add_safety_arguments(bsub.add_parser("safety", help="the safety check's CPU cost per image vs encoding it"))
     return bench
+
+
+def add_safety_arguments(p: argparse.ArgumentParser) -> None:
+    """``bench safety``: the classifier per image (and batched) beside the store's encoding of the same images."""
+    p.add_argument("--size", type=_size, default=1024, help="images are the bundled photos at this size (1024)")
+    p.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    p.add_argument("--threads", type=_positive, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--batch", type=_positive, default=4, help="images per batched call (default 4)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
 
 
 def add_events_arguments(p: argparse.ArgumentParser) -> None:

@@ -68,6 +68,7 @@ class StageHandles:
     denoiser: DeploymentHandle
     store: DeploymentHandle
     control_maps: DeploymentHandle
+    safety: DeploymentHandle | None = None  # bound unless the safety policy is off
 
 
 class HandleStages:
@@ -113,6 +114,9 @@ class HandleStages:
     def score_regions(self, output: DeploymentResponse, face: DeploymentResponse) -> DeploymentResponse:
         return self.handles.face.score_identities.remote(output, face)
 
+    def check_safety(self, output: DeploymentResponse) -> DeploymentResponse | None:
+        return None if self.handles.safety is None else self.handles.safety.check.remote(output)
+
     async def store(
         self,
         plan: GenerationPlan,
@@ -121,10 +125,11 @@ class HandleStages:
         scores: DeploymentResponse | None,
         region_scores: DeploymentResponse | None,
         kept: dict[str, bytes] | None,
+        safety: DeploymentResponse | None = None,
     ) -> SavedGeneration:
         options = plan.options
         saving = self.handles.store.save.remote(
-            record, output, options.output_format, options.output_quality, kept, scores, region_scores
+            record, output, options.output_format, options.output_quality, kept, scores, region_scores, safety
         )
         try:
             return await asyncio.wait_for(saving, timeout=self.request_timeout_s)
@@ -254,6 +259,7 @@ class Generations:
             for score in image.identities or []
             if score.similarity is None
         ]
+        warnings += safety_warnings(saved.safety)
         threshold = plan.options.min_identity_similarity
         flagged = images
         if threshold is not None:
@@ -287,3 +293,13 @@ class Generations:
             layout=LayoutInfo.model_validate(saved.layout) if saved.layout is not None else None,
             warnings=warnings,
         )
+
+
+def safety_warnings(safety: dict[str, Any] | None) -> list[str]:
+    """One warning per image the safety check refused (policy refuse): it is in no list, since it was never stored."""
+    return [
+        f"image {refused['index']} was refused by the safety check and not stored (scores: "
+        + ", ".join(f"{name} {score:.3f}" for name, score in refused["scores"].items())
+        + f"; threshold {safety['threshold']})"
+        for refused in (safety or {}).get("refused", [])
+    ]

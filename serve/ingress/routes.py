@@ -23,6 +23,7 @@ from deployments import metrics
 from deployments.generation.messages import GenerationMeta
 from deployments.instantid.catalogue import ModelCatalogue
 from deployments.instantid.errors import InvalidParameterError
+from deployments.instantid.licenses import SourceLicense
 from deployments.instantid.options import CONTROLNET_NAMES
 from deployments.job_events import job_events
 from deployments.storage.generations import GenerationNotFound, validate_generation_id
@@ -80,16 +81,18 @@ class Ingress(IdentityRoutes):
         denoiser: DeploymentHandle,
         store: DeploymentHandle,
         control_maps: DeploymentHandle,
+        safety: DeploymentHandle | None,
         api: ApiConfig,
         storage: S3Settings,
         weights: dict[str, Any],
         models: ModelCatalogue,
         controlnets: list[str],
         log_prompts: bool = False,
+        licenses: list[SourceLicense] | None = None,
     ) -> None:
         self.api = api
         self.log_prompts = log_prompts  # prompts in the request log lines (off: never logged)
-        self.catalogue = models
+        self.catalogue, self.licenses = models, licenses or []  # every weight source's licence (GET /v1/models)
         self.store = store
         self.denoiser = denoiser
         self.controlnets = [name for name in CONTROLNET_NAMES if name in controlnets]  # what the denoiser loaded
@@ -97,7 +100,7 @@ class Ingress(IdentityRoutes):
         if api.auth.required and self.keys.count == 0 and api.auth.keys_file is None:
             logger.warning("API keys are required but none are configured: every request will get 401")
         images = ImageInputs(S3InputReader(storage, api.allowed_input_buckets), api.max_upload_bytes)
-        handles = StageHandles(face, prompt, denoiser, store, control_maps)
+        handles = StageHandles(face, prompt, denoiser, store, control_maps, safety)
         client = make_client(storage)
         self.identities = Identities(IdentityStore(client, storage), face, images)
         self.generations = Generations(
@@ -164,7 +167,8 @@ class Ingress(IdentityRoutes):
 
     async def models(self) -> ModelsResponse:
         """The catalogue (names, descriptions, defaults; never where the files are) and what one denoiser holds."""
-        return ModelsResponse.of(self.catalogue, self.controlnets, await self.denoiser.model_info.remote(), API_VERSION)
+        denoiser = await self.denoiser.model_info.remote()
+        return ModelsResponse.of(self.catalogue, self.controlnets, denoiser, API_VERSION, self.licenses)
 
     async def get_generation(self, generation_id: str, owner: str | None = None) -> dict[str, Any]:
         """Stored metadata with fresh URLs. With ``owner``, another principal's generation is "not found"."""

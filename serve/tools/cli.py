@@ -38,6 +38,13 @@ def cmd_weights_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights_licenses(args: argparse.Namespace) -> int:
+    from serve.tools.licenses import print_licenses
+
+    folder = args.weights if args.weights is not None else instantid_home() / "weights" / "tiny"
+    return print_licenses(folder)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from serve.tools.runner import run_config
 
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_parser(sub)
 
-    weights = sub.add_parser("weights", help="write tiny weights or download real ones")
+    weights = sub.add_parser("weights", help="write tiny weights, download real ones, or list their licences")
     wsub = weights.add_subparsers(dest="weights_command", required=True)
     tiny = wsub.add_parser("tiny", help="tiny random weights in the published formats")
     tiny.add_argument("dir", type=Path)
@@ -96,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="transformers depth-estimation repo for the depth ControlNet's maps (e.g. Intel/dpt-hybrid-midas)",
     )
     download.set_defaults(func=cmd_weights_download)
+    licenses = wsub.add_parser("licenses", help="the licence of every weight source in a weights folder")
+    licenses.add_argument(
+        "--weights", type=Path, default=None, help=f"weights folder (default ${HOME_ENV}/weights/tiny, the demo's)"
+    )
+    licenses.set_defaults(func=cmd_weights_licenses)
 
     cluster = sub.add_parser("cluster", help="KubeRay manifests")
     csub = cluster.add_subparsers(dest="cluster_command", required=True)

@@ -5,6 +5,7 @@ diffusers format, and a repo holding the five antelopev2 .onnx files (insightfac
 dead); the LoRAs of the fast-mode presets (LCM-LoRA SDXL, SDXL-Lightning 8-step, Hyper-SDXL 8-step CFG) into
 ``loras/``; the extra ControlNets of the InstantID multi-ControlNet demo into ``controlnets/{pose,canny,depth}/``
 and a depth estimator into ``depth/``. Every LFS file's sha256, which the hub publishes, is checked after download.
+``licenses.json`` records each part's repo and its publisher's licence (``instantid weights licenses`` prints it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from deployments.instantid.catalogue import LORAS_DIR, PRESET_LORA_FILES
 from deployments.instantid.errors import WeightsError
 from deployments.instantid.faces import ANTELOPEV2_FILES
+from deployments.instantid.licenses import published, write_manifest
 
 INSTANTID_REPO = "InstantX/InstantID"
 INSTANTID_FILES = (
@@ -111,4 +113,8 @@ def download_real_weights(
     nested = [p for p in (directory / "antelopev2").rglob("*.onnx") if p.parent != directory / "antelopev2"]
     for path in nested:  # repos that keep the files in a subfolder: flatten into the expected layout
         path.replace(directory / "antelopev2" / path.name)
+    origins = {"sdxl": sdxl_repo, "instantid": INSTANTID_REPO, "antelopev2": antelopev2_repo, "depth": depth_repo}
+    origins |= {f"{LORAS_DIR}/{PRESET_LORA_FILES[name]}": repo for name, (repo, _) in PRESET_LORA_SOURCES.items()}
+    origins |= {f"controlnets/{name}": repo for name, (repo, _) in CONTROLNET_SOURCES.items()}
+    write_manifest(directory, {path: (repo, published(repo)) for path, repo in origins.items()})
     return directory
