@@ -43,6 +43,9 @@ class DeploymentOptions(_Strict):
     health_check_period_s: float | None = Field(default=None, gt=0)
     health_check_timeout_s: float | None = Field(default=None, gt=0)
     graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
+    graceful_shutdown_wait_loop_s: float | None = Field(
+        default=None, gt=0, description="How often a stopping replica checks for in-flight requests (Serve: 2 s)."
+    )
     backpressure_config: dict[str, Any] | None = Field(
         default=None, description="Serve's answer when max_queued_requests is exceeded: status_code, retry_after_s."
     )

@@ -184,3 +184,49 @@ def test_weed_does_not_outlive_its_owner(tmp_path: Path, how: str) -> None:
     # A SIGKILLed owner cannot tidy up the sockets weed leaves in /tmp; do it for it.
     for component, port in zip(("admin", "s3"), grpc_ports, strict=True):
         Path(f"/tmp/seaweedfs-{component}-grpc-{port}.sock").unlink(missing_ok=True)
+
+
+def test_restart_after_a_crash_keeps_endpoint_credentials_and_objects(tmp_path: Path) -> None:
+    """What the supervisor relies on: a killed weed comes back where clients (Ray workers) already point."""
+    with EmbeddedS3(tmp_path / "s3", bucket="restart-test") as store:
+        env, ports, pid = store.env(), store.ports, store.pid
+        store.client().put_object(Bucket="restart-test", Key="keep/me.txt", Body=b"before the crash")
+        os.kill(pid, 9)
+        assert store.wait(10) == -9 and not store.running
+        store.restart(timeout_s=60)
+        assert store.running and store.pid != pid
+        assert (store.env(), store.ports) == (env, ports)
+        body = store.client().get_object(Bucket="restart-test", Key="keep/me.txt")["Body"].read()
+        assert body == b"before the crash"
+        store.client().put_object(Bucket="restart-test", Key="after.txt", Body=b"after")
+    assert not store.running
+
+
+_STALLING_WEED = """
+import signal, sys, time
+def on_term(signum, frame):
+    sys.stdout.write("  Shutting down SeaweedFS Mini ...\\n  S3           stopped   0.0s\\n")
+    sys.stdout.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(60)  # weed's admin server stalled in a maintenance job, as it sometimes does
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_weed_whose_admin_stalls_after_s3_stopped_is_not_waited_for(tmp_path: Path) -> None:
+    """weed 4.48 sometimes spends 10 s on its admin server after its S3 gateway closed; stop() does not wait."""
+    store = EmbeddedS3(tmp_path / "s3")
+    log_path = store.data_dir / "logs" / "weed.out"  # where weed's console goes
+    log_path.parent.mkdir(parents=True)
+    with open(log_path, "wb") as output:
+        store._proc = subprocess.Popen([sys.executable, "-c", _STALLING_WEED], stdout=output, stderr=output)
+    deadline = time.monotonic() + 10
+    while b"ready" not in log_path.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = store._proc.pid
+    started = time.monotonic()
+    store.stop(timeout_s=10)
+    assert time.monotonic() - started < 6 and not _pids_alive(pid)

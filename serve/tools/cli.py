@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
+import gc
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from serve.tools import CliError
+from serve.tools import HOME_ENV, CliError, instantid_home
 from serve.tools.generate import add_generate_parser  # argparse definitions; the command imports the rest
-
-HOME_ENV = "INSTANTID_HOME"
-
-
-def instantid_home() -> Path:
-    """Where the CLI keeps tiny weights, the embedded S3 data and demo outputs (``INSTANTID_HOME``)."""
-    return Path(os.environ.get(HOME_ENV, Path.home() / ".instantid")).expanduser()
 
 
 def cmd_weights_tiny(args: argparse.Namespace) -> int:
@@ -45,17 +39,38 @@ def cmd_weights_licenses(args: argparse.Namespace) -> int:
     return print_licenses(folder)
 
 
+def _log_to_stderr() -> None:
+    """Warnings of the long-running commands (the embedded S3 died and was restarted) with a time and a level."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _before_exit() -> None:
+    """Everything is stopped and the process is about to exit: skip the garbage collector's final passes.
+
+    The process holds torch, diffusers, transformers and Ray (about 5,000 modules): Python's finalization
+    walks every object of them in its last collections, 3-15 s on 2 busy cores, during which ``instantid
+    serve`` looks hung to whoever sent SIGTERM. ``gc.freeze`` moves them out of the collector's reach; the
+    rest of finalization (``atexit``, flushing, module teardown) still runs.
+    """
+    gc.disable()  # no collection may start between here and the exit
+    gc.freeze()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from serve.tools.runner import run_config
 
-    run_config(args.config, port=args.port)
+    _log_to_stderr()
+    run_config(args.config, port=args.port, metrics_port=args.metrics_port)
+    _before_exit()
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from serve.tools.demo import run_demo
 
+    _log_to_stderr()
     run_demo(instantid_home() if args.home is None else args.home)
+    _before_exit()
     return 0
 
 
@@ -83,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="run a Serve config file (local or production)")
     serve_p.add_argument("config", type=Path)
     serve_p.add_argument("--port", type=int, default=None, help="override http_options.port")
+    serve_p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus port of the Ray it starts (on 127.0.0.1; default: a free one, printed at start)",
+    )
     serve_p.set_defaults(func=cmd_serve)
 
     add_generate_parser(sub)

@@ -52,11 +52,7 @@ def _post_json(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]
 
 def run_demo(home: Path) -> dict[str, Any]:
     """Start everything, send one request over HTTP, check the result is in S3, keep a local copy."""
-    serve_file = ServeFile.load(local_config_path())
-    for app in serve_file.apps:
-        args = app["args"]
-        args["weights"]["root"] = str(home / "weights" / "tiny")
-        args["storage"]["embedded_data_dir"] = str(home / "s3")
+    serve_file = ServeFile.load(local_config_path(), home=home)  # weights, S3 data and spool under home
     started = time.time()
     with local_stack(serve_file, port=free_port()) as stack:
         print(f"serving on {stack['url']} ({time.time() - started:.1f} s to start)", flush=True)

