@@ -46,10 +46,10 @@ class DenoiserBatching(_Strict):
     admission: Literal["greedy", "marginal"] = Field(
         default="marginal",
         description="continuous: which waiting requests join the running set. greedy: every one that fits max_rows. "
-        "marginal: one joins a running set of its group only while the replica's own measurements (a least-squares "
-        "fit of forward seconds against rows) say its rows cost, in the shared forward, at most (1 - "
-        "min_row_saving) of what they would cost alone: on launch-bound hardware (a GPU at small batches) that is "
-        "greedy, on compute-bound hardware (a CPU) each request runs alone to completion, oldest first.",
+        "marginal: one joins a running set of its group only while the replica's own forwards (the fixed cost of a "
+        "forward, in rows, from neighbouring forwards of different rows) say sharing a forward costs its rows at "
+        "most (1 - min_row_saving) of what they would cost alone: on launch-bound hardware (a GPU at small batches) "
+        "that is greedy, on compute-bound hardware (a CPU) each request runs alone to completion, oldest first.",
     )
     min_row_saving: float = Field(
         default=0.2,

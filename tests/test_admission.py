@@ -9,6 +9,7 @@ admits (the planted bug).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from deployments.instantid.admission import (
     ForwardCosts,
     GreedyAdmission,
     MarginalAdmission,
-    fit_line,
+    launch_rows,
 )
 from deployments.instantid.continuous import ContinuousBatcher, Outcome, StepGroup
 from deployments.instantid.denoiser import DenoiseJob
@@ -35,42 +36,59 @@ def line(launch: float, per_row: float) -> Callable[[int], float]:
     return lambda rows: launch + per_row * rows
 
 
-def measured(cost: Callable[[int], float], rows: tuple[int, ...] = (2, 4), times: int = 3) -> MarginalAdmission:
-    """A marginal policy that has seen ``times`` forwards of each of ``rows`` under ``cost``."""
+def measured(cost: Callable[[int], float], rows: tuple[int, ...] = (2, 4, 6, 4)) -> MarginalAdmission:
+    """A marginal policy that has seen forwards of ``rows`` (in turn) under ``cost``."""
     policy = MarginalAdmission(0.2)
     for r in rows:
-        for _ in range(times):
-            policy.record("g", r, cost(r))
+        policy.record("g", r, cost(r))
     return policy
 
 
-# ------------------------------------------------------------------------------------------- fitting
+# ------------------------------------------------------------------------------------------- measuring
 
 
-def test_the_fit_recovers_a_line_and_needs_two_row_counts() -> None:
-    fit = fit_line({2: 0.1046, 4: 0.1518, 8: 0.2462}, {2: 1, 4: 1, 8: 1})
-    assert fit is not None
-    assert fit.launch_s == pytest.approx(0.0574, abs=1e-9) and fit.per_row_s == pytest.approx(0.0236, abs=1e-9)
-    assert all(abs(r) < 1e-9 for r in fit.residuals().values())
-    assert fit_line({2: 0.1}, {2: 5}) is None
+def test_two_forwards_of_different_rows_give_the_fixed_cost_in_rows() -> None:
+    gpu = line(*GPU)
+    assert launch_rows((2, 4), (gpu(2), gpu(4))) == pytest.approx(GPU[0] / GPU[1])  # 2.43 rows
+    assert launch_rows((6, 2), (gpu(6), gpu(2))) == pytest.approx(GPU[0] / GPU[1])  # either order
+    assert launch_rows((2, 4), (0.09, 0.18)) == pytest.approx(0.0)  # compute-bound
+    assert launch_rows((2, 4), (0.10, 0.30)) < 0  # each row costs more in the larger batch
+    assert math.isinf(launch_rows((2, 4), (0.2, 0.2)))  # rows cost nothing measurable
 
 
-def test_forward_costs_take_medians_per_row_count_and_wait_for_enough_forwards() -> None:
-    costs = ForwardCosts(window=8, min_samples=3)
-    for seconds in (0.10, 0.10, 0.10):
-        costs.record("g", 2, seconds)
-    costs.record("g", 4, 0.20)
-    costs.record("g", 4, 0.20)
-    assert costs.fit("g") is None  # rows 4 seen twice: not yet a point
-    costs.record("g", 4, 5.0)  # a forward slowed by a neighbour's burst
-    costs.record("g", 4, 0.20)
-    fit = costs.fit("g")
-    assert fit is not None and fit.points == {2: 0.10, 4: 0.20}  # the outlier does not move the median
-    assert fit.launch_s == pytest.approx(0.0, abs=1e-12) and fit.per_row_s == pytest.approx(0.05)
-    assert costs.fit("other") is None  # each cost key has its own line
+def test_a_slowdown_of_the_whole_machine_is_not_read_as_a_fixed_cost() -> None:
+    """Forwards of 2 rows, then a neighbour's burst triples every forward's time while the set is 4 and 6 rows:
+    neighbouring forwards see the same slowdown, so the estimate stays 0 rows. A line through the medians per row
+    count would read the burst as a large fixed cost."""
+    cpu = line(*CPU)
+    costs = ForwardCosts(window=8, min_estimates=3)
+    for rows, slowdown in [(2, 1), (2, 1), (4, 1), (4, 3), (6, 3), (4, 3), (6, 3), (2, 3)]:
+        costs.record("g", rows, cpu(rows) * slowdown)
+    assert costs.launch_rows("g") == pytest.approx(0.0, abs=1e-9)
+    medians = costs.describe("g")["median_s_by_rows"]
+    assert medians["2"] < medians["4"] / 2  # the medians alone would suggest launch-bound forwards
+
+
+def test_forward_costs_need_a_few_estimates_and_take_their_median() -> None:
+    gpu = line(*GPU)
+    costs = ForwardCosts(window=8, min_estimates=3)
+    for rows in (2, 2, 4, 2):
+        costs.record("g", rows, gpu(rows))
+    assert costs.launch_rows("g") is None  # two changes of rows: two estimates
+    costs.record("g", 4, gpu(4))
+    assert costs.launch_rows("g") == pytest.approx(GPU[0] / GPU[1])
+    costs.record("g", 2, gpu(2) * 5)  # one forward slowed by a garbage collection: two wild estimates
+    costs.record("g", 4, gpu(4))
+    assert costs.launch_rows("g") == pytest.approx(GPU[0] / GPU[1])  # the median ignores them, the last is wild
+    costs.record("g", 2, gpu(2))
+    assert costs.launch_rows("g") == pytest.approx(GPU[0] / GPU[1])
+    assert costs.launch_rows("other") is None  # each cost key has its own
+    described = costs.describe("g")
+    assert described["estimates"] == 6 and described["forwards_by_rows"] == {"2": 5, "4": 3}
     for _ in range(8):
-        costs.record("g", 4, 0.30)  # the window forgets old forwards
-    assert costs.fit("g").points[4] == pytest.approx(0.30)
+        costs.record("g", 4, 0.3)
+        costs.record("g", 2, 0.15)  # the window forgets old estimates
+    assert costs.launch_rows("g") == pytest.approx(0.0)
 
 
 # ------------------------------------------------------------------------------------------- the policy
@@ -92,30 +110,34 @@ def test_marginal_admission_admits_only_rows_that_pay(cost, running, rows, admit
     assert measured(line(*cost)).admits("g", running, rows) is admits
 
 
-def test_marginal_admission_is_greedy_until_it_has_measured_two_row_counts() -> None:
+def test_marginal_admission_is_greedy_until_the_rows_changed_a_few_times() -> None:
     policy = MarginalAdmission(0.2)
     assert policy.admits("g", 2, 2)  # nothing measured
     for _ in range(3):
         policy.record("g", 2, 0.09)
-    assert policy.admits("g", 2, 2)  # one row count: no line yet
-    for _ in range(3):
-        policy.record("g", 4, 0.18)
-    assert not policy.admits("g", 2, 2)  # the line says compute-bound
+    assert policy.admits("g", 2, 2)  # one row count: nothing to compare
+    for rows in (4, 2):
+        policy.record("g", rows, 0.045 * rows)
+    assert policy.admits("g", 2, 2)  # two estimates
+    policy.record("g", 4, 0.18)
+    assert not policy.admits("g", 2, 2)  # three say compute-bound
     assert policy.admits("another size", 2, 2)  # which says nothing of another cost key
 
 
-def test_a_forward_cost_that_shrinks_with_rows_is_never_shared() -> None:
-    """A negative fitted launch cost (bigger batches cost more per row, as on a CPU past its caches) refuses."""
+def test_forwards_whose_rows_cost_more_in_larger_batches_are_never_shared_and_free_rows_always_are() -> None:
+    """A negative fixed cost (bigger batches cost more per row, as on a CPU past its caches) refuses; forwards
+    that cost the same whatever their rows admit."""
     assert not measured(line(-0.02, 0.05)).admits("g", 4, 2)
+    assert measured(line(0.1, 0.0)).admits("g", 4, 8)
 
 
 def test_the_policies_describe_what_they_measured() -> None:
     assert GreedyAdmission().describe() == {"admission": "greedy"}
     described = measured(line(*GPU)).describe()
     assert described["admission"] == "marginal" and described["min_row_saving"] == 0.2
-    fit = described["fits"]["g"]
-    assert fit["launch_s"] == pytest.approx(GPU[0]) and fit["per_row_s"] == pytest.approx(GPU[1])
-    assert fit["forwards_by_rows"] == {"2": 3, "4": 3}
+    seen = described["measured"]["g"]
+    assert seen["launch_rows"] == pytest.approx(GPU[0] / GPU[1]) and seen["estimates"] == 3
+    assert seen["forwards_by_rows"] == {"2": 1, "4": 2, "6": 1} and not seen["launch_free"]
     with pytest.raises(ValueError, match="min_row_saving"):
         MarginalAdmission(0.0)
 
@@ -222,3 +244,18 @@ def test_the_batcher_feeds_the_policy_every_forward_with_its_rows() -> None:
     assert [(key, rows) for key, rows, _ in seen] == [(("base", 64), 4), (("base", 64), 4), (("base", 64), 2)]
     assert [s for _, _, s in seen] == pytest.approx([line(*GPU)(4)] * 2 + [line(*GPU)(2)])
     assert list(itertools.accumulate(s for _, _, s in seen))[-1] == pytest.approx(model.now)
+
+
+def test_the_config_names_the_policy_and_its_threshold() -> None:
+    from pydantic import ValidationError
+
+    from deployments.config import DenoiserBatching
+    from deployments.denoiser import admission_policy
+
+    default = admission_policy(DenoiserBatching())
+    assert isinstance(default, MarginalAdmission) and default.min_row_saving == 0.2
+    assert isinstance(admission_policy(DenoiserBatching(admission="greedy")), GreedyAdmission)
+    assert admission_policy(DenoiserBatching(min_row_saving=0.5)).min_row_saving == 0.5
+    for bad in ({"admission": "eager"}, {"min_row_saving": 0}, {"min_row_saving": 1}):
+        with pytest.raises(ValidationError):
+            DenoiserBatching.model_validate(bad)

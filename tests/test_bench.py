@@ -278,6 +278,27 @@ def test_cost_model_refuses_reports_it_cannot_fit(tmp_path: Path) -> None:
         fit_report(tmp_path / "one.json")
 
 
+def test_latency_parts_split_each_request_into_queue_denoise_and_the_rest() -> None:
+    """From the responses' timings: the Denoiser's queue wait, the denoise, and the latency outside the Denoiser;
+    a response without both timings is left out of the parts, not counted as zero."""
+    from serve.bench.batching_bench import Shot, _latency_parts
+
+    def payload(queue: float, denoise: float) -> dict[str, Any]:
+        return {"timings": {"denoise_queue": {"seconds": queue}, "denoise": {"seconds": denoise}}}
+
+    shot = Shot(0.0, 4, 1, 1)
+    done = [(shot, 3.0, payload(1.0, 1.5)), (shot, 5.0, payload(2.0, 2.5)), (shot, 9.0, {"timings": {}})]
+    parts = _latency_parts(done)
+    assert parts["denoise_queue"] == {
+        "p50": pytest.approx(percentile([1.0, 2.0], 50)),
+        "p95": pytest.approx(percentile([1.0, 2.0], 95)),
+    }
+    assert parts["denoise"]["p50"] == pytest.approx(percentile([1.5, 2.5], 50))
+    assert parts["outside_denoiser"]["p50"] == pytest.approx(0.5) and parts["outside_denoiser"]["p95"] == pytest.approx(
+        0.5
+    )
+
+
 @pytest.mark.slow
 def test_serve_open_loop_compares_static_and_continuous_batching(tmp_path: Path) -> None:
     argv = ["--open-loop", "--mix-steps", "1", "3", "--mix-images", "1", "2", "--clients", "2"]

@@ -37,7 +37,8 @@ def simulated(denoiser):
     def refuse(*_args, **_kwargs):
         raise AssertionError("a simulated step ran a network")
 
-    hooks = [net.register_forward_pre_hook(refuse) for net in (denoiser.unet, denoiser.controlnet)]
+    nets = (denoiser.unet, denoiser.controlnet, denoiser.vae.decoder)
+    hooks = [net.register_forward_pre_hook(refuse) for net in nets]
     try:
         yield model, waits
     finally:
@@ -56,7 +57,8 @@ def test_each_forward_waits_launch_plus_rows_and_the_static_loop_still_ends_ever
     two = job(text, dataclasses.replace(BASE, num_images=2, seed=8), seed=1)
     images = model.generate([one, two])
     assert waits == pytest.approx([COST.seconds(2 + 4)] * 3)  # three steps of 6 rows (CFG doubles each image)
-    assert [i.shape for i in images] == [(1, 64, 64, 3), (2, 64, 64, 3)]  # decoded by the real (tiny) VAE
+    assert [i.shape for i in images] == [(1, 64, 64, 3), (2, 64, 64, 3)]
+    assert all((i == 128).all() for i in images)  # not decoded: the fitted forward carries the decode's cost
 
 
 def test_jobs_join_and_leave_the_batcher_and_a_dropped_job_stops_as_it_would(simulated, text) -> None:

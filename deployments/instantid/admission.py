@@ -7,89 +7,86 @@ job that shares a forward pays little more than its rows' share. Where a forward
 then takes as long as the whole set, and the long jobs' latency grows with every short one that passes through.
 There the best a batcher can do is what static batching does, run jobs to completion, oldest first.
 
-:class:`MarginalAdmission` decides between the two from the replica's own measurements: per cost key (a base and
-latent size), a least-squares line ``seconds = launch + per_row x rows`` through the median forward time at each
-row count seen. A job of ``k`` rows joins a running set of ``R`` rows of its group when the forward it shares
-costs it at most ``(1 - min_row_saving)`` of a forward of its own: ``cost(R + k) - cost(R) <= (1 - f) cost(k)``,
-which on the line is ``launch / (launch + per_row x k) >= f``. Until two row counts have been measured it admits
-as greedy does, because batching is what produces the row counts it must measure.
+:class:`MarginalAdmission` decides between the two from the replica's own forwards. With a forward's seconds
+``t = c x (r0 + rows)``, ``r0`` is its fixed cost counted in rows; a job of ``k`` rows that shares a forward pays
+``c x k`` instead of ``c x (r0 + k)`` alone, so sharing saves it the fraction ``r0 / (r0 + k)`` of its time, and it
+joins when that is at least ``min_row_saving``. ``r0`` comes from neighbouring forwards of one cost key whose rows
+differ (a job joined or left): two points fix the line, ``r0 = intercept / slope``. A ratio of neighbours, not a fit
+over every forward, because a shared machine slows whole stretches of forwards at once (another process's burst
+on the CPU): that scales both neighbours alike and cancels in the ratio, where a line through medians taken at
+different times would read the slowdown as a fixed cost. The policy takes the median of the last estimates, and
+until it has a few it admits as greedy does, because batching is what makes the row counts change.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass
 from typing import Protocol
 
 
-@dataclass(frozen=True)
-class LineFit:
-    """A forward's seconds as ``launch_s + per_row_s x rows``, with what it was fitted from."""
+def launch_rows(rows: tuple[int, int], seconds: tuple[float, float]) -> float:
+    """The fixed cost in rows, ``intercept / slope``, of the line through two forwards of different rows.
 
-    launch_s: float
-    per_row_s: float
-    points: dict[int, float]  # rows -> median seconds
-    samples: dict[int, int]  # rows -> forwards measured (the points' weights)
-
-    def seconds(self, rows: int) -> float:
-        return self.launch_s + self.per_row_s * rows
-
-    def residuals(self) -> dict[int, float]:
-        """Measured median minus the line, per row count."""
-        return {rows: value - self.seconds(rows) for rows, value in self.points.items()}
-
-
-def fit_line(points: dict[int, float], weights: dict[int, int]) -> LineFit | None:
-    """Weighted least squares through (rows, seconds); None without two distinct row counts."""
-    if len(points) < 2:
-        return None
-    total = sum(weights[r] for r in points)
-    mean_x = sum(weights[r] * r for r in points) / total
-    mean_y = sum(weights[r] * points[r] for r in points) / total
-    sxx = sum(weights[r] * (r - mean_x) ** 2 for r in points)
-    sxy = sum(weights[r] * (r - mean_x) * (points[r] - mean_y) for r in points)
-    slope = sxy / sxx
-    return LineFit(mean_y - slope * mean_x, slope, dict(points), {r: weights[r] for r in points})
+    ``inf`` when the second costs no more per added row than nothing (a flat or falling line: rows are free);
+    negative when the line passes below the origin (each row costs more in a larger batch).
+    """
+    (r1, r2), (t1, t2) = rows, seconds
+    slope = (t2 - t1) / (r2 - r1)
+    if slope <= 0:
+        return math.inf
+    return (t1 - slope * r1) / slope
 
 
 class ForwardCosts:
-    """Forward seconds measured per (cost key, rows): the last ``window`` of each, fitted on demand.
+    """What the forwards of each cost key measured: the last ``window`` estimates of the fixed cost in rows (from
+    neighbouring forwards of different rows) and, for reports, the last ``window`` seconds per row count."""
 
-    Medians per row count, so a forward slowed by a neighbour's burst or a garbage collection does not move the
-    line, and a row count not seen lately keeps its last measurements.
-    """
-
-    def __init__(self, *, window: int = 32, min_samples: int = 3) -> None:
-        if window < 1 or min_samples < 1 or min_samples > window:
-            raise ValueError("need 1 <= min_samples <= window")
+    def __init__(self, *, window: int = 32, min_estimates: int = 3) -> None:
+        if window < 1 or min_estimates < 1 or min_estimates > window:
+            raise ValueError("need 1 <= min_estimates <= window")
         self.window = window
-        self.min_samples = min_samples
-        self._seen: dict[Hashable, dict[int, deque[float]]] = {}
-        self._fits: dict[Hashable, LineFit | None] = {}
+        self.min_estimates = min_estimates
+        self._last: dict[Hashable, tuple[int, float]] = {}
+        self._estimates: dict[Hashable, deque[float]] = {}
+        self._seconds: dict[Hashable, dict[int, deque[float]]] = {}
         self._lock = threading.Lock()
 
     def record(self, key: Hashable, rows: int, seconds: float) -> None:
         with self._lock:
-            by_rows = self._seen.setdefault(key, {})
+            last = self._last.get(key)
+            if last is not None and last[0] != rows:
+                estimate = launch_rows((last[0], rows), (last[1], seconds))
+                self._estimates.setdefault(key, deque(maxlen=self.window)).append(estimate)
+            self._last[key] = (rows, seconds)
+            by_rows = self._seconds.setdefault(key, {})
             by_rows.setdefault(rows, deque(maxlen=self.window)).append(seconds)
-            self._fits.pop(key, None)
 
-    def fit(self, key: Hashable) -> LineFit | None:
-        """The line for ``key`` over the row counts measured at least ``min_samples`` times; None until two are."""
+    def launch_rows(self, key: Hashable) -> float | None:
+        """The median estimate of the fixed cost in rows; None until ``min_estimates`` were made."""
         with self._lock:
-            if key not in self._fits:
-                ready = {r: s for r, s in self._seen.get(key, {}).items() if len(s) >= self.min_samples}
-                points = {r: statistics.median(s) for r, s in ready.items()}
-                self._fits[key] = fit_line(points, {r: len(s) for r, s in ready.items()})
-            return self._fits[key]
+            estimates = self._estimates.get(key, ())
+            return statistics.median(estimates) if len(estimates) >= self.min_estimates else None
+
+    def describe(self, key: Hashable) -> dict[str, object]:
+        launch = self.launch_rows(key)
+        with self._lock:
+            by_rows = self._seconds.get(key, {})
+            return {
+                "launch_rows": None if launch is None or math.isinf(launch) else launch,
+                "launch_free": launch is not None and math.isinf(launch),
+                "estimates": len(self._estimates.get(key, ())),
+                "median_s_by_rows": {str(r): statistics.median(s) for r, s in sorted(by_rows.items())},
+                "forwards_by_rows": {str(r): len(s) for r, s in sorted(by_rows.items())},
+            }
 
     def measured(self) -> list[Hashable]:
         """The cost keys with measurements."""
         with self._lock:
-            return list(self._seen)
+            return list(self._last)
 
 
 class AdmissionPolicy(Protocol):
@@ -138,30 +135,16 @@ class MarginalAdmission:
         self.costs = costs if costs is not None else ForwardCosts()
 
     def admits(self, key: Hashable, running_rows: int, rows: int) -> bool:
-        fit = self.costs.fit(key)
-        if fit is None:  # cold start: batch, which measures the row counts the fit needs
+        launch = self.costs.launch_rows(key)
+        if launch is None:  # cold start: batch, which makes the row counts change
             return True
-        if running_rows == 0:  # another group runs: this one would take turns, sharing nothing
+        if running_rows == 0:  # another group runs: this one would take turns, sharing no forward
             return False
-        alone = fit.seconds(rows)
-        joined = fit.seconds(running_rows + rows) - fit.seconds(running_rows)
-        return alone > 0 and joined <= (1 - self.min_row_saving) * alone
+        return launch > 0 and (math.isinf(launch) or launch / (launch + rows) >= self.min_row_saving)
 
     def record(self, key: Hashable, rows: int, seconds: float) -> None:
         self.costs.record(key, rows, seconds)
 
     def describe(self) -> dict[str, object]:
-        fits = {}
-        for key in self.costs.measured():
-            fit = self.costs.fit(key)
-            fits[str(key)] = (
-                None
-                if fit is None
-                else {
-                    "launch_s": fit.launch_s,
-                    "per_row_s": fit.per_row_s,
-                    "median_s_by_rows": {str(r): s for r, s in sorted(fit.points.items())},
-                    "forwards_by_rows": {str(r): n for r, n in sorted(fit.samples.items())},
-                }
-            )
-        return {"admission": self.name, "min_row_saving": self.min_row_saving, "fits": fits}
+        measured = {str(key): self.costs.describe(key) for key in self.costs.measured()}
+        return {"admission": self.name, "min_row_saving": self.min_row_saving, "measured": measured}

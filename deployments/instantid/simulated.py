@@ -3,9 +3,14 @@
 Used to measure the batching policies (static against continuous, and the continuous batcher's admission) under a
 GPU's cost curve on a machine without that GPU: every step of a batch of ``rows`` UNet rows waits
 ``launch_s + per_row_s x rows`` seconds, constants fitted from a GPU benchmark report, per output size. Everything
-around the forward stays real: each job's scheduler, per-row timesteps, guidance, its ``on_step`` (progress and
-cancellation), the batcher's bookkeeping, the VAE decode of the (tiny) model. The latents stay as they are (the
-noise prediction is zero), so the images mean nothing; only the timing does.
+around the forward stays real: each job's setup, scheduler, per-row timesteps, guidance, its ``on_step`` (progress
+and cancellation), the batcher's bookkeeping. The latents stay as they are (the noise prediction is zero), so the
+images mean nothing; only the timing does.
+
+The VAE decode is not run: a benchmark report of one step count cannot tell the decode from the per-row forward
+cost, so the fitted constants already carry it (spread over the steps), and the tiny model's CPU decode would add a
+second, CPU-bound decode (about 0.4 s per 256 px image on a busy 2-core machine, four of the modelled forwards)
+that stalls every job of the running set. The images handed back are flat grey, of the right shape.
 
 Nothing here is used unless the Denoiser's configuration names a cost model (``DenoiserConfig.cost_model``).
 """
@@ -16,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .batch_rows import StepBatch
@@ -67,6 +73,12 @@ class CostModelDenoiser(InstantIDDenoiser):
             known = ", ".join(f"{w}x{h}" for w, h in sorted(self.costs))
             raise InvalidParameterError(f"the simulated denoiser models only sizes {known}, not {size[0]}x{size[1]}")
         super().start(job)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Flat grey images of the latents' size: the decode's cost is in the fitted forward (module docstring)."""
+        count, _, height, width = latents.shape
+        scale = self.vae_scale_factor
+        return np.full((count, height * scale, width * scale, 3), 128, dtype=np.uint8)
 
     def predict_noise(
         self, jobs: Sequence[DenoiseJob], batch: StepBatch, sample: torch.Tensor, t_rows: torch.Tensor

@@ -84,9 +84,27 @@ def _phase_summary(
         "throughput_images_per_s": sum(shot.images for shot, _, _ in done) / wall if wall else None,
         "latency": {f"p{q}_s": percentile(latencies, q) for q in (50, 95, 99)},
         "p95_by_steps_s": {steps: percentile(values, 95) for steps, values in sorted(by_steps.items())},
+        "latency_parts_s": _latency_parts(done),
         "mean_rows_per_forward": counters["rows"] / counters["forwards"] if counters["forwards"] else None,
         "forwards": counters["forwards"],
     }
+
+
+def _latency_parts(done: list[tuple[Shot, float, dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
+    """p50 and p95 of where a request's latency went, from the responses' ``timings``: waiting at the Denoiser
+    (``denoise_queue``), denoising (first step to its images), and everything outside the Denoiser (face, prompt,
+    storage, HTTP, Serve's queues)."""
+    parts: dict[str, list[float]] = {"denoise_queue": [], "denoise": [], "outside_denoiser": []}
+    for _, latency, payload in done:
+        timings = payload.get("timings") or {}
+        queue = (timings.get("denoise_queue") or {}).get("seconds")
+        denoise = (timings.get("denoise") or {}).get("seconds")
+        if queue is None or denoise is None:
+            continue
+        parts["denoise_queue"].append(queue)
+        parts["denoise"].append(denoise)
+        parts["outside_denoiser"].append(latency - queue - denoise)
+    return {name: {"p50": percentile(v, 50), "p95": percentile(v, 95)} for name, v in parts.items()}
 
 
 class Phases:

@@ -6,9 +6,13 @@ and a least-squares line through those points gives ``seconds = launch_s + per_r
 
 What is not per step cannot be separated in such a report: the per-run work (each job's setup, the VAE decode of
 each image) grows with N exactly as the rows do, so it lands in the line, spread over the steps (a decode per
-image adds to ``per_row_s``, setup per run to ``launch_s``). The simulation still runs the real setup and decode
-of the tiny model on top, so it slightly overstates a GPU's per-request cost; the residuals show how far the
-three points are from a line at all (a GPU's forward cost bends upwards once the batch fills the device).
+image adds to ``per_row_s``, setup per run to ``launch_s``). That is why the simulated denoiser skips the VAE
+decode (its cost is already in the line) but still runs the tiny model's real job setup on top, so it slightly
+overstates a GPU's per-request cost; the residuals show how far the points are from a line at all (a GPU's
+forward cost bends upwards once the batch fills the device).
+
+The line is fitted here, unweighted, over the report's batch sizes; the admission policy
+(``deployments/instantid/admission.py``) does not use it: it estimates its own forwards' fixed cost online.
 """
 
 from __future__ import annotations
@@ -19,8 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import DenoiserCostModel, ForwardCost
-from deployments.instantid.admission import fit_line
 from serve.bench import BenchError
+
+
+def fit_line(points: dict[int, float]) -> tuple[float, float] | None:
+    """Least squares (intercept, slope) through (rows, seconds); None without two distinct row counts."""
+    if len(points) < 2:
+        return None
+    mean_x = sum(points) / len(points)
+    mean_y = sum(points.values()) / len(points)
+    sxx = sum((r - mean_x) ** 2 for r in points)
+    slope = sum((r - mean_x) * (s - mean_y) for r, s in points.items()) / sxx
+    return mean_y - slope * mean_x, slope
 
 
 @dataclass(frozen=True)
@@ -75,12 +89,13 @@ def fit_report(path: Path) -> CostFit:
     steps = int(settings["steps"])
     rows_per_image = 2 if settings.get("cfg", True) else 1
     forward_s = {run["batch"] * rows_per_image: run["seconds_per_run"] / steps for run in ours.values()}
-    line = fit_line(forward_s, dict.fromkeys(forward_s, 1))
+    line = fit_line(forward_s)
     if line is None:
         raise BenchError(f"--cost-model {path}: needs at least two batch sizes to fit a line, has {sorted(ours)}")
-    if line.launch_s < 0 or line.per_row_s < 0:
+    launch_s, per_row_s = line
+    if launch_s < 0 or per_row_s < 0:
         raise BenchError(
-            f"--cost-model {path}: the fitted forward cost {line.launch_s:.4g} s + {line.per_row_s:.4g} s/row has a "
+            f"--cost-model {path}: the fitted forward cost {launch_s:.4g} s + {per_row_s:.4g} s/row has a "
             f"negative constant (forward seconds by rows: {forward_s}); a report with more batch sizes fits better"
         )
     machine = report.get("machine") or {}
@@ -89,4 +104,4 @@ def fit_report(path: Path) -> CostFit:
         f"{gpu}, {settings.get('dtype')}, {settings.get('size')}x{settings.get('size')}, {steps} steps, "
         f"CFG {settings.get('cfg')}, batch sizes {sorted(run['batch'] for run in ours.values())}"
     )
-    return CostFit(str(path), measured, steps, rows_per_image, forward_s, line.launch_s, line.per_row_s)
+    return CostFit(str(path), measured, steps, rows_per_image, forward_s, launch_s, per_row_s)
