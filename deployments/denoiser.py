@@ -7,12 +7,16 @@ InstantID's own weights (IdentityNet, resampler, face K/V). Two batching modes (
   same base, LoRA set, size, prompt length, extra ControlNets and number of identities share each forward whatever
   their steps,
   scheduler, guidance, strengths and windows, joining and leaving at step boundaries; at most ``max_rows`` UNet
-  rows are admitted, oldest first.
+  rows are admitted, oldest first, and ``batching.admission`` decides whether a request joins a running set at all
+  (marginal: only while the replica's measured forwards say sharing saves its rows time).
 - static: Serve's ``@serve.batch`` collects requests for ``batch_wait_timeout_s``; within a batch, jobs with equal
   base, LoRA set and ``GenerationParams.batch_key()`` run every step together, groups one after another.
 
 Either way each job keeps its own seeded generator, strengths and maps, and a job without extra ControlNets never
 runs them. Serve's ``max_ongoing_requests``/``max_queued_requests`` bound what reaches a replica.
+
+SIMULATION ONLY: with a ``cost_model`` every base's network forward is a wait of the modelled length (see
+``deployments/instantid/simulated.py``); the replica logs it, and ``batching_stats`` names the cost model.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ray import serve as ray_serve
 
 from deployments import metrics
 from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
-from deployments.config import DenoiserBatching
+from deployments.config import DenoiserBatching, DenoiserCostModel
 from deployments.generation.denoise_stage import denoise_job, denoise_result
 from deployments.generation.messages import (
     ControlMapsResult,
@@ -43,6 +47,7 @@ from deployments.generation.messages import (
     Timings,
     timed,
 )
+from deployments.instantid.admission import AdmissionPolicy, GreedyAdmission, MarginalAdmission
 from deployments.instantid.catalogue import ModelChoice, WeightsSource
 from deployments.instantid.continuous import ContinuousBatcher, Outcome, StepGroup
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
@@ -56,6 +61,7 @@ from deployments.instantid.loading import (
 )
 from deployments.instantid.loras import LoraAdapters
 from deployments.instantid.params import GenerationParams
+from deployments.instantid.simulated import CostModelDenoiser
 from deployments.instantid.weights import DENOISER_COMPONENTS, WeightsLayout
 from deployments.job_events import StepReporter, checked_publish, job_events
 from deployments.replica import replica_id
@@ -100,6 +106,13 @@ def _span(end: float, seconds: float) -> StageTiming:
     return StageTiming(start=end - seconds, end=end, seconds=seconds)
 
 
+def admission_policy(batching: DenoiserBatching) -> AdmissionPolicy:
+    """The continuous batcher's admission policy named by the config."""
+    if batching.admission == "marginal":
+        return MarginalAdmission(batching.min_row_saving)
+    return GreedyAdmission()
+
+
 @ray_serve.deployment(name="Denoiser", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
 class DenoiserDeployment:
     async def __init__(
@@ -113,6 +126,7 @@ class DenoiserDeployment:
         batching: DenoiserBatching,
         controlnets: dict[str, dict[str, Any]],
         preview_every: int = 5,
+        cost_model: DenoiserCostModel | None = None,
     ) -> None:
         self.models = ReplicaModels.prepare(models, weights.get("cache_dir"), ("unet",))
         layout = WeightsLayout.resolve(**weights, parts=("instantid",))
@@ -128,6 +142,11 @@ class DenoiserDeployment:
         }
         self.parts = load_instantid_parts(layout, dtype=self.dtype, controlnets=folders)
         self.instantid = {"identitynet_config": layout.describe()["identitynet_config"]}  # a config hash, no path
+        self.cost_model = cost_model
+        if cost_model is not None:
+            logger.warning(
+                "SIMULATED Denoiser: forwards wait as modelled by %s, %s", cost_model.source, cost_model.sizes
+            )
         self._batches = 0
         self._forwards = self._rows_stepped = 0  # static mode's counters (the batcher keeps its own)
         self.mode = batching.mode
@@ -142,6 +161,7 @@ class DenoiserDeployment:
                 gather_s=batching.batch_wait_timeout_s,
                 run_prefix=self.replica,
                 on_forward=lambda jobs, rows, seconds: metrics.record_denoise_batch(jobs, rows, 1, seconds),
+                admission=admission_policy(batching),
             )
         self.bases = BaseSlots(self._build, self.models.catalogue.max_models_per_replica)
         slot, _ = await self.bases.acquire(self.models.catalogue.default_base)  # the default base is warm at start
@@ -152,6 +172,8 @@ class DenoiserDeployment:
         model = build_denoiser(
             self.parts, base, device=self.device, dtype=self.dtype, vae_batch_size=self.vae_batch_size
         )
+        if self.cost_model is not None:
+            model = CostModelDenoiser(model, self.cost_model.by_size())
         return model, self.models.adapters({"unet": model.unet}, model.unet.config)
 
     async def generate(
@@ -214,7 +236,8 @@ class DenoiserDeployment:
                 yield seconds
 
         assert slot.model is not None
-        future, cancel = self.batcher.submit(self._job(item), StepGroup(key, slot.model, enter))
+        cost_key = (slot.name, item.params.step_key())  # forwards cost alike whatever the LoRA set or prompt length
+        future, cancel = self.batcher.submit(self._job(item), StepGroup(key, slot.model, enter, cost_key))
         try:
             outcome: Outcome = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -312,13 +335,19 @@ class DenoiserDeployment:
         )
 
     def batching_stats(self) -> dict[str, Any]:
-        """Forwards run and UNet rows stepped since this ``replica`` started (rows / forwards = rows per forward); in
-        continuous mode also ``load``: the jobs waiting and running and the rows admitted now. The replica's id lets a
-        reader tell a replaced replica's fresh counters from its predecessor's."""
+        """Forwards run and UNet rows stepped since this ``replica`` started (rows / forwards = rows per forward; the
+        replica's id tells a replaced replica's fresh counters from its predecessor's); in continuous mode also
+        ``load`` (the jobs waiting and running and the rows admitted now) and ``admission`` (the policy and the
+        forward costs it has fitted); with a cost model, ``simulated``: its source and sizes."""
+        stats: dict[str, Any] = {"mode": self.mode, "replica": self.replica}
         if self.batcher is not None:
-            counts = {"forwards": self.batcher.forwards, "rows": self.batcher.rows_stepped}
-            return {"mode": self.mode, "replica": self.replica, **counts, "load": self.batcher.load()}
-        return {"mode": self.mode, "replica": self.replica, "forwards": self._forwards, "rows": self._rows_stepped}
+            stats |= {"forwards": self.batcher.forwards, "rows": self.batcher.rows_stepped}
+            stats |= {"load": self.batcher.load(), "admission": self.batcher.admission.describe()}
+        else:
+            stats |= {"forwards": self._forwards, "rows": self._rows_stepped}
+        if self.cost_model is not None:
+            stats["simulated"] = self.cost_model.model_dump()
+        return stats
 
     def model_info(self) -> dict[str, Any]:
         """What this replica serves now: InstantID's weights, the bases it holds warm, the LoRAs each has loaded."""

@@ -62,6 +62,7 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
             "preview_every": config.denoiser.preview_every,
             "batching": config.denoiser.batching,
             "controlnets": controlnets,
+            "cost_model": config.denoiser.cost_model,
         },
         "control_maps": {
             "depth_model": depth_model.under(root).model_dump() if needs_depth and depth_model else None,

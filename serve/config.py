@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.config import BatchOptions, DenoiserBatching
+from deployments.config import BatchOptions, DenoiserBatching, DenoiserCostModel
 from deployments.instantid.catalogue import ModelCatalogue, WeightsSource
 from deployments.instantid.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from deployments.instantid.keypoints import REFERENCE_LONG_SIDE
@@ -134,6 +134,12 @@ class DenoiserConfig(_Strict):
         default_factory=dict,
         description="Extra ControlNets beside IdentityNet that requests may name (pose, canny, depth): diffusers "
         "ControlNet folders, e.g. {source: controlnets/canny} under the weights root, or {repo: ...}.",
+    )
+    cost_model: DenoiserCostModel | None = Field(
+        default=None,
+        description="SIMULATION ONLY, never in a real deployment: every forward becomes a wait of the modelled length "
+        "(images mean nothing), to measure batching under another device's costs (instantid bench serve --open-loop "
+        "--cost-model).",
     )
 
 

@@ -242,6 +242,63 @@ def test_open_loop_mix_is_seeded_poisson_over_the_given_steps_and_images() -> No
     assert all(s.at == 0 for s in request_mix(args, 5, None, seed=0))  # closed loop: no schedule
 
 
+H200_REPORT = REPO / "serve/bench/results/h200-2026-11-26/run2-float16-interleaved.json"
+
+
+def test_cost_model_fit_is_least_squares_over_the_reports_forwards() -> None:
+    """Forward seconds = seconds_per_run / steps at 2N rows (CFG); the line through them and its residuals."""
+    from serve.bench.cost_model import fit_report
+
+    fit = fit_report(H200_REPORT)
+    report = json.loads(H200_REPORT.read_text())
+    runs = {2 * run["batch"]: run["seconds_per_run"] / 30 for run in report["ours"].values()}
+    assert fit.forward_s == pytest.approx(runs) and sorted(runs) == [2, 4, 8]
+    xs, ys = np.array(sorted(runs)), np.array([runs[r] for r in sorted(runs)])
+    slope, intercept = np.polyfit(xs, ys, 1)
+    assert fit.per_row_s == pytest.approx(slope) and fit.launch_s == pytest.approx(intercept)
+    assert fit.launch_s == pytest.approx(0.0574, abs=5e-4) and fit.per_row_s == pytest.approx(0.0236, abs=5e-4)
+    assert sum(fit.residuals().values()) == pytest.approx(0, abs=1e-12)  # least squares with an intercept
+    model = fit.cost_model(["256x256"])
+    assert model.source == str(H200_REPORT) and model.by_size()[(256, 256)].seconds(2) == pytest.approx(fit.seconds(2))
+    assert "H200" in fit.describe()["measured"] and "1024x1024" in fit.describe()["measured"]
+
+
+def test_cost_model_refuses_reports_it_cannot_fit(tmp_path: Path) -> None:
+    from serve.bench import BenchError
+    from serve.bench.cost_model import fit_report
+
+    with pytest.raises(BenchError, match="not an `instantid bench denoise` report"):
+        fit_report(REPO / "serve/bench/results/cpu-batching-2026-11-27.json")
+    with pytest.raises(BenchError, match="negative constant"):  # two noisy points whose line falls with rows
+        fit_report(REPO / "serve/bench/results/h200-2026-11-26/run1-float16-cold-start.json")
+    one = json.loads(H200_REPORT.read_text())
+    one["ours"] = {"batch_1": one["ours"]["batch_1"]}
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    with pytest.raises(BenchError, match="at least two batch sizes"):
+        fit_report(tmp_path / "one.json")
+
+
+def test_latency_parts_split_each_request_into_queue_denoise_and_the_rest() -> None:
+    """From the responses' timings: the Denoiser's queue wait, the denoise, and the latency outside the Denoiser;
+    a response without both timings is left out of the parts, not counted as zero."""
+    from serve.bench.batching_bench import Shot, _latency_parts
+
+    def payload(queue: float, denoise: float) -> dict[str, Any]:
+        return {"timings": {"denoise_queue": {"seconds": queue}, "denoise": {"seconds": denoise}}}
+
+    shot = Shot(0.0, 4, 1, 1)
+    done = [(shot, 3.0, payload(1.0, 1.5)), (shot, 5.0, payload(2.0, 2.5)), (shot, 9.0, {"timings": {}})]
+    parts = _latency_parts(done)
+    assert parts["denoise_queue"] == {
+        "p50": pytest.approx(percentile([1.0, 2.0], 50)),
+        "p95": pytest.approx(percentile([1.0, 2.0], 95)),
+    }
+    assert parts["denoise"]["p50"] == pytest.approx(percentile([1.5, 2.5], 50))
+    assert parts["outside_denoiser"]["p50"] == pytest.approx(0.5) and parts["outside_denoiser"]["p95"] == pytest.approx(
+        0.5
+    )
+
+
 @pytest.mark.slow
 def test_serve_open_loop_compares_static_and_continuous_batching(tmp_path: Path) -> None:
     argv = ["--open-loop", "--mix-steps", "1", "3", "--mix-images", "1", "2", "--clients", "2"]
@@ -257,6 +314,33 @@ def test_serve_open_loop_compares_static_and_continuous_batching(tmp_path: Path)
             assert measured["forwards"] > 0 and measured["mean_rows_per_forward"] >= 2  # CFG: 2 rows per image
     for ratio in ("p95_at_load", "p50_at_load", "throughput_at_saturation"):
         assert positive(report["continuous_over_static"][ratio]), ratio
+    assert "SIMULATED" not in report and report["continuous"]["admission"]["admission"] == "marginal"
+
+
+@pytest.mark.slow
+def test_serve_open_loop_with_a_cost_model_is_a_labelled_simulation_of_both_admissions(
+    tmp_path: Path, tiny_weights: Path
+) -> None:
+    """--cost-model: the real stack, every forward a wait of the H200 fit's length, each output labelled SIMULATED."""
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "tiny").symlink_to(tiny_weights)  # the session's tiny weights as the bench home's
+    argv = ["--open-loop", "--cost-model", str(H200_REPORT), "--admission", "marginal", "greedy"]
+    argv += ["--mix-steps", "2", "3", "--mix-images", "1", "2", "--clients", "2", "--size", "256"]
+    report = bench_serve(tmp_path, [*argv, "--saturation-requests", "3", "--load-requests", "3"], timeout=600)
+    fit = report["cost_model"]
+    assert report["SIMULATED"].startswith("SIMULATED: forwards wait") and str(H200_REPORT) in report["SIMULATED"]
+    assert f"{fit['launch_s']:.5g} s + {fit['per_row_s']:.5g} s/row" in report["SIMULATED"]
+    assert fit["source"] == str(H200_REPORT) and set(fit["residual_s_by_rows"]) == {"2", "4", "8"}
+    assert "SIMULATED" in report["settings"]["config"] and report["settings"]["admission"] == ["marginal", "greedy"]
+    for name in ("static", "continuous", "continuous-greedy"):
+        for phase in ("saturation", "load"):
+            measured = report[name][phase]
+            assert measured["requests"] == 3 and measured["errors"] == 0, (name, phase, measured)
+            # every forward waited at least the launch cost: the forwards were the modelled ones
+            assert measured["wall_s"] >= measured["forwards"] * fit["launch_s"], (name, phase)
+        assert positive(report[f"{name}_over_static"]["p95_at_load"]) if name != "static" else True
+    assert report["continuous"]["admission"]["admission"] == "marginal"
+    assert report["continuous-greedy"]["admission"] == {"admission": "greedy"}
 
 
 # ------------------------------------------------------------------------------------------ events

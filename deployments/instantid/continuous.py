@@ -11,6 +11,10 @@ Bounds and fairness:
 - ``max_rows`` limits the UNet rows of admitted jobs (a job's rows: its images, doubled with CFG). Waiting
   jobs are admitted strictly oldest first: a large job at the head is never overtaken, so none starves; a
   single job larger than the limit runs alone.
+- An :class:`~.admission.AdmissionPolicy` decides whether the head joins a running set at all: greedy (whenever it
+  fits) or marginal (only while sharing a forward saves its rows enough time, by the forwards measured so far: on
+  compute-bound hardware jobs then run to completion one after another, see ``admission``). An empty set always
+  takes the head.
 - Only one group steps at a time. The group that has the turn keeps it for ``turn_steps`` consecutive
   steps, then, if another group has jobs, the turn passes to the group holding the oldest job. Runs of steps
   rather than alternating every step, because a switch can cost something (fusing another LoRA set into the
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .admission import AdmissionPolicy, GreedyAdmission
 from .batch_rows import StepBatch
 from .denoiser import DenoiseJob, InstantIDDenoiser
 
@@ -44,12 +49,18 @@ class StepGroup:
     """What jobs that share forwards share: a key, the model, and how to make its weights current.
 
     ``enter()`` is entered around every run of this group's steps (for example: hold the base's lock and
-    switch its LoRA set in); it returns the seconds a switch cost (0 when nothing changed).
+    switch its LoRA set in); it returns the seconds a switch cost (0 when nothing changed). ``cost_key``: which
+    groups' forwards cost alike (a base and latent size, whatever the LoRA set); None: the group's own key.
     """
 
     key: Hashable
     model: InstantIDDenoiser
     enter: Callable[[], AbstractContextManager[float]]
+    cost_key: Hashable | None = None
+
+    @property
+    def costs_as(self) -> Hashable:
+        return self.key if self.cost_key is None else self.cost_key
 
 
 @dataclass
@@ -104,11 +115,17 @@ class ContinuousBatcher:
         gather_s: float,
         run_prefix: str = "run",
         on_forward: Callable[[int, int, float], None] | None = None,
+        admission: AdmissionPolicy | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        """``on_forward(jobs, rows, seconds)`` is called after every forward (metrics), in the worker thread."""
+        """``on_forward(jobs, rows, seconds)`` is called after every forward (metrics), in the worker thread.
+        ``admission``: greedy when None. ``clock`` times the forwards the admission policy learns from (tests
+        give a model that advances its own clock)."""
         if max_rows < 1 or turn_steps < 1 or gather_s < 0:
             raise ValueError("max_rows and turn_steps must be >= 1 and gather_s >= 0")
         self.max_rows = max_rows
+        self.admission: AdmissionPolicy = admission if admission is not None else GreedyAdmission()
+        self._clock = clock
         self.turn_steps = turn_steps
         self.gather_s = gather_s
         self._run_prefix = run_prefix
@@ -167,17 +184,22 @@ class ContinuousBatcher:
 
     # ------------------------------------------------------------------------------------------ policy
     def _admit(self) -> None:
-        """Oldest first while the rows fit (a job larger than the limit goes alone); drop cancelled waiters."""
+        """Oldest first while the rows fit (a job larger than the limit goes alone) and the admission policy agrees
+        (an empty set always takes the head); drop cancelled waiters."""
         while self._waiting:
             head = self._waiting[0]
             if head.cancelled:
                 self._waiting.popleft()
                 self._resolve(head, None)
                 continue
-            if self._rows_admitted and self._rows_admitted + head.rows > self.max_rows:
-                return
-            self._waiting.popleft()
             key = head.group.key
+            if self._rows_admitted:
+                if self._rows_admitted + head.rows > self.max_rows:
+                    return
+                group_rows = sum(e.rows for e in self._admitted.get(key, ()))
+                if not self.admission.admits(head.group.costs_as, group_rows, head.rows):
+                    return
+            self._waiting.popleft()
             if not self._admitted.get(key):
                 self._run_ids[key] = f"{self._run_prefix}-{next(self._runs)}"
             head.stats.run = self._run_ids[key]
@@ -248,10 +270,11 @@ class ContinuousBatcher:
                 if running:
                     jobs = [e.job for e in running]
                     batch = self._batch_for(group, jobs)
-                    stepping = time.perf_counter()
+                    stepping = self._clock()
                     done = {id(j) for j in model.step(jobs, batch)}
-                    seconds = time.perf_counter() - stepping
+                    seconds = self._clock() - stepping
                     rows = batch.rows
+                    self.admission.record(group.costs_as, rows, seconds)
                     images = sum(e.job.params.num_images for e in running)
                     self.forwards += 1
                     self.rows_stepped += rows

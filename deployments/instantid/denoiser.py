@@ -338,8 +338,17 @@ class InstantIDDenoiser:
             scaled = job._state["scheduler"].scale_model_input(job._state["latents"], t)
             sample_parts.append(torch.cat([scaled, scaled]) if rows.cfg else scaled)
             row_timesteps.append(t.to(device=self.device, dtype=torch.float32).reshape(1).expand(rows.count))
-        sample = torch.cat(sample_parts)
-        t_rows = torch.cat(row_timesteps)
+        noise = self.predict_noise(jobs, batch, torch.cat(sample_parts), torch.cat(row_timesteps))
+        return self._advance(jobs, batch, timesteps, noise)
+
+    def predict_noise(
+        self, jobs: Sequence[DenoiseJob], batch: StepBatch, sample: torch.Tensor, t_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """The network forward of one step: the ControlNets' residuals, then the UNet's noise prediction per row.
+
+        The only part of a step that runs the networks (everything around it is per-job bookkeeping), so it is
+        also the one seam a simulation replaces (``simulated.CostModelDenoiser``).
+        """
         residuals = []
         identity_keep = tuple(
             self._keep(j, j.params.control_guidance_start, j.params.control_guidance_end) for j in jobs
@@ -352,7 +361,7 @@ class InstantIDDenoiser:
             if any(keep):
                 residuals.append(self._extra_controlnet(name, sample, t_rows, batch, keep))
         down, mid = _summed(residuals)
-        noise = self.unet(
+        return self.unet(
             sample,
             t_rows,
             encoder_hidden_states=batch.context,
@@ -362,6 +371,11 @@ class InstantIDDenoiser:
             mid_block_additional_residual=mid,
             return_dict=False,
         )[0]
+
+    def _advance(
+        self, jobs: Sequence[DenoiseJob], batch: StepBatch, timesteps: list[torch.Tensor], noise: torch.Tensor
+    ) -> list[DenoiseJob]:
+        """Guidance and each job's own scheduler step on its rows of ``noise``; the jobs that ended here."""
         ended = []
         for job, t, rows, part in zip(jobs, timesteps, batch.blocks, noise.split(batch.counts), strict=True):
             if rows.cfg:

@@ -190,6 +190,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     load.add_argument("--seed", type=int, default=0, help="seeds the mix and the arrival times (default 0)")
     load.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
+    load.add_argument(
+        "--admission",
+        choices=("greedy", "marginal"),
+        nargs="+",
+        default=None,
+        help="continuous batching once per admission policy, in this order (default: the config's)",
+    )
+    load.add_argument(
+        "--cost-model",
+        type=Path,
+        default=None,
+        metavar="REPORT",
+        help="SIMULATION: the Denoiser's forwards wait launch + per-row x rows seconds, fitted from this GPU "
+        "denoise-bench report (e.g. serve/bench/results/h200-2026-11-26/run2-float16-interleaved.json)",
+    )
 
 
 def add_face_arguments(p: argparse.ArgumentParser) -> None:
