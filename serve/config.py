@@ -16,6 +16,7 @@ from deployments.instantid.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from deployments.instantid.keypoints import REFERENCE_LONG_SIDE
 from deployments.instantid.options import ControlNetName
 from deployments.instantid.params import DEFAULT_VAE_BATCH_SIZE
+from deployments.instantid.speed import SpeedOptions
 from deployments.storage.s3 import S3Settings
 from serve.ingress.auth import AuthConfig
 from serve.jobs.state import JobsConfig
@@ -122,6 +123,11 @@ class DenoiserConfig(_Strict):
         default_factory=dict,
         description="Extra ControlNets beside IdentityNet that requests may name (pose, canny, depth): diffusers "
         "ControlNet folders, e.g. {source: controlnets/canny} under the weights root, or {repo: ...}.",
+    )
+    speed: SpeedOptions = Field(
+        default_factory=SpeedOptions,
+        description="Compilation, CUDA graphs, fused projections, fp8, VAE precision: all off (the eager step) "
+        "until a GPU benchmark shows a gain (instantid bench gpu).",
     )
 
 
