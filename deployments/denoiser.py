@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,9 +52,10 @@ from deployments.instantid.admission import AdmissionPolicy, GreedyAdmission, Ma
 from deployments.instantid.catalogue import ModelChoice, WeightsSource
 from deployments.instantid.continuous import ContinuousBatcher, Outcome, StepGroup
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
-from deployments.instantid.errors import DeviceOutOfMemoryError, GenerationCancelled
+from deployments.instantid.errors import DeviceOutOfMemoryError, GenerationCancelled, WeightsError
 from deployments.instantid.loading import (
     CONTROLNET_FILES,
+    VAE_FILES,
     build_denoiser,
     load_instantid_parts,
     pick_device,
@@ -62,6 +64,7 @@ from deployments.instantid.loading import (
 from deployments.instantid.loras import LoraAdapters
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.simulated import CostModelDenoiser
+from deployments.instantid.speed import SpeedOptions
 from deployments.instantid.weights import DENOISER_COMPONENTS, WeightsLayout
 from deployments.job_events import StepReporter, checked_publish, job_events
 from deployments.replica import replica_id
@@ -127,8 +130,10 @@ class DenoiserDeployment:
         controlnets: dict[str, dict[str, Any]],
         preview_every: int = 5,
         cost_model: DenoiserCostModel | None = None,
+        speed: SpeedOptions | None = None,
     ) -> None:
         self.models = ReplicaModels.prepare(models, weights.get("cache_dir"), ("unet",))
+        self.speed, self.vae_folder = self._speed(speed, weights.get("cache_dir"))
         layout = WeightsLayout.resolve(**weights, parts=("instantid",))
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -167,14 +172,38 @@ class DenoiserDeployment:
         slot, _ = await self.bases.acquire(self.models.catalogue.default_base)  # the default base is warm at start
         slot.release()
 
+    def _speed(self, speed: SpeedOptions | None, cache_dir: str | None) -> tuple[SpeedOptions, Path | None]:
+        """The speed switches, checked against the catalogue, and the local folder of their VAE (if any)."""
+        speed = speed if speed is not None else SpeedOptions()
+        if speed.fp8 != "off" and self.models.lora_files:
+            raise WeightsError(
+                f"speed.fp8 {speed.fp8} cannot serve LoRAs (a LoRA set is merged into the weights, which fp8 "
+                f"quantizes): remove fp8 or the catalogue's LoRAs ({', '.join(sorted(self.models.lora_files))})"
+            )
+        folder = None
+        if speed.vae is not None:
+            folder = speed.vae.resolve(cache_dir, what="VAE", patterns=VAE_FILES)
+        return speed, folder
+
     def _build(self, name: str) -> tuple[InstantIDDenoiser, LoraAdapters]:
         base = self.models.base(name, DENOISER_COMPONENTS)
         model = build_denoiser(
-            self.parts, base, device=self.device, dtype=self.dtype, vae_batch_size=self.vae_batch_size
+            self.parts,
+            base,
+            device=self.device,
+            dtype=self.dtype,
+            vae_batch_size=self.vae_batch_size,
+            speed=self.speed,
+            vae_folder=self.vae_folder,
+            cache_dir=self.models.cache_dir,
         )
         if self.cost_model is not None:
             model = CostModelDenoiser(model, self.cost_model.by_size())
-        return model, self.models.adapters({"unet": model.unet}, model.unet.config)
+        adapters = self.models.adapters({"unet": model.unet}, model.unet.config)
+        if model.needs_fused_loras:  # fused projections, compiled blocks and graphs read the merged weights
+            adapters.fuse = True
+        adapters.on_change = model.weights_changed
+        return model, adapters
 
     async def generate(
         self,

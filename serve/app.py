@@ -33,6 +33,9 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
     root = config.weights.root
     controlnets = {name: spec.under(root).model_dump() for name, spec in config.denoiser.controlnets.items()}
     depth_model = config.control_maps.depth_model
+    speed = config.denoiser.speed
+    if speed.vae is not None:  # a relative VAE source lies under the weights root, as the ControlNets' do
+        speed = speed.model_copy(update={"vae": speed.vae.under(root)})
     needs_depth = "depth" in controlnets and depth_model is not None
     return {
         "face": {
@@ -63,6 +66,7 @@ def stage_arguments(config: AppConfig) -> dict[str, dict[str, Any]]:
             "batching": config.denoiser.batching,
             "controlnets": controlnets,
             "cost_model": config.denoiser.cost_model,
+            "speed": speed,
         },
         "control_maps": {
             "depth_model": depth_model.under(root).model_dump() if needs_depth and depth_model else None,

@@ -18,6 +18,7 @@ from deployments.instantid.licenses import LicenseTerms
 from deployments.instantid.options import ControlNetName
 from deployments.instantid.params import DEFAULT_VAE_BATCH_SIZE
 from deployments.instantid.safety import DEFAULT_THRESHOLD, SafetyPolicy
+from deployments.instantid.speed import SpeedOptions
 from deployments.storage.s3 import S3Settings
 from serve.ingress.auth import AuthConfig
 from serve.jobs.state import JobsConfig
@@ -140,6 +141,11 @@ class DenoiserConfig(_Strict):
         description="SIMULATION ONLY, never in a real deployment: every forward becomes a wait of the modelled length "
         "(images mean nothing), to measure batching under another device's costs (instantid bench serve --open-loop "
         "--cost-model).",
+    )
+    speed: SpeedOptions = Field(
+        default_factory=SpeedOptions,
+        description="Compilation, CUDA graphs, fused projections, fp8, VAE precision: all off (the eager step) "
+        "until a GPU benchmark shows a gain (instantid bench gpu).",
     )
 
 

@@ -377,3 +377,104 @@ def test_events_reports_both_phases_and_every_subscriber_gets_the_outcome(tmp_pa
     assert report["loaded"]["per_job"][0]["subscribers_completed"] == 3
     for ratio in ("end_to_end_median", "end_to_end_mean", "denoise_median", "denoise_mean"):
         assert positive(report["loaded_over_baseline"][ratio]), ratio
+
+
+# ------------------------------------------------------------------------------------------ gpu (its CPU dry run)
+
+
+@pytest.fixture(scope="module")
+def gpu_dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``instantid bench gpu --device cpu``: the in-process sections on the tiny models, each in its own process.
+
+    cold_start (three fresh processes) and serve (a whole local Ray stack) take minutes on two cores: they run in
+    ``instantid bench gpu --device cpu`` by hand, not here.
+    """
+    work = tmp_path_factory.mktemp("gpu-bench")
+    sections = ["pipelines", "switches", "graphs", "compile", "lora_switch", "identities", "lcm"]
+    command = ["bench", "gpu", "--device", "cpu", "--repeats", "1", "--sections", *sections]
+    assert cli_main([*command, "--workdir", str(work), "--out", str(work / "gpu.json")]) == 0
+    report = json.loads((work / "gpu.json").read_text())
+    print({name: round(section["section_s"], 1) for name, section in report["sections"].items()})  # seen with -s
+    return report
+
+
+@pytest.mark.slow
+def test_gpu_dry_run_runs_every_section(gpu_dry_run: dict[str, Any]) -> None:
+    sections = gpu_dry_run["sections"]
+    assert gpu_dry_run["settings"]["profile"] == "tiny" and gpu_dry_run["machine"]["python"]
+    for name, section in sections.items():
+        assert section["status"] == "ok", (name, section.get("error"), section.get("log_tail"))
+        assert positive(section["section_s"]) and not section.get("skipped"), name
+        assert section["settings"]["size"] == 64 and section["settings"]["dtype"] == "float32", name
+    for batch in ("batch_1", "batch_2", "batch_4"):
+        run = sections["pipelines"]["batches"][batch]
+        assert positive(run["ours"]["seconds_per_image"]) and positive(run["stock"]["seconds_per_image"])
+        assert run["ours"]["finite"] and run["stock"]["finite"] and positive(run["ours_over_stock"])
+        assert run["ours"]["batch"] == int(batch.removeprefix("batch_")) and len(run["ours"]["runs_s"]) == 1
+
+
+@pytest.mark.slow
+def test_gpu_dry_run_compares_each_switch_with_the_eager_images(gpu_dry_run: dict[str, Any]) -> None:
+    sections = gpu_dry_run["sections"]
+    exact = {"fuse_qkv", "channels_last", "static_step", "cuda_graphs", "compile", "all"}  # float reassociation only
+    switches = {**sections["switches"]["switches"], **sections["graphs"]["switches"], **sections["compile"]["switches"]}
+    assert set(switches) == {
+        "fuse_qkv",
+        "channels_last",
+        "vae_bf16",
+        "fp8",
+        "static_step",
+        "cuda_graphs",
+        "compile",
+        "all",
+        "off",
+    }
+    for name, switch in switches.items():
+        if name == "fp8" and "error" in switch:  # torchao not installed: the switch says so, the others ran
+            assert "torchao" in switch["error"]
+            continue
+        run = switch["batch_1"]
+        assert positive(run["seconds_per_image"]) and positive(run["over_eager"]), name
+        assert run["finite"] and positive(run["eager_seconds_per_image"]), name
+        assert run["images_vs_eager"]["max_abs"] <= (2 if name in exact else 64), name
+    # Every switch off, through accelerate(): the eager images bit for bit (PSNR None: identical).
+    assert switches["off"]["batch_1"]["images_vs_eager"] == {"max_abs": 0.0, "psnr_db": None}
+    assert "static_forwards" not in switches["off"] and "static_forwards" not in switches["fuse_qkv"]
+    # bf16 decode is a real precision change: it shows, and stays small.
+    assert 0 < switches["vae_bf16"]["batch_1"]["images_vs_eager"]["max_abs"] <= 64
+    assert switches["cuda_graphs"]["batch_2"]["images_vs_eager"]["max_abs"] <= 2
+    assert switches["static_step"]["static_forwards"] > 0 and switches["static_step"]["eager_forwards"] == 0
+    lora = sections["lora_switch"]
+    assert lora["lora_changes_the_image"]["max_abs"] > 4
+    assert lora["accelerated"]["images_vs_eager_with_lora"]["max_abs"] <= 2
+    assert lora["accelerated"]["images_vs_eager_without_lora"]["max_abs"] <= 2
+    assert positive(sections["identities"]["batch_1"]["two_over_one"])
+    assert positive(sections["lcm"]["batch_1"]["ours_over_stock"])
+    cold = sections["cold_start"]["runs"]
+    for name in ("eager", "compiled_cold_cache", "compiled_warm_cache"):
+        assert positive(cold[name]["to_first_image_s"]) and positive(cold[name]["second_image_s"]), (name, cold[name])
+
+
+@pytest.mark.slow
+def test_gpu_sections_are_time_boxed_and_a_killed_one_leaves_valid_json(tmp_path: Path, monkeypatch) -> None:
+    """A section that overruns its box is killed; what it wrote stays readable and the next section runs."""
+    from serve.bench import gpu_bench
+
+    monkeypatch.setattr(gpu_bench, "STARTUP_S", 0.0)
+    monkeypatch.setitem(gpu_bench.SECTIONS, "pipelines", gpu_bench.Box(gpu=1, cpu=12))
+    args = argparse.Namespace(
+        device="cpu",
+        dtype=None,
+        size=None,
+        steps=None,
+        repeats=1,
+        sections=["pipelines", "identities"],
+        budget_s=600.0,
+        workdir=tmp_path,
+        out=tmp_path / "gpu.json",
+    )
+    report = gpu_bench.run(args)
+    assert report["sections"]["pipelines"]["status"] == "timed_out"
+    assert report["sections"]["identities"]["status"] == "ok"
+    assert json.loads((tmp_path / "gpu.json").read_text())["sections"]["identities"]["status"] == "ok"
+    assert json.loads((tmp_path / "sections" / "pipelines.json").read_text())["status"] == "running"

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 from torch import nn
 
 from .errors import WeightsError
@@ -73,9 +73,13 @@ class FaceConditioning:
         return self._split[1], self._split[2]
 
     def projected(
-        self, key: Hashable, tokens: torch.Tensor, project: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+        self,
+        layer: nn.Module,
+        what: str,
+        tokens: torch.Tensor,
+        project: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
     ) -> tuple[torch.Tensor, ...]:
-        """``project(tokens)``, computed once per context (see :meth:`split_context`) and ``key``.
+        """``project(tokens)``, computed once per context (see :meth:`split_context`), ``layer`` and ``what``.
 
         Used for the per-layer K/V projections of the text and face tokens: they depend on nothing that
         changes between denoising steps, so a 30-step generation projects them once instead of 30 times
@@ -83,6 +87,7 @@ class FaceConditioning:
         each job's rows are projected once for as long as the job runs, and the batch's value is their
         concatenation.
         """
+        key: Hashable = (id(layer), what)
         value = self._memo.get(key)
         if value is None:
             if not self.parts:
@@ -101,34 +106,84 @@ class FaceConditioning:
         return value
 
     def weight_for(self, sequence_length: int, dtype: torch.dtype) -> torch.Tensor:
-        """What multiplies the face-token attention output at ``sequence_length`` pixels: strength x mask.
-
-        Shape (rows, seq, 1) with a one-identity mask, (rows, k, seq, 1) with k identities' masks, else (rows, 1, 1).
-        Computed once per resolution and dtype and
-        kept: the pipeline makes one FaceConditioning per generate() call, and 70 layers x every step
-        would otherwise redo the resize and two casts (small kernels whose launches dominate at batch 1).
+        """What multiplies the face-token attention output at ``sequence_length`` pixels: strength x mask
+        (:func:`face_weight`), computed once per resolution and dtype and kept: the pipeline makes one
+        FaceConditioning per batch, and 70 layers x every step would otherwise redo the resize and two casts
+        (small kernels whose launches dominate at batch 1).
         """
         key = (sequence_length, dtype)
         cached = self._weights.get(key)
         if cached is None:
-            scale = self.scale.view(-1, 1, 1)
-            if self.region_mask is None:
-                cached = scale.to(dtype)
-            else:
-                height, width = self.region_mask.shape[-2:]
-                factor = math.sqrt(height * width / sequence_length)
-                size = (round(height / factor), round(width / factor))
-                resized = F.interpolate(self.region_mask, size=size, mode="nearest")
-                if self.identities == 1:
-                    cached = (scale * resized.flatten(1)[:, :, None]).to(dtype)
-                else:
-                    cached = (scale[:, None] * resized.flatten(2)[..., None]).to(dtype)
-            self._weights[key] = cached
+            cached = self._weights[key] = face_weight(self.scale, self.region_mask, sequence_length, dtype)
         return cached
+
+
+def face_weight(
+    scale: torch.Tensor, region_mask: torch.Tensor | None, sequence_length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Strength x region mask (resized, nearest) at an attention layer of ``sequence_length`` pixels.
+
+    Shape (rows, seq, 1) with a one-identity mask, (rows, k, seq, 1) with k identities' masks, else (rows, 1, 1).
+    """
+    scale = scale.view(-1, 1, 1)
+    if region_mask is None:
+        return scale.to(dtype)
+    height, width = region_mask.shape[-2:]
+    factor = math.sqrt(height * width / sequence_length)
+    size = (round(height / factor), round(width / factor))
+    resized = F.interpolate(region_mask, size=size, mode="nearest")
+    if region_mask.shape[1] == 1:
+        return (scale * resized.flatten(1)[:, :, None]).to(dtype)
+    return (scale[:, None] * resized.flatten(2)[..., None]).to(dtype)
+
+
+@dataclass
+class StaticFaceConditioning:
+    """:class:`FaceConditioning` without memory: every call computes from the tensors it holds.
+
+    For a step that must be capturable (a CUDA graph replays kernels, it cannot fill a cache) or compiled (a
+    cache filled on the first call would be a different program on the second): the text and face K/V are
+    projected at every step (two GEMMs per cross-attention layer, under 1% of a step's FLOPs at SDXL size, and
+    one with fused projections) and the strength x mask weights are resized in the step. ``scale`` and
+    ``region_mask`` are the step's fixed buffers (see ``static_step``).
+    """
+
+    scale: torch.Tensor
+    num_tokens: int
+    region_mask: torch.Tensor | None = None
+
+    @property
+    def identities(self) -> int:
+        return 1 if self.region_mask is None else int(self.region_mask.shape[1])
+
+    def split_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        split = context.shape[1] - self.num_tokens * self.identities
+        return context[:, :split], context[:, split:]
+
+    def projected(
+        self,
+        layer: nn.Module,
+        what: str,
+        tokens: torch.Tensor,
+        project: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    ) -> tuple[torch.Tensor, ...]:
+        return project(tokens)
+
+    def weight_for(self, sequence_length: int, dtype: torch.dtype) -> torch.Tensor:
+        return face_weight(self.scale, self.region_mask, sequence_length, dtype)
 
 
 def _project(context: torch.Tensor, to_k: nn.Module, to_v: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return to_k(context), to_v(context)
+
+
+def _text_keys_values(attn: Attention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text tokens' K/V: one GEMM through diffusers' fused ``to_kv`` once ``attn.fuse_projections()`` ran."""
+    context = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
+    if attn.fused_projections:
+        key, value = attn.to_kv(context).chunk(2, dim=-1)
+        return key, value
+    return _project(context, attn.to_k, attn.to_v)
 
 
 def _attend(
@@ -162,6 +217,7 @@ class SelfAttnProcessor(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._sdpa = AttnProcessor2_0()
+        self._fused = FusedAttnProcessor2_0()  # once ``attn.fuse_projections()`` ran: one QKV GEMM
 
     def __call__(
         self,
@@ -172,7 +228,8 @@ class SelfAttnProcessor(nn.Module):
         temb: torch.Tensor | None = None,
         face: FaceConditioning | None = None,
     ) -> torch.Tensor:
-        return self._sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        processor = self._fused if attn.fused_projections else self._sdpa
+        return processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 class FaceTokenAttnProcessor(nn.Module):
@@ -182,6 +239,20 @@ class FaceTokenAttnProcessor(nn.Module):
         super().__init__()
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        # to_k_ip and to_v_ip stacked (see fuse_projections); not in the state dict, so the published keys stay.
+        self.register_buffer("fused_kv_ip", None, persistent=False)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """One (2 x hidden, dim) weight for the face K/V, as diffusers' ``Attention.fuse_projections`` stacks K/V:
+        one GEMM instead of two. InstantID's face K/V never take a LoRA, so this copy never goes stale."""
+        self.fused_kv_ip = torch.cat([self.to_k_ip.weight, self.to_v_ip.weight])
+
+    def face_keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_kv_ip is not None:
+            key, value = F.linear(tokens, self.fused_kv_ip).chunk(2, dim=-1)
+            return key, value
+        return _project(tokens, self.to_k_ip, self.to_v_ip)
 
     def __call__(
         self,
@@ -217,20 +288,17 @@ class FaceTokenAttnProcessor(nn.Module):
         query = attn.to_q(hidden_states)
 
         def text_keys_values(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            context = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
-            return _project(context, attn.to_k, attn.to_v)
+            return _text_keys_values(attn, text)
 
         if face is None:
             key, value = text_keys_values(encoder_hidden_states)
         else:  # text and face tokens are the same at every step: their K/V are projected once per job
-            key, value = face.projected((id(self), "text"), encoder_hidden_states, text_keys_values)
+            key, value = face.projected(self, "text", encoder_hidden_states, text_keys_values)
         out = _attend(attn, query, key, value, attention_mask)
 
         if face is not None and face_tokens is not None:
             if face.identities == 1:
-                key, value = face.projected(
-                    (id(self), "face"), face_tokens, lambda tokens: _project(tokens, self.to_k_ip, self.to_v_ip)
-                )
+                key, value = face.projected(self, "face", face_tokens, self.face_keys_values)
                 face_out = _attend(attn, query, key, value, None)
                 out = torch.addcmul(out, face_out, face.weight_for(face_out.shape[1], face_out.dtype))  # one kernel
             else:
@@ -253,9 +321,7 @@ class FaceTokenAttnProcessor(nn.Module):
         Regions do not overlap (and nearest resizing keeps them apart), so at a pixel of identity A's region every
         other identity's weight is exactly 0: its term there is A's alone, whatever the other photos are.
         """
-        key, value = face.projected(
-            (id(self), "face"), face_tokens, lambda tokens: _project(tokens, self.to_k_ip, self.to_v_ip)
-        )
+        key, value = face.projected(self, "face", face_tokens, self.face_keys_values)
         weight = face.weight_for(query.shape[1], query.dtype)
         return _attend_identities(attn, query, key, value, face.identities, weight)
 
@@ -349,3 +415,38 @@ def load_face_attention(unet: nn.Module, ip_adapter_state: dict[str, torch.Tenso
         raise WeightsError(f"ip_adapter weights have the wrong sizes for this UNet: {exc}") from exc
     attach_face_attention(unet, layers)
     return layers
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse the Q/K/V projections of every attention layer of ``model`` (UNet or ControlNet) with diffusers'
+    ``Attention.fuse_projections`` (self-attention: one QKV GEMM; cross-attention: one K/V GEMM), and the face
+    K/V of the face-token processors. The processors switch to the fused weights by themselves; a ControlNet's
+    standard processors are replaced by diffusers' fused one. Returns how many layers were fused.
+
+    The fused weights are copies: when the originals change in place (a LoRA set merged or restored), call
+    :func:`refresh_fused_projections`.
+    """
+    fused = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and not module.fused_projections:
+            module.fuse_projections()
+            fused += 1
+            if isinstance(module.processor, AttnProcessor2_0):
+                module.set_processor(FusedAttnProcessor2_0())
+        elif isinstance(module, FaceTokenAttnProcessor) and module.fused_kv_ip is None:
+            module.fuse_projections()
+    return fused
+
+
+@torch.no_grad()
+def refresh_fused_projections(model: nn.Module) -> None:
+    """Copy the current Q/K/V weights into the fused ones of :func:`fuse_projections`, in place (the same
+    storage: a recorded CUDA graph and compiled code keep reading it)."""
+    for module in model.modules():
+        if not (isinstance(module, Attention) and module.fused_projections):
+            continue
+        names = ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v")
+        fused = module.to_kv if module.is_cross_attention else module.to_qkv
+        fused.weight.copy_(torch.cat([getattr(module, name).weight for name in names]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([getattr(module, name).bias for name in names]))

@@ -16,6 +16,7 @@ job's generator), noised to the first timestep that ``strength`` keeps, and only
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
-from .attention import CONDITIONING_KWARG
+from .attention import CONDITIONING_KWARG, refresh_fused_projections
 from .batch_rows import JobRows, StepBatch
 from .errors import InvalidParameterError
 from .identity import negative_identity
@@ -36,6 +37,7 @@ from .params import DEFAULT_VAE_BATCH_SIZE, GenerationParams
 from .regions import PlacedIdentity
 from .resampler import Resampler
 from .schedulers import make_scheduler
+from .static_step import StaticStep
 from .text import PromptEmbeddings
 
 
@@ -116,6 +118,10 @@ class InstantIDDenoiser:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.vae_batch_size = vae_batch_size
         self.num_face_tokens = resampler.config.num_queries
+        # Set by acceleration.accelerate (all off: the eager step as written above).
+        self.static_step: StaticStep | None = None
+        self.compiled = False
+        self.fused_projections = False
 
     # ----------------------------------------------------------------------------------------------------
     def _prepare_job(self, job: DenoiseJob) -> None:
@@ -347,30 +353,18 @@ class InstantIDDenoiser:
         """The network forward of one step: the ControlNets' residuals, then the UNet's noise prediction per row.
 
         The only part of a step that runs the networks (everything around it is per-job bookkeeping), so it is
-        also the one seam a simulation replaces (``simulated.CostModelDenoiser``).
+        also the one seam a simulation replaces (``simulated.CostModelDenoiser``). The bucketed, capturable forward
+        runs when the batch fits a bucket; otherwise the eager one.
         """
-        residuals = []
         identity_keep = tuple(
             self._keep(j, j.params.control_guidance_start, j.params.control_guidance_end) for j in jobs
         )
-        if any(k != 0 and j.params.identitynet_strength != 0 for k, j in zip(identity_keep, jobs, strict=True)):
-            residuals.append(self._identitynet(sample, t_rows, batch, identity_keep))
-        for name in batch.maps:
-            windows = [{c.name: c for c in j.params.active_controlnets}[name] for j in jobs]
-            keep = tuple(self._keep(j, w.start, w.end) for j, w in zip(jobs, windows, strict=True))
-            if any(keep):
-                residuals.append(self._extra_controlnet(name, sample, t_rows, batch, keep))
-        down, mid = _summed(residuals)
-        return self.unet(
-            sample,
-            t_rows,
-            encoder_hidden_states=batch.context,
-            cross_attention_kwargs={CONDITIONING_KWARG: batch.conditioning},
-            added_cond_kwargs={"text_embeds": batch.pooled, "time_ids": batch.time_ids},
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            return_dict=False,
-        )[0]
+        if self.static_step is not None:
+            noise = self.static_step.forward(batch, sample, t_rows, identity_keep)
+            if noise is not None:
+                return noise
+        with self._eager():
+            return self._eager_forward(jobs, batch, sample, t_rows, identity_keep)
 
     def _advance(
         self, jobs: Sequence[DenoiseJob], batch: StepBatch, timesteps: list[torch.Tensor], noise: torch.Tensor
@@ -392,6 +386,54 @@ class InstantIDDenoiser:
                 st["dropped"] = bool(dropped)
                 ended.append(job)
         return ended
+
+    def _eager_forward(
+        self,
+        jobs: Sequence[DenoiseJob],
+        batch: StepBatch,
+        sample: torch.Tensor,
+        t_rows: torch.Tensor,
+        identity_keep: tuple[float, ...],
+    ) -> torch.Tensor:
+        """IdentityNet (when a window is open), the extra ControlNets and the UNet, with the batch's caches."""
+        residuals = []
+        if any(k != 0 and j.params.identitynet_strength != 0 for k, j in zip(identity_keep, jobs, strict=True)):
+            residuals.append(self._identitynet(sample, t_rows, batch, identity_keep))
+        for name in batch.maps:
+            windows = [{c.name: c for c in j.params.active_controlnets}[name] for j in jobs]
+            keep = tuple(self._keep(j, w.start, w.end) for j, w in zip(jobs, windows, strict=True))
+            if any(keep):
+                residuals.append(self._extra_controlnet(name, sample, t_rows, batch, keep))
+        down, mid = _summed(residuals)
+        return self.unet(
+            sample,
+            t_rows,
+            encoder_hidden_states=batch.context,
+            cross_attention_kwargs={CONDITIONING_KWARG: batch.conditioning},
+            added_cond_kwargs={"text_embeds": batch.pooled, "time_ids": batch.time_ids},
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+
+    def _eager(self) -> contextlib.AbstractContextManager:
+        """Compiled blocks run eagerly for the eager step: its lazily filled caches are no program to compile,
+        and sizes outside the buckets would each cost a compilation."""
+        return torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()
+
+    @property
+    def needs_fused_loras(self) -> bool:
+        """Whether LoRA sets must be merged into the weights (fused projections and recorded graphs read the
+        base weights only; a compiled block would recompile at every switch of unfused adapters)."""
+        return self.compiled or self.fused_projections or self.static_step is not None
+
+    def weights_changed(self, structural: bool) -> None:
+        """Called after the UNet's weights changed in place (a LoRA set merged or restored): fused projections are
+        copied again; ``structural`` (adapter modules added or removed): recorded graphs are dropped."""
+        if self.fused_projections:
+            refresh_fused_projections(self.unet)
+        if structural and self.static_step is not None:
+            self.static_step.invalidate()
 
     @staticmethod
     def _keep(job: DenoiseJob, start: float, end: float) -> float:

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
+from .acceleration import accelerate
 from .attention import attach_face_attention, load_face_attention
 from .bases import SDXLBase, load_text_encoders, load_unet_and_vae
 from .catalogue import DEFAULT_BASE
@@ -17,6 +18,7 @@ from .denoiser import InstantIDDenoiser
 from .errors import WeightsError
 from .params import DEFAULT_VAE_BATCH_SIZE
 from .resampler import Resampler
+from .speed import SpeedOptions
 from .text import SDXLPromptEncoder
 from .weights import DENOISER_COMPONENTS, PROMPT_COMPONENTS, WeightsLayout, load_ip_adapter, sdxl_variant
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from .faces import FaceAnalyzer
 
 CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model*.safetensors*")  # what an S3/hub ControlNet copy reads
+VAE_FILES = CONTROLNET_FILES  # a diffusers AutoencoderKL folder has the same two files
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -123,13 +126,20 @@ def build_denoiser(
     device: torch.device,
     dtype: torch.dtype,
     vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE,
+    speed: SpeedOptions | None = None,
+    vae_folder: Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> InstantIDDenoiser:
-    """One base's UNet + VAE with InstantID's shared parts, on ``device``."""
+    """One base's UNet + VAE with InstantID's shared parts, on ``device``; ``vae_folder`` replaces the base's VAE
+    (e.g. the fp16-fix VAE); ``speed`` switches on what :func:`acceleration.accelerate` offers (compile cache
+    under ``cache_dir``)."""
     base.check(DENOISER_COMPONENTS)
     quiet_progress_bars()
     unet, vae = load_unet_and_vae(base, dtype)
+    if vae_folder is not None:
+        vae = load_vae(vae_folder)
     parts.attach(unet)
-    return InstantIDDenoiser(
+    denoiser = InstantIDDenoiser(
         unet,
         parts.controlnet,
         vae,
@@ -140,6 +150,20 @@ def build_denoiser(
         vae_batch_size=vae_batch_size,
         controlnets=parts.controlnets,
     )
+    if speed is not None:
+        accelerate(denoiser, speed, cache_dir)
+    return denoiser
+
+
+def load_vae(folder: Path) -> AutoencoderKL:
+    """A diffusers AutoencoderKL folder (fp32: the denoiser chooses its decode precision)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise WeightsError(f"the VAE folder {folder} has no config.json (expected a diffusers AutoencoderKL folder)")
+    try:
+        return AutoencoderKL.from_pretrained(folder, variant=sdxl_variant(folder))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"could not load the VAE from {folder}: {exc}") from exc
 
 
 def load_denoiser(
@@ -150,15 +174,19 @@ def load_denoiser(
     vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE,
     base: SDXLBase | None = None,
     controlnets: Mapping[str, Path] | None = None,
+    speed: SpeedOptions | None = None,
+    cache_dir: str | Path | None = None,
 ) -> InstantIDDenoiser:
     """UNet + VAE from ``base`` (default: the layout's SDXL folder), IdentityNet + resampler + face K/V from the
-    InstantID folder, and the extra ``controlnets`` (name -> folder)."""
+    InstantID folder, and the extra ``controlnets`` (name -> folder); ``speed``: see :func:`build_denoiser`."""
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     base = base if base is not None else SDXLBase(DEFAULT_BASE, folder=layout.sdxl)
     base.check(DENOISER_COMPONENTS)
     parts = load_instantid_parts(layout, dtype=torch_dtype, controlnets=controlnets)
-    return build_denoiser(parts, base, device=dev, dtype=torch_dtype, vae_batch_size=vae_batch_size)
+    return build_denoiser(
+        parts, base, device=dev, dtype=torch_dtype, vae_batch_size=vae_batch_size, speed=speed, cache_dir=cache_dir
+    )
 
 
 def load_prompt_encoder(

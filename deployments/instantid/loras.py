@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -136,6 +136,9 @@ class LoraAdapters:
         self._base_weights: dict[nn.Module, torch.Tensor] = {}  # adapted layer -> its weight before merging
         self.active: tuple[tuple[str, float], ...] = ()
         self.loads = 0  # how many adapter loads happened (cold loads are worth knowing about)
+        # Called after every switch that touched the weights, with True when adapter modules were added or removed:
+        # the denoiser refreshes what holds copies of them (fused projections, recorded graphs).
+        self.on_change: Callable[[bool], None] | None = None
 
     @property
     def loaded(self) -> list[str]:
@@ -151,7 +154,7 @@ class LoraAdapters:
         if self.fuse and tuple(sorted(loras)) == tuple(sorted(self.active)):
             return 0.0  # already merged into the weights
         self._restore()
-        loaded_any = False
+        loaded_any = unloaded_any = False
         for name, _ in loras:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
@@ -159,11 +162,14 @@ class LoraAdapters:
             while len(self._loaded) >= self.capacity:
                 victim = next(n for n in self._loaded if n not in dict(loras))
                 self._unload(victim)
+                unloaded_any = True
             self._load(name)
             loaded_any = True
         self._set(loras)
         if self.fuse and loras:
             self._merge(loras)
+        if self.on_change is not None:
+            self.on_change(loaded_any or unloaded_any)
         return time.perf_counter() - started if loaded_any else 0.0
 
     def _adapted_layers(self, names: set[str]) -> list[nn.Module]:

@@ -33,6 +33,7 @@ BENCH_MODULES = {
     "denoise": "denoise_bench",
     "events": "events_bench",
     "safety": "safety_bench",
+    "gpu": "gpu_bench",
 }
 
 
@@ -310,6 +311,31 @@ def add_safety_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive, default=1, help="onnxruntime intra-op threads (default 1)")
     p.add_argument("--batch", type=_positive, default=4, help="images per batched call (default 4)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    add_gpu_arguments(
+        bsub.add_parser("gpu", help="every GPU figure in one run of <= 8 min (each section time-boxed; cpu: dry run)")
+    )
+    return bench
+
+
+def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda", help="cuda (full size, random weights) or cpu (dry run, tiny models)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None, help="default: fp16 on CUDA")
+    p.add_argument("--size", type=int, default=None, help="width = height (default 1024; cpu: 64)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 30; cpu: 2)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per contender and comparison (default 2)")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=None,
+        help="a subset of the sections (default: all, in priority order; see gpu_bench)",
+    )
+    p.add_argument("--budget-s", type=float, default=None, help="the whole run's seconds (default 480; cpu: 2400)")
+    p.add_argument("--workdir", type=Path, default=None, help="saved weights, compile caches, logs (default: temp)")
+    p.add_argument("--out", type=Path, default=None, help="the report (default WORKDIR/gpu-bench.json)")
+    # Internal: one section in this process.
+    p.add_argument("--section", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--section-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--box-s", type=float, default=None, help=argparse.SUPPRESS)
 
 
 def add_events_arguments(p: argparse.ArgumentParser) -> None:
