@@ -301,6 +301,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         bsub.add_parser("events", help="do job event-stream subscribers slow generation? (local Ray Serve, CPU)")
     )
     add_safety_arguments(bsub.add_parser("safety", help="the safety check's CPU cost per image vs encoding it"))
+    add_gpu_arguments(
+        bsub.add_parser("gpu", help="every GPU figure in one run of <= 8 min (each section time-boxed; cpu: dry run)")
+    )
     return bench
 
 
@@ -311,10 +314,6 @@ def add_safety_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive, default=1, help="onnxruntime intra-op threads (default 1)")
     p.add_argument("--batch", type=_positive, default=4, help="images per batched call (default 4)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    add_gpu_arguments(
-        bsub.add_parser("gpu", help="every GPU figure in one run of <= 8 min (each section time-boxed; cpu: dry run)")
-    )
-    return bench
 
 
 def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
