@@ -209,9 +209,16 @@ class ResultStoreDeployment:
             self._record_spool()
 
     def _record_spool(self) -> None:
-        """The spool's depth and the age of its oldest entry, as gauges (an operator alerts on a growing age)."""
-        if self.spool is not None:
+        """The spool's depth and the age of its oldest entry, as gauges (an operator alerts on a growing age).
+
+        Never raises: it runs right after a generation was stored or spooled, and a gauge must not turn that
+        success into an error answer for an image that is kept."""
+        if self.spool is None:
+            return
+        try:
             metrics.record_spool(len(self.spool.pending()), metrics.age_since(self.spool.oldest_time()))
+        except Exception:
+            logger.exception("could not read the spool's depth for its gauges")
 
     def check_health(self) -> None:
         """Unhealthy when S3 is unreachable and nothing would keep the results (no spool)."""

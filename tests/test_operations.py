@@ -219,6 +219,20 @@ def test_spool_reports_the_age_of_its_oldest_entry(tmp_path: Path) -> None:
     assert spool.oldest_time() is not None and spool.oldest_time() > oldest
 
 
+def test_spool_readers_skip_an_entry_still_being_written(tmp_path: Path) -> None:
+    """A staging folder holds its manifest before its rename: the gauges and the drain, listing the spool from
+    another thread meanwhile, neither take it for a generation nor fail on its name (a failure there once turned a
+    stored generation's 200 into a 500)."""
+    spool = Spool(tmp_path)
+    done = new_generation_id()
+    spool.put(PreparedGeneration(done, [("a/meta.json", b"{}", "application/json")], []))
+    staging = tmp_path / ".spool-abc123"
+    staging.mkdir()
+    (staging / "manifest.json").write_text("{}")
+    assert spool.pending() == [done]
+    assert spool.oldest_time() == (tmp_path / done / "manifest.json").stat().st_mtime
+
+
 # ------------------------------------------------------------------------------------ dashboard and alerts
 
 

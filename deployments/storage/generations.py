@@ -104,6 +104,15 @@ def new_generation_id(now: datetime | None = None) -> str:
     return f"{now.strftime(_ID_TIME_FORMAT)}-{secrets.token_hex(8)}"
 
 
+def is_generation_id(text: str) -> bool:
+    """Whether ``text`` has the form of a generation id (see :func:`validate_generation_id`)."""
+    try:
+        validate_generation_id(text)
+    except ValueError:
+        return False
+    return True
+
+
 def validate_generation_id(generation_id: str) -> str:
     """Return ``generation_id`` if it is exactly what :func:`new_generation_id` makes, else ``ValueError``.
 

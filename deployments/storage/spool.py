@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .generations import PreparedGeneration, StorageError, validate_generation_id
+from .generations import PreparedGeneration, StorageError, is_generation_id, validate_generation_id
 
 MANIFEST = "manifest.json"
 
@@ -63,8 +63,15 @@ class Spool:
         return target
 
     def pending(self) -> list[str]:
-        """Spooled generation ids, oldest first (ids sort by creation time)."""
-        return sorted(p.name for p in self.directory.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+        """Spooled generation ids, oldest first (ids sort by creation time).
+
+        Only finished entries: a ``.spool-*`` staging folder already holds its manifest before its rename, and
+        another thread (the drain, the gauges) listing the spool meanwhile must not take it for a generation."""
+        return sorted(
+            p.name
+            for p in self.directory.iterdir()
+            if is_generation_id(p.name) and p.is_dir() and (p / MANIFEST).is_file()
+        )
 
     def oldest_time(self) -> float | None:
         """When the oldest spooled generation was written (unix seconds), None when the spool is empty."""
