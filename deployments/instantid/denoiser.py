@@ -88,6 +88,13 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     return module.eval()
 
 
+def _guided(rows: torch.Tensor, guidance: torch.Tensor | float, rescale: float) -> torch.Tensor:
+    """Classifier-free guidance of one job's (unconditional, conditional) rows, with the optional rescale."""
+    uncond, cond = rows.chunk(2)
+    guided = uncond + guidance * (cond - uncond)
+    return rescale_noise_cfg(guided, cond, rescale) if rescale > 0 else guided
+
+
 class InstantIDDenoiser:
     """IdentityNet + UNet (with face-token attention installed) + VAE + resampler, on one device."""
 
@@ -373,10 +380,7 @@ class InstantIDDenoiser:
         ended = []
         for job, t, rows, part in zip(jobs, timesteps, batch.blocks, noise.split(batch.counts), strict=True):
             if rows.cfg:
-                uncond, cond = part.chunk(2)
-                part = uncond + rows.guidance * (cond - uncond)
-                if job.params.guidance_rescale > 0:
-                    part = rescale_noise_cfg(part, cond, job.params.guidance_rescale)
+                part = _guided(part, rows.guidance, job.params.guidance_rescale)
             st = job._state
             st["latents"] = st["scheduler"].step(part, t, st["latents"], **st["step_kwargs"], return_dict=False)[0]
             st["index"] += 1

@@ -153,6 +153,64 @@ def _make_pdeathsig_setter() -> Any:
     return _set
 
 
+def load_or_create_credentials(path: Path) -> dict[str, str]:
+    """Reuse the embedded S3's ``credentials.json`` at ``path`` (tightening its mode to 0600) or write a new one
+    atomically: the keys survive restarts, so the data written under them stays readable."""
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("%s was readable by others (mode %o); setting it to 0600", path, mode)
+            path.chmod(0o600)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            creds = {
+                "access_key_id": str(data["access_key_id"]),
+                "secret_access_key": str(data["secret_access_key"]),
+            }
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RuntimeError(f"{path} is not a valid credentials file; delete it to generate new ones") from exc
+        if not creds["access_key_id"] or not creds["secret_access_key"]:
+            raise RuntimeError(f"{path} has empty credentials; delete it to generate new ones")
+        return creds
+    creds = {
+        # Shaped like AWS keys (20 upper-case characters / 40 characters) so every client accepts them.
+        "access_key_id": "AKSW" + secrets.token_hex(8).upper(),
+        "secret_access_key": secrets.token_hex(20),
+    }
+    tmp = path.with_name(f".{CREDENTIALS_FILE}.tmp-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(creds, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return creds
+
+
+def remove_stale_grpc_sockets(ports: dict[str, int]) -> None:
+    """weed leaves ``/tmp/seaweedfs-*-grpc-PORT.sock`` behind (it ignores TMPDIR); remove ours if dead."""
+    for component in ("master", "volume", "filer", "s3", "admin"):
+        port = ports.get(f"{component}.port.grpc")
+        if not port:
+            continue
+        path = Path("/tmp") / f"seaweedfs-{component}-grpc-{port}.sock"
+        with contextlib.suppress(OSError):
+            info = path.lstat()
+            if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(path))
+                    continue  # somebody listens there now: not ours
+                except ConnectionRefusedError:
+                    pass
+            path.unlink()
+
+
 class EmbeddedS3:
     """One ``weed mini`` process serving S3 on ``127.0.0.1`` with credentials of its own.
 
@@ -189,48 +247,11 @@ class EmbeddedS3:
 
     # -- credentials ----------------------------------------------------------------------------------
 
-    def _load_or_create_credentials(self) -> dict[str, str]:
-        """Reuse ``credentials.json`` (tightening its mode to 0600) or write a new one atomically."""
-        path = self.data_dir / CREDENTIALS_FILE
-        if path.exists():
-            mode = stat.S_IMODE(path.stat().st_mode)
-            if mode & 0o077:
-                log.warning("%s was readable by others (mode %o); setting it to 0600", path, mode)
-                path.chmod(0o600)
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                creds = {
-                    "access_key_id": str(data["access_key_id"]),
-                    "secret_access_key": str(data["secret_access_key"]),
-                }
-            except (ValueError, KeyError, TypeError) as exc:
-                raise RuntimeError(f"{path} is not a valid credentials file; delete it to generate new ones") from exc
-            if not creds["access_key_id"] or not creds["secret_access_key"]:
-                raise RuntimeError(f"{path} has empty credentials; delete it to generate new ones")
-            return creds
-        creds = {
-            # Shaped like AWS keys (20 upper-case characters / 40 characters) so every client accepts them.
-            "access_key_id": "AKSW" + secrets.token_hex(8).upper(),
-            "secret_access_key": secrets.token_hex(20),
-        }
-        tmp = path.with_name(f".{CREDENTIALS_FILE}.tmp-{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(creds, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return creds
-
     @property
     def _creds(self) -> dict[str, str]:
         if self._credentials is None:
             self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._credentials = self._load_or_create_credentials()
+            self._credentials = load_or_create_credentials(self.data_dir / CREDENTIALS_FILE)
         return self._credentials
 
     @property
@@ -479,7 +500,7 @@ class EmbeddedS3:
                 proc.kill()
                 proc.wait(timeout=10)
         self._proc = None
-        self._remove_stale_grpc_sockets()
+        remove_stale_grpc_sockets(self._ports)
 
     def _log_size(self) -> int:
         """The size of ``weed.out`` now: where the output of the stop about to be asked for will start."""
@@ -514,25 +535,6 @@ class EmbeddedS3:
                 log.info("weed (pid %d) stopped S3 but its admin server stalled; killing it", proc.pid)
                 return True
         return proc.poll() is not None
-
-    def _remove_stale_grpc_sockets(self) -> None:
-        """weed leaves ``/tmp/seaweedfs-*-grpc-PORT.sock`` behind (it ignores TMPDIR); remove ours if dead."""
-        for component in ("master", "volume", "filer", "s3", "admin"):
-            port = self._ports.get(f"{component}.port.grpc")
-            if not port:
-                continue
-            path = Path("/tmp") / f"seaweedfs-{component}-grpc-{port}.sock"
-            with contextlib.suppress(OSError):
-                info = path.lstat()
-                if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
-                    continue
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                    try:
-                        probe.connect(str(path))
-                        continue  # somebody listens there now: not ours
-                    except ConnectionRefusedError:
-                        pass
-                path.unlink()
 
     def stop(self, timeout_s: float = 10) -> None:
         """SIGTERM, then SIGKILL after ``timeout_s``; release the folder. Safe to call repeatedly."""
