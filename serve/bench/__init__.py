@@ -26,8 +26,15 @@ from typing import Any
 
 from deployments.instantid.errors import InstantIDError  # plain exceptions, no imports behind them
 from deployments.instantid.params import DEFAULT_PARAMS  # a plain dataclass, no imports behind it
+from serve.bench.chaos.arguments import add_chaos_arguments  # argparse definitions only
 
-BENCH_MODULES = {"serve": "serve_bench", "face": "face_bench", "denoise": "denoise_bench", "events": "events_bench"}
+BENCH_MODULES = {
+    "serve": "serve_bench",
+    "face": "face_bench",
+    "denoise": "denoise_bench",
+    "events": "events_bench",
+    "chaos": "chaos.run",
+}
 
 
 class BenchError(InstantIDError):
@@ -262,7 +269,7 @@ def add_denoise_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """``bench {serve,face,denoise}`` on an ``add_subparsers`` object; the chosen one is ``bench_command``.
+    """``bench {serve,face,denoise,events,chaos}`` on an ``add_subparsers`` object; the chosen one is ``bench_command``.
 
     serve/cli.py sets the command function; :func:`run_bench` imports the benchmark module it needs.
     """
@@ -277,6 +284,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     add_events_arguments(
         bsub.add_parser("events", help="do job event-stream subscribers slow generation? (local Ray Serve, CPU)")
+    )
+    add_chaos_arguments(
+        bsub.add_parser("chaos", help="a soak under faults; checks nothing is lost, duplicated or stuck (local, CPU)")
     )
     return bench
 
