@@ -19,6 +19,7 @@ from serve.bench.chaos.checks import (
     faults_heal,
     hostile_get_4xx,
     jobs_are_terminal,
+    no_orphaned_results,
     nothing_twice,
     results_are_stored,
     run_checks,
@@ -317,3 +318,47 @@ def test_the_checker_does_not_change_its_input() -> None:
     before = copy.deepcopy(log.model_dump())
     run_checks(log, snapshot(s3, BUCKET, PREFIX), TimingSettings(), 600)
     assert log.model_dump() == before
+
+
+def test_a_stored_generation_nobody_was_told_about_is_an_orphan() -> None:
+    log, s3 = clean_run()
+    failed = _error(log, seq=40, request_id="chaos-gen-000040", error={"code": "internal_error"})
+    log.exchanges.append(failed)
+    _store(s3, "20270115T080003Z-00000000000000dd", "chaos-gen-000040", None, {"denoise": T0})
+    _store(s3, "20270115T080004Z-00000000000000ee", "someone-else", None, {"denoise": T0})
+    check = no_orphaned_results(log, snapshot(s3, BUCKET, PREFIX))
+    assert check.verdict == "fail"
+    assert (check.counts["of_failed_requests"], check.counts["unclaimed"]) == (1, 1)
+    log.jobs[0].final = {**log.jobs[0].final, "status": "failed", "error": {"code": "internal_error", "message": "x"}}
+    assert no_orphaned_results(log, snapshot(s3, BUCKET, PREFIX)).counts["of_failed_jobs"] == 1
+
+
+def test_a_generation_rewritten_after_its_job_ended_is_a_run_nobody_accounts_for() -> None:
+    log, s3 = clean_run()
+    log.jobs[0].final["attempts"] = 2
+    log.jobs[0].final["updated_at"] = _iso(T0 - 30)  # the job ended; S3's copy was written (T0) 30 s later
+    check = nothing_twice(log, snapshot(s3, BUCKET, PREFIX))
+    assert check.verdict == "fail" and check.evidence[0]["problem"] == "stored_after_the_job_ended"
+
+
+def test_load_shed_is_not_a_hostile_failure_and_is_explained_only_during_faults() -> None:
+    log, _ = clean_run()
+    shed = {"code": "overloaded", "message": "the service is at capacity; retry shortly", "request_id": "r"}
+    log.exchanges.append(
+        log.exchanges[1].model_copy(update={"seq": 50, "status": 503, "error": shed, "retry_after": "5"})
+    )
+    hostile = hostile_get_4xx(log)
+    assert hostile.verdict == "pass" and hostile.counts["shed"] == 1
+    log.faults = [FaultLog(kind="replica", target="Denoiser", started_at=T0 + 10, ended_at=T0 + 20, detail={})]
+    during = _error(log, seq=51, sent_at=T0 + 15, finished_at=T0 + 16, error=shed, retry_after="5")
+    log.exchanges.append(during)
+    assert failures_explained(log, TimingSettings()).counts["shed_during_faults"] == 1
+    log.exchanges.append(during.model_copy(update={"seq": 52, "sent_at": T0 + 500, "finished_at": T0 + 501}))
+    assert failures_explained(log, TimingSettings()).counts["unexplained"] == 1
+
+
+def test_a_failed_job_counts_as_a_failure_to_explain() -> None:
+    log, _ = clean_run()
+    log.jobs[0].final = {**log.jobs[0].final, "status": "failed", "error": {"code": "internal_error", "message": "x"}}
+    check = failures_explained(log, TimingSettings())
+    assert check.verdict == "fail" and check.evidence[0]["what"] == f"job {JOB_ID}"

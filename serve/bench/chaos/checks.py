@@ -15,6 +15,7 @@ from .timing_checks import TimingSettings, failures_explained, latency_recovers,
 from .verdicts import CheckResult, epoch, result
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+WRITE_SLACK_S = 2.0  # S3's LastModified has second resolution; the job record is written right after the store
 ERROR_FIELDS = ("code", "message", "request_id")
 
 
@@ -157,6 +158,21 @@ def nothing_twice(log: RunLog, s3: S3Snapshot) -> CheckResult:
         reported = _stage_starts((final.get("result") or {}).get("timings"))
         stored = _stage_starts((meta or {}).get("timings"))
         common = sorted(set(reported) & set(stored) - {"store"})
+        finished = epoch(final.get("updated_at"))
+        written = next((o.last_modified for k, o in s3.objects.items() if k.endswith(f"/{job.job_id}/meta.json")), None)
+        late = finished is not None and written is not None and written > finished + WRITE_SLACK_S
+        if final.get("status") == "succeeded" and late:
+            counts["job_runs_unaccounted"] += 1
+            late = round(written - finished, 1)
+            evidence.append(
+                {
+                    "problem": "stored_after_the_job_ended",
+                    "job": job.job_id,
+                    "seconds_after": late,
+                    "attempts": attempts,
+                }
+            )
+            continue
         rerun = any(reported[k] != stored[k] for k in common)
         if final.get("status") == "succeeded" and meta and attempts == 1 and rerun:
             counts["job_runs_unaccounted"] += 1
@@ -208,16 +224,20 @@ def error_bodies_are_ours(log: RunLog) -> CheckResult:
 
 
 def hostile_get_4xx(log: RunLog) -> CheckResult:
-    """Every hostile request that was answered got a 4xx (unanswered ones, during an outage, are counted apart)."""
+    """Every hostile request that was answered got a 4xx. Apart: unanswered ones (the service was down) and load shed
+    before the request was read (503 ``overloaded`` with Retry-After: admission comes before reading a body)."""
     hostile = [e for e in log.exchanges if e.kind == "hostile"]
-    counts = {"sent": len(hostile), "answered": 0, "not_4xx": 0, "unanswered": 0, "unexpected_status_or_code": 0}
+    counts = {"sent": len(hostile), "answered": 0, "not_4xx": 0, "unanswered": 0, "shed": 0}
+    counts["unexpected_status_or_code"] = 0
     evidence: list[dict[str, Any]] = []
     for e in hostile:
         if e.status is None:
             counts["unanswered"] += 1
             continue
         counts["answered"] += 1
-        if not 400 <= e.status < 500:
+        if e.status == 503 and (e.error or {}).get("code") == "overloaded" and e.retry_after is not None:
+            counts["shed"] += 1
+        elif not 400 <= e.status < 500:
             counts["not_4xx"] += 1
             evidence.append(
                 {"case": e.variant, "seq": e.seq, "status": e.status, "error": e.error, "body": e.body_excerpt}
@@ -284,6 +304,53 @@ def webhooks_arrive_signed(log: RunLog) -> CheckResult:
     return result("webhooks", what, counts, evidence, failed)
 
 
+def no_orphaned_results(log: RunLog, s3: S3Snapshot) -> CheckResult:
+    """S3 holds no generation its client was not told about: none for a request answered with an error (other than
+    the spooled 503 that names it), none for a job that failed or was cancelled, none from a request id the client
+    never sent (a hostile request, or a run nobody asked for)."""
+    counts = {"generations": len(s3.metas), "of_failed_requests": 0, "of_failed_jobs": 0, "unclaimed": 0}
+    evidence: list[dict[str, Any]] = []
+    requests = {
+        e.request_id: e for e in log.exchanges if e.request_id and e.kind in ("generate_json", "generate_multipart")
+    }
+    jobs = {job.job_id: job for job in log.jobs}
+    submitted = {e.request_id for e in log.exchanges if e.kind == "job_submit" and e.request_id}
+    for generation_id, meta in sorted(s3.metas.items()):
+        job_id, request_id = meta.get("job_id"), meta.get("request_id")
+        if job_id is not None:
+            job = jobs.get(job_id)
+            status = (job.final or {}).get("status") if job else None
+            if job is None and request_id not in submitted:
+                counts["unclaimed"] += 1
+                evidence.append({"problem": "unclaimed", "generation": generation_id, "request_id": request_id})
+            elif status in ("failed", "cancelled") and generation_id not in str((job.final or {}).get("error")):
+                counts["of_failed_jobs"] += 1  # (a failed job whose error names its spooled generation told its client)
+                error = (job.final or {}).get("error")
+                evidence.append(
+                    {"problem": "of_failed_job", "generation": generation_id, "job_status": status, "error": error}
+                )
+            continue
+        exchange = requests.get(request_id)
+        if exchange is None:
+            counts["unclaimed"] += 1
+            evidence.append({"problem": "unclaimed", "generation": generation_id, "request_id": request_id})
+        elif exchange.status != 200 and (exchange.error or {}).get("generation_id") != generation_id:
+            counts["of_failed_requests"] += 1
+            code = (exchange.error or {}).get("code") or exchange.transport_error
+            evidence.append(
+                {
+                    "problem": "of_failed_request",
+                    "generation": generation_id,
+                    "request_id": request_id,
+                    "answer": exchange.status,
+                    "code": code,
+                }
+            )
+    failed = any(counts[k] for k in ("of_failed_requests", "of_failed_jobs", "unclaimed"))
+    what = "S3 holds no generation of a failed request or job, nor one no client request asked for"
+    return result("no_orphaned_results", what, counts, evidence, failed)
+
+
 HEALED = {"replica": "replaced", "events-actor": "restarted", "node": "replaced", "s3-crash": "restarted_by_service"}
 
 
@@ -312,6 +379,7 @@ def run_checks(log: RunLog, s3: S3Snapshot, settings: TimingSettings, job_deadli
         results_are_stored(log, s3),
         jobs_are_terminal(log, job_deadline_s),
         nothing_twice(log, s3),
+        no_orphaned_results(log, s3),
         error_bodies_are_ours(log),
         hostile_get_4xx(log),
         streams_end_with_the_outcome(log),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from serve.bench import progress
@@ -27,6 +28,8 @@ from .stack import ChaosStack, deployment_names
 
 KINDS: tuple[FaultKind, ...] = ("replica", "events-actor", "node", "s3-outage", "s3-crash", "service-restart")
 MIN_GAP_S = 5.0  # between one fault's end and the next one's start
+BUSY_WAIT_S = 30.0  # how long a kill may wait for work in flight, so that the replica dies mid-request
+MID_REQUEST = ("Ingress", "Denoiser")  # the replicas whose death mid-request the service promises to hide
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,16 @@ def announce(event: str, fault: FaultLog) -> None:
 class FaultRunner:
     """Runs a plan in a thread, one fault at a time, never before its planned time nor before the last one ended."""
 
-    def __init__(self, stack: ChaosStack, planned: list[PlannedFault], s3_outage_s: float, s3_grace_s: float) -> None:
+    def __init__(
+        self,
+        stack: ChaosStack,
+        planned: list[PlannedFault],
+        s3_outage_s: float,
+        s3_grace_s: float,
+        busy: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.stack = stack
+        self.busy = busy
         self.planned = planned
         self.s3_outage_s = s3_outage_s
         self.s3_grace_s = s3_grace_s
@@ -92,10 +103,18 @@ class FaultRunner:
             self.done.set()
 
     def _one(self, planned: PlannedFault) -> FaultLog:
+        waited = 0.0
+        if planned.kind == "replica" and planned.target in MID_REQUEST:
+            started = time.monotonic()
+            while not self.busy() and time.monotonic() - started < BUSY_WAIT_S and not self._stop.is_set():
+                time.sleep(0.2)
+            waited = time.monotonic() - started
         fault = FaultLog(kind=planned.kind, target=planned.target, started_at=time.time())
         announce("start", fault)
         try:
             fault.detail = self._cause(planned)
+            if waited:
+                fault.detail |= {"waited_for_work_in_flight_s": round(waited, 1), "work_in_flight": self.busy()}
         except Exception as exc:  # recorded: a fault that could not be caused is part of the report
             fault.error = f"{type(exc).__name__}: {str(exc)[:300]}"
         fault.ended_at = time.time()

@@ -18,6 +18,7 @@ def headline(checks: list[CheckResult]) -> dict[str, int]:
         "lost": stored["lost"] + stored["spooled_lost"],
         "corrupt_or_mismatched": stored["corrupt"] + stored["mismatched"],
         "duplicated": twice["stored_twice"] + twice["job_runs_unaccounted"] + twice["deliveries_repeated"],
+        "orphaned": sum(by["no_orphaned_results"][k] for k in ("of_failed_requests", "of_failed_jobs", "unclaimed")),
         "stuck": jobs["stuck"] + jobs["late"],
         "malformed_errors": by["error_bodies"]["malformed"],
         "leaking_errors": by["error_bodies"]["leaking"],

@@ -96,17 +96,17 @@ async def _drive(stack: ChaosStack, traffic: Traffic, args: argparse.Namespace, 
     duration = args.minutes * 60.0
     t0 = time.time()
     planned = plan(args.faults, duration, args.fault_spacing_s)
-    runner = FaultRunner(stack, planned, args.s3_outage_s, args.s3_restart_grace_s).start(t0)
+    runner = FaultRunner(stack, planned, args.s3_outage_s, args.s3_restart_grace_s, traffic.busy).start(t0)
     window = min(60.0, max(20.0, duration / 6))
     tail = 30.0 + window  # the last fault's recovery window must hold requests
 
     def until() -> float:
-        if runner.done.is_set():
-            last = max((f.ended_at or 0.0 for f in runner.log), default=0.0)
-            end = max(t0 + duration, last + tail)
-        else:
-            end = time.time() + 1.0  # faults still running: keep the traffic going
-        return min(end, t0 + duration + MAX_OVERRUN_S)
+        """The end of the traffic: ``--minutes``, or later while faults still run and for the last one's recovery."""
+        cap = t0 + duration + MAX_OVERRUN_S
+        if not runner.done.is_set():
+            return cap
+        last = max((f.ended_at or 0.0 for f in runner.log), default=0.0)
+        return min(max(t0 + duration, last + tail), cap)
 
     progress(
         f"open loop: {rate:.2f} requests/s ({args.load} x {capacity:.2f}) for {duration:.0f} s, {len(planned)} faults"

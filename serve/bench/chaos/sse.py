@@ -14,8 +14,8 @@ from deployments.job_events import is_terminal_event
 from .client import Recorder, describe
 from .records import StreamLog
 
-MAX_CONNECTS = 40
-RECONNECT_S = 1.0  # EventSource's usual retry delay
+MAX_CONNECTS = 200
+RECONNECT_S = (1.0, 10.0)  # first delay (EventSource's usual), doubling to the cap while connections fail
 READ_TIMEOUT_S = 30.0  # heartbeats come every api.jobs.heartbeat_s (a few seconds in the bench's config)
 
 
@@ -24,17 +24,21 @@ async def follow(
 ) -> StreamLog:
     """Read ``url``'s events until the terminal one, recording what was seen in ``log`` as it comes (so a stream cut
     short still shows how far it got). Refused connections are recorded as exchanges too."""
+    delay = RECONNECT_S[0]
     while log.terminal is None and log.connects < MAX_CONNECTS and time.time() < deadline:
         headers = {"Accept": "text/event-stream"}
         if log.last_event_id is not None:
             headers["Last-Event-ID"] = str(log.last_event_id)
         log.connects += 1
+        events = log.events
         try:
             await asyncio.wait_for(_read(client, url, headers, log, recorder, job_seq), deadline - time.time())
         except (httpx.HTTPError, asyncio.TimeoutError, OSError) as exc:
             log.errors.append(describe(exc))
+        del log.errors[:-20]  # the last ones say enough
         if log.terminal is None:
-            await asyncio.sleep(RECONNECT_S)
+            delay = RECONNECT_S[0] if log.events > events else min(delay * 2, RECONNECT_S[1])
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.time())))
     return log
 
 

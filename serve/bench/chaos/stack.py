@@ -59,8 +59,9 @@ class ChaosStack:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
-        """The service, the second node joining its Ray head before the applications deploy, replicas on both."""
+    def start(self, spread: bool = True) -> None:
+        """The service, the second node joining its Ray head before the applications deploy, and (``spread``) a
+        replica of each of SPREAD on the second node, killing replicas until Serve places one there."""
         started = time.monotonic()
         serving = self.service.start(on_ray=self._join_second_node)
         self.url = serving.url
@@ -68,7 +69,8 @@ class ChaosStack:
         self.markers.add(serving.gcs_address)
         if self.node.pid is None:  # the head was up before we saw it: join now
             self._join_second_node(serving.gcs_address)
-        self.placement = self.spread()
+        if spread:
+            self.placement = self.spread()
         self.note_s3_ports()
         progress(f"stack ready after {time.monotonic() - started:.0f} s: {self.url}, Ray at {serving.gcs_address}")
 
@@ -215,11 +217,12 @@ class ChaosStack:
 
     def restart_service(self) -> dict[str, Any]:
         """SIGTERM the service (it stops Serve, Ray and its S3), stop the second node (its cluster is gone), start
-        both again on the same S3 data. How long each part took."""
+        both again on the same S3 data (replicas where Serve puts them: no kills to spread them, which would be
+        faults of their own). How long each part took."""
         stopped_s = self.service.stop()
         self.node.stop()
         started = time.monotonic()
-        self.start()
+        self.start(spread=False)
         return {"stop_s": round(stopped_s, 1), "start_s": round(time.monotonic() - started, 1), "url": self.url}
 
 

@@ -14,12 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .records import Exchange, FaultLog, RunLog
-from .verdicts import CheckResult, p99, result
+from .records import FaultLog, RunLog
+from .verdicts import CheckResult, epoch, p99, result
 
 HIDDEN_FAULTS = ("replica", "events-actor", "node")  # the service must hide these from clients
 OUTAGE_FAULTS = ("s3-outage", "s3-crash", "service-restart")  # these it may answer with 503s or not at all
 GENERATE = ("generate_json", "generate_multipart")
+SHED = "overloaded"  # the documented answer to more work than the replicas left can take (503 + Retry-After)
 
 
 class TimingSettings(BaseModel):
@@ -30,7 +31,7 @@ class TimingSettings(BaseModel):
     fault_grace_s: float = 30.0  # failures this long after a fault's end are still the fault's
     rss_limit: float = 0.02
     rss_min_span_s: float = 60.0  # a shorter series says nothing about growth
-    rss_settle_s: float = 30.0  # a replica's first seconds (loading) are not counted
+    rss_settle_s: float = 60.0  # a replica's first minute (loading, first requests of each kind) is not counted
 
 
 def _window(fault: FaultLog, log: RunLog, grace_s: float) -> tuple[float, float]:
@@ -38,49 +39,84 @@ def _window(fault: FaultLog, log: RunLog, grace_s: float) -> tuple[float, float]
     return fault.started_at - 1.0, end + grace_s
 
 
-def _overlapping(e: Exchange, faults: list[FaultLog], log: RunLog, grace_s: float) -> list[FaultLog]:
-    return [
-        f for f in faults if e.sent_at <= _window(f, log, grace_s)[1] and e.finished_at >= _window(f, log, grace_s)[0]
-    ]
+def _overlapping(begin: float, end: float, log: RunLog, grace_s: float) -> list[FaultLog]:
+    """The faults whose window (start to end plus ``grace_s``) overlaps ``[begin, end]``."""
+    return [f for f in log.faults if begin <= _window(f, log, grace_s)[1] and end >= _window(f, log, grace_s)[0]]
 
 
-def failures_explained(log: RunLog, settings: TimingSettings) -> CheckResult:
-    """Every 5xx or unanswered request (hostile ones aside) overlaps an S3 outage or a service restart: one that
-    overlaps only losses the service must hide, or no fault at all, is a violation."""
-    counts: dict[str, Any] = {"failed_requests": 0, "during_outages": 0, "not_hidden": 0, "unexplained": 0}
-    codes: dict[str, int] = defaultdict(int)
-    evidence: list[dict[str, Any]] = []
+def _failures(log: RunLog) -> list[dict[str, Any]]:
+    """Every request that got a 5xx or no answer (hostile ones aside), and every job that failed: what, when, why."""
+    found = []
     for e in log.exchanges:
         if e.kind == "hostile" or (e.status is not None and e.status < 500):
             continue
-        counts["failed_requests"] += 1
         code = (e.error or {}).get("code") or (f"HTTP {e.status}" if e.status else (e.transport_error or "no answer"))
-        codes[str(code)[:60]] += 1
-        faults = _overlapping(e, log.faults, log, settings.fault_grace_s)
+        message = (e.error or {}).get("message") or e.body_excerpt or e.transport_error or ""
+        found.append(
+            {
+                "what": f"{e.kind} #{e.seq}",
+                "variant": e.variant,
+                "status": e.status,
+                "code": str(code),
+                "message": message,
+                "span": (e.sent_at, e.finished_at),
+                "shed": e.status == 503 and code == SHED and e.retry_after is not None,
+            }
+        )
+    for job in log.jobs:
+        final = job.final or {}
+        if final.get("status") != "failed":
+            continue
+        error = final.get("error") or {}
+        finished = epoch(final.get("updated_at")) or log.traffic_end
+        found.append(
+            {
+                "what": f"job {job.job_id}",
+                "variant": job.variant,
+                "status": "failed",
+                "code": str(error.get("code")),
+                "message": str(error.get("message") or ""),
+                "span": (job.accepted_at, finished),
+                "shed": False,
+            }
+        )
+    return found
+
+
+def failures_explained(log: RunLog, settings: TimingSettings) -> CheckResult:
+    """Every 5xx, unanswered request (hostile ones aside) and failed job overlaps an S3 outage or a service restart,
+    or is load shed (``overloaded`` with Retry-After) while a fault has taken capacity away. One that overlaps only
+    losses the service must hide (it retries a generation once on another replica), or no fault at all, fails."""
+    counts: dict[str, Any] = {"failures": 0, "during_outages": 0, "shed_during_faults": 0, "not_hidden": 0}
+    counts["unexplained"] = 0
+    codes: dict[str, int] = defaultdict(int)
+    evidence: list[dict[str, Any]] = []
+    for failure in _failures(log):
+        counts["failures"] += 1
+        codes[failure["code"][:60]] += 1
+        begin, end = failure["span"]
+        faults = _overlapping(begin, end, log, settings.fault_grace_s)
         if any(f.kind in OUTAGE_FAULTS for f in faults):
             counts["during_outages"] += 1
             continue
+        if faults and failure["shed"]:
+            counts["shed_during_faults"] += 1
+            continue
         problem = "not_hidden" if faults else "unexplained"
         counts[problem] += 1
-        evidence.append(
-            {
-                "problem": problem,
-                "seq": e.seq,
-                "kind": e.kind,
-                "variant": e.variant,
-                "status": e.status,
-                "code": code,
-                "message": ((e.error or {}).get("message") or e.body_excerpt or e.transport_error or "")[:300],
-                "faults": [f"{f.kind}:{f.target}" for f in faults],
-                "sent_at": round(e.sent_at - log.started_at, 1),
-            }
-        )
+        row = {k: v for k, v in failure.items() if k not in ("span", "shed")}
+        row |= {
+            "problem": problem,
+            "message": failure["message"][:300],
+            "faults": [f"{f.kind}:{f.target}" for f in faults],
+        }
+        evidence.append({**row, "at_s": round(begin - log.started_at, 1)})
     counts["by_code"] = dict(codes)
     failed = bool(counts["not_hidden"] or counts["unexplained"])
     what = (
-        "5xx and unanswered requests happen only during S3 outages and service restarts (losses of a replica, a node "
+        "5xx, unanswered requests and failed jobs happen only during S3 outages and service restarts, or as load shed "
     )
-    what += "or the event channel are hidden by a retry)"
+    what += "while a fault took capacity (a lost replica, node or event channel is hidden by a retry)"
     return result("failures_explained", what, counts, evidence, failed)
 
 

@@ -125,6 +125,13 @@ class Traffic:
             self._streams.add(task)
             task.add_done_callback(self._streams.discard)
 
+    def busy(self) -> bool:
+        """Whether work is running in the service now: a generation in flight, or a job accepted in the last 30 s
+        whose outcome nobody has seen yet (so that a replica killed now dies mid-request). Read from another thread."""
+        now = time.time()
+        recent = [job for job in list(self.jobs) if job.accepted_at > now - 30 and job.final is None]
+        return bool(self._in_flight) or any(job.stream is None or job.stream.terminal is None for job in recent)
+
     # ------------------------------------------------------------------------------------------ phases
 
     async def warm_up(self) -> float:
