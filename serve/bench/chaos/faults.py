@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from serve.bench import progress
 
+from .config import DEPLOYMENTS
 from .records import FaultKind, FaultLog
-from .stack import ChaosStack, deployment_names
+from .stack import ChaosStack
 
 KINDS: tuple[FaultKind, ...] = ("replica", "events-actor", "node", "s3-outage", "s3-crash", "service-restart")
 MIN_GAP_S = 5.0  # between one fault's end and the next one's start
@@ -43,7 +44,7 @@ def plan(kinds: list[FaultKind], duration_s: float, spacing_s: float) -> list[Pl
     """One round of ``kinds`` (``replica`` once per deployment), repeated while rounds fit ``duration_s`` at
     ``spacing_s`` between faults; spread evenly between a lead-in (a baseline for the first fault) and a tail (for the
     last one's recovery)."""
-    one_round = [(kind, target) for kind in kinds for target in (deployment_names() if kind == "replica" else [kind])]
+    one_round = [(kind, target) for kind in kinds for target in (DEPLOYMENTS.values() if kind == "replica" else [kind])]
     if not one_round:
         return []
     lead = min(60.0, duration_s * 0.1)

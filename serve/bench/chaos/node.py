@@ -11,6 +11,7 @@ found from the ``ray start`` process it started.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -21,11 +22,12 @@ from pathlib import Path
 
 import psutil
 
-from serve.bench import BenchError
+from serve.bench import BenchError, progress
 from serve.tools.runner import free_port
 
 LOOPBACK = "127.0.0.1"
 _NODE_ID = re.compile(r"--node[-_]id=([0-9a-f]+)")
+STARTED = "Ray runtime started"  # what `ray start` prints once the node has registered
 
 
 def ray_executable() -> str:
@@ -69,32 +71,60 @@ class WorkerNode:
             "--block",
         ]
 
-    def start(self, gcs_address: str, extra_env: dict[str, str] | None = None, timeout_s: float = 120.0) -> str:
-        """Join ``gcs_address`` (``extra_env`` added to the node's environment, which its workers inherit); wait
-        (bounded) until its raylet runs; its node id."""
-        self.stop()
+    def start(
+        self,
+        gcs_address: str,
+        extra_env: dict[str, str] | None = None,
+        attempts: int = 3,
+        attempt_timeout_s: float = 120.0,
+    ) -> str:
+        """Join ``gcs_address`` (``extra_env`` added to the node's environment, which its workers inherit) and wait
+        (bounded) until ``ray start`` says the node runs; its node id. ``ray start`` gives a new raylet 30 s to
+        register with the GCS and exits after that, which a loaded 2-core machine can take: it is tried
+        ``attempts`` times, each bounded by ``attempt_timeout_s``, every leftover of a failed try stopped first."""
         self.gcs_address = gcs_address
+        for attempt in range(1, attempts + 1):
+            self.stop()
+            offset = self._launch(gcs_address, extra_env or {})
+            node_id = self._wait_started(offset, attempt_timeout_s)
+            if node_id is not None:
+                return node_id
+            why = "exited" if self._proc is not None and self._proc.poll() is not None else "timed out"
+            progress(f"the second Ray node did not start (try {attempt} of {attempts}: {why}); see {self.log_path}")
+        self.stop()
+        raise BenchError(f"the second Ray node did not start in {attempts} tries; see {self.log_path}")
+
+    def _launch(self, gcs_address: str, extra_env: dict[str, str]) -> int:
+        """Start ``ray start``; the offset in the log where its output begins."""
         with open(self.log_path, "ab") as log:
             log.write(f"\n--- bench: ray start {time.strftime('%H:%M:%S')} -> {gcs_address} ---\n".encode())
             log.flush()
+            offset = log.tell()
             self._proc = subprocess.Popen(
                 self.command(gcs_address),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**self.env, **(extra_env or {})},
+                env={**self.env, **extra_env},
                 start_new_session=True,
             )
+        return offset
+
+    def _wait_started(self, offset: int, timeout_s: float) -> str | None:
+        """The node id once ``ray start`` printed that the node runs and its raylet is seen; None if ``ray start``
+        exited or either took longer than ``timeout_s``."""
+        assert self._proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            node_id = self.node_id()
-            if node_id is not None:
-                return node_id
+            started = started_in(self.log_path, offset)
             if self._proc.poll() is not None:
-                raise BenchError(f"`ray start` exited ({self._proc.returncode}); see {self.log_path}")
+                return None
+            if started:
+                node_id = self.node_id()
+                if node_id is not None:
+                    return node_id
             time.sleep(0.5)
-        self.stop()
-        raise BenchError(f"the second Ray node did not start within {timeout_s:.0f} s; see {self.log_path}")
+        return None
 
     def processes(self) -> list[psutil.Process]:
         """``ray start`` and everything below it (raylet, its workers: the replicas on this node, its agents)."""
@@ -105,6 +135,18 @@ class WorkerNode:
             return [root, *root.children(recursive=True)]
         except psutil.Error:
             return []
+
+    def session(self) -> list[psutil.Process]:
+        """Every process in the session of the ``ray start`` we started (its own: ``start_new_session``), even
+        those it left behind when it exited (a raylet of a failed try); Linux reuses no pid a session still has."""
+        if self._proc is None:
+            return []
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getsid(proc.pid) == self._proc.pid:
+                    found.append(proc)
+        return found
 
     def raylet(self) -> psutil.Process | None:
         for proc in self.processes():
@@ -135,7 +177,7 @@ class WorkerNode:
         proc = self._proc
         if proc is None:
             return
-        tree = self.processes()
+        tree = list({*self.processes(), *self.session()})  # with what an exited `ray start` left behind
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -143,7 +185,18 @@ class WorkerNode:
         _, alive = psutil.wait_procs(tree, timeout=5)
         for leftover in alive:
             with contextlib.suppress(psutil.Error):
-                leftover.kill()
+                leftover.kill()  # psutil refuses a pid reused by another process
+        psutil.wait_procs(alive, timeout=5)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
         self._proc = None
+
+
+def started_in(log_path: Path, offset: int) -> bool:
+    """Whether ``ray start`` said, in its output from ``offset`` on, that the node runs."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            return STARTED in log.read().decode(errors="replace")
+    except OSError:
+        return False

@@ -21,7 +21,6 @@ import psutil
 
 from serve.bench import BenchError, progress
 
-from .config import APP_NAME, DEPLOYMENTS
 from .node import WorkerNode
 from .ray_ops import RayOps
 from .s3_audit import find_weed, s3_client, weed_ports
@@ -87,7 +86,7 @@ class ChaosStack:
         if self.ops is None or node_id is None:
             return {}
         placed = self.ops.spread(node_id, list(SPREAD), timeout_s)
-        on_second = {d: ok for d, ok in placed["on_node"].items()}
+        on_second = dict(placed["on_node"])
         progress(f"replicas on the second node: {on_second} (kills to get there: {placed['kills']})")
         return {"second_node": node_id, "on_second_node": on_second, "kills": placed["kills"]}
 
@@ -143,10 +142,6 @@ class ChaosStack:
             return False
 
     # ------------------------------------------------------------------------------------------ faults
-
-    def replicas(self) -> list[Any]:
-        assert self.ops is not None
-        return self.ops.actors()
 
     def kill_replica(self, deployment: str, timeout_s: float = 180.0) -> dict[str, Any]:
         """Kill one replica of ``deployment`` (no restart by Ray: Serve must replace it) and wait (bounded) until
@@ -224,10 +219,3 @@ class ChaosStack:
         started = time.monotonic()
         self.start(spread=False)
         return {"stop_s": round(stopped_s, 1), "start_s": round(time.monotonic() - started, 1), "url": self.url}
-
-
-def deployment_names() -> list[str]:
-    return list(DEPLOYMENTS.values())
-
-
-__all__ = ["APP_NAME", "ChaosStack", "StackPaths", "deployment_names"]
