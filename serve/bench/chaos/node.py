@@ -75,13 +75,15 @@ class WorkerNode:
         self,
         gcs_address: str,
         extra_env: dict[str, str] | None = None,
-        attempts: int = 3,
+        attempts: int = 5,
         attempt_timeout_s: float = 120.0,
     ) -> str:
         """Join ``gcs_address`` (``extra_env`` added to the node's environment, which its workers inherit) and wait
         (bounded) until ``ray start`` says the node runs; its node id. ``ray start`` gives a new raylet 30 s to
-        register with the GCS and exits after that, which a loaded 2-core machine can take: it is tried
-        ``attempts`` times, each bounded by ``attempt_timeout_s``, every leftover of a failed try stopped first."""
+        register with the GCS and exits after that, and on a loaded 2-core machine a new raylet can also abort
+        while its agents start (Ray 2.60: ``node_manager.cc:3588 Check failed``, the agent's ``RpcError: Timed out
+        while waiting for Raylet``; seen twice in a row after a node loss): it is tried ``attempts`` times, each
+        bounded by ``attempt_timeout_s``, every leftover of a failed try stopped first."""
         self.gcs_address = gcs_address
         for attempt in range(1, attempts + 1):
             self.stop()
