@@ -524,4 +524,8 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         return f"{error.get('Code', 'error')}: {error.get('Message', '')}".strip().rstrip(":")
-    return f"{type(exc).__name__}: {exc}"
+    # botocore's connection errors name the endpoint URL (host, port, bucket, key): not for API errors
+    return f"{type(exc).__name__}: {_ENDPOINT_URL.sub('the storage endpoint', str(exc))}"
+
+
+_ENDPOINT_URL = re.compile(r"\"?[a-z][a-z0-9+.-]*://[^\s\"]+\"?", re.IGNORECASE)

@@ -26,6 +26,7 @@ from typing import Any
 
 from deployments.instantid.errors import InstantIDError  # plain exceptions, no imports behind them
 from deployments.instantid.params import DEFAULT_PARAMS  # a plain dataclass, no imports behind it
+from serve.bench.chaos.arguments import add_chaos_arguments  # argparse definitions only
 
 BENCH_MODULES = {
     "serve": "serve_bench",
@@ -34,6 +35,7 @@ BENCH_MODULES = {
     "events": "events_bench",
     "safety": "safety_bench",
     "gpu": "gpu_bench",
+    "chaos": "chaos.run",
 }
 
 
@@ -284,7 +286,7 @@ def add_denoise_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """``bench {serve,face,denoise}`` on an ``add_subparsers`` object; the chosen one is ``bench_command``.
+    """``bench {serve,face,denoise,events,chaos}`` on an ``add_subparsers`` object; the chosen one is ``bench_command``.
 
     serve/cli.py sets the command function; :func:`run_bench` imports the benchmark module it needs.
     """
@@ -303,6 +305,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     add_safety_arguments(bsub.add_parser("safety", help="the safety check's CPU cost per image vs encoding it"))
     add_gpu_arguments(
         bsub.add_parser("gpu", help="every GPU figure in one run of <= 8 min (each section time-boxed; cpu: dry run)")
+    )
+    add_chaos_arguments(
+        bsub.add_parser("chaos", help="a soak under faults; checks nothing is lost, duplicated or stuck (local, CPU)")
     )
     return bench
 
