@@ -332,8 +332,8 @@ def test_503_twice_then_200_makes_exactly_one_generation(serve_stack) -> None:
         before = count_generations(serve_stack)
         with InstantIDClient(proxy.url) as client:
             result = client.generate(face=astronaut_jpeg(), prompt="an astronaut", seed=21, **FAST_OPTIONS)
-        assert len(proxy.keys) == 3 and len(set(proxy.keys)) == 1 and proxy.keys[0]
         assert count_generations(serve_stack) == before + 1
+        assert len(proxy.keys) == 3 and len(set(proxy.keys)) == 1 and proxy.keys[0]
         with InstantIDClient(serve_stack.url) as client:
             assert client.generation(result.id).status == "stored"
     finally:
