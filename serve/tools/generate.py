@@ -113,8 +113,22 @@ def _help(schema: dict[str, Any]) -> str:
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("generate", help="one generation in-process (no Ray)")
-    p.add_argument("--weights", required=True, type=Path, help="weights folder (sdxl/, instantid/, antelopev2/)")
+    p = sub.add_parser("generate", help="one generation in-process (no Ray), or on a running service with --url")
+    p.add_argument(
+        "--weights", type=Path, default=None, help="weights folder (sdxl/, instantid/, antelopev2/); not with --url"
+    )
+    p.add_argument(
+        "--url",
+        default=None,
+        help="run the request on a running service (http://host:port) through its HTTP API instead of in this "
+        "process; API key from --api-key or INSTANTID_API_KEY",
+    )
+    p.add_argument("--api-key", default=None, help="with --url: the service's API key (default: $INSTANTID_API_KEY)")
+    p.add_argument(
+        "--identity-id",
+        default=None,
+        help="with --url: a saved identity on the service (POST /v1/identities) instead of --face",
+    )
     p.add_argument(
         "--face", type=Path, action="append", default=[], help="identity photo; repeat for up to 8 photos of one person"
     )
@@ -171,6 +185,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.url is not None:
+        from serve.tools.remote import generate_remote
+
+        return generate_remote(args)
     from pydantic import ValidationError
 
     from deployments.generation.local import InstantIDPipeline, local_catalogue
@@ -181,6 +199,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deployments.instantid.weights import WeightsLayout
     from serve.ingress.errors import validation_message
 
+    if args.weights is None:
+        raise CliError("give --weights (in this process) or --url (on a running service)")
+    if args.identity_id is not None:
+        raise CliError("--identity-id names a saved identity on a service: add --url (offline: --identity-file)")
     if sum(map(bool, (args.face, args.identity, args.identity_file))) != 1:
         raise CliError(
             "give one of --face (one person), --identity-file (one saved identity) and --identity (2-4 people)"
