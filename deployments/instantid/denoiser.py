@@ -11,7 +11,9 @@ residuals and the face-token attention.
 Extra ControlNets (pose, canny, depth) work as in the published full InstantID pipeline: each receives the TEXT
 embeddings, its own map, strength and window; the face-region mask weighs IdentityNet only; all residuals are
 summed. Image-to-image works as diffusers' SDXL img2img pipelines: the init image is VAE-encoded (sampled with the
-job's generator), noised to the first timestep that ``strength`` keeps, and only the remaining steps run.
+job's generator), noised to the first timestep that ``strength`` keeps, and only the remaining steps run. With an
+inpainting mask (an edit, ``editing.py``) it works as diffusers' SDXL inpainting pipeline does for a 4-channel UNet:
+after every step the latents outside the mask are replaced by the init image's, re-noised to the next timestep.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class DenoiseJob:
     control_image: np.ndarray | None = None  # (H, W, 3) uint8; None: drawn from ``keypoints`` (the normal case)
     control_maps: Mapping[str, np.ndarray] = field(default_factory=dict)  # extra ControlNet -> (H, W, 3) uint8
     init_image: np.ndarray | None = None  # image-to-image: (H, W, 3) uint8 at the output size
+    # Inpainting (with init_image): (H, W) uint8 at the output size, >= 128 repaints; elsewhere the init image is kept.
+    inpaint_mask: np.ndarray | None = None
     # Called after each of the job's steps with (step, total, latents); returning True drops the job from the batch
     # at that step boundary (cancellation): the others go on, and ``generate`` gives None for it.
     on_step: Callable[[int, int, torch.Tensor], bool] | None = field(default=None, repr=False)
@@ -133,6 +137,8 @@ class InstantIDDenoiser:
             raise InvalidParameterError(f"width and height must be multiples of {self.vae_scale_factor}")
         if (p.strength is None) != (job.init_image is None):
             raise InvalidParameterError("image-to-image needs both an init image and a strength")
+        if job.inpaint_mask is not None and (job.init_image is None or job.inpaint_mask.shape != (p.height, p.width)):
+            raise InvalidParameterError(f"an inpainting mask needs an init image and the shape ({p.height}, {p.width})")
         if p.strength is not None and p.denoising_steps == 0:
             raise InvalidParameterError(
                 f"strength {p.strength} leaves no denoising step of {p.num_inference_steps} (int(steps x strength) "
@@ -142,6 +148,7 @@ class InstantIDDenoiser:
         scheduler.set_timesteps(p.num_inference_steps, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(p.seed)
         timesteps = scheduler.timesteps
+        inpaint = None
         if job.init_image is None:
             shape = (
                 p.num_images,
@@ -157,7 +164,10 @@ class InstantIDDenoiser:
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(first)
             init = self._image_tensor(job.init_image, p, "the init image") * 2.0 - 1.0
-            latents = self._noised_init_latents(init, p.num_images, scheduler, timesteps[:1], generator)
+            if job.inpaint_mask is None:
+                latents = self._noised_init_latents(init, p.num_images, scheduler, timesteps[:1], generator)
+            else:
+                latents, inpaint = self._inpaint_start(init, job.inpaint_mask, p, scheduler, timesteps, generator)
 
         cfg = p.do_classifier_free_guidance
         if job.identities is not None:  # several people: k x 16 face tokens, one mask channel per identity
@@ -196,6 +206,7 @@ class InstantIDDenoiser:
             "control_image": control_image,
             "maps": maps,
             "mask": mask,
+            "inpaint": inpaint,
         }
 
     @staticmethod
@@ -217,6 +228,48 @@ class InstantIDDenoiser:
     ) -> torch.Tensor:
         """The init image's latents, noised to ``first_timestep``, in diffusers' SDXL img2img order: the VAE's
         posterior is sampled with the job's generator, duplicated per image, then the noise is drawn."""
+        encoded = self._init_latents(pixels, num_images, generator)
+        noise = randn_tensor(encoded.shape, generator=generator, device=self.device, dtype=self.dtype)
+        return scheduler.add_noise(encoded, noise, first_timestep.repeat(num_images))
+
+    def _inpaint_start(
+        self,
+        pixels: torch.Tensor,
+        mask_image: np.ndarray,
+        p: GenerationParams,
+        scheduler,
+        timesteps: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The first latents of an inpainting job and what keeps its known region: the init image's latents, the
+        noise they are re-noised with at every step, and the mask at latent size (binarised at 0.5 and resized
+        nearest, as diffusers' inpainting pipelines do). At strength 1 the start is pure noise, as there."""
+        encoded = self._init_latents(pixels, p.num_images, generator)
+        noise = randn_tensor(encoded.shape, generator=generator, device=self.device, dtype=self.dtype)
+        if p.strength == 1.0:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(encoded, noise, timesteps[:1].repeat(p.num_images))
+        # diffusers' pipeline then VAE-encodes the masked image with the same generator (read only by 9-channel
+        # UNets): its posterior sample draws one latent-shaped tensor, drawn here too so that a stochastic
+        # scheduler's later draws are the same.
+        randn_tensor((1, *encoded.shape[1:]), generator=generator, device=self.device, dtype=self.vae_dtype)
+        mask = torch.from_numpy((np.asarray(mask_image) >= 128).astype(np.float32))[None, None]
+        mask = torch.nn.functional.interpolate(mask, size=tuple(encoded.shape[-2:]))
+        return latents, {"known": encoded, "noise": noise, "mask": mask.to(device=self.device, dtype=self.dtype)}
+
+    def _keep_known(self, state: dict, step: int) -> torch.Tensor:
+        """After step ``step``: the latents inside the mask as the scheduler left them, outside it the init image's
+        latents noised to the next timestep (unnoised after the last step)."""
+        inpaint, timesteps = state["inpaint"], state["timesteps"]
+        known = inpaint["known"]
+        if step < len(timesteps) - 1:
+            known = state["scheduler"].add_noise(known, inpaint["noise"], timesteps[step + 1].reshape(1))
+        return (1 - inpaint["mask"]) * known + inpaint["mask"] * state["latents"]
+
+    def _init_latents(self, pixels: torch.Tensor, num_images: int, generator: torch.Generator) -> torch.Tensor:
+        """The init image's latents (the VAE's posterior sampled with the job's generator, scaled as the VAE's
+        config says), duplicated per image."""
         pixels = pixels.to(device=self.device, dtype=self.dtype).to(self.vae_dtype)
         encoded = self.vae.encode(pixels).latent_dist.sample(generator).to(self.dtype)
         config = self.vae.config
@@ -227,9 +280,7 @@ class InstantIDDenoiser:
             encoded = (encoded - mean_t) * config.scaling_factor / std_t
         else:
             encoded = config.scaling_factor * encoded
-        encoded = torch.cat([encoded] * num_images)
-        noise = randn_tensor(encoded.shape, generator=generator, device=self.device, dtype=self.dtype)
-        return scheduler.add_noise(encoded, noise, first_timestep.repeat(num_images))
+        return torch.cat([encoded] * num_images)
 
     def _job_rows(self, job: DenoiseJob) -> JobRows:
         """The job's block of rows, [negatives, positives] with CFG, made once when it starts."""
@@ -379,6 +430,8 @@ class InstantIDDenoiser:
                     part = rescale_noise_cfg(part, cond, job.params.guidance_rescale)
             st = job._state
             st["latents"] = st["scheduler"].step(part, t, st["latents"], **st["step_kwargs"], return_dict=False)[0]
+            if st.get("inpaint") is not None:
+                st["latents"] = self._keep_known(st, st["index"])
             st["index"] += 1
             total = len(st["timesteps"])
             dropped = job.on_step is not None and job.on_step(st["index"], total, st["latents"])
