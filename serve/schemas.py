@@ -364,7 +364,9 @@ class FaceInfo(BaseModel):
 
 
 class FaceUsed(FaceInfo):
-    source: Literal["face", "pose"] = Field(description="A face photo (the identity) or the pose photo (geometry).")
+    source: Literal["face", "pose", "target"] = Field(
+        description="A face photo (the identity), the pose photo or an edit's target photo (geometry)."
+    )
     identity: int | None = Field(default=None, description="Several people: the identity this face belongs to.")
     photo_index: int = Field(description="The photo's index among the face photos (0 for the pose photo).")
     face_index: int = Field(description="The face's index in that photo, in POST /v1/faces order.")

@@ -27,9 +27,10 @@ from deployments.instantid.editing import (
     uploaded_mask,
 )
 from deployments.instantid.errors import InvalidParameterError
+from deployments.instantid.images import decode_image
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.schedulers import make_scheduler
-from tests.support import sample_init_image
+from tests.support import astronaut_jpeg, encode_image, group_photo_jpeg, sample_init_image
 
 KEYPOINTS = np.array([[22, 24], [42, 24], [32, 34], [24, 46], [40, 46]], dtype=np.float32)
 BOX = np.array([12, 10, 52, 56], dtype=np.float32)
@@ -186,3 +187,86 @@ def test_paste_back_keeps_every_pixel_outside_the_mask_and_repaints_inside() -> 
     assert np.array_equal(out[~mask], target[~mask])  # bit for bit
     core = feathered(mask, 4) == 1.0
     assert np.abs(out[core].astype(int) - target[core].astype(int)).mean() > 20
+
+
+# ------------------------------------------------------------------------------------- through the local pipeline
+
+EDIT_OPTIONS = {"prompt": "an astronaut", "num_inference_steps": 2, "style": "none", "seed": 3, "edit_resolution": 256}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_weights):
+    from deployments.generation.local import InstantIDPipeline
+    from deployments.instantid.weights import WeightsLayout
+
+    return InstantIDPipeline.from_layout(WeightsLayout.from_root(tiny_weights), device="cpu", dtype="float32")
+
+
+def edit(pipeline, target: bytes, mask: bytes | None = None, **options):
+    from deployments.generation.plan import GenerationInputs
+    from deployments.instantid.options import GenerationOptions
+
+    inputs = GenerationInputs(faces=(astronaut_jpeg(),), target=target, mask=mask)
+    return pipeline(GenerationOptions(**{**EDIT_OPTIONS, **options}), inputs)
+
+
+def group_photo_rgb() -> np.ndarray:
+    return decode_image(group_photo_jpeg())
+
+
+def test_an_edit_returns_the_target_with_only_the_face_region_changed(pipeline) -> None:
+    target_bytes = encode_image(group_photo_rgb(), "PNG")
+    target = decode_image(target_bytes)
+    out = edit(pipeline, target_bytes, mask_blur=6)
+    assert out.images.shape == (1, *target.shape)
+    assert (out.params.width, out.params.height) == (target.shape[1], target.shape[0])
+    face = pipeline.face.analyzer.detect(target)[0]
+    mask = face_mask(face.bbox, target.shape[1], target.shape[0], 0.35)
+    assert np.array_equal(out.images[0][~mask], target[~mask])
+    assert np.abs(out.images[0][mask].astype(int) - target[mask].astype(int)).mean() > 2
+    assert out.result.faces[-1].source == "target"
+
+
+def test_an_uploaded_mask_chooses_what_is_repainted(pipeline) -> None:
+    target = decode_image(encode_image(group_photo_rgb(), "PNG"))
+    mask = np.zeros_like(target)
+    mask[40:120, 60:200] = 255
+    out = edit(pipeline, encode_image(target, "PNG"), encode_image(mask, "PNG"))
+    inside = mask[..., 0] > 0
+    assert np.array_equal(out.images[0][~inside], target[~inside])
+    assert np.abs(out.images[0][inside].astype(int) - target[inside].astype(int)).mean() > 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"target": "blank"}, "no face detected in the target image"),
+        ({"target_face_index": 40}, "target_face_index 40 is out of range"),
+        ({"mask": "small"}, "must match"),
+    ],
+)
+def test_edits_that_cannot_run_are_refused(pipeline, change, message) -> None:
+    from deployments.instantid.errors import InstantIDError
+
+    change = dict(change)
+    target = encode_image(group_photo_rgb(), "PNG")
+    if change.pop("target", None) == "blank":
+        target = encode_image(np.full((200, 300, 3), 128, np.uint8), "PNG")
+    mask = encode_image(np.full((10, 10, 3), 255, np.uint8), "PNG") if change.pop("mask", None) else None
+    with pytest.raises(InstantIDError, match=message) as caught:
+        edit(pipeline, target, mask, **change)
+    assert caught.value.status == 422
+
+
+def test_edit_fields_need_a_target_and_an_edit_takes_no_size_or_init_image() -> None:
+    from deployments.generation.plan import InputsGiven, check_inputs
+    from deployments.instantid.options import GenerationOptions
+
+    with pytest.raises(InvalidParameterError, match="are for editing"):
+        check_inputs(GenerationOptions(prompt="x", edit_strength=0.5), InputsGiven(face_photos=1))
+    with pytest.raises(InvalidParameterError, match="mask_image is for editing"):
+        check_inputs(GenerationOptions(prompt="x"), InputsGiven(face_photos=1, mask=True))
+    with pytest.raises(InvalidParameterError, match="target's size"):
+        check_inputs(GenerationOptions(prompt="x", width=512, height=512), InputsGiven(face_photos=1, target=True))
+    with pytest.raises(InvalidParameterError, match="not both"):
+        check_inputs(GenerationOptions(prompt="x"), InputsGiven(face_photos=1, target=True, init=True))
