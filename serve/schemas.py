@@ -167,6 +167,14 @@ class GenerateRequest(GenerationOptions):
     pose_image_uri: str | None = None
     init_image_b64: str | None = Field(default=None, description="Image-to-image: the start image, base64.")
     init_image_uri: str | None = Field(default=None, description="Image-to-image: the start image as s3://bucket/key.")
+    target_image_b64: str | None = Field(
+        default=None, description="Editing: the photo whose chosen face (or mask_image) is repainted, base64."
+    )
+    target_image_uri: str | None = Field(default=None, description="Editing: the photo to edit as s3://bucket/key.")
+    mask_image_b64: str | None = Field(
+        default=None, description="Editing: the repaint mask (white repaints), the target's size, base64."
+    )
+    mask_image_uri: str | None = Field(default=None, description="Editing: the repaint mask as s3://bucket/key.")
     store_inputs: bool = Field(
         default=False, description="Keep the input photos next to the results (biometric data: off by default)."
     )
@@ -236,6 +244,10 @@ class GenerateRequest(GenerationOptions):
             raise ValueError("give at most one of pose_image_b64 and pose_image_uri")
         if self.init_image_b64 is not None and self.init_image_uri is not None:
             raise ValueError("give at most one of init_image_b64 and init_image_uri")
+        if self.target_image_b64 is not None and self.target_image_uri is not None:
+            raise ValueError("give at most one of target_image_b64 and target_image_uri")
+        if self.mask_image_b64 is not None and self.mask_image_uri is not None:
+            raise ValueError("give at most one of mask_image_b64 and mask_image_uri")
         try:
             check_inputs(self, self.inputs_given())
         except InvalidParameterError as exc:
@@ -257,6 +269,8 @@ class GenerateRequest(GenerationOptions):
             init=self.has_init_image,
             maps=frozenset(c.name for c in self.controlnets if c.has_image),
             saved_identity=self.identity_id,
+            target=self.has_target_image,
+            mask=self.has_mask_image,
         )
 
     def face_photos(self) -> list[FacePhoto]:
@@ -276,6 +290,14 @@ class GenerateRequest(GenerationOptions):
     @property
     def has_init_image(self) -> bool:
         return self.init_image_b64 is not None or self.init_image_uri is not None
+
+    @property
+    def has_target_image(self) -> bool:
+        return self.target_image_b64 is not None or self.target_image_uri is not None
+
+    @property
+    def has_mask_image(self) -> bool:
+        return self.mask_image_b64 is not None or self.mask_image_uri is not None
 
     def options(self) -> GenerationOptions:
         """The generation options alone, without any image (ready-made maps stay in the request); fields the
@@ -364,7 +386,9 @@ class FaceInfo(BaseModel):
 
 
 class FaceUsed(FaceInfo):
-    source: Literal["face", "pose"] = Field(description="A face photo (the identity) or the pose photo (geometry).")
+    source: Literal["face", "pose", "target"] = Field(
+        description="A face photo (the identity), the pose photo or an edit's target photo (geometry)."
+    )
     identity: int | None = Field(default=None, description="Several people: the identity this face belongs to.")
     photo_index: int = Field(description="The photo's index among the face photos (0 for the pose photo).")
     face_index: int = Field(description="The face's index in that photo, in POST /v1/faces order.")

@@ -19,7 +19,14 @@ def spec() -> dict:
         (
             "/v1/generate",
             GenerateRequest,
-            {"face_image", "pose_image", "init_image", *(f"control_image_{n}" for n in ("pose", "canny", "depth"))},
+            {
+                "face_image",
+                "pose_image",
+                "init_image",
+                "target_image",
+                "mask_image",
+                *(f"control_image_{n}" for n in ("pose", "canny", "depth")),
+            },
             None,  # face_image, or identity_N parts for several people
         ),
         ("/v1/faces", FacesRequest, {"image"}, None),  # image, or identity_N parts (with an optional pose photo)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from deployments.instantid.catalogue import ModelChoice
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
 from deployments.instantid.loras import LoraAdapters
@@ -40,6 +42,8 @@ def denoise_job(
 ) -> DenoiseJob:
     """The denoiser's job for one request; ``params`` are sized to the face condition's output size."""
     condition = face.condition
+    edit = face.edit
+    init_image = controls.inputs.init_image if controls is not None else None
     return DenoiseJob(
         params,
         condition.embedding,
@@ -47,7 +51,8 @@ def denoise_job(
         condition.box,
         prompt.embeddings,
         control_maps=controls.inputs.maps if controls is not None else {},
-        init_image=controls.inputs.init_image if controls is not None else None,
+        init_image=edit.init_image if edit is not None else init_image,
+        inpaint_mask=edit.mask_image if edit is not None else None,
         on_step=on_step,
         identities=condition.identities,
     )
@@ -67,7 +72,12 @@ def denoise_result(
     replica: str = "",
 ) -> DenoiseResult:
     """What the store records about a finished job: its images, every stage's timing (``arrived``: when the job
-    reached the denoiser, the start of its queue wait) and replica, the faces used and the batch it shared."""
+    reached the denoiser, the start of its queue wait) and replica, the faces used and the batch it shared. An
+    edit's generated crops are pasted back into its target here, so its images (and reported size) are the
+    target's."""
+    if face.edit is not None:
+        images = np.stack([face.edit.paste(image) for image in images])
+        params = params.sized(face.edit.target.shape[1], face.edit.target.shape[0])
     started = timings["denoise"].start
     waited = max(0.0, started - arrived)
     return DenoiseResult(

@@ -15,9 +15,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from deployments.instantid.conditioning import condition_from, identify, output_size, pose_face
+from deployments.instantid.conditioning import choose_face, condition_from, identify, output_size, pose_face
+from deployments.instantid.editing import PreparedEdit, face_mask, uploaded_mask
 from deployments.instantid.errors import InstantIDError, NoFaceError
-from deployments.instantid.face_data import FaceCondition
+from deployments.instantid.face_data import ChosenFace, FaceCondition
 from deployments.instantid.faces import FaceAnalyzer
 from deployments.instantid.group import IdentityPhotos, PoseFaces, group_condition
 from deployments.instantid.identity import combine_embeddings
@@ -29,6 +30,7 @@ from deployments.instantid.regions import shared_keypoint_image
 from .face_cache import FaceCache
 from .messages import (
     DenoiseResult,
+    EditRequest,
     Enrolment,
     FaceListing,
     FaceRequest,
@@ -137,16 +139,40 @@ class FaceStage:
             if request.pose_image is not None:
                 detected = self._detected(request.pose_image)
                 pose = pose_face(detected.faces, detected.width, detected.height, request.pose_face_index)
+            edit, target_face = self._edit(request.edit) if request.edit is not None else (None, None)
             condition = condition_from(
                 identities,
                 pose,
                 identity_combine=request.identity_combine,
-                width=request.width,
-                height=request.height,
+                width=request.width if edit is None else edit.region.width,
+                height=request.height if edit is None else edit.region.height,
                 long_side=self.long_side,
             )
+            if edit is not None and target_face is not None and pose is None:  # the target's face sets the pose
+                transform = edit.region.transform()
+                condition = replace(
+                    condition,
+                    keypoints=transform.apply_points(target_face.face.kps),
+                    box=transform.apply_box(target_face.face.bbox),
+                    pose_face=target_face.face,
+                    used=[*condition.used, target_face],
+                )
         photo_replicas = {f"face_photo_{r.chosen.photo_index}": r.replica for r in identified}
-        return FaceResult(condition, timings, self.replica, photo_replicas)
+        return FaceResult(condition, timings, self.replica, photo_replicas, edit)
+
+    def _edit(self, request: EditRequest) -> tuple[PreparedEdit, ChosenFace]:
+        """An edit's target: its chosen face (a 422 without one, or for an index out of range), the repaint mask
+        (the uploaded one, else the face's box grown by the padding) and the crop generated at portrait size."""
+        target = decode_image(request.target_image, **self.limits)
+        height, width = target.shape[:2]
+        faces = self.analyzer.detect(target)
+        face = choose_face(faces, request.target_face_index, "the target image", "target_face_index")
+        chosen = ChosenFace(replace(face, embedding=None), "target", 0, request.target_face_index, width, height)
+        if request.mask_image is not None:
+            mask = uploaded_mask(decode_image(request.mask_image, **self.limits), width, height)
+        else:
+            mask = face_mask(face.bbox, width, height, request.mask_padding)
+        return PreparedEdit.make(target, mask, request.mask_blur, request.edit_resolution), chosen
 
     def analyze_group(self, request: GroupFaceRequest, *identified: IdentityResult) -> FaceResult:
         """Several people: every photo was analysed by :meth:`identify`; this decides the layout (pose photo,

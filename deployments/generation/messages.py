@@ -23,6 +23,7 @@ from deployments.instantid.options import (
     DEFAULT_CANNY_LOW,
     DEFAULT_IDENTITY_COMBINE,
     IdentityCombine,
+    option_default,
 )
 from deployments.instantid.params import GenerationParams
 from deployments.instantid.safety import SafetyVerdict
@@ -30,6 +31,7 @@ from deployments.storage.generations import StoredGeneration, StoredImage
 
 if TYPE_CHECKING:  # tensors and maps that only travel between the model stages, never to the ingress
     from deployments.instantid.control_inputs import ControlInputs
+    from deployments.instantid.editing import PreparedEdit
     from deployments.instantid.text import PromptEmbeddings
 
 
@@ -66,6 +68,19 @@ def timed(timings: Timings, stage: str) -> Iterator[None]:
 
 
 @dataclass
+class EditRequest:
+    """An edit's target photo, its optional repaint mask (white repaints; the target's size) and how the mask and
+    the crop are made (the request's fields of the same names)."""
+
+    target_image: bytes
+    mask_image: bytes | None = None
+    target_face_index: int = 0
+    mask_padding: float = option_default("mask_padding")
+    mask_blur: int = option_default("mask_blur")
+    edit_resolution: int = option_default("edit_resolution")
+
+
+@dataclass
 class FaceRequest:
     """The face condition's inputs: one face photo (``face_image``), or none when several photos were analysed
     one by one (their results come with the call); the optional pose photo; the output size."""
@@ -77,6 +92,7 @@ class FaceRequest:
     face_index: int = 0
     pose_face_index: int = 0
     identity_combine: IdentityCombine = DEFAULT_IDENTITY_COMBINE
+    edit: EditRequest | None = None  # an edit: the keypoints and output size come from the target's crop
 
 
 @dataclass
@@ -135,6 +151,7 @@ class FaceResult:
     timings: Timings
     replica: str = ""
     photo_replicas: dict[str, str] = field(default_factory=dict)  # face_photo_N -> the replica that analysed it
+    edit: PreparedEdit | None = None  # an edit: the crop the condition is sized to, and how it is pasted back
 
 
 @dataclass

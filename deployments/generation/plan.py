@@ -22,6 +22,7 @@ from deployments.instantid.errors import InvalidParameterError
 from deployments.instantid.options import (
     COMPUTED_MAPS,
     DEFAULT_IDENTITY_COMBINE,
+    EDIT_OPTIONS,
     MAX_FACE_PHOTOS,
     MAX_IDENTITIES,
     MAX_SEED,
@@ -35,6 +36,7 @@ from deployments.instantid.styles import apply_style
 
 from .messages import (
     ControlMapsRequest,
+    EditRequest,
     FaceRequest,
     GenerationRecord,
     GroupFaceRequest,
@@ -71,6 +73,8 @@ class InputsGiven:
     init: bool = False
     maps: frozenset[str] = frozenset()  # extra ControlNets with a ready-made map
     saved_identity: str | None = None  # one person, as a saved identity's id instead of photos
+    target: bool = False  # an edit: the photo to edit
+    mask: bool = False  # ... and its repaint mask
 
     @property
     def saved_identities(self) -> list[str]:
@@ -108,6 +112,8 @@ class GenerationInputs:
     maps: Mapping[str, bytes] = field(default_factory=dict)  # ready-made maps, by ControlNet
     known: tuple[IdentityResult, ...] = ()  # one person as a saved identity: the faces its record holds
     saved_identity: str | None = None
+    target: bytes | None = None  # an edit: the photo to edit
+    mask: bytes | None = None  # ... and its repaint mask (white repaints), the target's size
 
     def given(self) -> InputsGiven:
         """What these inputs bring."""
@@ -119,6 +125,8 @@ class GenerationInputs:
             self.init is not None,
             frozenset(self.maps),
             self.saved_identity,
+            self.target is not None,
+            self.mask is not None,
         )
 
     @property
@@ -250,6 +258,16 @@ class GenerationPlan:
         options = self.options
         if self.people is not None:
             return GroupFaceRequest(people_specs(self.people), inputs.pose, options.width, options.height)
+        edit = None
+        if inputs.target is not None:
+            edit = EditRequest(
+                inputs.target,
+                inputs.mask,
+                options.target_face_index,
+                options.mask_padding,
+                options.mask_blur,
+                options.edit_resolution,
+            )
         return FaceRequest(
             inputs.faces[0] if len(inputs.faces) == 1 and not inputs.known else None,
             inputs.pose,
@@ -258,6 +276,7 @@ class GenerationPlan:
             face_index=options.face_index,
             pose_face_index=options.pose_face_index,
             identity_combine=options.identity_combine,
+            edit=edit,
         )
 
     def prompt_request(self) -> PromptRequest:
@@ -292,6 +311,8 @@ class GenerationPlan:
             kept = {f"face-{i}": data for i, data in enumerate(inputs.faces)}
         kept |= {"pose": inputs.pose} if inputs.pose is not None else {}
         kept |= {"init": inputs.init} if inputs.init is not None else {}
+        kept |= {"target": inputs.target} if inputs.target is not None else {}
+        kept |= {"mask": inputs.mask} if inputs.mask is not None else {}
         kept |= {f"control-{name}": inputs.maps[name] for name, src in self.map_sources.items() if src == "uploaded"}
         return kept
 
@@ -332,7 +353,7 @@ def plan_generation(
     model, preset = catalogue.choose(options.base_model, [(c.name, c.scale) for c in options.loras], options.mode)
     people = len(given.people) if given.people is not None else 1
     params = GenerationParams.from_options(
-        options, resolved_seed(options), preset, img2img=given.init, identities=people
+        options, resolved_seed(options), preset, img2img=given.init, edit=given.target, identities=people
     )
     for setting in params.controlnets:
         if setting.name not in controlnets:
@@ -358,9 +379,12 @@ def plan_generation(
             "with identities, computed control maps need a pose_image (the faces are placed by the layout, not "
             "where they are in the identity photos); give pose_image or upload the maps"
         )
+    if given.target and params.active_controlnets:
+        raise InvalidParameterError("extra ControlNets are not available with target_image (an edit) yet")
     if params.strength is not None and params.denoising_steps == 0:
+        name = "edit_strength" if given.target else "strength"
         raise InvalidParameterError(
-            f"strength {params.strength} leaves no denoising step of {params.num_inference_steps}: "
+            f"{name} {params.strength} leaves no denoising step of {params.num_inference_steps}: "
             "int(num_inference_steps x strength) must be at least 1"
         )
     prompt, negative = apply_style(options.style, options.prompt, options.negative_prompt)
@@ -380,6 +404,26 @@ def check_inputs(options: GenerationOptions, given: InputsGiven) -> None:
         raise InvalidParameterError("pose_face_index is for the pose photo: give pose_image too")
     if "strength" in options.model_fields_set and not given.init:
         raise InvalidParameterError("strength is for image-to-image: give init_image too")
+    _check_edit(options, given)
+
+
+def _check_edit(options: GenerationOptions, given: InputsGiven) -> None:
+    """An edit (target_image) repaints part of the target at the target's size, from one person's identity."""
+    if given.mask and not given.target:
+        raise InvalidParameterError("mask_image is for editing: give target_image too")
+    edit_fields = sorted(set(EDIT_OPTIONS) & options.model_fields_set)
+    if edit_fields and not given.target:
+        raise InvalidParameterError(f"{', '.join(edit_fields)} are for editing: give target_image too")
+    if not given.target:
+        return
+    if given.init:
+        raise InvalidParameterError("give either target_image (an edit) or init_image (image-to-image), not both")
+    if given.people is not None:
+        raise InvalidParameterError("an edit repaints one face: identities (several people) are not available with it")
+    if options.width is not None or options.height is not None:
+        raise InvalidParameterError("an edit has the target's size: drop width and height (see edit_resolution)")
+    if given.mask and "mask_padding" in options.model_fields_set:
+        raise InvalidParameterError("mask_padding grows the target face's box: it does not apply with mask_image")
 
 
 def _check_people(options: GenerationOptions, people: tuple[PersonGiven, ...], face_photos: int) -> None:

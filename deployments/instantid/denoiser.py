@@ -11,7 +11,9 @@ residuals and the face-token attention.
 Extra ControlNets (pose, canny, depth) work as in the published full InstantID pipeline: each receives the TEXT
 embeddings, its own map, strength and window; the face-region mask weighs IdentityNet only; all residuals are
 summed. Image-to-image works as diffusers' SDXL img2img pipelines: the init image is VAE-encoded (sampled with the
-job's generator), noised to the first timestep that ``strength`` keeps, and only the remaining steps run.
+job's generator), noised to the first timestep that ``strength`` keeps, and only the remaining steps run. With an
+inpainting mask (an edit, ``editing.py``) it works as diffusers' SDXL inpainting pipeline does for a 4-channel UNet:
+after every step the latents outside the mask are replaced by the init image's, re-noised to the next timestep.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .batch_rows import JobRows, StepBatch
 from .errors import InvalidParameterError
 from .identity import negative_identity
 from .keypoints import draw_keypoint_image, face_region_mask
+from .latent_starts import ImageLatents, image_tensor, keep_known
 from .multi_identity import identity_conditioning, per_identity_identitynet
 from .params import DEFAULT_VAE_BATCH_SIZE, GenerationParams
 from .regions import PlacedIdentity
@@ -53,6 +56,8 @@ class DenoiseJob:
     control_image: np.ndarray | None = None  # (H, W, 3) uint8; None: drawn from ``keypoints`` (the normal case)
     control_maps: Mapping[str, np.ndarray] = field(default_factory=dict)  # extra ControlNet -> (H, W, 3) uint8
     init_image: np.ndarray | None = None  # image-to-image: (H, W, 3) uint8 at the output size
+    # Inpainting (with init_image): (H, W) uint8 at the output size, >= 128 repaints; elsewhere the init image is kept.
+    inpaint_mask: np.ndarray | None = None
     # Called after each of the job's steps with (step, total, latents); returning True drops the job from the batch
     # at that step boundary (cancellation): the others go on, and ``generate`` gives None for it.
     on_step: Callable[[int, int, torch.Tensor], bool] | None = field(default=None, repr=False)
@@ -140,6 +145,8 @@ class InstantIDDenoiser:
             raise InvalidParameterError(f"width and height must be multiples of {self.vae_scale_factor}")
         if (p.strength is None) != (job.init_image is None):
             raise InvalidParameterError("image-to-image needs both an init image and a strength")
+        if job.inpaint_mask is not None and (job.init_image is None or job.inpaint_mask.shape != (p.height, p.width)):
+            raise InvalidParameterError(f"an inpainting mask needs an init image and the shape ({p.height}, {p.width})")
         if p.strength is not None and p.denoising_steps == 0:
             raise InvalidParameterError(
                 f"strength {p.strength} leaves no denoising step of {p.num_inference_steps} (int(steps x strength) "
@@ -149,6 +156,7 @@ class InstantIDDenoiser:
         scheduler.set_timesteps(p.num_inference_steps, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(p.seed)
         timesteps = scheduler.timesteps
+        inpaint = None
         if job.init_image is None:
             shape = (
                 p.num_images,
@@ -163,8 +171,12 @@ class InstantIDDenoiser:
             timesteps = timesteps[first:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(first)
-            init = self._image_tensor(job.init_image, p, "the init image") * 2.0 - 1.0
-            latents = self._noised_init_latents(init, p.num_images, scheduler, timesteps[:1], generator)
+            init = image_tensor(job.init_image, p, "the init image") * 2.0 - 1.0
+            starts = ImageLatents(self.vae, self.device, self.dtype, self.vae_dtype)
+            if job.inpaint_mask is None:
+                latents = starts.noised(init, p.num_images, scheduler, timesteps[:1], generator)
+            else:
+                latents, inpaint = starts.inpaint_start(init, job.inpaint_mask, p, scheduler, timesteps, generator)
 
         cfg = p.do_classifier_free_guidance
         if job.identities is not None:  # several people: k x 16 face tokens, one mask channel per identity
@@ -183,7 +195,7 @@ class InstantIDDenoiser:
                 mask = torch.from_numpy(face_region_mask(np.asarray(job.face_box), p.width, p.height))[None, None]
         if job.control_image is not None:  # a ready-made condition image wins (also over several identities')
             keypoint_image = job.control_image
-        control_image = self._image_tensor(keypoint_image, p, "control_image")
+        control_image = image_tensor(keypoint_image, p, "control_image")
         maps = {}
         for setting in p.active_controlnets:
             if setting.name not in self.controlnets:
@@ -191,7 +203,7 @@ class InstantIDDenoiser:
                 raise InvalidParameterError(f"this denoiser has no {setting.name} ControlNet (it has: {have})")
             if setting.name not in job.control_maps:
                 raise InvalidParameterError(f"the {setting.name} ControlNet needs a control map")
-            maps[setting.name] = self._image_tensor(job.control_maps[setting.name], p, f"the {setting.name} map")
+            maps[setting.name] = image_tensor(job.control_maps[setting.name], p, f"the {setting.name} map")
         step_kwargs = set(inspect.signature(scheduler.step).parameters)
         job._state = {
             "scheduler": scheduler,
@@ -203,40 +215,8 @@ class InstantIDDenoiser:
             "control_image": control_image,
             "maps": maps,
             "mask": mask,
+            "inpaint": inpaint,
         }
-
-    @staticmethod
-    def _image_tensor(image: np.ndarray, p: GenerationParams, what: str) -> torch.Tensor:
-        """An (H, W, 3) uint8 image at the output size as (1, 3, H, W) float in [0, 1] (diffusers' conversion)."""
-        if image.shape != (p.height, p.width, 3) or image.dtype != np.uint8:
-            raise InvalidParameterError(
-                f"{what} must be uint8 ({p.height}, {p.width}, 3), got {image.dtype} {image.shape}"
-            )
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).float().div(255.0).permute(2, 0, 1)[None]
-
-    def _noised_init_latents(
-        self,
-        pixels: torch.Tensor,
-        num_images: int,
-        scheduler,
-        first_timestep: torch.Tensor,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        """The init image's latents, noised to ``first_timestep``, in diffusers' SDXL img2img order: the VAE's
-        posterior is sampled with the job's generator, duplicated per image, then the noise is drawn."""
-        pixels = pixels.to(device=self.device, dtype=self.dtype).to(self.vae_dtype)
-        encoded = self.vae.encode(pixels).latent_dist.sample(generator).to(self.dtype)
-        config = self.vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(encoded)
-            std_t = torch.tensor(std).view(1, -1, 1, 1).to(encoded)
-            encoded = (encoded - mean_t) * config.scaling_factor / std_t
-        else:
-            encoded = config.scaling_factor * encoded
-        encoded = torch.cat([encoded] * num_images)
-        noise = randn_tensor(encoded.shape, generator=generator, device=self.device, dtype=self.dtype)
-        return scheduler.add_noise(encoded, noise, first_timestep.repeat(num_images))
 
     def _job_rows(self, job: DenoiseJob) -> JobRows:
         """The job's block of rows, [negatives, positives] with CFG, made once when it starts."""
@@ -383,6 +363,8 @@ class InstantIDDenoiser:
                 part = _guided(part, rows.guidance, job.params.guidance_rescale)
             st = job._state
             st["latents"] = st["scheduler"].step(part, t, st["latents"], **st["step_kwargs"], return_dict=False)[0]
+            if st.get("inpaint") is not None:
+                st["latents"] = keep_known(st, st["index"])
             st["index"] += 1
             total = len(st["timesteps"])
             dropped = job.on_step is not None and job.on_step(st["index"], total, st["latents"])

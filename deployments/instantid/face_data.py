@@ -64,7 +64,7 @@ class ChosenFace:
     """The face a generation used from one photo: which photo, which of its faces, and the photo's size."""
 
     face: DetectedFace  # in that photo's pixels; with its embedding for identity photos (until it is reported)
-    source: Literal["face", "pose"]
+    source: Literal["face", "pose", "target"]
     photo_index: int  # the photo's index among the face photos (0 for the pose photo)
     face_index: int  # its index in the photo's faces, largest first (the order POST /v1/faces lists them)
     image_width: int

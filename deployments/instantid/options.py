@@ -200,6 +200,36 @@ class GenerationOptions(BaseModel):
         le=1.0,
         description="CFG negative identity input face_noise x U(0,1) (seeded) instead of zeros; against burnt images.",
     )
+    edit_strength: float = Field(
+        default=0.9,
+        ge=0.0,
+        le=1.0,
+        description="Editing (with target_image): how far the masked area is re-noised; int(steps x edit_strength) "
+        "steps run. 1: the masked area is drawn from noise.",
+    )
+    target_face_index: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_FACE_INDEX,
+        description="Editing: which face of the target photo is repainted and gives the keypoints (POST /v1/faces "
+        "order).",
+    )
+    mask_padding: float = Field(
+        default=0.35,
+        ge=0.0,
+        le=2.0,
+        description="Editing without mask_image: the target face's box grown on each side by this share of its size.",
+    )
+    mask_blur: int = Field(
+        default=12, ge=0, le=256, description="Editing: the paste-back feather, in target pixels inside the mask."
+    )
+    edit_resolution: int = Field(
+        default=1024,
+        ge=MIN_SIDE,
+        le=MAX_SIDE,
+        multiple_of=8,
+        description="Editing: the long side the masked region (with context) is generated at.",
+    )
     strength: float = Field(
         default=0.8,
         ge=0.0,
@@ -232,6 +262,9 @@ class GenerationOptions(BaseModel):
             if not start < end:
                 raise ValueError(f"ControlNet {c.name}: need 0 <= start < end <= 1, got {start}, {end}")
         return self
+
+
+EDIT_OPTIONS = ("edit_strength", "target_face_index", "mask_padding", "mask_blur", "edit_resolution")
 
 
 def option_default(name: str) -> Any:

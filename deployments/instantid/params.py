@@ -73,11 +73,13 @@ class GenerationParams:
         preset: ModeSpec | None = None,
         *,
         img2img: bool = False,
+        edit: bool = False,
         identities: int = 1,
     ) -> GenerationParams:
         """The parameters of a request: every field named like an option is copied from it; a mode's ``preset``
         supplies steps, guidance and scheduler unless the request set them itself; ``strength`` applies only with
-        an init image (``img2img``); each extra ControlNet gets the request's window where it sets none."""
+        an init image (``img2img``), ``edit_strength`` in its place for an edit; each extra ControlNet gets the
+        request's window where it sets none."""
         given = options.model_fields_set
         copied = {
             f.name: getattr(options, f.name)
@@ -99,7 +101,7 @@ class GenerationParams:
             **copied,
             seed=seed,
             controlnets=controlnets,
-            strength=options.strength if img2img else None,
+            strength=options.edit_strength if edit else options.strength if img2img else None,
             identities=identities,
         )
 

@@ -239,7 +239,15 @@ class Generations:
             for c in request.controlnets
             if plan.map_sources.get(c.name) == "uploaded"
         }
-        inputs = GenerationInputs(faces, people, pose, init, maps, known, request.identity_id)
+        target = (
+            await load(request.target_image_b64, request.target_image_uri, "target_image")
+            if request.has_target_image
+            else None
+        )
+        mask = (
+            await load(request.mask_image_b64, request.mask_image_uri, "mask_image") if request.has_mask_image else None
+        )
+        inputs = GenerationInputs(faces, people, pose, init, maps, known, request.identity_id, target, mask)
         return plan.loaded(inputs, identity_combine), inputs
 
     def _response(

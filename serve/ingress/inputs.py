@@ -37,6 +37,8 @@ GENERATE_FILES = {
     "face_image": "face_image",
     "pose_image": "pose_image",
     "init_image": "init_image",
+    "target_image": "target_image",
+    "mask_image": "mask_image",
     **{CONTROL_IMAGE_PART.format(name): CONTROL_IMAGE_PART.format(name) for name in CONTROLNET_NAMES},
     **{part: part for part in IDENTITY_PARTS},
 }

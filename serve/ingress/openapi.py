@@ -86,6 +86,8 @@ GENERATE_BODY = _request_body(
         "pose_image": "Optional photo whose largest face sets the pose, the composition and (without width/height) "
         "the size.",
         "init_image": "Optional image-to-image start (with strength); scaled to cover the output, centre-cropped.",
+        "target_image": "Optional photo to edit: its chosen face (or mask_image) is repainted with the identity.",
+        "mask_image": "Optional repaint mask for target_image (white repaints), the target's size.",
         **{
             CONTROL_IMAGE_PART.format(name): f"Optional ready-made map for the {name} ControlNet (listed in "
             "controlnets); scaled to cover the output, centre-cropped."

@@ -4,8 +4,9 @@ The flags are made from the request schema (``deployments/instantid/options.py``
 flag of its name (``--num-inference-steps``, ``--face-noise``, ...; three keep short aliases: ``--negative``,
 ``--steps``, ``--guidance``) whose help shows the schema's description, range and default, and whose value the
 schema validates. The pictures and the list-valued options have flags of their own: ``--face`` (repeatable),
-``--identity FACE[:X1,Y1,X2,Y2]``, ``--pose``, ``--init-image``, ``--control-image NAME=FILE``,
-``--lora NAME_OR_PATH[:SCALE]``, ``--controlnet NAME[:STRENGTH]``; ``--base`` chooses what to load.
+``--identity FACE[:X1,Y1,X2,Y2]``, ``--pose``, ``--init-image``, ``--target``, ``--mask``,
+``--control-image NAME=FILE``, ``--lora NAME_OR_PATH[:SCALE]``, ``--controlnet NAME[:STRENGTH]``; ``--base``
+chooses what to load.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ FLAG_WORDS = {
     "pose_face_index": "--pose-face-index",
     "pose_image": "--pose",
     "init_image": "--init-image",
+    "target_image": "--target",
+    "mask_image": "--mask",
     "strength": "--strength",
     "identities": "--identity",
     "face_image": "--face",
@@ -150,6 +153,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     p.add_argument("--pose", type=Path, default=None, help="photo whose largest face sets pose and size")
     p.add_argument("--init-image", type=Path, default=None, help="image-to-image: start from this picture")
+    p.add_argument("--target", type=Path, default=None, help="edit this photo: its face (or --mask) is repainted")
+    p.add_argument("--mask", type=Path, default=None, help="with --target: the repaint mask (white repaints)")
     p.add_argument(
         "--base",
         default=None,
@@ -243,6 +248,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         maps={name: _read(path, "--control-image") for name, path in control_files.items()},
         known=saved_faces(saved, StageTiming.since(time.time())) if saved is not None else (),
         saved_identity=saved.id if saved is not None else None,
+        target=_read(args.target, "--target") if args.target else None,
+        mask=_read(args.mask, "--mask") if args.mask else None,
     )
     layout = WeightsLayout.from_root(args.weights)
     base, lora_files = _local_models(args.weights, args.base, loras, options.mode)

@@ -89,6 +89,10 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
         body["pose_image_b64"] = b64(args.pose, "--pose")
     if args.init_image is not None:
         body["init_image_b64"] = b64(args.init_image, "--init-image")
+    if args.target is not None:
+        body["target_image_b64"] = b64(args.target, "--target")
+    if args.mask is not None:
+        body["mask_image_b64"] = b64(args.mask, "--mask")
     extra = {
         "base_model": args.base,
         "loras": [{k: v for k, v in lora.items() if v is not None} for lora in loras] or None,

@@ -1,0 +1,102 @@
+"""Where an image-to-image or inpainting job starts, and how an inpainting job keeps its known region.
+
+Both follow diffusers' SDXL pipelines draw for draw, so a job with a seed gives their image: the init image's VAE
+posterior is sampled with the job's generator and duplicated per image, then the noise is drawn and added at the
+first timestep. An inpainting job (an edit) also keeps what it needs to put the unmasked region back after every
+step, re-noised to the next timestep: the blend of diffusers' inpainting pipelines for a 4-channel UNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from diffusers.utils.torch_utils import randn_tensor
+
+from .errors import InvalidParameterError
+from .params import GenerationParams
+
+
+def image_tensor(image: np.ndarray, p: GenerationParams, what: str) -> torch.Tensor:
+    """An (H, W, 3) uint8 image at the output size as (1, 3, H, W) float in [0, 1] (diffusers' conversion)."""
+    if image.shape != (p.height, p.width, 3) or image.dtype != np.uint8:
+        raise InvalidParameterError(f"{what} must be uint8 ({p.height}, {p.width}, 3), got {image.dtype} {image.shape}")
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).float().div(255.0).permute(2, 0, 1)[None]
+
+
+@dataclass(frozen=True)
+class ImageLatents:
+    """The VAE and the precisions a denoiser runs it in: what turns init images into starting latents."""
+
+    vae: AutoencoderKL
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+
+    def encode(self, pixels: torch.Tensor, num_images: int, generator: torch.Generator) -> torch.Tensor:
+        """The init image's latents (the VAE's posterior sampled with the job's generator, scaled as the VAE's
+        config says), duplicated per image."""
+        pixels = pixels.to(device=self.device, dtype=self.dtype).to(self.vae_dtype)
+        encoded = self.vae.encode(pixels).latent_dist.sample(generator).to(self.dtype)
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(encoded)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(encoded)
+            encoded = (encoded - mean_t) * config.scaling_factor / std_t
+        else:
+            encoded = config.scaling_factor * encoded
+        return torch.cat([encoded] * num_images)
+
+    def noised(
+        self,
+        pixels: torch.Tensor,
+        num_images: int,
+        scheduler: Any,
+        first_timestep: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """The init image's latents noised to ``first_timestep``, in diffusers' SDXL img2img order: the VAE's
+        posterior is sampled with the job's generator, duplicated per image, then the noise is drawn."""
+        encoded = self.encode(pixels, num_images, generator)
+        noise = randn_tensor(encoded.shape, generator=generator, device=self.device, dtype=self.dtype)
+        return scheduler.add_noise(encoded, noise, first_timestep.repeat(num_images))
+
+    def inpaint_start(
+        self,
+        pixels: torch.Tensor,
+        mask_image: np.ndarray,
+        p: GenerationParams,
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The first latents of an inpainting job and what keeps its known region: the init image's latents, the
+        noise they are re-noised with at every step, and the mask at latent size (binarised at 0.5 and resized
+        nearest, as diffusers' inpainting pipelines do). At strength 1 the start is pure noise, as there."""
+        encoded = self.encode(pixels, p.num_images, generator)
+        noise = randn_tensor(encoded.shape, generator=generator, device=self.device, dtype=self.dtype)
+        if p.strength == 1.0:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(encoded, noise, timesteps[:1].repeat(p.num_images))
+        # diffusers' pipeline then VAE-encodes the masked image with the same generator (read only by 9-channel
+        # UNets): its posterior sample draws one latent-shaped tensor, drawn here too so that a stochastic
+        # scheduler's later draws are the same.
+        randn_tensor((1, *encoded.shape[1:]), generator=generator, device=self.device, dtype=self.vae_dtype)
+        mask = torch.from_numpy((np.asarray(mask_image) >= 128).astype(np.float32))[None, None]
+        mask = torch.nn.functional.interpolate(mask, size=tuple(encoded.shape[-2:]))
+        return latents, {"known": encoded, "noise": noise, "mask": mask.to(device=self.device, dtype=self.dtype)}
+
+
+def keep_known(state: dict[str, Any], step: int) -> torch.Tensor:
+    """After step ``step`` of an inpainting job (its ``state``): the latents inside the mask as the scheduler left
+    them, outside it the init image's latents noised to the next timestep (unnoised after the last step)."""
+    inpaint, timesteps = state["inpaint"], state["timesteps"]
+    known = inpaint["known"]
+    if step < len(timesteps) - 1:
+        known = state["scheduler"].add_noise(known, inpaint["noise"], timesteps[step + 1].reshape(1))
+    return (1 - inpaint["mask"]) * known + inpaint["mask"] * state["latents"]
