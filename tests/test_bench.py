@@ -450,9 +450,6 @@ def test_gpu_dry_run_compares_each_switch_with_the_eager_images(gpu_dry_run: dic
     assert lora["accelerated"]["images_vs_eager_without_lora"]["max_abs"] <= 2
     assert positive(sections["identities"]["batch_1"]["two_over_one"])
     assert positive(sections["lcm"]["batch_1"]["ours_over_stock"])
-    cold = sections["cold_start"]["runs"]
-    for name in ("eager", "compiled_cold_cache", "compiled_warm_cache"):
-        assert positive(cold[name]["to_first_image_s"]) and positive(cold[name]["second_image_s"]), (name, cold[name])
 
 
 @pytest.mark.slow
