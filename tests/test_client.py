@@ -167,6 +167,27 @@ def test_retries_are_bounded_in_count_and_in_time(scripted) -> None:
     assert time.monotonic() - started < 5
 
 
+def test_a_plain_text_500_from_the_proxy_is_retried_with_the_same_key_and_ours_is_not(scripted) -> None:
+    """Ray Serve's proxy answers a request whose ingress replica died with a plain-text 500: sent again with the
+    same Idempotency-Key. The service's own JSON 500 (internal_error) is final, and an enrolment (no key) is never
+    sent twice."""
+    lost = Answer(500, b"Internal Server Error", {"Content-Type": "text/plain; charset=utf-8"})
+    server = scripted([lost, Answer(200, GENERATED)])
+    assert generate_with("sync", server.url).id == GENERATED["id"]
+    assert len(server.seen) == 2 and len({s.headers.get("idempotency-key") for s in server.seen}) == 1
+
+    ours = {"error": {"code": "internal_error", "message": "internal error", "request_id": "r-1"}}
+    final = scripted([Answer(500, ours), Answer(200, GENERATED)])
+    with pytest.raises(APIError) as caught:
+        generate_with("sync", final.url)
+    assert caught.value.code == "internal_error" and len(final.seen) == 1
+
+    enrol = scripted([lost, Answer(201, {})])
+    with InstantIDClient(enrol.url, retry=FAST_RETRY) as client, pytest.raises(APIError):
+        client.enrol_identity(astronaut_jpeg())
+    assert len(enrol.seen) == 1
+
+
 def test_errors_carry_the_service_code_and_are_not_retried(scripted) -> None:
     body = {"error": {"code": "no_face", "message": "no face detected in face photo 0", "request_id": "r-9"}}
     server = scripted([Answer(422, body)])

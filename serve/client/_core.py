@@ -249,6 +249,14 @@ def retryable(response: httpx.Response) -> bool:
     return response.status_code == 409 and error_from(response).code in RETRY_CODES_409
 
 
+def lost_in_the_proxy(response: httpx.Response) -> bool:
+    """A 500 that is not the service's JSON error: Ray Serve's HTTP proxy answers it, as plain text, for a request
+    whose ingress replica died while running it. The request may have run or not; sent again with the same
+    Idempotency-Key (generate and submit always carry one) it runs at most once, so it is retried like a 503."""
+    content_type = response.headers.get("content-type", "")
+    return response.status_code == 500 and not content_type.startswith("application/json")
+
+
 def parse(model: type[T], response: httpx.Response) -> T:
     return model.model_validate(response.json())
 
@@ -267,7 +275,9 @@ class Attempts:
 
     def after_answer(self, response: httpx.Response) -> float | None:
         """None: the answer is final (returned or raised by :meth:`result`); else seconds to wait."""
-        if response.status_code in self.call.ok or not retryable(response):
+        if response.status_code in self.call.ok:
+            return None
+        if not (retryable(response) or (lost_in_the_proxy(response) and not self.call.retry_unsent_only)):
             return None
         return self._wait(self.policy.delay(self.attempt, self.waited_s, retry_after_s(response)))
 
