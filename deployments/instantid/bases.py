@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .catalogue import BaseModelSpec
+from .construction import constructs_modules
 from .errors import WeightsError
 from .weights import SDXL_FILES, resolve_hub, resolve_source, sdxl_patterns
 
@@ -112,6 +113,7 @@ def resolve_base(
     return base
 
 
+@constructs_modules
 def load_unet_and_vae(base: SDXLBase, dtype: torch.dtype):
     """``(unet, vae)`` of ``base``; the VAE in fp32 (the denoiser decides its decode precision)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -138,6 +140,7 @@ def load_unet_and_vae(base: SDXLBase, dtype: torch.dtype):
     return unet, vae
 
 
+@constructs_modules
 def load_text_encoders(base: SDXLBase, dtype: torch.dtype):
     """``(tokenizer, text_encoder, tokenizer_2, text_encoder_2)`` of ``base``."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .construction import constructs_modules
 from .errors import WeightsError
 from .keypoints import CropTransform
 from .options import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW
@@ -127,6 +128,7 @@ def _missing_depth_files(folder: Path) -> list[str]:
     return missing
 
 
+@constructs_modules
 def load_depth_estimator(
     folder: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> DepthEstimator:

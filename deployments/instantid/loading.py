@@ -14,6 +14,7 @@ from .acceleration import accelerate
 from .attention import attach_face_attention, load_face_attention
 from .bases import SDXLBase, load_text_encoders, load_unet_and_vae
 from .catalogue import DEFAULT_BASE
+from .construction import constructs_modules
 from .denoiser import InstantIDDenoiser
 from .errors import WeightsError
 from .params import DEFAULT_VAE_BATCH_SIZE
@@ -88,6 +89,7 @@ class InstantIDParts:
             attach_face_attention(unet, self._layers)
 
 
+@constructs_modules
 def load_instantid_parts(
     layout: WeightsLayout, *, dtype: torch.dtype, controlnets: Mapping[str, Path] | None = None
 ) -> InstantIDParts:
@@ -104,6 +106,7 @@ def load_instantid_parts(
     return InstantIDParts(controlnet, Resampler.from_state_dict(image_proj), ip_adapter, extra)
 
 
+@constructs_modules
 def load_controlnet(folder: Path, name: str, *, dtype: torch.dtype) -> ControlNetModel:
     """An extra SDXL ControlNet from a diffusers folder (``config.json`` + safetensors weights, fp16 variant too)."""
     folder = Path(folder)
@@ -119,6 +122,7 @@ def load_controlnet(folder: Path, name: str, *, dtype: torch.dtype) -> ControlNe
         raise WeightsError(f"could not load the {name} ControlNet from {folder}: {exc}") from exc
 
 
+@constructs_modules
 def build_denoiser(
     parts: InstantIDParts,
     base: SDXLBase,
@@ -155,6 +159,7 @@ def build_denoiser(
     return denoiser
 
 
+@constructs_modules
 def load_vae(folder: Path) -> AutoencoderKL:
     """A diffusers AutoencoderKL folder (fp32: the denoiser chooses its decode precision)."""
     folder = Path(folder)
@@ -189,6 +194,7 @@ def load_denoiser(
     )
 
 
+@constructs_modules
 def load_prompt_encoder(
     layout: WeightsLayout | None = None, *, device: str = "auto", dtype: str = "auto", base: SDXLBase | None = None
 ) -> SDXLPromptEncoder:

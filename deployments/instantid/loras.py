@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .catalogue import LoraSpec
+from .construction import constructs_modules
 from .errors import WeightsError
 from .weights import resolve_hub, resolve_source
 
@@ -200,6 +201,7 @@ class LoraAdapters:
                 layer.get_base_layer().weight.copy_(weight)
         self._base_weights = {}
 
+    @constructs_modules
     def _load(self, name: str) -> None:
         from diffusers import StableDiffusionXLPipeline
 
@@ -208,31 +210,39 @@ class LoraAdapters:
             raise WeightsError(f"LoRA {name} is not in this replica's catalogue")
         state, alphas = read_lora(path, self.unet_config)
         parts: set[str] = set()
-        with _quiet_loading():
-            for part, model in self.targets.items():
-                if not any(key.startswith(part + ".") for key in state):
-                    continue
-                if part == "unet":
-                    StableDiffusionXLPipeline.load_lora_into_unet(state, alphas, model, adapter_name=name)
-                else:
-                    StableDiffusionXLPipeline.load_lora_into_text_encoder(
-                        state, alphas, model, prefix=part, adapter_name=name
-                    )
-                parts.add(part)
+        try:
+            with _quiet_loading():
+                for part, model in self.targets.items():
+                    if not any(key.startswith(part + ".") for key in state):
+                        continue
+                    parts.add(part)  # before the load: a load failing halfway leaves layers to remove
+                    if part == "unet":
+                        StableDiffusionXLPipeline.load_lora_into_unet(state, alphas, model, adapter_name=name)
+                    else:
+                        StableDiffusionXLPipeline.load_lora_into_text_encoder(
+                            state, alphas, model, prefix=part, adapter_name=name
+                        )
+        except BaseException:
+            self._remove_layers(name, parts)  # else every later load of it fails: "adapter ... already exists"
+            raise
         self._loaded[name] = parts
         self.loads += 1
 
     def _unload(self, name: str) -> None:
+        self._restore()  # never delete an adapter that is merged into the weights
+        self._remove_layers(name, self._loaded.pop(name))
+        self.active = tuple((n, s) for n, s in self.active if n != name)
+
+    def _remove_layers(self, name: str, parts: set[str]) -> None:
+        """Delete adapter ``name``'s layers from ``parts`` (those a load reached, perhaps only partly)."""
         from diffusers.utils.peft_utils import delete_adapter_layers
 
-        self._restore()  # never delete an adapter that is merged into the weights
-        for part in self._loaded.pop(name):
+        for part in parts:
             model = self.targets[part]
-            if part == "unet":
+            if part == "unet" and name in getattr(model, "peft_config", {}):
                 model.delete_adapters(name)
             else:
                 delete_adapter_layers(model, name)
-        self.active = tuple((n, s) for n, s in self.active if n != name)
 
     def _set(self, loras: tuple[tuple[str, float], ...]) -> None:
         from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
