@@ -30,7 +30,7 @@ def _fake_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failures: int) ->
     body = FAKE_RAY.format(count=tmp_path / "count", pids=tmp_path / "pids", python=sys.executable, failures=failures)
     script.write_text(body)
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(node_module, "ray_executable", lambda: str(script))
+    monkeypatch.setattr(node_module, "ray_command", lambda: [str(script)])
     monkeypatch.setattr(node_module, "free_port", lambda: 1)
     return tmp_path / "pids"
 

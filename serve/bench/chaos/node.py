@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,15 +29,10 @@ _NODE_ID = re.compile(r"--node[-_]id=([0-9a-f]+)")
 STARTED = "Ray runtime started"  # what `ray start` prints once the node has registered
 
 
-def ray_executable() -> str:
-    """The ``ray`` command of the running interpreter's environment (beside it), else the one on PATH."""
-    beside = Path(sys.executable).parent / "ray"
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("ray")
-    if found is None:
-        raise BenchError("the `ray` command is not installed beside this Python nor on PATH")
-    return found
+def ray_command() -> list[str]:
+    """``ray`` as the second node runs it: Ray's own CLI with the node's address pinned to loopback, like the
+    head's (:mod:`serve.bench.chaos.loopback_node`)."""
+    return [sys.executable, "-m", "serve.bench.chaos.loopback_node"]
 
 
 class WorkerNode:
@@ -57,7 +51,7 @@ class WorkerNode:
 
     def command(self, gcs_address: str) -> list[str]:
         return [
-            ray_executable(),
+            *ray_command(),
             "start",
             f"--address={gcs_address}",
             f"--node-ip-address={LOOPBACK}",

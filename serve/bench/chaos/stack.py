@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 
 from serve.bench import BenchError, progress
+from serve.tools.local_ray import SINGLE_MACHINE_ENV
 
 from .node import WorkerNode
 from .ray_ops import RayOps
@@ -49,6 +50,9 @@ class ChaosStack:
         self.prefix = prefix
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",) and not k.startswith("AWS_")}
         self.env |= {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": self.env.get("RAY_AUTH_MODE", "token")}
+        # The service's Ray listens on 127.0.0.1 only (Ray's single-machine mode): the soak's own Ray drivers
+        # connect to it in the same mode, or Ray would replace the loopback address with the machine's.
+        self.env[SINGLE_MACHINE_ENV] = "0"
         self.service = ServiceProcess(paths.config, paths.work / "service.log", self.env)
         self.node = WorkerNode(paths.work / "node.log", self.env)
         self.url = ""
