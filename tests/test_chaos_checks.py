@@ -244,6 +244,22 @@ def test_error_bodies_must_be_our_json_and_name_nothing_internal() -> None:
     assert check.evidence[1]["shows"] == ["127.0.0.1:23456"]
 
 
+def test_the_proxys_plain_500_counts_apart_only_while_an_ingress_replica_is_killed() -> None:
+    """Ray Serve's proxy answers a request whose Ingress replica died with a plain-text 500: counted apart (and as
+    explained) during an Ingress kill, malformed and unexplained at any other time."""
+    log, _ = clean_run()
+    log.faults = [FaultLog(kind="replica", target="Ingress", started_at=T0 + 10, ended_at=T0 + 20, detail={})]
+    plain = {"status": 500, "content_type": "text/plain; charset=utf-8", "body_excerpt": "Internal Server Error"}
+    log.exchanges.append(_error(log, seq=40, sent_at=T0 + 12, finished_at=T0 + 13, **plain))
+    assert error_bodies_are_ours(log).verdict == "pass" and error_bodies_are_ours(log).counts["proxy_500"] == 1
+    explained = failures_explained(log, TimingSettings())
+    assert explained.verdict == "pass" and explained.counts["lost_with_the_ingress"] == 1
+    log.exchanges.append(_error(log, seq=41, sent_at=T0 + 300, finished_at=T0 + 301, **plain))
+    check = error_bodies_are_ours(log)
+    assert check.verdict == "fail" and (check.counts["proxy_500"], check.counts["malformed"]) == (1, 1)
+    assert failures_explained(log, TimingSettings()).counts["unexplained"] == 1
+
+
 def test_a_hostile_request_answered_with_a_5xx_fails_and_an_unanswered_one_is_counted() -> None:
     log, _ = clean_run()
     hostile = log.exchanges[1]

@@ -11,7 +11,13 @@ from collections import defaultdict
 from typing import Any
 
 from .records import Exchange, RunLog, S3Snapshot
-from .timing_checks import TimingSettings, failures_explained, latency_recovers, memory_is_flat
+from .timing_checks import (
+    TimingSettings,
+    failures_explained,
+    latency_recovers,
+    lost_with_the_ingress,
+    memory_is_flat,
+)
 from .verdicts import CheckResult, epoch, result
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -196,16 +202,20 @@ def _error_shape_ok(e: Exchange) -> bool:
     return json_body and all(isinstance(error.get(k), str) and error.get(k) for k in ERROR_FIELDS)
 
 
-def error_bodies_are_ours(log: RunLog) -> CheckResult:
+def error_bodies_are_ours(log: RunLog, grace_s: float = TimingSettings().fault_grace_s) -> CheckResult:
     """Every non-2xx answer is ``{"error": {"code", "message", "request_id"}}`` JSON, and no message shows an internal
-    address or path (the S3 endpoint, the Ray address, the bench's folders)."""
-    counts = {"non_2xx": 0, "malformed": 0, "leaking": 0}
+    address or path (the S3 endpoint, the Ray address, the bench's folders). Ray Serve's proxy's own plain-text 500
+    for a request whose Ingress replica was killed under it is counted apart (``proxy_500``), and only then."""
+    counts = {"non_2xx": 0, "malformed": 0, "leaking": 0, "proxy_500": 0}
     evidence: list[dict[str, Any]] = []
     for e in log.exchanges:
         if e.status is None or 200 <= e.status < 300:
             continue
         counts["non_2xx"] += 1
         where = {"seq": e.seq, "kind": e.kind, "variant": e.variant, "status": e.status}
+        if lost_with_the_ingress(e, log, grace_s):
+            counts["proxy_500"] += 1
+            continue
         if not _error_shape_ok(e):
             counts["malformed"] += 1
             body = e.body_excerpt if e.error is None else e.error
@@ -380,7 +390,7 @@ def run_checks(log: RunLog, s3: S3Snapshot, settings: TimingSettings, job_deadli
         jobs_are_terminal(log, job_deadline_s),
         nothing_twice(log, s3),
         no_orphaned_results(log, s3),
-        error_bodies_are_ours(log),
+        error_bodies_are_ours(log, settings.fault_grace_s),
         hostile_get_4xx(log),
         streams_end_with_the_outcome(log),
         webhooks_arrive_signed(log),

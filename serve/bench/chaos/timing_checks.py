@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .records import FaultLog, RunLog
+from .records import Exchange, FaultLog, RunLog
 from .verdicts import CheckResult, epoch, p99, result
 
 HIDDEN_FAULTS = ("replica", "events-actor", "node")  # the service must hide these from clients
@@ -44,7 +44,25 @@ def _overlapping(begin: float, end: float, log: RunLog, grace_s: float) -> list[
     return [f for f in log.faults if begin <= _window(f, log, grace_s)[1] and end >= _window(f, log, grace_s)[0]]
 
 
-def _failures(log: RunLog) -> list[dict[str, Any]]:
+PROXY_ANSWER = "Internal Server Error"  # Ray Serve's proxy, as text/plain, for a request whose ingress replica died
+
+
+def lost_with_the_ingress(e: Exchange, log: RunLog, grace_s: float) -> bool:
+    """Whether ``e`` is Ray Serve's HTTP proxy answering for an Ingress replica killed with the request in flight.
+
+    The proxy, not our code, answers then: a plain-text 500 (``ray/serve/_private/http_util.py`` maps the replica's
+    ``RayActorError`` to it; Serve has no setting for its body). The service cannot retry a request whose own
+    replica died; a client may send it again with its Idempotency-Key (``serve.client`` does). Such answers are
+    counted apart, only while an Ingress replica kill is under way."""
+    if e.status != 500 or (e.content_type or "").startswith("application/json"):
+        return False
+    if not (e.body_excerpt or "").startswith(PROXY_ANSWER):
+        return False
+    begin, end = e.sent_at, e.finished_at if e.finished_at is not None else e.sent_at
+    return any(f.kind == "replica" and f.target == "Ingress" for f in _overlapping(begin, end, log, grace_s))
+
+
+def _failures(log: RunLog, grace_s: float) -> list[dict[str, Any]]:
     """Every request that got a 5xx or no answer (hostile ones aside), and every job that failed: what, when, why."""
     found = []
     for e in log.exchanges:
@@ -61,6 +79,7 @@ def _failures(log: RunLog) -> list[dict[str, Any]]:
                 "message": message,
                 "span": (e.sent_at, e.finished_at),
                 "shed": e.status == 503 and code == SHED and e.retry_after is not None,
+                "proxy": lost_with_the_ingress(e, log, grace_s),
             }
         )
     for job in log.jobs:
@@ -78,6 +97,7 @@ def _failures(log: RunLog) -> list[dict[str, Any]]:
                 "message": str(error.get("message") or ""),
                 "span": (job.accepted_at, finished),
                 "shed": False,
+                "proxy": False,
             }
         )
     return found
@@ -88,14 +108,18 @@ def failures_explained(log: RunLog, settings: TimingSettings) -> CheckResult:
     or is load shed (``overloaded`` with Retry-After) while a fault has taken capacity away. One that overlaps only
     losses the service must hide (it retries a generation once on another replica), or no fault at all, fails."""
     counts: dict[str, Any] = {"failures": 0, "during_outages": 0, "shed_during_faults": 0, "not_hidden": 0}
+    counts["lost_with_the_ingress"] = 0
     counts["unexplained"] = 0
     codes: dict[str, int] = defaultdict(int)
     evidence: list[dict[str, Any]] = []
-    for failure in _failures(log):
+    for failure in _failures(log, settings.fault_grace_s):
         counts["failures"] += 1
         codes[failure["code"][:60]] += 1
         begin, end = failure["span"]
         faults = _overlapping(begin, end, log, settings.fault_grace_s)
+        if failure["proxy"]:
+            counts["lost_with_the_ingress"] += 1
+            continue
         if any(f.kind in OUTAGE_FAULTS for f in faults):
             counts["during_outages"] += 1
             continue
@@ -104,7 +128,7 @@ def failures_explained(log: RunLog, settings: TimingSettings) -> CheckResult:
             continue
         problem = "not_hidden" if faults else "unexplained"
         counts[problem] += 1
-        row = {k: v for k, v in failure.items() if k not in ("span", "shed")}
+        row = {k: v for k, v in failure.items() if k not in ("span", "shed", "proxy")}
         row |= {
             "problem": problem,
             "message": failure["message"][:300],
