@@ -403,8 +403,11 @@ def static_stack(serve_stack: ServeStack, tiny_weights: Path) -> Iterator[ServeS
 
     batching = yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]["args"]["denoiser"]["batching"]
     # local_app_config merges one level deep: the batching block is replaced, so it must carry every key.
+    # Its own prefix: two apps sharing one keep each other's job records, and a late lease renewal on a busy machine
+    # let the other app's sweep take a job over (it then ran with the other batching mode).
+    storage = {"s3": {"bucket": serve_stack.s3.bucket, "prefix": "generations-static", "create_bucket": True}}
     config = local_app_config(
-        tiny_weights, serve_stack.s3.bucket, denoiser={"batching": {**batching, "mode": "static"}}
+        tiny_weights, serve_stack.s3.bucket, denoiser={"batching": {**batching, "mode": "static"}}, storage=storage
     )
     assert config.denoiser.batching == serve_stack.config.denoiser.batching.model_copy(update={"mode": "static"})
     ray_serve.run(build_app(config), name="static", route_prefix="/static")
