@@ -285,13 +285,11 @@ def test_the_ingress_replica_loads_no_model_stack(serve_stack):
     """Every autoscaled ingress replica pays for what the ingress imports: no torch, onnxruntime or OpenCV library is
     mapped into its process, and it stays under 250 MiB."""
     import psutil
+    from ray.util.state import list_actors
 
     httpx.get(f"{serve_stack.url}/healthz", timeout=30).raise_for_status()
-    replicas = [
-        proc
-        for proc in psutil.process_iter(["cmdline"])
-        if "ServeReplica:instantid:Ingress" in " ".join(proc.info["cmdline"] or [])
-    ]
+    alive = list_actors(filters=[("class_name", "=", "ServeReplica:instantid:Ingress"), ("state", "=", "ALIVE")])
+    replicas = [psutil.Process(actor.pid) for actor in alive]  # this cluster's, not another Ray's on the machine
     assert replicas, "no Ingress replica process found"
     for proc in replicas:
         libraries = {Path(m.path).name for m in proc.memory_maps()}
