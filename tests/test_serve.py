@@ -285,11 +285,19 @@ def test_the_ingress_replica_loads_no_model_stack(serve_stack):
     """Every autoscaled ingress replica pays for what the ingress imports: no torch, onnxruntime or OpenCV library is
     mapped into its process, and it stays under 250 MiB."""
     import psutil
-    from ray.util.state import list_actors
+    import ray
 
     httpx.get(f"{serve_stack.url}/healthz", timeout=30).raise_for_status()
-    alive = list_actors(filters=[("class_name", "=", "ServeReplica:instantid:Ingress"), ("state", "=", "ALIVE")])
-    replicas = [psutil.Process(actor.pid) for actor in alive]  # this cluster's, not another Ray's on the machine
+    # This cluster's replicas only (another Ray on the machine may run an app of the same name): the workers below
+    # the raylet that ray.init started here.
+    node = ray._private.worker._global_node
+    raylets = {info.process.pid for info in node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET]}
+    replicas = [
+        proc
+        for proc in psutil.process_iter(["cmdline"])
+        if "ServeReplica:instantid:Ingress" in " ".join(proc.info["cmdline"] or [])
+        and any(parent.pid in raylets for parent in proc.parents())
+    ]
     assert replicas, "no Ingress replica process found"
     for proc in replicas:
         libraries = {Path(m.path).name for m in proc.memory_maps()}
