@@ -33,6 +33,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 OVERLOADED = ("overloaded", "the service is at capacity; retry shortly")
 # A replica that died or is being replaced: the request may simply be retried.
 REPLICA_GONE = (RayActorError, ActorUnavailableError, DeploymentUnavailableError)
+SERVE_OVERRIDDEN = (BackPressureError, DeploymentUnavailableError)  # Ray Serve adds plain-text handlers for these
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
@@ -147,6 +148,7 @@ def install_error_handlers(app: FastAPI) -> None:
     expect get their own handlers, which do not re-raise; only unexpected ones reach the catch-all.
     """
     app.add_exception_handler(Exception, _any_error)
-    for expected in (ApiError, InstantIDError, ValidationError, RequestValidationError, RayError, RayServeException):
+    expected_errors = (ApiError, InstantIDError, ValidationError, RequestValidationError, RayError, RayServeException)
+    for expected in (*expected_errors, *SERVE_OVERRIDDEN):
         app.add_exception_handler(expected, _any_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
