@@ -37,6 +37,7 @@ from deployments import metrics
 from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
 from deployments.config import DenoiserBatching, DenoiserCostModel
 from deployments.generation.denoise_stage import denoise_job, denoise_result
+from deployments.generation.hires_stage import HIRES_STAGE, hires_inputs, hires_result
 from deployments.generation.messages import (
     ControlMapsResult,
     DenoiseBatch,
@@ -53,6 +54,7 @@ from deployments.instantid.catalogue import ModelChoice, WeightsSource
 from deployments.instantid.continuous import ContinuousBatcher, Outcome, StepGroup
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
 from deployments.instantid.errors import DeviceOutOfMemoryError, GenerationCancelled, WeightsError
+from deployments.instantid.hires import HiresPass
 from deployments.instantid.loading import (
     CONTROLNET_FILES,
     VAE_FILES,
@@ -225,10 +227,43 @@ class DenoiserDeployment:
                 f"control maps are {controls.inputs.width}x{controls.inputs.height} but the face stage chose "
                 f"{condition.width}x{condition.height}"
             )
-        reporter = None
         if job is not None:
             job_events().publish.remote(job.id, "stage", {"stage": "prepare", "phase": "end"}, attempt=job.attempt)
-            answer = await asyncio.to_thread(checked_publish, job, "stage", {"stage": "denoise", "phase": "start"})
+        return await self._denoise(params, model, face, prompt, controls, job, "denoise", entered)
+
+    async def refine(
+        self,
+        hires: HiresPass,
+        model: ModelChoice,
+        face: FaceResult,
+        prompt: PromptResult,
+        controls: ControlMapsResult | None,
+        first: DenoiseResult,
+        job: JobTicket | None = None,
+    ) -> DenoiseResult:
+        """The hires pass: ``first`` (the first pass's result, resolved by Serve, so this starts once it finished)
+        upscaled and refined image-to-image as its own job, reported to an async job as the ``hires`` stage."""
+        entered = time.time()
+        params, scaled, inputs = await asyncio.to_thread(hires_inputs, hires, first, face, controls)
+        second = await self._denoise(params, model, scaled, prompt, inputs, job, HIRES_STAGE, entered)
+        return hires_result(first, second)
+
+    async def _denoise(
+        self,
+        params: GenerationParams,
+        model: ModelChoice,
+        face: FaceResult,
+        prompt: PromptResult,
+        controls: ControlMapsResult | None,
+        job: JobTicket | None,
+        stage: str,
+        entered: float,
+    ) -> DenoiseResult:
+        """One denoising job through the replica's batching, its start and end published as ``stage``."""
+        condition = face.condition
+        reporter = None
+        if job is not None:
+            answer = await asyncio.to_thread(checked_publish, job, "stage", {"stage": stage, "phase": "start"})
             if answer is not None and answer.cancelled:
                 raise GenerationCancelled(f"job {job.id} was cancelled or taken over")
             if answer is not None:  # without the channel, the job runs without progress events
@@ -241,7 +276,7 @@ class DenoiserDeployment:
         finally:
             slot.release()
         if reporter is not None:
-            reporter.channel.publish.remote(job.id, "stage", {"stage": "denoise", "phase": "end"}, attempt=job.attempt)
+            reporter.channel.publish.remote(job.id, "stage", {"stage": stage, "phase": "end"}, attempt=job.attempt)
         if isinstance(result, Exception):  # a failed group's error, returned per item by _batch
             raise result
         if waited is not None:

@@ -16,9 +16,11 @@ import numpy as np
 
 from deployments.instantid.catalogue import ModelChoice
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
+from deployments.instantid.hires import HiresPass
 from deployments.instantid.loras import LoraAdapters
 from deployments.instantid.params import GenerationParams
 
+from .hires_stage import hires_inputs, hires_result
 from .messages import (
     ControlMapsResult,
     DenoiseBatch,
@@ -130,3 +132,19 @@ class DenoiseStage:
         with timed(timings, "denoise"):
             images = self.denoiser.generate([denoise_job(sized, face, prompt, controls)])[0]
         return denoise_result(sized, model, face, prompt, controls, images, timings, arrived=arrived)
+
+    def refine(
+        self,
+        hires: HiresPass,
+        model: ModelChoice,
+        face: FaceResult,
+        prompt: PromptResult,
+        controls: ControlMapsResult | None,
+        first: DenoiseResult,
+        job: JobTicket | None = None,
+    ) -> DenoiseResult:
+        """The hires pass over ``first``'s images: one image-to-image job at the scaled size, each image starting
+        from its own upscaled first-pass image; the result carries both passes' timings."""
+        params, scaled, inputs = hires_inputs(hires, first, face, controls)
+        second = self.generate(params, model, scaled, prompt, inputs, job)
+        return hires_result(first, second)

@@ -21,6 +21,7 @@ from deployments.instantid.errors import InstantIDError, NoFaceError
 from deployments.instantid.face_data import ChosenFace, FaceCondition
 from deployments.instantid.faces import FaceAnalyzer
 from deployments.instantid.group import IdentityPhotos, PoseFaces, group_condition
+from deployments.instantid.hires import hires_size
 from deployments.instantid.identity import combine_embeddings
 from deployments.instantid.identity_score import RegionScore, identity_similarities, region_similarities
 from deployments.instantid.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
@@ -157,6 +158,8 @@ class FaceStage:
                     pose_face=target_face.face,
                     used=[*condition.used, target_face],
                 )
+        if request.hires_scale is not None:  # refused here, before the first pass spends its steps
+            hires_size(condition.width, condition.height, request.hires_scale)
         photo_replicas = {f"face_photo_{r.chosen.photo_index}": r.replica for r in identified}
         return FaceResult(condition, timings, self.replica, photo_replicas, edit)
 

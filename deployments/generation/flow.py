@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from deployments.instantid.catalogue import ModelChoice
+from deployments.instantid.hires import HiresPass
 from deployments.instantid.params import GenerationParams
 
 from .messages import (
@@ -42,6 +43,17 @@ class Stages(Protocol):
 
     def denoise(
         self, params: GenerationParams, model: ModelChoice, face: Any, prompt: Any, controls: Any, job: JobTicket | None
+    ) -> Any: ...
+
+    def refine(
+        self,
+        hires: HiresPass,
+        model: ModelChoice,
+        face: Any,
+        prompt: Any,
+        controls: Any,
+        first: Any,
+        job: JobTicket | None,
     ) -> Any: ...
 
     def score(self, output: Any, face: Any) -> Any: ...
@@ -92,6 +104,11 @@ def generate(
 
     # 4. Denoising, fed with the three as they come; the output size is the face stage's.
     output = stages.denoise(plan.params, plan.model, face, prompt, controls, record.job)
+
+    # 4b. The hires pass, when asked for: a second denoising job that starts once the first has finished (it needs
+    #     the first pass's images), each image upscaled and refined image-to-image at the larger size.
+    if plan.hires is not None:
+        output = stages.refine(plan.hires, plan.model, face, prompt, controls, output, record.job)
 
     # 5. Each image's identity score, by the face stage's recognition model (several people: per region).
     scores = stages.score(output, face) if plan.people is None else None

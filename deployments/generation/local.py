@@ -24,6 +24,7 @@ from deployments.instantid.catalogue import (
     ModelChoice,
 )
 from deployments.instantid.control_maps import load_depth_estimator
+from deployments.instantid.hires import HiresPass
 from deployments.instantid.identity_score import RegionScore
 from deployments.instantid.keypoints import REFERENCE_LONG_SIDE
 from deployments.instantid.loading import (
@@ -195,6 +196,18 @@ class _LocalStages:
         job: JobTicket | None,
     ) -> DenoiseResult:
         return self.pipeline.denoise.generate(params, model, face, prompt, controls)
+
+    def refine(
+        self,
+        hires: HiresPass,
+        model: ModelChoice,
+        face: FaceResult,
+        prompt: PromptResult,
+        controls: Any,
+        first: DenoiseResult,
+        job: JobTicket | None,
+    ) -> DenoiseResult:
+        return self.pipeline.denoise.refine(hires, model, face, prompt, controls, first)
 
     def score(self, output: DenoiseResult, face: FaceResult) -> list[float | None]:
         return self.pipeline.face.score(output, face)

@@ -93,6 +93,7 @@ class FaceRequest:
     pose_face_index: int = 0
     identity_combine: IdentityCombine = DEFAULT_IDENTITY_COMBINE
     edit: EditRequest | None = None  # an edit: the keypoints and output size come from the target's crop
+    hires_scale: float | None = None  # a hires pass: the output size this chooses, scaled, must be within the limits
 
 
 @dataclass

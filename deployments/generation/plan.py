@@ -19,6 +19,7 @@ from typing import Any
 
 from deployments.instantid.catalogue import ModelCatalogue, ModelChoice
 from deployments.instantid.errors import InvalidParameterError
+from deployments.instantid.hires import HiresPass
 from deployments.instantid.options import (
     COMPUTED_MAPS,
     DEFAULT_IDENTITY_COMBINE,
@@ -148,6 +149,7 @@ class GenerationPlan:
     prompt: str  # after the style template
     negative_prompt: str | None
     map_sources: dict[str, str]  # active extra ControlNet -> "uploaded" or "computed from <photo>"
+    hires: HiresPass | None = None  # a second, image-to-image pass at a larger size
 
     @property
     def people(self) -> tuple[PersonGiven, ...] | None:
@@ -187,6 +189,7 @@ class GenerationPlan:
             "controlnets": [{**asdict(c), "map": self.map_sources[c.name]} for c in params.active_controlnets],
             "strength": params.strength,
             "denoising_steps": params.denoising_steps,
+            "hires": None if self.hires is None else self.hires.describe(),
         }
         if self.people is not None:  # the single-person face fields do not apply: each identity has its own
             for name in SINGLE_PERSON_OPTIONS:
@@ -277,6 +280,7 @@ class GenerationPlan:
             pose_face_index=options.pose_face_index,
             identity_combine=options.identity_combine,
             edit=edit,
+            hires_scale=None if self.hires is None else self.hires.scale,
         )
 
     def prompt_request(self) -> PromptRequest:
@@ -388,14 +392,32 @@ def plan_generation(
             "int(num_inference_steps x strength) must be at least 1"
         )
     prompt, negative = apply_style(options.style, options.prompt, options.negative_prompt)
-    return GenerationPlan(options, given, params, model, prompt, negative, map_sources)
+    return GenerationPlan(options, given, params, model, prompt, negative, map_sources, hires_pass(options, params))
+
+
+def hires_pass(options: GenerationOptions, params: GenerationParams) -> HiresPass | None:
+    """The request's hires pass resolved (its steps default to the first pass's, a mode's preset included), or
+    None; a 422 when it would run no step, or when the request's own size scaled is over the limit (a size the face
+    stage chooses is checked there, before the first pass runs)."""
+    if options.hires is None:
+        return None
+    choice = options.hires
+    hires = HiresPass(choice.scale, choice.strength, choice.steps or params.num_inference_steps)
+    if hires.denoising_steps == 0:
+        raise InvalidParameterError(
+            f"hires.strength {hires.strength} leaves no denoising step of {hires.steps}: "
+            "int(hires.steps x hires.strength) must be at least 1"
+        )
+    if options.width is not None and options.height is not None:
+        hires.size(options.width, options.height)
+    return hires
 
 
 def check_inputs(options: GenerationOptions, given: InputsGiven) -> None:
     """The rules between the options and the pictures given, which need neither the catalogue nor the deployment
     (the request model runs them too, so a handle caller's request fails where it is made): one person (1-8 photos)
     or 2-4 people, each with 1-8 photos and regions for all or none, inside the image; pose_face_index needs a pose
-    photo and strength an init image."""
+    photo and strength an init image; a hires pass is for one person's generation, not an edit."""
     if given.people is not None:
         _check_people(options, given.people, given.face_photos)
     elif given.saved_identity is None and not 1 <= given.face_photos <= MAX_FACE_PHOTOS:
@@ -405,6 +427,10 @@ def check_inputs(options: GenerationOptions, given: InputsGiven) -> None:
     if "strength" in options.model_fields_set and not given.init:
         raise InvalidParameterError("strength is for image-to-image: give init_image too")
     _check_edit(options, given)
+    if options.hires is not None and given.target:
+        raise InvalidParameterError("hires is not available with target_image: an edit has the target's size")
+    if options.hires is not None and given.people is not None:
+        raise InvalidParameterError("hires is not available with identities (several people) yet")
 
 
 def _check_edit(options: GenerationOptions, given: InputsGiven) -> None:

@@ -34,7 +34,7 @@ from .batch_rows import JobRows, StepBatch
 from .errors import InvalidParameterError
 from .identity import negative_identity
 from .keypoints import draw_keypoint_image, face_region_mask
-from .latent_starts import ImageLatents, image_tensor, keep_known
+from .latent_starts import ImageLatents, image_tensor, init_tensor, keep_known
 from .multi_identity import identity_conditioning, per_identity_identitynet
 from .params import DEFAULT_VAE_BATCH_SIZE, GenerationParams
 from .regions import PlacedIdentity
@@ -55,7 +55,8 @@ class DenoiseJob:
     prompt: PromptEmbeddings
     control_image: np.ndarray | None = None  # (H, W, 3) uint8; None: drawn from ``keypoints`` (the normal case)
     control_maps: Mapping[str, np.ndarray] = field(default_factory=dict)  # extra ControlNet -> (H, W, 3) uint8
-    init_image: np.ndarray | None = None  # image-to-image: (H, W, 3) uint8 at the output size
+    # Image-to-image: (H, W, 3) uint8 at the output size, or (num_images, H, W, 3): each image its own start.
+    init_image: np.ndarray | None = None
     # Inpainting (with init_image): (H, W) uint8 at the output size, >= 128 repaints; elsewhere the init image is kept.
     inpaint_mask: np.ndarray | None = None
     # Called after each of the job's steps with (step, total, latents); returning True drops the job from the batch
@@ -171,7 +172,7 @@ class InstantIDDenoiser:
             timesteps = timesteps[first:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(first)
-            init = image_tensor(job.init_image, p, "the init image") * 2.0 - 1.0
+            init = init_tensor(job.init_image, p)
             starts = ImageLatents(self.vae, self.device, self.dtype, self.vae_dtype)
             if job.inpaint_mask is None:
                 latents = starts.noised(init, p.num_images, scheduler, timesteps[:1], generator)

@@ -27,6 +27,15 @@ def image_tensor(image: np.ndarray, p: GenerationParams, what: str) -> torch.Ten
     return torch.from_numpy(np.array(image, dtype=np.uint8)).float().div(255.0).permute(2, 0, 1)[None]
 
 
+def init_tensor(image: np.ndarray, p: GenerationParams) -> torch.Tensor:
+    """A job's init image as pixels in [-1, 1]: one (H, W, 3) image, (1, 3, H, W), that every image of the job
+    starts from, or one per image, (num_images, H, W, 3) -> (num_images, 3, H, W) (a hires pass refines each
+    first-pass image from itself)."""
+    if image.ndim == 4 and image.shape[0] == p.num_images:
+        return torch.cat([image_tensor(one, p, f"init image {i}") for i, one in enumerate(image)]) * 2.0 - 1.0
+    return image_tensor(image, p, "the init image") * 2.0 - 1.0
+
+
 @dataclass(frozen=True)
 class ImageLatents:
     """The VAE and the precisions a denoiser runs it in: what turns init images into starting latents."""
@@ -38,7 +47,8 @@ class ImageLatents:
 
     def encode(self, pixels: torch.Tensor, num_images: int, generator: torch.Generator) -> torch.Tensor:
         """The init image's latents (the VAE's posterior sampled with the job's generator, scaled as the VAE's
-        config says), duplicated per image."""
+        config says), duplicated per image; init images given per image are encoded in one batch, one posterior
+        draw for all (diffusers' order for a batch of images with one generator)."""
         pixels = pixels.to(device=self.device, dtype=self.dtype).to(self.vae_dtype)
         encoded = self.vae.encode(pixels).latent_dist.sample(generator).to(self.dtype)
         config = self.vae.config
@@ -49,7 +59,7 @@ class ImageLatents:
             encoded = (encoded - mean_t) * config.scaling_factor / std_t
         else:
             encoded = config.scaling_factor * encoded
-        return torch.cat([encoded] * num_images)
+        return encoded if encoded.shape[0] == num_images else torch.cat([encoded] * num_images)
 
     def noised(
         self,

@@ -29,6 +29,8 @@ MIN_IDENTITIES = 2  # several people in one image, each with its own region
 MAX_IDENTITIES = 4
 MAX_REQUEST_LORAS = 4
 LORA_SCALE_RANGE = (-2.0, 2.0)
+HIRES_SCALE_RANGE = (1.0, 2.0)  # the hires pass's upscale factor
+DEFAULT_HIRES_STRENGTH = 0.35  # re-noise little: the pass adds detail, the first pass keeps the composition
 
 # The extra ControlNets beside IdentityNet, in the order their residuals are added (the published demo's order).
 CONTROLNET_NAMES = ("pose", "canny", "depth")
@@ -60,11 +62,13 @@ DEFAULT_SCHEDULER: SchedulerName = "euler"  # the demo's
 OutputFormat = Literal["png", "jpeg", "webp"]
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
 CannyThreshold = Annotated[int, Field(ge=0, le=1000)]
-JSON_FORM_FIELDS = ("loras", "controlnets", "identities")  # list-valued fields a multipart form carries as JSON text
+# List- and object-valued fields a multipart form carries as JSON text.
+JSON_FORM_FIELDS = ("loras", "controlnets", "identities", "hires")
 _JSON_EXAMPLES = {
     "loras": '[{"name": "x", "scale": 0.8}]',
     "controlnets": '[{"name": "canny", "strength": 0.4}]',
     "identities": '[{"region": [0, 0, 512, 1024]}, {"region": [512, 0, 1024, 1024]}]',
+    "hires": '{"scale": 1.5, "strength": 0.35}',
 }
 
 
@@ -77,7 +81,8 @@ def decode_json_form_fields(data: Any) -> Any:
             try:
                 data = {**data, name: json.loads(data[name])}
             except ValueError:
-                raise ValueError(f"{name} must be a JSON list, e.g. {_JSON_EXAMPLES[name]}") from None
+                kind = "object" if name == "hires" else "list"
+                raise ValueError(f"{name} must be a JSON {kind}, e.g. {_JSON_EXAMPLES[name]}") from None
     return data
 
 
@@ -117,6 +122,27 @@ class ControlNetChoice(BaseModel):
     @property
     def has_image(self) -> bool:
         return self.image_b64 is not None or self.image_uri is not None
+
+
+class HiresChoice(BaseModel):
+    """A second, image-to-image pass at a larger size: each first-pass image is upscaled (Lanczos) by ``scale`` and
+    re-noised by ``strength``, with the same identity, keypoints (scaled), prompt and seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(
+        ge=HIRES_SCALE_RANGE[0],
+        le=HIRES_SCALE_RANGE[1],
+        description="Upscale factor; each side is rounded to a multiple of 8 and the result must be within the "
+        "service's size limits.",
+    )
+    strength: float = Field(
+        default=DEFAULT_HIRES_STRENGTH,
+        ge=0.0,
+        le=1.0,
+        description="How far the upscaled image is re-noised; int(steps x strength) steps run.",
+    )
+    steps: int | None = Field(default=None, ge=1, le=100, description="Absent: the request's num_inference_steps.")
 
 
 class GenerationOptions(BaseModel):
@@ -236,6 +262,11 @@ class GenerationOptions(BaseModel):
         le=1.0,
         description="Image-to-image (with init_image): how far the init image is noised; int(steps x strength) "
         "steps run. 1: the init image only sets the start.",
+    )
+    hires: HiresChoice | None = Field(
+        default=None,
+        description="A second pass at a larger size (absent: none): each image upscaled by hires.scale and refined "
+        "image-to-image at hires.strength; the output has the scaled size.",
     )
 
     @model_validator(mode="before")

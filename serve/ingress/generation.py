@@ -38,6 +38,7 @@ from deployments.generation.plan import (
     plan_generation,
 )
 from deployments.instantid.catalogue import ModelCatalogue, ModelChoice
+from deployments.instantid.hires import HiresPass
 from deployments.instantid.params import GenerationParams
 from deployments.storage.generations import new_generation_id
 from serve.schemas import (
@@ -107,6 +108,21 @@ class HandleStages:
     ) -> DeploymentResponse:
         denoiser = self.handles.denoiser.options(multiplexed_model_id=self.base)
         return denoiser.generate.remote(params, model, face, prompt, controls, job)
+
+    def refine(
+        self,
+        hires: HiresPass,
+        model: ModelChoice,
+        face: DeploymentResponse,
+        prompt: DeploymentResponse,
+        controls: DeploymentResponse | None,
+        first: DeploymentResponse,
+        job: JobTicket | None,
+    ) -> DeploymentResponse:
+        """The hires pass: the first pass's response is resolved by the Denoiser itself, so the second job is
+        submitted only once the first has finished."""
+        denoiser = self.handles.denoiser.options(multiplexed_model_id=self.base)
+        return denoiser.refine.remote(hires, model, face, prompt, controls, first, job)
 
     def score(self, output: DeploymentResponse, face: DeploymentResponse) -> DeploymentResponse:
         return self.handles.face.score.remote(output, face)

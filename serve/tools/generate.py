@@ -5,8 +5,8 @@ flag of its name (``--num-inference-steps``, ``--face-noise``, ...; three keep s
 ``--steps``, ``--guidance``) whose help shows the schema's description, range and default, and whose value the
 schema validates. The pictures and the list-valued options have flags of their own: ``--face`` (repeatable),
 ``--identity FACE[:X1,Y1,X2,Y2]``, ``--pose``, ``--init-image``, ``--target``, ``--mask``,
-``--control-image NAME=FILE``, ``--lora NAME_OR_PATH[:SCALE]``, ``--controlnet NAME[:STRENGTH]``; ``--base``
-chooses what to load.
+``--control-image NAME=FILE``, ``--lora NAME_OR_PATH[:SCALE]``, ``--controlnet NAME[:STRENGTH]``,
+``--hires SCALE[:STRENGTH]``; ``--base`` chooses what to load.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from deployments.storage.identities import SavedIdentity
 
 # Options the command line spells its own way: base_model by --base (a name or a path, loaded here), loras and
-# controlnets by repeatable flags, output_format by --out's suffix.
-OWN_FLAGS = ("base_model", "loras", "controlnets", "output_format")
+# controlnets by repeatable flags, output_format by --out's suffix, hires by --hires SCALE[:STRENGTH].
+OWN_FLAGS = ("base_model", "loras", "controlnets", "output_format", "hires")
 ALIASES = {"negative_prompt": ("--negative",), "num_inference_steps": ("--steps",), "guidance_scale": ("--guidance",)}
 # How this command line names what the plan's messages call a request field.
 FLAG_WORDS = {
@@ -181,6 +181,13 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
         metavar="NAME=FILE",
         help="a ready-made map for a --controlnet (else canny/depth are computed from --pose, else --face)",
     )
+    p.add_argument(
+        "--hires",
+        default=None,
+        metavar="SCALE[:STRENGTH]",
+        help="a second pass at SCALE x the size (1..2): each image upscaled and refined image-to-image at STRENGTH "
+        "(default 0.35) with --steps steps",
+    )
     add_option_flags(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -232,6 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 loras=[{"name": name, "scale": scale} for name, _, scale in loras] or None,
                 controlnets=[_controlnet_item(item) for item in args.controlnet] or None,
                 output_format=output_format(args.out),
+                hires=hires_item(args.hires),
             )
         )
     except ValidationError as exc:
@@ -317,6 +325,17 @@ def _check_device(device: str, dtype: str) -> None:
         pick_dtype(dtype, dev)
     except ValueError as exc:
         raise CliError(f"--dtype: {exc}") from None
+
+
+def hires_item(item: str | None) -> dict[str, float] | None:
+    """``SCALE[:STRENGTH]`` -> a ``hires`` object (the schema checks the ranges); None without the flag."""
+    if item is None:
+        return None
+    scale, _, strength = item.partition(":")
+    try:
+        return {"scale": float(scale), **({"strength": float(strength)} if strength else {})}
+    except ValueError:
+        raise CliError(f"--hires {item}: expected SCALE[:STRENGTH], e.g. 1.5 or 1.5:0.4") from None
 
 
 def _controlnet_item(item: str) -> dict[str, object]:

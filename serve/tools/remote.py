@@ -19,6 +19,7 @@ from serve.tools.generate import (
     _identity_item,
     _lora_item,
     _read,
+    hires_item,
     in_flag_words,
     options_from,
     output_format,
@@ -98,6 +99,7 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
         "loras": [{k: v for k, v in lora.items() if v is not None} for lora in loras] or None,
         "controlnets": controlnets or None,
         "output_format": output_format(args.out),
+        "hires": hires_item(args.hires),
     }
     return {**options_from(args, **extra), **body}
 
