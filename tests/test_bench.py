@@ -399,6 +399,7 @@ def gpu_dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # the module's dry run (its fixture) runs inside the first test's limit
 def test_gpu_dry_run_runs_every_section(gpu_dry_run: dict[str, Any]) -> None:
     sections = gpu_dry_run["sections"]
     assert gpu_dry_run["settings"]["profile"] == "tiny" and gpu_dry_run["machine"]["python"]
@@ -414,6 +415,7 @@ def test_gpu_dry_run_runs_every_section(gpu_dry_run: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # the module's dry run (its fixture) runs inside the first test's limit
 def test_gpu_dry_run_compares_each_switch_with_the_eager_images(gpu_dry_run: dict[str, Any]) -> None:
     sections = gpu_dry_run["sections"]
     exact = {"fuse_qkv", "channels_last", "static_step", "cuda_graphs", "compile", "all"}  # float reassociation only
