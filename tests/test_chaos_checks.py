@@ -260,6 +260,20 @@ def test_the_proxys_plain_500_counts_apart_only_while_an_ingress_replica_is_kill
     assert failures_explained(log, TimingSettings()).counts["unexplained"] == 1
 
 
+def test_the_proxys_404_counts_apart_only_while_the_service_restarts() -> None:
+    log, _ = clean_run()
+    log.faults = [FaultLog(kind="service-restart", target="service-restart", started_at=T0 + 10, ended_at=T0 + 60)]
+    missing = {
+        "status": 404,
+        "content_type": "text/plain; charset=utf-8",
+        "body_excerpt": "Path '/v1/generate' not found.",
+    }
+    log.exchanges.append(_error(log, seq=50, sent_at=T0 + 30, finished_at=T0 + 30.1, **missing))
+    assert error_bodies_are_ours(log).verdict == "pass" and error_bodies_are_ours(log).counts["proxy_500"] == 1
+    log.exchanges.append(_error(log, seq=51, sent_at=T0 + 300, finished_at=T0 + 300.1, **missing))
+    assert error_bodies_are_ours(log).counts["malformed"] == 1
+
+
 def test_a_hostile_request_answered_with_a_5xx_fails_and_an_unanswered_one_is_counted() -> None:
     log, _ = clean_run()
     hostile = log.exchanges[1]

@@ -48,18 +48,24 @@ PROXY_ANSWER = "Internal Server Error"  # Ray Serve's proxy, as text/plain, for 
 
 
 def lost_with_the_ingress(e: Exchange, log: RunLog, grace_s: float) -> bool:
-    """Whether ``e`` is Ray Serve's HTTP proxy answering for an Ingress replica killed with the request in flight.
+    """Whether ``e`` is Ray Serve's HTTP proxy answering for an Ingress replica killed with the request in flight
+    (or, during a service restart, for the application not deployed yet: a plain-text 404 "Path ... not found").
 
     The proxy, not our code, answers then: a plain-text 500 (``ray/serve/_private/http_util.py`` maps the replica's
     ``RayActorError`` to it; Serve has no setting for its body). The service cannot retry a request whose own
     replica died; a client may send it again with its Idempotency-Key (``serve.client`` does). Such answers are
     counted apart, only while an Ingress replica kill is under way."""
-    if e.status != 500 or (e.content_type or "").startswith("application/json"):
+    if (e.content_type or "").startswith("application/json"):
         return False
-    if not (e.body_excerpt or "").startswith(PROXY_ANSWER):
-        return False
+    body = e.body_excerpt or ""
     begin, end = e.sent_at, e.finished_at if e.finished_at is not None else e.sent_at
-    return any(f.kind == "replica" and f.target == "Ingress" for f in _overlapping(begin, end, log, grace_s))
+    faults = _overlapping(begin, end, log, grace_s)
+    if e.status == 500 and body.startswith(PROXY_ANSWER):
+        return any(f.kind == "replica" and f.target == "Ingress" for f in faults)
+    # While the service restarts, the proxy is up before the application is deployed again: "Path ... not found".
+    if e.status == 404 and body.startswith("Path '") and "not found" in body:
+        return any(f.kind == "service-restart" for f in faults)
+    return False
 
 
 def _failures(log: RunLog, grace_s: float) -> list[dict[str, Any]]:
