@@ -12,8 +12,9 @@ from .verdicts import CheckResult
 
 def headline(checks: list[CheckResult]) -> dict[str, int]:
     """The numbers the soak exists for (all must be 0): lost, duplicated, stuck, malformed, hostile not 4xx; and,
-    reported beside them, the plain-text 500s Ray Serve's proxy answered for requests in flight on a killed Ingress
-    replica (no code of ours runs for those; a client resends them with its Idempotency-Key)."""
+    reported beside them, what Ray Serve's proxy answered itself in plain text: 500s for requests in flight on a
+    killed Ingress replica and 404s while the restarted service's app was not deployed yet (no code of ours runs
+    for those; a client resends them, with its Idempotency-Key)."""
     by = {check.name: check.counts for check in checks}
     stored, jobs, twice = by["results_stored"], by["jobs_terminal"], by["nothing_twice"]
     return {
@@ -26,7 +27,7 @@ def headline(checks: list[CheckResult]) -> dict[str, int]:
         "leaking_errors": by["error_bodies"]["leaking"],
         "hostile_not_4xx": by["hostile_4xx"]["not_4xx"],
         "failures_not_explained": by["failures_explained"]["not_hidden"] + by["failures_explained"]["unexplained"],
-        "ray_proxy_500s_on_ingress_kill": by["error_bodies"]["proxy_500"],
+        "ray_proxy_answers": by["error_bodies"]["proxy_500"],
     }
 
 
