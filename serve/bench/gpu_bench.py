@@ -1,7 +1,7 @@
 """``instantid bench gpu``: every figure the project needs from a GPU machine, in one run of at most ~8 minutes.
 
-Device time is short and a machine may be lent for one run only, so one command takes everything, in priority
-order (``gpu_sections`` says what each section measures):
+One command takes everything, in priority order, so that a single short session on a GPU yields every figure
+(``gpu_sections`` says what each section measures):
 
     pipelines    ours (eager) vs diffusers' stock SDXL ControlNet pipeline at batch 1, 2 and 4 (ABBA, one process)
     switches     each speed switch alone against the eager denoiser (ABBA), its image against eager's (max
