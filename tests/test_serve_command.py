@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from PIL import Image
 
 from tests.support import FAST_REQUEST, astronaut_jpeg, free_port
@@ -53,6 +54,17 @@ JOIN_LINE = re.compile(r"^to use this Ray from another process on this machine: 
 # (serve/_private/replica.py, _on_initialized), with no setting to bind it elsewhere; it checks the cluster's
 # token. The only listener allowed off loopback, one per replica process.
 SERVE_REPLICA = "ray::ServeReplica"
+
+
+def local_deployments() -> list[str]:
+    """The deployments ``local.yaml`` as shipped composes, one replica each (the SafetyChecker only when its
+    policy is not ``off``)."""
+    from serve.config import AppConfig
+
+    application = yaml.safe_load(LOCAL_CONFIG.read_text(encoding="utf-8"))["applications"][0]
+    config = AppConfig.model_validate(application["args"])
+    stages = ["FaceAnalyzer", "PromptEncoder", "Denoiser", "ResultStore", "ControlMaps", "Ingress"]
+    return stages + (["SafetyChecker"] if config.safety.policy != "off" else [])
 
 
 def readme_handle_example() -> str:
@@ -229,7 +241,8 @@ def test_every_listening_socket_is_on_loopback(server: Server):
     assert {"raylet", "gcs_server", "weed"} <= programs, describe(procs)
 
     replicas = [p for p in procs if first_arg(p).startswith(SERVE_REPLICA)]
-    assert len(replicas) == 6, describe(procs)  # one per deployment of local.yaml
+    names = sorted(first_arg(p).split()[0].rsplit(":", 1)[1] for p in replicas)
+    assert names == sorted(local_deployments()), describe(procs)  # one replica per deployment of local.yaml
     off_loopback = [(p, ip, port) for p, ip, port in sockets if not is_loopback(ip)]
     # Only Serve's hard-coded inter-deployment gRPC servers, on the IPv6 wildcard, one in each replica.
     assert sorted(p.pid for p, ip, _ in off_loopback if ip == "::") == sorted(p.pid for p in replicas), "\n".join(
