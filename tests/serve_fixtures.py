@@ -38,6 +38,26 @@ class ServeStack:
     metrics_url: str  # Ray's Prometheus endpoint on this node (application and Serve metrics)
 
 
+# Set while the session's Ray (``serve_stack``) is meant to be running; see ``session_ray_survives``.
+_SESSION_RAY = {"up": False}
+
+
+@pytest.fixture(autouse=True)
+def session_ray_survives() -> Iterator[None]:
+    """Fail the test that shut down the session's Ray, by name.
+
+    Without this, a test that stops Ray in-process (a ``ray.shutdown()`` reached through code under test) makes
+    every later Serve test start a fresh Ray on Serve's default port and fail far from the cause.
+    """
+    yield
+    if _SESSION_RAY["up"]:
+        import ray
+
+        if not ray.is_initialized():
+            _SESSION_RAY["up"] = False
+            pytest.fail("this test shut down the session's Ray (serve_stack): later Serve tests would all fail")
+
+
 @pytest.fixture(scope="session")
 def serve_stack(tiny_weights: Path, embedded_s3) -> Iterator[ServeStack]:
     import ray
@@ -55,11 +75,13 @@ def serve_stack(tiny_weights: Path, embedded_s3) -> Iterator[ServeStack]:
     ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
     config = local_app_config(tiny_weights, embedded_s3.bucket)
     ray_serve.run(build_app(config), name="instantid", route_prefix="/")
+    _SESSION_RAY["up"] = True
     try:
         yield ServeStack(
             f"http://127.0.0.1:{port}", "instantid", embedded_s3, config, f"http://127.0.0.1:{metrics_port}/metrics"
         )
     finally:
+        _SESSION_RAY["up"] = False
         ray_serve.shutdown()
         ray.shutdown()
 

@@ -104,6 +104,9 @@ def test_a_started_ray_gets_loopback_mode_a_private_token_and_the_metrics_port(
     cluster = LocalRay(metrics_port=9123)
     with pytest.raises(_InitCalled):
         cluster.start()
+    # A Ray that this test process started for other tests must live on: stop() sees none to shut down.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: pytest.fail("stop() shut down a Ray it was told is not running"))
     cluster.stop([])
     assert seen["address"] == "local" and seen["_metrics_export_port"] == 9123
     assert seen["token_mode"] == 0o600  # written before Ray could write it 0644
