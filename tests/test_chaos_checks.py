@@ -363,6 +363,36 @@ def test_a_stored_generation_nobody_was_told_about_is_an_orphan() -> None:
     assert no_orphaned_results(log, snapshot(s3, BUCKET, PREFIX)).counts["of_failed_jobs"] == 1
 
 
+def test_a_generation_stored_before_its_ingress_died_is_counted_apart_only_during_that_fault() -> None:
+    """The ResultStore stored the image, then the Ingress died: the proxy's plain-text 500 reached the client and
+    the generation is in the owner's history; the same answer outside an Ingress kill or restart is an orphan."""
+    log, s3 = clean_run()
+    log.faults = [FaultLog(kind="replica", target="Ingress", started_at=T0 + 10, ended_at=T0 + 20, detail={})]
+    plain = {"status": 500, "content_type": "text/plain; charset=utf-8", "body_excerpt": "Internal Server Error"}
+    log.exchanges.append(
+        _error(log, seq=40, request_id="chaos-gen-000040", sent_at=T0 + 8, finished_at=T0 + 12, **plain)
+    )
+    _store(s3, "20270115T080003Z-00000000000000dd", "chaos-gen-000040", None, {"denoise": T0 + 9})
+    check = no_orphaned_results(log, snapshot(s3, BUCKET, PREFIX))
+    assert check.verdict == "pass" and check.counts["of_proxy_answers"] == 1
+    log.exchanges.append(
+        _error(log, seq=41, request_id="chaos-gen-000041", sent_at=T0 + 300, finished_at=T0 + 301, **plain)
+    )
+    _store(s3, "20270115T080004Z-00000000000000ee", "chaos-gen-000041", None, {"denoise": T0 + 300})
+    check = no_orphaned_results(log, snapshot(s3, BUCKET, PREFIX))
+    assert check.verdict == "fail" and (check.counts["of_proxy_answers"], check.counts["of_failed_requests"]) == (1, 1)
+
+
+def test_the_proxys_plain_500_for_a_request_in_flight_when_the_service_stops_counts_apart() -> None:
+    """A request sent just before a service restart and cut when its drain time ran out: the proxy's 500."""
+    log, _ = clean_run()
+    log.faults = [FaultLog(kind="service-restart", target="service-restart", started_at=T0 + 10, ended_at=T0 + 60)]
+    plain = {"status": 500, "content_type": "text/plain; charset=utf-8", "body_excerpt": "Internal Server Error"}
+    log.exchanges.append(_error(log, seq=40, sent_at=T0 + 2, finished_at=T0 + 30, **plain))
+    check = error_bodies_are_ours(log)
+    assert check.verdict == "pass" and check.counts["proxy_500"] == 1
+
+
 def test_a_generation_rewritten_after_its_job_ended_is_a_run_nobody_accounts_for() -> None:
     log, s3 = clean_run()
     log.jobs[0].final["attempts"] = 2

@@ -205,7 +205,8 @@ def _error_shape_ok(e: Exchange) -> bool:
 def error_bodies_are_ours(log: RunLog, grace_s: float = TimingSettings().fault_grace_s) -> CheckResult:
     """Every non-2xx answer is ``{"error": {"code", "message", "request_id"}}`` JSON, and no message shows an internal
     address or path (the S3 endpoint, the Ray address, the bench's folders). Ray Serve's proxy's own plain-text 500
-    for a request whose Ingress replica was killed under it is counted apart (``proxy_500``), and only then."""
+    for a request whose Ingress replica was killed under it (by a replica kill or a service restart) is counted
+    apart (``proxy_500``), and only then."""
     counts = {"non_2xx": 0, "malformed": 0, "leaking": 0, "proxy_500": 0}
     evidence: list[dict[str, Any]] = []
     for e in log.exchanges:
@@ -314,11 +315,21 @@ def webhooks_arrive_signed(log: RunLog) -> CheckResult:
     return result("webhooks", what, counts, evidence, failed)
 
 
-def no_orphaned_results(log: RunLog, s3: S3Snapshot) -> CheckResult:
+def no_orphaned_results(log: RunLog, s3: S3Snapshot, grace_s: float = TimingSettings().fault_grace_s) -> CheckResult:
     """S3 holds no generation its client was not told about: none for a request answered with an error (other than
     the spooled 503 that names it), none for a job that failed or was cancelled, none from a request id the client
-    never sent (a hostile request, or a run nobody asked for)."""
-    counts = {"generations": len(s3.metas), "of_failed_requests": 0, "of_failed_jobs": 0, "unclaimed": 0}
+    never sent (a hostile request, or a run nobody asked for).
+
+    One case is counted apart (``of_proxy_answers``): the Ingress replica died after the ResultStore had stored the
+    image, so Ray Serve's proxy, not the service, answered its plain-text 500 (see ``lost_with_the_ingress``). The
+    generation is complete and listed in its owner's history (``GET /v1/generations``), where it can be deleted."""
+    counts = {
+        "generations": len(s3.metas),
+        "of_failed_requests": 0,
+        "of_failed_jobs": 0,
+        "unclaimed": 0,
+        "of_proxy_answers": 0,
+    }
     evidence: list[dict[str, Any]] = []
     requests = {
         e.request_id: e for e in log.exchanges if e.request_id and e.kind in ("generate_json", "generate_multipart")
@@ -344,6 +355,8 @@ def no_orphaned_results(log: RunLog, s3: S3Snapshot) -> CheckResult:
         if exchange is None:
             counts["unclaimed"] += 1
             evidence.append({"problem": "unclaimed", "generation": generation_id, "request_id": request_id})
+        elif exchange.status != 200 and lost_with_the_ingress(exchange, log, grace_s):
+            counts["of_proxy_answers"] += 1
         elif exchange.status != 200 and (exchange.error or {}).get("generation_id") != generation_id:
             counts["of_failed_requests"] += 1
             code = (exchange.error or {}).get("code") or exchange.transport_error
@@ -389,7 +402,7 @@ def run_checks(log: RunLog, s3: S3Snapshot, settings: TimingSettings, job_deadli
         results_are_stored(log, s3),
         jobs_are_terminal(log, job_deadline_s),
         nothing_twice(log, s3),
-        no_orphaned_results(log, s3),
+        no_orphaned_results(log, s3, settings.fault_grace_s),
         error_bodies_are_ours(log, settings.fault_grace_s),
         hostile_get_4xx(log),
         streams_end_with_the_outcome(log),

@@ -28,6 +28,7 @@ def headline(checks: list[CheckResult]) -> dict[str, int]:
         "hostile_not_4xx": by["hostile_4xx"]["not_4xx"],
         "failures_not_explained": by["failures_explained"]["not_hidden"] + by["failures_explained"]["unexplained"],
         "ray_proxy_answers": by["error_bodies"]["proxy_500"],
+        "stored_for_ray_proxy_answers": by["no_orphaned_results"].get("of_proxy_answers", 0),
     }
 
 

@@ -53,15 +53,16 @@ def lost_with_the_ingress(e: Exchange, log: RunLog, grace_s: float) -> bool:
 
     The proxy, not our code, answers then: a plain-text 500 (``ray/serve/_private/http_util.py`` maps the replica's
     ``RayActorError`` to it; Serve has no setting for its body). The service cannot retry a request whose own
-    replica died; a client may send it again with its Idempotency-Key (``serve.client`` does). Such answers are
-    counted apart, only while an Ingress replica kill is under way."""
+    replica died; a client may send it again with its Idempotency-Key (``serve.client`` does). A service restart
+    stops the Ingress the same way once its drain time is up, so a request still in flight then gets that 500 too.
+    Such answers are counted apart, only while an Ingress replica kill or a service restart is under way."""
     if (e.content_type or "").startswith("application/json"):
         return False
     body = e.body_excerpt or ""
     begin, end = e.sent_at, e.finished_at if e.finished_at is not None else e.sent_at
     faults = _overlapping(begin, end, log, grace_s)
     if e.status == 500 and body.startswith(PROXY_ANSWER):
-        return any(f.kind == "replica" and f.target == "Ingress" for f in faults)
+        return any((f.kind == "replica" and f.target == "Ingress") or f.kind == "service-restart" for f in faults)
     # While the service restarts, the proxy is up before the application is deployed again: "Path ... not found".
     if e.status == 404 and body.startswith("Path '") and "not found" in body:
         return any(f.kind == "service-restart" for f in faults)
