@@ -456,10 +456,25 @@ def test_gpu_dry_run_compares_each_switch_with_the_eager_images(gpu_dry_run: dic
 
 @pytest.mark.slow
 def test_gpu_sections_are_time_boxed_and_a_killed_one_leaves_valid_json(tmp_path: Path, monkeypatch) -> None:
-    """A section that overruns its box is killed; what it wrote stays readable and the next section runs."""
+    """A section that overruns its box is killed; what it wrote stays readable and the next section runs.
+
+    A real section fits what it measures to its box (it skips what would not fit), so the overrunning one is a
+    stand-in child that records "running" with the section's own ``Recorder`` and then hangs."""
     from serve.bench import gpu_bench
 
+    real_command = gpu_bench._section_command
+
+    def command(name: str, args: argparse.Namespace, out: Path, box_s: float) -> list[str]:
+        if name != "pipelines":
+            return real_command(name, args, out, box_s)
+        hang = (
+            "import time; from pathlib import Path; from serve.bench.gpu_bench import Recorder; "
+            f"Recorder(Path({str(out)!r}), {box_s}); time.sleep(600)"
+        )
+        return [sys.executable, "-c", hang]
+
     monkeypatch.setattr(gpu_bench, "STARTUP_S", 0.0)
+    monkeypatch.setattr(gpu_bench, "_section_command", command)
     monkeypatch.setitem(gpu_bench.SECTIONS, "pipelines", gpu_bench.Box(gpu=1, cpu=12))
     args = argparse.Namespace(
         device="cpu",

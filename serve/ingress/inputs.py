@@ -47,6 +47,11 @@ FACES_FILES = {"image": "image", "face_image": "image", **{part: part for part i
 IDENTITY_FILES = {"face_image": "face_image"}  # POST /v1/identities: the person's photos
 # Instead of a face photo part: several people's parts, or saved identities (form fields) in their place.
 INSTEAD_OF_A_PHOTO = (*IDENTITY_PARTS, "identity_id", "identities")
+# Generation requests: the face photo and each person's photos may each be sent up to MAX_FACE_PHOTOS times.
+GENERATE_REPEATED = {
+    "face_image": ("face_images", MAX_FACE_PHOTOS),
+    **{part: (f"{part}_images", MAX_FACE_PHOTOS) for part in IDENTITY_PARTS},
+}
 MAX_FORM_FIELDS = 64
 MAX_FORM_FIELD_BYTES = 64 * 1024
 _IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "application/octet-stream"}
@@ -84,10 +89,7 @@ async def read_body(request: Request, api: ApiConfig, files: Mapping[str, str]) 
         max_request_bytes=api.max_request_bytes,
         idle_timeout_s=api.body_idle_timeout_s,
         files=files,
-        repeated={
-            "face_image": ("face_images", MAX_FACE_PHOTOS),
-            **{part: (f"{part}_images", MAX_FACE_PHOTOS) for part in IDENTITY_PARTS},
-        },
+        repeated=GENERATE_REPEATED,
         alternatives=INSTEAD_OF_A_PHOTO,
     )
 
@@ -128,6 +130,12 @@ async def read_fields(
     )
 
 
+def most_file_parts(files: Mapping[str, str], repeated: Mapping[str, tuple[str, int]]) -> int:
+    """How many file parts a multipart body may hold: each accepted part once, the repeatable ones up to their
+    most; a body with more is refused before its parts are parsed (400)."""
+    return len(files) + sum(most for _, most in repeated.values())
+
+
 async def _read_multipart(
     request: Request,
     max_upload_bytes: int,
@@ -136,7 +144,7 @@ async def _read_multipart(
     alternatives: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     # One part more than allowed still parses, so that the model's own limit reports it (a 422 naming the field).
-    max_files = len(files) + sum(most for _, most in repeated.values())
+    max_files = most_file_parts(files, repeated)
     try:
         form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_FIELD_BYTES)
     except Exception as exc:  # malformed multipart, too many parts

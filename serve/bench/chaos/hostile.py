@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
+from serve.ingress.inputs import GENERATE_FILES, GENERATE_REPEATED, most_file_parts
+
 TIMEOUT = 60  # per request: a hang fails instead of stalling the run
 FAST = {
     "prompt": "an astronaut",
@@ -480,10 +482,12 @@ def _multipart_cases() -> list[Case]:
             lambda s: post_form(s, extra_files=[("face_image", "f", FACE_JPEG, "image/jpeg")] * 8),
             *invalid,
         ),
-        Case(  # more file parts than any valid request has (11 kinds, face_image and identity_0..4 up to 8 times
-            # each) are not even parsed
-            "multipart-sixty-files",
-            lambda s: post_form(s, extra_files=[pose_part(FACE_JPEG)] * 59),
+        Case(  # more file parts than any valid request has (each kind once, face_image and identity_0..4 up to
+            # 8 times each) are not even parsed
+            "multipart-more-files-than-any-request",
+            lambda s: post_form(
+                s, extra_files=[pose_part(FACE_JPEG)] * most_file_parts(GENERATE_FILES, GENERATE_REPEATED)
+            ),
             400,
             "invalid_request",
         ),
