@@ -27,7 +27,7 @@ from deployments.job_events import JobEvent, JobProgress, JobStatus
 from deployments.storage.generations import StorageError, generation_time
 from deployments.storage.job_records import JobRecords
 from deployments.storage.s3 import S3Settings
-from serve.jobs.admission import Admission
+from serve.jobs.admission import Admission, SlotsStalled
 from serve.jobs.events import SharedFeeds, follow_events
 from serve.jobs.leases import Leases
 from serve.jobs.runner import JobRunner
@@ -680,6 +680,65 @@ def test_a_cancelled_waiter_leaves_the_queue() -> None:
         assert admission.waiting == 0
         await admission.leave()
         assert admission.try_enter()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("steps", range(4))
+def test_a_job_cancelled_at_any_point_of_its_turn_never_keeps_a_slot(steps: int) -> None:
+    """Jobs lose their lease and are cancelled in bulk when a node dies, some just as their turn comes: whatever
+    step of the hand-over a cancellation lands on, the slot goes back (a leaked slot is never freed again, and
+    once all of them are leaked every request is refused as overloaded)."""
+
+    async def scenario() -> None:
+        admission = Admission(1)
+        assert admission.try_enter()
+        turns: list[str] = []
+
+        async def job(name: str) -> None:
+            await admission.wait_turn(name, lambda _: None)
+            turns.append(name)
+            try:
+                await asyncio.sleep(0.001)
+            finally:
+                await admission.leave()
+
+        a, b, c = (asyncio.create_task(job(name)) for name in "abc")
+        await asyncio.sleep(0.001)
+        await admission.leave()  # the request ends: "a" is next
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        a.cancel()
+        await asyncio.gather(a, b, c, return_exceptions=True)
+        assert turns[-2:] == ["b", "c"]
+        assert admission.in_flight == 0 and admission.waiting == 0
+        assert admission.try_enter()
+
+    run(scenario())
+
+
+def test_full_slots_that_stop_moving_fail_the_health_check_and_moving_ones_never_do() -> None:
+    """Full slots are normal under load as long as generations end; held for longer than any generation may take
+    with none given back, the replica's health check fails (Serve then replaces it)."""
+
+    async def scenario() -> None:
+        now = [100.0]
+        admission = Admission(2, clock=lambda: now[0])
+        now[0] += 3600  # idle for an hour, then two long generations take both slots
+        assert admission.try_enter() and admission.try_enter()
+        now[0] += 300
+        admission.check_moving(400.0)
+        assert admission.full_for() == 300.0
+        await admission.leave()  # one generation ends: the slots moved
+        assert admission.full_for() == 0.0 and admission.try_enter()
+        for _ in range(3):  # saturated but moving: each generation ends within the bound
+            now[0] += 300
+            admission.check_moving(400.0)
+            await admission.leave()
+            assert admission.try_enter()
+        now[0] += 401
+        with pytest.raises(SlotsStalled, match="all 2 generation slots taken and none given back for 401 s"):
+            admission.check_moving(400.0)
 
     run(scenario())
 

@@ -107,8 +107,7 @@ class Ingress(IdentityRoutes):
             handles, images, models, self.controlnets, weights, api.request_timeout_s, self.identities
         )
         self.faces = FaceQueries(handles, images, self.controlnets, self.identities)
-        self.admission = Admission(api.max_in_flight)
-        # A claimant may run the request and its one replica-loss retry, each bounded by the timeout.
+        self.admission = Admission(api.max_in_flight)  # a claimant below may run a request and its one retry:
         self.idempotency = IdempotencyGuard(StoreRecords(store), lease_s=2 * api.request_timeout_s + 60)
         self.jobs = JobRunner(
             states=JobStates(JobRecords(client, storage)),
@@ -225,6 +224,10 @@ class Ingress(IdentityRoutes):
         """What the ingress's autoscaling policy scales on (``autoscaling``): generations admitted or waiting,
         never the open event streams."""
         return {GENERATIONS_METRIC: float(self.admission.in_flight + self.admission.waiting)}
+
+    def check_health(self) -> None:
+        """Failing when its slots stopped moving (``Admission.check_moving``) makes Serve replace this replica."""
+        self.admission.check_moving(2 * self.api.request_timeout_s + 60)  # a generation and its one retry
 
     # ------------------------------------------------------------------------------------ HTTP routes
     @app.post(
