@@ -57,12 +57,10 @@ def test_mode_and_loras_are_applied_and_recorded(serve_stack) -> None:
     }
     meta = meta_of(serve_stack, body)
     assert meta["model"] == expected and meta["parameters"]["scheduler"] == "lcm"
-    assert meta["replicas"]["denoiser"] == body["replicas"]["denoiser"] and set(body["replicas"]) == {
-        "face",
-        "prompt",
-        "denoiser",
-        "store",
-    }
+    stages = {"face", "prompt", "denoiser", "store"} | (
+        {"safety"} if serve_stack.config.safety.policy != "off" else set()
+    )
+    assert meta["replicas"]["denoiser"] == body["replicas"]["denoiser"] and set(body["replicas"]) == stages
     plain = generate(serve_stack.url, seed=4, mode="lcm").json()
     assert np.abs(image_of(serve_stack, plain).astype(int) - image_of(serve_stack, body).astype(int)).max() > 10
 
@@ -281,7 +279,9 @@ def test_a_base_that_fails_to_load_is_a_503_naming_it_and_the_others_still_serve
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}broken")  # exists (the deploy check passes), unloadable
     config = local_app_config(tiny_weights, serve_stack.s3.bucket)
-    bases = {**config.models.base_models, "corrupt": {"source": str(corrupt)}}
+    # this project's own test file: its licence is stated, so the licence check at start-up lets it through
+    corrupt_base = {"source": str(corrupt), "license": "Apache-2.0", "commercial_use": True}
+    bases = {**config.models.base_models, "corrupt": corrupt_base}
     config = AppConfig.model_validate(
         {**config.model_dump(), "models": {**config.models.model_dump(), "base_models": bases}}
     )

@@ -119,23 +119,30 @@ def test_serve_matches_in_process_generation(serve_stack, tiny_weights: Path):
 
 
 def test_concurrent_compatible_requests_are_batched_and_match_single_runs(serve_stack):
+    """Requests sent together join one denoising batch and give the images they give alone. Enough steps that one
+    denoising outlasts the spread of the arrivals (face analysis serialises them on a loaded machine); batching
+    depends on that timing, so up to three rounds are sent until two requests share a batch."""
     seeds = [21, 22, 23]
+    options = {"prompt": "an astronaut", **FAST, "num_inference_steps": 12}
     single = {}
     for seed in seeds:
-        body = _post_multipart(serve_stack, {"prompt": "an astronaut", "seed": seed, **FAST}).json()
+        body = _post_multipart(serve_stack, {**options, "seed": seed}).json()
         single[seed] = np.asarray(Image.open(io.BytesIO(_object(serve_stack, body["images"][0]["uri"]))))
-    with ThreadPoolExecutor(len(seeds)) as pool:
-        responses = list(
-            pool.map(lambda s: _post_multipart(serve_stack, {"prompt": "an astronaut", "seed": s, **FAST}), seeds)
-        )
-    batches = []
-    for seed, response in zip(seeds, responses, strict=True):
-        assert response.status_code == 200, response.text
-        body = response.json()
-        batched = np.asarray(Image.open(io.BytesIO(_object(serve_stack, body["images"][0]["uri"]))))
-        assert np.abs(batched.astype(int) - single[seed].astype(int)).max() <= 2
-        batches.append(body["batch"]["id"])
-    assert len(set(batches)) < len(batches), "no two concurrent requests shared a denoising batch"
+    rounds = []
+    for _ in range(3):
+        with ThreadPoolExecutor(len(seeds)) as pool:
+            responses = list(pool.map(lambda s: _post_multipart(serve_stack, {**options, "seed": s}), seeds))
+        batches = []
+        for seed, response in zip(seeds, responses, strict=True):
+            assert response.status_code == 200, response.text
+            body = response.json()
+            batched = np.asarray(Image.open(io.BytesIO(_object(serve_stack, body["images"][0]["uri"]))))
+            assert np.abs(batched.astype(int) - single[seed].astype(int)).max() <= 2
+            batches.append(body["batch"]["id"])
+        rounds.append(batches)
+        if len(set(batches)) < len(batches):
+            break
+    assert len(set(rounds[-1])) < len(rounds[-1]), f"no two concurrent requests shared a denoising batch: {rounds}"
 
 
 def test_generation_can_be_fetched_again_with_fresh_urls(serve_stack):
