@@ -17,6 +17,11 @@ from tests.support import free_port, free_port_pair
 LOCAL_CONFIG = Path(__file__).resolve().parents[1] / "serve" / "configs" / "local.yaml"
 
 
+# For the apps a test deploys beside the session's to try something else (batching, routing, scaling): no
+# SafetyChecker replica to start (it is tested on the session's app and in test_safety_serving).
+NO_SAFETY_CHECK = {"policy": "off"}
+
+
 def local_app_config(weights_root: Path, bucket: str, **overrides: Any) -> AppConfig:
     """local.yaml's app args with the test's weights and S3 (endpoint and keys come from the environment); a dict
     override merges into its section."""

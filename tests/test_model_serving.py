@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from serve.config import AppConfig
-from tests.serve_fixtures import local_app_config
+from tests.serve_fixtures import NO_SAFETY_CHECK, local_app_config
 from tests.support import FAST_REQUEST, astronaut_b64
 
 pytestmark = pytest.mark.slow
@@ -103,7 +103,7 @@ def test_different_lora_or_controlnet_sets_never_share_a_forward_and_equal_sets_
 
     from serve.app import build_app
 
-    config = local_app_config(tiny_weights, serve_stack.s3.bucket)
+    config = local_app_config(tiny_weights, serve_stack.s3.bucket, safety=NO_SAFETY_CHECK)
     batching = config.denoiser.batching.model_copy(update={"batch_wait_timeout_s": 1.0, "mode": mode})
     config = config.model_copy(update={"denoiser": config.denoiser.model_copy(update={"batching": batching})})
     ray_serve.run(build_app(config), name="batching", route_prefix="/batching")
@@ -159,7 +159,7 @@ def test_single_file_base_through_serve_equals_the_in_process_pipeline(serve_sta
 
 def _routing_app(tiny_weights: Path, bucket: str, **models) -> AppConfig:
     """local.yaml with two Denoiser replicas that each hold one base."""
-    config = local_app_config(tiny_weights, bucket)
+    config = local_app_config(tiny_weights, bucket, safety=NO_SAFETY_CHECK)
     update = {
         "models": config.models.model_copy(update={"max_models_per_replica": 1, **models}),
         "denoiser": config.denoiser.model_copy(
@@ -256,7 +256,7 @@ def test_a_missing_catalogue_source_fails_the_deploy_naming_it(serve_stack, tiny
 
     from serve.app import build_app
 
-    config = local_app_config(tiny_weights, serve_stack.s3.bucket).model_dump()
+    config = local_app_config(tiny_weights, serve_stack.s3.bucket, safety=NO_SAFETY_CHECK).model_dump()
     config["models"]["loras"]["gone"] = {"source": "loras/gone.safetensors"}
     broken = AppConfig.model_validate(config)
     with pytest.raises(RuntimeError, match="failed"):
@@ -278,7 +278,7 @@ def test_a_base_that_fails_to_load_is_a_503_naming_it_and_the_others_still_serve
 
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}broken")  # exists (the deploy check passes), unloadable
-    config = local_app_config(tiny_weights, serve_stack.s3.bucket)
+    config = local_app_config(tiny_weights, serve_stack.s3.bucket, safety=NO_SAFETY_CHECK)
     # this project's own test file: its licence is stated, so the licence check at start-up lets it through
     corrupt_base = {"source": str(corrupt), "license": "Apache-2.0", "commercial_use": True}
     bases = {**config.models.base_models, "corrupt": corrupt_base}

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments import metrics
-from tests.serve_fixtures import local_app_config
+from tests.serve_fixtures import NO_SAFETY_CHECK, local_app_config
 from tests.support import FAST_REQUEST, astronaut_b64
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def ops_app(serve_stack, tiny_weights: Path, tmp_path_factory: pytest.TempPathFa
 
     from serve.app import build_app
 
-    config = local_app_config(tiny_weights, serve_stack.s3.bucket, api={"max_in_flight": 1})
+    config = local_app_config(tiny_weights, serve_stack.s3.bucket, api={"max_in_flight": 1}, safety=NO_SAFETY_CHECK)
     spool = tmp_path_factory.mktemp("ops-spool")
     config = config.model_copy(update={"storage": config.storage.model_copy(update={"spool_dir": str(spool)})})
     ray_serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
@@ -202,7 +202,7 @@ def test_denoiser_scaled_to_zero_comes_back_for_a_request(serve_stack, tiny_weig
         "downscale_to_zero_delay_s": 2,
     }
     denoiser = {"deployment": {"autoscaling_config": autoscaling, "ray_actor_options": {"num_cpus": 0.5}}}
-    config = local_app_config(tiny_weights, serve_stack.s3.bucket, denoiser=denoiser)
+    config = local_app_config(tiny_weights, serve_stack.s3.bucket, denoiser=denoiser, safety=NO_SAFETY_CHECK)
     ray_serve.run(build_app(config), name=app, route_prefix=f"/{app}")
     url = f"{serve_stack.url}/{app}/v1/generate"
     body = {**FAST_REQUEST, "face_image_b64": astronaut_b64()}
