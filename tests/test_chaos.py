@@ -8,7 +8,7 @@ The second node's loss is left out here: after its raylet is killed, a new node 
 loaded 2-core machine sometimes fails every try ("GCS cannot find the node", the raylet's 30 s registration
 missed; seen five times in a row), which fails the whole run; the 60-minute soak keeps it (its node rejoined on the
 second try). It runs the command as a user would, in its own process (it starts its own stack: a service
-subprocess, a second Ray node, the embedded S3), and takes 10-20 minutes on 2 cores.
+subprocess, a second Ray node, the embedded S3), and takes 9-11 minutes on 2 cores.
 """
 
 from __future__ import annotations
