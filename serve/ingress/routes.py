@@ -107,8 +107,9 @@ class Ingress(IdentityRoutes):
             handles, images, models, self.controlnets, weights, api.request_timeout_s, self.identities
         )
         self.faces = FaceQueries(handles, images, self.controlnets, self.identities)
-        self.admission = Admission(api.max_in_flight)  # a claimant below may run a request and its one retry:
-        self.idempotency = IdempotencyGuard(StoreRecords(store), lease_s=2 * api.request_timeout_s + 60)
+        self.admission = Admission(api.max_in_flight)
+        self.longest_generation_s = 2 * api.request_timeout_s + 60  # a request and its one retry, each timed out
+        self.idempotency = IdempotencyGuard(StoreRecords(store), lease_s=self.longest_generation_s)
         self.jobs = JobRunner(
             states=JobStates(JobRecords(client, storage)),
             channel=job_events(),
@@ -221,13 +222,12 @@ class Ingress(IdentityRoutes):
         return await self.jobs.cancel(job_id, owner)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """What the ingress's autoscaling policy scales on (``autoscaling``): generations admitted or waiting,
-        never the open event streams."""
+        """What the autoscaling policy (``autoscaling``) scales on: generations admitted or waiting, never streams."""
         return {GENERATIONS_METRIC: float(self.admission.in_flight + self.admission.waiting)}
 
     def check_health(self) -> None:
         """Failing when its slots stopped moving (``Admission.check_moving``) makes Serve replace this replica."""
-        self.admission.check_moving(2 * self.api.request_timeout_s + 60)  # a generation and its one retry
+        self.admission.check_moving(self.longest_generation_s)
 
     # ------------------------------------------------------------------------------------ HTTP routes
     @app.post(
