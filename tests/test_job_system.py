@@ -157,6 +157,7 @@ class Harness:
         lease_s: float = 30.0,
         webhooks: WebhookSettings | None = None,
         webhook_secret: str | None = None,
+        service: str = "instantid",
     ) -> None:
         self.channel = Channel()
         self.calls: list[tuple[str, str]] = []  # (job id, request prompt)
@@ -169,6 +170,7 @@ class Harness:
             admission=Admission(4),
             leases=Leases(lease_s, clock),
             replica=replica,
+            service=service,
             config=JobsConfig(lease_s=lease_s, sweep_interval_s=3600),
             request_timeout_s=60,
             generate=self.generate,
@@ -348,6 +350,34 @@ def test_the_sweep_takes_over_only_jobs_whose_lease_expired() -> None:
         assert alive.calls == [(accepted.id, "a portrait")]  # the stored request, run again
         assert alive.attempts == [2]  # as the second attempt: the first one's run, wherever it is, stops
         assert await alive.runner.sweep() == []  # finished: nothing left to take
+
+    run(scenario())
+
+
+def test_the_sweep_never_takes_over_another_applications_job() -> None:
+    """Two Serve applications storing jobs under one bucket and prefix: an expired job of one is taken over by that
+    application's replicas only, never run under the other's config (its models, safety policy and API keys)."""
+
+    async def scenario() -> None:
+        s3, clock = ConditionalS3(), FakeClock()
+        dead = Harness(s3, clock, replica=OTHER, service="public")
+        dead.release.clear()
+        accepted = await dead.runner.submit(request(), "rid", "alice", "")
+        await asyncio.sleep(0.05)
+        for task in list(dead.runner._runs.values()):
+            task.cancel()
+        await asyncio.sleep(0.01)
+        assert (await dead.runner.states.read(accepted.id)).service == "public"
+        clock.now += 31.0  # its lease has ended
+        stranger = Harness(s3, clock, replica="stranger", service="internal")
+        assert await stranger.runner.sweep() == []
+        state = await stranger.runner.states.read(accepted.id)
+        assert state.lease.holder == OTHER and state.attempts == 1 and stranger.calls == []
+        sibling = Harness(s3, clock, service="public")
+        assert await sibling.runner.sweep() == [accepted.id]
+        await sibling.finished(accepted.id)
+        state = await sibling.runner.states.read(accepted.id)
+        assert state.status is JobStatus.SUCCEEDED and state.attempts == 2 and state.service == "public"
 
     run(scenario())
 

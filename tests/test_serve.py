@@ -119,11 +119,12 @@ def test_serve_matches_in_process_generation(serve_stack, tiny_weights: Path):
 
 
 def test_concurrent_compatible_requests_are_batched_and_match_single_runs(serve_stack):
-    """Requests sent together join one denoising batch and give the images they give alone. Enough steps that one
-    denoising outlasts the spread of the arrivals (face analysis serialises them on a loaded machine); batching
-    depends on that timing, so up to three rounds are sent until two requests share a batch."""
+    """Requests sent together join one denoising batch and give the images they give alone. The three reach the
+    Denoiser up to about a second apart (the ingress and face analysis handle them one after the other), so one
+    denoising must outlast that spread: 60 steps (about 1.5 s here; 12 steps, 0.3 s, let every request run alone).
+    Batching still depends on that timing, so up to three rounds are sent until two requests share a batch."""
     seeds = [21, 22, 23]
-    options = {"prompt": "an astronaut", **FAST, "num_inference_steps": 12}
+    options = {"prompt": "an astronaut", **FAST, "num_inference_steps": 60}
     single = {}
     for seed in seeds:
         body = _post_multipart(serve_stack, {**options, "seed": seed}).json()

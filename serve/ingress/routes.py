@@ -38,14 +38,7 @@ from serve.jobs.leases import Leases
 from serve.jobs.runner import JobRunner
 from serve.jobs.state import JobStates
 from serve.jobs.webhooks import WebhookRefused, validate_callback_url
-from serve.schemas import (
-    FacesRequest,
-    FacesResponse,
-    GenerateRequest,
-    GenerateResponse,
-    JobAccepted,
-    ModelsResponse,
-)
+from serve.schemas import FacesRequest, FacesResponse, GenerateRequest, GenerateResponse, JobAccepted, ModelsResponse
 
 from . import identities as identity_module
 from .auth import ANONYMOUS, ApiKeys, AuthError
@@ -93,8 +86,7 @@ class Ingress(IdentityRoutes):
         self.api = api
         self.log_prompts = log_prompts  # prompts in the request log lines (off: never logged)
         self.catalogue, self.licenses = models, licenses or []  # every weight source's licence (GET /v1/models)
-        self.store = store
-        self.denoiser = denoiser
+        self.store, self.denoiser = store, denoiser
         self.controlnets = [name for name in CONTROLNET_NAMES if name in controlnets]  # what the denoiser loaded
         self.keys = ApiKeys(api.auth)
         if api.auth.required and self.keys.count == 0 and api.auth.keys_file is None:
@@ -110,12 +102,14 @@ class Ingress(IdentityRoutes):
         self.admission = Admission(api.max_in_flight)
         self.longest_generation_s = 2 * api.request_timeout_s + 60  # a request and its one retry, each timed out
         self.idempotency = IdempotencyGuard(StoreRecords(store), lease_s=self.longest_generation_s)
+        context = ray_serve.get_replica_context()
         self.jobs = JobRunner(
             states=JobStates(JobRecords(client, storage)),
             channel=job_events(),
             admission=self.admission,
             leases=Leases(api.jobs.lease_s),
-            replica=ray_serve.get_replica_context().replica_id.unique_id,
+            replica=context.replica_id.unique_id,
+            service=context.app_name,
             config=api.jobs,
             request_timeout_s=api.request_timeout_s,
             generate=self.generations.run,

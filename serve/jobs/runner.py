@@ -44,7 +44,9 @@ class JobRunner:
 
     ``generate(request, request_id, owner, job_id)`` runs one generation; ``delete_generation(job_id)`` removes a
     job's stored images; ``webhook_secret(owner)`` is the key a webhook to that owner is signed with (None: none).
-    ``owner_scoped``: another owner's job is "not found" (API keys on).
+    ``owner_scoped``: another owner's job is "not found" (API keys on). ``service`` names the Serve application
+    this replica belongs to: its sweep takes over only that application's jobs, never those of another application
+    storing its jobs under the same bucket and prefix.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class JobRunner:
         admission: Admission,
         leases: Leases,
         replica: str,
+        service: str,
         config: JobsConfig,
         request_timeout_s: float,
         generate: Generate,
@@ -64,7 +67,7 @@ class JobRunner:
         owner_scoped: bool,
     ) -> None:
         self.states, self.channel, self.admission, self.leases = states, channel, admission, leases
-        self.replica, self.config, self.request_timeout_s = replica, config, request_timeout_s
+        self.replica, self.service, self.config, self.request_timeout_s = replica, service, config, request_timeout_s
         self.generate, self.delete_generation = generate, delete_generation
         self.webhook_secret, self.webhooks, self.owner_scoped = webhook_secret, webhooks, owner_scoped
         self.feeds = SharedFeeds(channel)
@@ -85,6 +88,7 @@ class JobRunner:
             status=JobStatus.QUEUED,
             created_at=created,
             updated_at=created,
+            service=self.service,
             lease=self.leases.grant(self.replica),
             callback_url=request.callback_url,
         )
@@ -314,11 +318,11 @@ class JobRunner:
             if state.status.terminal:
                 await self.states.retire(job_id)
                 continue
-            if not self.leases.expired(state.lease):
+            if not (self._ours(state) and self.leases.expired(state.lease)):
                 continue
 
             def take(current: JobState) -> bool:
-                if current.status.terminal or not self.leases.expired(current.lease):
+                if current.status.terminal or not (self._ours(current) and self.leases.expired(current.lease)):
                     return False
                 current.status = JobStatus.QUEUED
                 current.lease = self.leases.grant(self.replica)
@@ -339,6 +343,10 @@ class JobRunner:
             self._start(job_id, request, taken.owner, taken.request_id)
             taken_over.append(job_id)
         return taken_over
+
+    def _ours(self, state: JobState) -> bool:
+        """Whether this replica's application accepted the job (a record without one: any application's)."""
+        return not state.service or state.service == self.service
 
     async def _remove_abandoned(self, job_id: str) -> None:
         """A marker with no state: a submission that failed (the client got a 503) and could not remove what it

@@ -75,6 +75,11 @@ class JobState(BaseModel):
     created_at: str
     updated_at: str
     attempts: int = 1
+    service: str = Field(
+        default="",
+        description="The Serve application that accepted the job: only its replicas take the job over, since its "
+        "config (models, safety policy, API keys) defines what the job runs under. Empty: any (older records).",
+    )
     lease: Lease | None = None
     callback_url: str | None = None
     result: dict[str, Any] | None = None
