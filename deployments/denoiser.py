@@ -37,6 +37,7 @@ from deployments import metrics
 from deployments.base_slots import BaseSlot, BaseSlots, ReplicaModels, run_locked
 from deployments.config import DenoiserBatching, DenoiserCostModel
 from deployments.generation.denoise_stage import denoise_job, denoise_result
+from deployments.generation.detail_stage import DETAIL_STAGE, detail_inputs, detail_result
 from deployments.generation.hires_stage import HIRES_STAGE, hires_inputs, hires_result
 from deployments.generation.messages import (
     ControlMapsResult,
@@ -54,6 +55,7 @@ from deployments.instantid.catalogue import ModelChoice, WeightsSource
 from deployments.instantid.continuous import ContinuousBatcher, Outcome, StepGroup
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
 from deployments.instantid.errors import DeviceOutOfMemoryError, GenerationCancelled, WeightsError
+from deployments.instantid.face_detail import FaceDetailPass, SmallFace
 from deployments.instantid.hires import HiresPass
 from deployments.instantid.loading import (
     CONTROLNET_FILES,
@@ -247,6 +249,29 @@ class DenoiserDeployment:
         params, scaled, inputs = await asyncio.to_thread(hires_inputs, hires, first, face, controls)
         second = await self._denoise(params, model, scaled, prompt, inputs, job, HIRES_STAGE, entered)
         return hires_result(first, second)
+
+    async def detail(
+        self,
+        detail: FaceDetailPass,
+        model: ModelChoice,
+        face: FaceResult,
+        prompt: PromptResult,
+        first: DenoiseResult,
+        found: list[SmallFace],
+        job: JobTicket | None = None,
+    ) -> DenoiseResult:
+        """The face detail pass: ``first`` (resolved by Serve once the earlier pass finished) and the faces the face
+        stage found on it; one edit job per face, in order, reported to an async job as the ``detail`` stage."""
+        images, passes = first.images.copy(), []
+        for small in found:
+            entered = time.time()
+            params, cropped = await asyncio.to_thread(
+                detail_inputs, detail, images[small.image], small, face, first.params
+            )
+            result = await self._denoise(params, model, cropped, prompt, None, job, DETAIL_STAGE, entered)
+            images[small.image] = result.images[0]
+            passes.append(result)
+        return detail_result(first, images, passes, found)
 
     async def _denoise(
         self,

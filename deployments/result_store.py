@@ -65,6 +65,7 @@ class ResultStoreDeployment:
         identity_similarities: list[float | None] | None = None,
         identity_scores: list[list[dict[str, Any]]] | None = None,
         safety: SafetyResult | None = None,
+        repaired: list[dict[str, Any]] | None = None,
     ) -> SavedGeneration:
         """Store one generation; returns the stored objects and every stage's timing.
 
@@ -75,6 +76,7 @@ class ResultStoreDeployment:
         S3; otherwise SpooledError (503, generation kept) or StorageError (503, no spool configured).
         ``safety`` (the SafetyChecker's verdicts, resolved by Serve) is applied before anything is encoded: a blurred
         or refused image's original is never written, to S3 or the spool; ContentRefusedError (422) if none is left.
+        ``repaired`` (the FaceAnalyzer's, with a face detail pass): each face repainted, its scores before and after.
         """
         start = time.time()
         job = record.job
@@ -99,6 +101,7 @@ class ResultStoreDeployment:
             **({"layout": output.layout} if output.layout is not None else {}),
             "timings": {stage: timing.model_dump() for stage, timing in timings.items()},
             **({"safety": screened.meta} if screened.meta is not None else {}),
+            **({"repaired_faces": repaired} if repaired is not None else {}),
         }
         extra = [
             (f"input-{name}.{_extension(data)}", data, _content_type(data)) for name, data in (inputs or {}).items()
@@ -143,6 +146,7 @@ class ResultStoreDeployment:
             output.batch,
             output.layout,
             screened.meta,
+            repaired,
         )
 
     def get(self, generation_id: str) -> GenerationMeta:

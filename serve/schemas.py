@@ -451,6 +451,15 @@ class BatchInfo(BaseModel):
     mean_rows: float = Field(default=0.0, description="UNet rows per forward, averaged over those forwards.")
 
 
+class RepairedFace(BaseModel):
+    image: int = Field(description="The index of the image the face is in.")
+    box: list[float] = Field(description="x1, y1, x2, y2 in the image's pixels, as found before the repair.")
+    score_before: float | None = Field(description="Its identity similarity before the repair (null: not measurable).")
+    score_after: float | None = Field(
+        description="The identity similarity of the face found there after the repair (null: none found)."
+    )
+
+
 class GenerateResponse(BaseModel):
     id: str
     request_id: str
@@ -468,6 +477,9 @@ class GenerateResponse(BaseModel):
     replicas: dict[str, str] = Field(default_factory=dict, description="The Serve replica that ran each stage.")
     batch: BatchInfo | None = Field(default=None, description="The denoising batch this request shared.")
     layout: LayoutInfo | None = Field(default=None, description="Several people: where each one was placed.")
+    repaired_faces: list[RepairedFace] | None = Field(
+        default=None, description="With face_detail: each face the pass repainted (none small enough: empty)."
+    )
     warnings: list[str] = Field(default_factory=list)
 
 

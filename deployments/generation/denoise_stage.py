@@ -16,10 +16,12 @@ import numpy as np
 
 from deployments.instantid.catalogue import ModelChoice
 from deployments.instantid.denoiser import DenoiseJob, InstantIDDenoiser
+from deployments.instantid.face_detail import FaceDetailPass, SmallFace
 from deployments.instantid.hires import HiresPass
 from deployments.instantid.loras import LoraAdapters
 from deployments.instantid.params import GenerationParams
 
+from .detail_stage import detail_inputs, detail_result
 from .hires_stage import hires_inputs, hires_result
 from .messages import (
     ControlMapsResult,
@@ -148,3 +150,24 @@ class DenoiseStage:
         params, scaled, inputs = hires_inputs(hires, first, face, controls)
         second = self.generate(params, model, scaled, prompt, inputs, job)
         return hires_result(first, second)
+
+    def detail(
+        self,
+        detail: FaceDetailPass,
+        model: ModelChoice,
+        face: FaceResult,
+        prompt: PromptResult,
+        first: DenoiseResult,
+        found: list[SmallFace],
+        job: JobTicket | None = None,
+    ) -> DenoiseResult:
+        """The face detail pass over ``first``'s images: one edit job per face in ``found``, in order, each pasted
+        back before the next starts; the result lists the faces repaired."""
+        images = first.images.copy()
+        passes = []
+        for small in found:
+            params, cropped = detail_inputs(detail, images[small.image], small, face, first.params)
+            result = self.generate(params, model, cropped, prompt, None, job)
+            images[small.image] = result.images[0]
+            passes.append(result)
+        return detail_result(first, images, passes, found)

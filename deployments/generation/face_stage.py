@@ -19,6 +19,7 @@ from deployments.instantid.conditioning import choose_face, condition_from, iden
 from deployments.instantid.editing import PreparedEdit, face_mask, uploaded_mask
 from deployments.instantid.errors import InstantIDError, NoFaceError
 from deployments.instantid.face_data import ChosenFace, FaceCondition
+from deployments.instantid.face_detail import FaceDetailPass, SmallFace, scored_after, small_faces
 from deployments.instantid.faces import FaceAnalyzer
 from deployments.instantid.group import IdentityPhotos, PoseFaces, group_condition
 from deployments.instantid.hires import hires_size
@@ -239,6 +240,17 @@ class FaceStage:
         :func:`~deployments.instantid.identity_score.identity_similarity`). Takes the denoiser's and this stage's
         results as they are, so a caller can pass both without fetching them."""
         return identity_similarities(self.analyzer, output.images, face.condition.embedding)
+
+    def find_small_faces(self, detail: FaceDetailPass, output: DenoiseResult, face: FaceResult) -> list[SmallFace]:
+        """The face detail pass's faces: each face of the first pass's images smaller than ``detail.min_face`` (for
+        an edit, whose box overlaps its repaint mask), with its identity score before the repair."""
+        within = face.edit.alpha > 0 if face.edit is not None else None
+        return small_faces(self.analyzer, output.images, face.condition.embedding, detail, within)
+
+    def score_repaired(self, output: DenoiseResult, face: FaceResult) -> list[dict]:
+        """Each face the detail pass repainted, with its identity score in the finished image (as JSON)."""
+        repaired = scored_after(self.analyzer, output.images, face.condition.embedding, output.repaired or [])
+        return [small.to_dict() for small in repaired]
 
     def score_identities(self, output: DenoiseResult, face: FaceResult) -> list[list[RegionScore]]:
         """Several people: per generated image, each identity's best-matching face in its region and its cosine

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from deployments.instantid.catalogue import ModelChoice
+from deployments.instantid.face_detail import FaceDetailPass
 from deployments.instantid.hires import HiresPass
 from deployments.instantid.params import GenerationParams
 
@@ -56,7 +57,22 @@ class Stages(Protocol):
         job: JobTicket | None,
     ) -> Any: ...
 
+    def find_small_faces(self, detail: FaceDetailPass, output: Any, face: Any) -> Any: ...
+
+    def detail(
+        self,
+        detail: FaceDetailPass,
+        model: ModelChoice,
+        face: Any,
+        prompt: Any,
+        first: Any,
+        found: Any,
+        job: JobTicket | None,
+    ) -> Any: ...
+
     def score(self, output: Any, face: Any) -> Any: ...
+
+    def score_repaired(self, output: Any, face: Any) -> Any: ...
 
     def score_regions(self, output: Any, face: Any) -> Any: ...
 
@@ -71,6 +87,7 @@ class Stages(Protocol):
         region_scores: Any,
         kept: dict[str, bytes] | None,
         safety: Any = None,
+        repaired: Any = None,
     ) -> Any: ...
 
 
@@ -110,9 +127,17 @@ def generate(
     if plan.hires is not None:
         output = stages.refine(plan.hires, plan.model, face, prompt, controls, output, record.job)
 
-    # 5. Each image's identity score, by the face stage's recognition model (several people: per region).
+    # 4c. The face detail pass, when asked for: the face stage finds the small faces of the images so far, then
+    #     the denoiser repaints each at portrait resolution as an edit of its image (one job per face, in order).
+    if plan.face_detail is not None:
+        found = stages.find_small_faces(plan.face_detail, output, face)
+        output = stages.detail(plan.face_detail, plan.model, face, prompt, output, found, record.job)
+
+    # 5. Each image's identity score, by the face stage's recognition model (several people: per region); with a
+    #    face detail pass, each repaired face's score after the repair too.
     scores = stages.score(output, face) if plan.people is None else None
     region_scores = stages.score_regions(output, face) if plan.people is not None else None
+    repaired = stages.score_repaired(output, face) if plan.face_detail is not None else None
 
     # 6. Each image's safety verdict, beside the scores (None when the deployment's policy is off); the store applies
     #    it before encoding anything, so a blurred or refused image's original is never stored.
@@ -120,4 +145,4 @@ def generate(
 
     # 7. The images, their scores, verdicts and meta.json, stored (served: confirmed in S3 before anyone is told).
     kept = plan.kept_inputs(inputs) if keep_inputs else None
-    return stages.store(plan, record, output, scores, region_scores, kept, safety)
+    return stages.store(plan, record, output, scores, region_scores, kept, safety, repaired)

@@ -24,6 +24,7 @@ from deployments.instantid.catalogue import (
     ModelChoice,
 )
 from deployments.instantid.control_maps import load_depth_estimator
+from deployments.instantid.face_detail import FaceDetailPass, SmallFace
 from deployments.instantid.hires import HiresPass
 from deployments.instantid.identity_score import RegionScore
 from deployments.instantid.keypoints import REFERENCE_LONG_SIDE
@@ -71,6 +72,7 @@ class GenerationOutput:
     identity_similarities: list[float | None] | None = None  # one person: per image
     region_scores: list[list[RegionScore]] | None = None  # several people: per image, per identity
     safety: SafetyResult | None = None  # with a safety check: every image's verdict (refused ones are not in images)
+    repaired_faces: list[dict] | None = None  # the face detail pass: each face repainted, its scores before and after
 
 
 class InstantIDPipeline:
@@ -209,8 +211,26 @@ class _LocalStages:
     ) -> DenoiseResult:
         return self.pipeline.denoise.refine(hires, model, face, prompt, controls, first)
 
+    def find_small_faces(self, detail: FaceDetailPass, output: DenoiseResult, face: FaceResult) -> list[SmallFace]:
+        return self.pipeline.face.find_small_faces(detail, output, face)
+
+    def detail(
+        self,
+        detail: FaceDetailPass,
+        model: ModelChoice,
+        face: FaceResult,
+        prompt: PromptResult,
+        first: DenoiseResult,
+        found: list[SmallFace],
+        job: JobTicket | None,
+    ) -> DenoiseResult:
+        return self.pipeline.denoise.detail(detail, model, face, prompt, first, found)
+
     def score(self, output: DenoiseResult, face: FaceResult) -> list[float | None]:
         return self.pipeline.face.score(output, face)
+
+    def score_repaired(self, output: DenoiseResult, face: FaceResult) -> list[dict]:
+        return self.pipeline.face.score_repaired(output, face)
 
     def score_regions(self, output: DenoiseResult, face: FaceResult) -> list[list[RegionScore]]:
         return self.pipeline.face.score_identities(output, face)
@@ -227,6 +247,7 @@ class _LocalStages:
         region_scores: list[list[RegionScore]] | None,
         kept: dict[str, bytes] | None,
         safety: SafetyResult | None = None,
+        repaired: list[dict] | None = None,
     ) -> GenerationOutput:
         # Nothing is stored in process: the images go back to the caller, screened as the store would screen them.
         screened = screen(output.images, safety, scores, region_scores)
@@ -238,4 +259,5 @@ class _LocalStages:
             identity_similarities=screened.identity_similarities,
             region_scores=screened.identity_scores,
             safety=safety,
+            repaired_faces=repaired,
         )

@@ -32,6 +32,7 @@ from deployments.storage.generations import StoredGeneration, StoredImage
 if TYPE_CHECKING:  # tensors and maps that only travel between the model stages, never to the ingress
     from deployments.instantid.control_inputs import ControlInputs
     from deployments.instantid.editing import PreparedEdit
+    from deployments.instantid.face_detail import SmallFace
     from deployments.instantid.text import PromptEmbeddings
 
 
@@ -252,6 +253,7 @@ class DenoiseResult:
     replicas: dict[str, str] = field(default_factory=dict)  # stage -> the Serve replica that ran it
     batch: DenoiseBatch | None = None
     layout: dict[str, Any] | None = None  # several people: group_layout() of the face condition
+    repaired: list[SmallFace] | None = None  # the face detail pass: each face it repainted (scores before only)
 
 
 # ------------------------------------------------------------------------------------------------- safety check
@@ -326,6 +328,7 @@ class SavedGeneration:
     batch: DenoiseBatch | None
     layout: dict[str, Any] | None = None
     safety: dict[str, Any] | None = None  # meta.json's safety block (SafetyResult.meta); None when the check is off
+    repaired_faces: list[dict[str, Any]] | None = None  # the face detail pass: SmallFace.to_dict() of each face
 
 
 def group_layout(condition: FaceCondition) -> dict[str, Any] | None:

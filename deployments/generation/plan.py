@@ -19,6 +19,7 @@ from typing import Any
 
 from deployments.instantid.catalogue import ModelCatalogue, ModelChoice
 from deployments.instantid.errors import InvalidParameterError
+from deployments.instantid.face_detail import FaceDetailPass
 from deployments.instantid.hires import HiresPass
 from deployments.instantid.options import (
     COMPUTED_MAPS,
@@ -150,6 +151,7 @@ class GenerationPlan:
     negative_prompt: str | None
     map_sources: dict[str, str]  # active extra ControlNet -> "uploaded" or "computed from <photo>"
     hires: HiresPass | None = None  # a second, image-to-image pass at a larger size
+    face_detail: FaceDetailPass | None = None  # each small face of the result repainted at portrait resolution
 
     @property
     def people(self) -> tuple[PersonGiven, ...] | None:
@@ -190,6 +192,7 @@ class GenerationPlan:
             "strength": params.strength,
             "denoising_steps": params.denoising_steps,
             "hires": None if self.hires is None else self.hires.describe(),
+            "face_detail": None if self.face_detail is None else self.face_detail.describe(),
         }
         if self.people is not None:  # the single-person face fields do not apply: each identity has its own
             for name in SINGLE_PERSON_OPTIONS:
@@ -392,7 +395,8 @@ def plan_generation(
             "int(num_inference_steps x strength) must be at least 1"
         )
     prompt, negative = apply_style(options.style, options.prompt, options.negative_prompt)
-    return GenerationPlan(options, given, params, model, prompt, negative, map_sources, hires_pass(options, params))
+    hires, detail = hires_pass(options, params), face_detail_pass(options, params, given)
+    return GenerationPlan(options, given, params, model, prompt, negative, map_sources, hires, detail)
 
 
 def hires_pass(options: GenerationOptions, params: GenerationParams) -> HiresPass | None:
@@ -413,6 +417,24 @@ def hires_pass(options: GenerationOptions, params: GenerationParams) -> HiresPas
     return hires
 
 
+def face_detail_pass(options: GenerationOptions, params: GenerationParams, given: InputsGiven) -> FaceDetailPass | None:
+    """The request's face detail pass resolved, or None: the request's steps and feather; an edit's faces are
+    generated at its ``edit_resolution``, a generation's at its own long side. A 422 when it would run no step."""
+    if options.face_detail is None:
+        return None
+    choice = options.face_detail
+    resolution = options.edit_resolution if given.target else None
+    detail = FaceDetailPass(
+        choice.strength, choice.min_face, choice.padding, params.num_inference_steps, options.mask_blur, resolution
+    )
+    if detail.denoising_steps == 0:
+        raise InvalidParameterError(
+            f"face_detail.strength {detail.strength} leaves no denoising step of {detail.steps}: "
+            "int(num_inference_steps x face_detail.strength) must be at least 1"
+        )
+    return detail
+
+
 def check_inputs(options: GenerationOptions, given: InputsGiven) -> None:
     """The rules between the options and the pictures given, which need neither the catalogue nor the deployment
     (the request model runs them too, so a handle caller's request fails where it is made): one person (1-8 photos)
@@ -431,6 +453,8 @@ def check_inputs(options: GenerationOptions, given: InputsGiven) -> None:
         raise InvalidParameterError("hires is not available with target_image: an edit has the target's size")
     if options.hires is not None and given.people is not None:
         raise InvalidParameterError("hires is not available with identities (several people) yet")
+    if options.face_detail is not None and given.people is not None:
+        raise InvalidParameterError("face_detail is not available with identities (several people) yet")
 
 
 def _check_edit(options: GenerationOptions, given: InputsGiven) -> None:

@@ -128,13 +128,28 @@ def face_weight(
     scale = scale.view(-1, 1, 1)
     if region_mask is None:
         return scale.to(dtype)
-    height, width = region_mask.shape[-2:]
-    factor = math.sqrt(height * width / sequence_length)
-    size = (round(height / factor), round(width / factor))
-    resized = F.interpolate(region_mask, size=size, mode="nearest")
+    resized = F.interpolate(region_mask, size=attention_size(*region_mask.shape[-2:], sequence_length), mode="nearest")
     if region_mask.shape[1] == 1:
         return (scale * resized.flatten(1)[:, :, None]).to(dtype)
     return (scale[:, None] * resized.flatten(2)[..., None]).to(dtype)
+
+
+def attention_size(height: int, width: int, sequence_length: int) -> tuple[int, int]:
+    """The (rows, columns) of an attention layer of ``sequence_length`` pixels, for a ``height`` x ``width`` mask.
+
+    The UNet halves its feature maps with stride-2 convolutions (padding 1), which round odd sides up, so the layer
+    is the mask's shape halved with rounding up as often as it takes (a 184-pixel side: 23 latent pixels, then 12
+    and 6). Scaling both sides by one square-root factor instead picks the wrong pair for some shapes (a 264 x 384
+    image's 9 x 12 layer came out 9 x 13, and the step failed on the mismatch). A length that is no such halving
+    (a mask not of the image's shape) falls back to that aspect-preserving size.
+    """
+    rows, columns = height, width
+    while rows * columns > sequence_length:
+        rows, columns = -(-rows // 2), -(-columns // 2)
+    if rows * columns == sequence_length:
+        return rows, columns
+    factor = math.sqrt(height * width / sequence_length)
+    return round(height / factor), round(width / factor)
 
 
 @dataclass

@@ -20,7 +20,14 @@ import numpy as np
 from .face_data import DetectedFace
 from .faces import FaceAnalyzer
 
-__all__ = ["RegionScore", "identity_similarities", "identity_similarity", "reference_direction", "region_similarities"]
+__all__ = [
+    "RegionScore",
+    "cosine",
+    "identity_similarities",
+    "identity_similarity",
+    "reference_direction",
+    "region_similarities",
+]
 
 
 def reference_direction(reference: np.ndarray) -> np.ndarray:
@@ -51,7 +58,7 @@ def reference_direction(reference: np.ndarray) -> np.ndarray:
     return direction / length
 
 
-def _cosine(embedding: np.ndarray, direction: np.ndarray) -> float | None:
+def cosine(embedding: np.ndarray, direction: np.ndarray) -> float | None:
     """Cosine (float64) of a raw embedding with a unit direction; None when the embedding has no direction."""
     vector = np.asarray(embedding, dtype=np.float64).reshape(-1)
     if vector.shape != direction.shape:
@@ -70,7 +77,7 @@ def _score(analyzer: FaceAnalyzer, image_rgb: np.ndarray, direction: np.ndarray)
     faces = analyzer.detect(image_rgb)  # largest box first
     if not faces:
         return None
-    return _cosine(analyzer.embed(image_rgb, faces[0]), direction)
+    return cosine(analyzer.embed(image_rgb, faces[0]), direction)
 
 
 def identity_similarity(analyzer: FaceAnalyzer, image_rgb: np.ndarray, reference: np.ndarray) -> float | None:
@@ -130,7 +137,7 @@ def region_similarities(
             cx, cy = float(face.bbox[0] + face.bbox[2]) / 2.0, float(face.bbox[1] + face.bbox[3]) / 2.0
             if not (x1 <= cx < x2 and y1 <= cy < y2):
                 continue
-            similarity = _cosine(analyzer.embed(image_rgb, face), direction)
+            similarity = cosine(analyzer.embed(image_rgb, face), direction)
             if similarity is not None and (best is None or similarity > best[0]):
                 best = (similarity, face)
         if best is None:

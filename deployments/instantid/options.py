@@ -30,6 +30,9 @@ MAX_IDENTITIES = 4
 MAX_REQUEST_LORAS = 4
 LORA_SCALE_RANGE = (-2.0, 2.0)
 HIRES_SCALE_RANGE = (1.0, 2.0)  # the hires pass's upscale factor
+DEFAULT_DETAIL_STRENGTH = 0.4  # the face detail pass: ADetailer's default inpainting strength (redrawn, not replaced)
+DEFAULT_MIN_FACE = 384  # px: a face whose box's longer side is at least this is left as it is
+DEFAULT_DETAIL_PADDING = 0.35  # as an edit's mask_padding
 DEFAULT_HIRES_STRENGTH = 0.35  # re-noise little: the pass adds detail, the first pass keeps the composition
 
 # The extra ControlNets beside IdentityNet, in the order their residuals are added (the published demo's order).
@@ -63,13 +66,15 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)]
 CannyThreshold = Annotated[int, Field(ge=0, le=1000)]
 # List- and object-valued fields a multipart form carries as JSON text.
-JSON_FORM_FIELDS = ("loras", "controlnets", "identities", "hires")
+JSON_FORM_FIELDS = ("loras", "controlnets", "identities", "hires", "face_detail")
 _JSON_EXAMPLES = {
     "loras": '[{"name": "x", "scale": 0.8}]',
     "controlnets": '[{"name": "canny", "strength": 0.4}]',
     "identities": '[{"region": [0, 0, 512, 1024]}, {"region": [512, 0, 1024, 1024]}]',
     "hires": '{"scale": 1.5, "strength": 0.35}',
+    "face_detail": '{"strength": 0.4, "min_face": 384}',
 }
+_OBJECT_FIELDS = ("hires", "face_detail")
 
 
 def decode_json_form_fields(data: Any) -> Any:
@@ -81,7 +86,7 @@ def decode_json_form_fields(data: Any) -> Any:
             try:
                 data = {**data, name: json.loads(data[name])}
             except ValueError:
-                kind = "object" if name == "hires" else "list"
+                kind = "object" if name in _OBJECT_FIELDS else "list"
                 raise ValueError(f"{name} must be a JSON {kind}, e.g. {_JSON_EXAMPLES[name]}") from None
     return data
 
@@ -143,6 +148,33 @@ class HiresChoice(BaseModel):
         description="How far the upscaled image is re-noised; int(steps x strength) steps run.",
     )
     steps: int | None = Field(default=None, ge=1, le=100, description="Absent: the request's num_inference_steps.")
+
+
+class FaceDetailChoice(BaseModel):
+    """A second pass on each small face of the finished image: every face whose box's longer side is under
+    ``min_face`` pixels is cropped with ``padding``, generated again at portrait resolution from ``strength`` of the
+    schedule with the request's identity, and pasted back (as an edit of that face)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strength: float = Field(
+        default=DEFAULT_DETAIL_STRENGTH,
+        gt=0.0,
+        le=1.0,
+        description="How far each face's crop is re-noised; int(num_inference_steps x strength) steps run per face.",
+    )
+    min_face: int = Field(
+        default=DEFAULT_MIN_FACE,
+        ge=16,
+        le=MAX_SIDE,
+        description="Faces whose box's longer side is at least this many pixels are left as they are.",
+    )
+    padding: float = Field(
+        default=DEFAULT_DETAIL_PADDING,
+        ge=0.0,
+        le=2.0,
+        description="Each face's repaint mask: its box grown on each side by this share of its size.",
+    )
 
 
 class GenerationOptions(BaseModel):
@@ -267,6 +299,11 @@ class GenerationOptions(BaseModel):
         default=None,
         description="A second pass at a larger size (absent: none): each image upscaled by hires.scale and refined "
         "image-to-image at hires.strength; the output has the scaled size.",
+    )
+    face_detail: FaceDetailChoice | None = Field(
+        default=None,
+        description="Repaint each small face of the result at portrait resolution (absent: off); the response lists "
+        "each repaired face with its identity score before and after.",
     )
 
     @model_validator(mode="before")

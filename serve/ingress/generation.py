@@ -38,6 +38,7 @@ from deployments.generation.plan import (
     plan_generation,
 )
 from deployments.instantid.catalogue import ModelCatalogue, ModelChoice
+from deployments.instantid.face_detail import FaceDetailPass
 from deployments.instantid.hires import HiresPass
 from deployments.instantid.params import GenerationParams
 from deployments.storage.generations import new_generation_id
@@ -124,8 +125,30 @@ class HandleStages:
         denoiser = self.handles.denoiser.options(multiplexed_model_id=self.base)
         return denoiser.refine.remote(hires, model, face, prompt, controls, first, job)
 
+    def find_small_faces(
+        self, detail: FaceDetailPass, output: DeploymentResponse, face: DeploymentResponse
+    ) -> DeploymentResponse:
+        return self.handles.face.find_small_faces.remote(detail, output, face)
+
+    def detail(
+        self,
+        detail: FaceDetailPass,
+        model: ModelChoice,
+        face: DeploymentResponse,
+        prompt: DeploymentResponse,
+        first: DeploymentResponse,
+        found: DeploymentResponse,
+        job: JobTicket | None,
+    ) -> DeploymentResponse:
+        """The face detail pass: the Denoiser resolves the first pass's result and the faces found on it itself."""
+        denoiser = self.handles.denoiser.options(multiplexed_model_id=self.base)
+        return denoiser.detail.remote(detail, model, face, prompt, first, found, job)
+
     def score(self, output: DeploymentResponse, face: DeploymentResponse) -> DeploymentResponse:
         return self.handles.face.score.remote(output, face)
+
+    def score_repaired(self, output: DeploymentResponse, face: DeploymentResponse) -> DeploymentResponse:
+        return self.handles.face.score_repaired.remote(output, face)
 
     def score_regions(self, output: DeploymentResponse, face: DeploymentResponse) -> DeploymentResponse:
         return self.handles.face.score_identities.remote(output, face)
@@ -142,10 +165,11 @@ class HandleStages:
         region_scores: DeploymentResponse | None,
         kept: dict[str, bytes] | None,
         safety: DeploymentResponse | None = None,
+        repaired: DeploymentResponse | None = None,
     ) -> SavedGeneration:
         options = plan.options
         saving = self.handles.store.save.remote(
-            record, output, options.output_format, options.output_quality, kept, scores, region_scores, safety
+            record, output, options.output_format, options.output_quality, kept, scores, region_scores, safety, repaired
         )
         try:
             return await asyncio.wait_for(saving, timeout=self.request_timeout_s)
@@ -315,6 +339,7 @@ class Generations:
             replicas=saved.replicas,
             batch=BatchInfo(**dataclasses.asdict(saved.batch)) if saved.batch is not None else None,
             layout=LayoutInfo.model_validate(saved.layout) if saved.layout is not None else None,
+            repaired_faces=saved.repaired_faces,
             warnings=warnings,
         )
 
