@@ -3,10 +3,11 @@
 Faces that fill only a few dozen pixels of a full-body shot or a group come out soft: the UNet drew them with a
 handful of latent pixels. The usual fix is a second pass on each face's crop. This module decides which faces get
 it (every face whose box's longer side is under ``min_face`` pixels; for an edit, only faces whose box overlaps its
-repaint mask, and only within it, so every pixel outside the mask stays the target's) and the repaint mask of each (the box grown by
-``padding``, as an edit's face mask). Each face is then edited exactly as an edit of the image would be (crop at
-portrait resolution, masked latent blend, colour-matched paste-back: ``editing.py``), with the request's identity
-and the keypoints the detector found on that face, so the repaired face sits where the soft one was.
+repaint mask, and only within it, so every pixel outside the mask stays the target's) and the repaint mask of each
+(the box grown by ``padding``, as an edit's face mask). Each face is then edited exactly as an edit of the image
+would be (crop at portrait resolution, masked latent blend, colour-matched paste-back: ``editing.py``), with the
+request's identity and the keypoints the detector found on that face, so the repaired face sits where the soft one
+was.
 
 The identity score of each repaired face is measured before (on the first pass's image) and after (the face in the
 finished image whose box overlaps the repaired one most), with the model that scores whole images.

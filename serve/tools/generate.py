@@ -6,7 +6,7 @@ flag of its name (``--num-inference-steps``, ``--face-noise``, ...; three keep s
 schema validates. The pictures and the list-valued options have flags of their own: ``--face`` (repeatable),
 ``--identity FACE[:X1,Y1,X2,Y2]``, ``--pose``, ``--init-image``, ``--target``, ``--mask``,
 ``--control-image NAME=FILE``, ``--lora NAME_OR_PATH[:SCALE]``, ``--controlnet NAME[:STRENGTH]``,
-``--hires SCALE[:STRENGTH]``; ``--base`` chooses what to load.
+``--hires SCALE[:STRENGTH]``, ``--face-detail [STRENGTH]``; ``--base`` chooses what to load.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from deployments.storage.identities import SavedIdentity
 
 # Options the command line spells its own way: base_model by --base (a name or a path, loaded here), loras and
-# controlnets by repeatable flags, output_format by --out's suffix, hires by --hires SCALE[:STRENGTH].
-OWN_FLAGS = ("base_model", "loras", "controlnets", "output_format", "hires")
+# controlnets by repeatable flags, output_format by --out's suffix, hires by --hires SCALE[:STRENGTH], face_detail
+# by --face-detail [STRENGTH].
+OWN_FLAGS = ("base_model", "loras", "controlnets", "output_format", "hires", "face_detail")
 ALIASES = {"negative_prompt": ("--negative",), "num_inference_steps": ("--steps",), "guidance_scale": ("--guidance",)}
 # How this command line names what the plan's messages call a request field.
 FLAG_WORDS = {
@@ -188,6 +189,14 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="a second pass at SCALE x the size (1..2): each image upscaled and refined image-to-image at STRENGTH "
         "(default 0.35) with --steps steps",
     )
+    p.add_argument(
+        "--face-detail",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="STRENGTH",
+        help="repaint each face under 384 px of the result at portrait resolution, at STRENGTH (default 0.4)",
+    )
     add_option_flags(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -240,6 +249,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 controlnets=[_controlnet_item(item) for item in args.controlnet] or None,
                 output_format=output_format(args.out),
                 hires=hires_item(args.hires),
+                face_detail=face_detail_item(args.face_detail),
             )
         )
     except ValidationError as exc:
@@ -336,6 +346,16 @@ def hires_item(item: str | None) -> dict[str, float] | None:
         return {"scale": float(scale), **({"strength": float(strength)} if strength else {})}
     except ValueError:
         raise CliError(f"--hires {item}: expected SCALE[:STRENGTH], e.g. 1.5 or 1.5:0.4") from None
+
+
+def face_detail_item(item: str | None) -> dict[str, float] | None:
+    """``--face-detail [STRENGTH]`` -> a ``face_detail`` object (the schema checks the range); None without it."""
+    if item is None:
+        return None
+    try:
+        return {"strength": float(item)} if item else {}
+    except ValueError:
+        raise CliError(f"--face-detail {item}: expected a strength, e.g. 0.4") from None
 
 
 def _controlnet_item(item: str) -> dict[str, object]:

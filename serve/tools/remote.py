@@ -19,6 +19,7 @@ from serve.tools.generate import (
     _identity_item,
     _lora_item,
     _read,
+    face_detail_item,
     hires_item,
     in_flag_words,
     options_from,
@@ -100,6 +101,7 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
         "controlnets": controlnets or None,
         "output_format": output_format(args.out),
         "hires": hires_item(args.hires),
+        "face_detail": face_detail_item(args.face_detail),
     }
     return {**options_from(args, **extra), **body}
 
