@@ -103,6 +103,58 @@ def test_inpainting_equals_diffusers_sdxl_inpaint_pipeline(controlled_denoiser, 
     assert max_difference(ours, expected) <= 1
 
 
+@pytest.fixture(scope="module")
+def inpainting_denoiser(tiny_layout, tiny_weights):
+    """The tiny denoiser on the 9-channel inpainting base (IdentityNet and the face adapter as on any base)."""
+    from deployments.instantid.bases import SDXLBase
+    from deployments.instantid.loading import load_denoiser
+    from deployments.tiny.weights import INPAINT_BASE
+
+    base = SDXLBase(INPAINT_BASE, folder=tiny_weights / "bases" / INPAINT_BASE)
+    return load_denoiser(tiny_layout, device="cpu", dtype="float32", base=base)
+
+
+@pytest.mark.parametrize("case", INPAINT_CASES.values(), ids=INPAINT_CASES.keys())
+def test_a_9_channel_inpainting_base_equals_diffusers_sdxl_inpaint_pipeline(
+    inpainting_denoiser, text, tiny_weights, case
+) -> None:
+    """The UNet reads the mask and the masked image's latents as its extra channels at every step, and nothing is
+    blended: diffusers' pipeline on the same folder, crop, mask, strength and seed, within 1/255."""
+    from deployments.tiny.weights import INPAINT_BASE
+
+    assert inpainting_denoiser.inpainting and inpainting_denoiser.unet.config.in_channels == 9
+    params = dataclasses.replace(PLAIN_SDXL, **case)
+    init, mask = sample_init_image(SIZE), centre_mask()
+    ours = run_inpaint(inpainting_denoiser, text, params, init, mask)
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_weights / "bases" / INPAINT_BASE)
+    pipe.scheduler = make_scheduler(params.scheduler, dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE if params.guidance_scale > 1 else None,
+        image=Image.fromarray(init),
+        mask_image=Image.fromarray(mask),
+        height=SIZE,
+        width=SIZE,
+        strength=params.strength,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        num_images_per_prompt=params.num_images,
+        generator=torch.Generator().manual_seed(params.seed),
+        output_type="np",
+    ).images
+    expected = (expected * 255).round().astype(np.uint8)
+    assert max_difference(ours, expected) <= 1
+
+
+def test_a_9_channel_inpainting_base_only_edits(inpainting_denoiser, text) -> None:
+    job = DenoiseJob(
+        PLAIN_SDXL, np.zeros(512, np.float32), KEYPOINTS, BOX, text[True], init_image=sample_init_image(SIZE)
+    )
+    with pytest.raises(InvalidParameterError, match="inpainting model"):
+        inpainting_denoiser.generate([job])
+
+
 def test_the_blend_keeps_the_known_region_and_repaints_the_mask(controlled_denoiser, text) -> None:
     """Outside the mask the decoded crop stays near the init image (the VAE round trip aside); inside it departs."""
     init, mask = sample_init_image(SIZE), centre_mask()

@@ -12,8 +12,10 @@ Extra ControlNets (pose, canny, depth) work as in the published full InstantID p
 embeddings, its own map, strength and window; the face-region mask weighs IdentityNet only; all residuals are
 summed. Image-to-image works as diffusers' SDXL img2img pipelines: the init image is VAE-encoded (sampled with the
 job's generator), noised to the first timestep that ``strength`` keeps, and only the remaining steps run. With an
-inpainting mask (an edit, ``editing.py``) it works as diffusers' SDXL inpainting pipeline does for a 4-channel UNet:
-after every step the latents outside the mask are replaced by the init image's, re-noised to the next timestep.
+inpainting mask (an edit, ``editing.py``) it works as diffusers' SDXL inpainting pipeline does: for a 4-channel UNet,
+after every step the latents outside the mask are replaced by the init image's, re-noised to the next timestep; a
+9-channel inpainting UNet reads the mask and the masked image's latents as extra input channels instead (the
+ControlNets read the 4 latent channels alone, as in diffusers' ControlNet inpainting pipeline).
 """
 
 from __future__ import annotations
@@ -131,6 +133,12 @@ class InstantIDDenoiser:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.vae_batch_size = vae_batch_size
         self.num_face_tokens = resampler.config.num_queries
+        channels = self.unet.config.in_channels  # 9: an inpainting UNet (+ mask and masked-image latents)
+        if channels not in (self.vae.config.latent_channels, self.vae.config.latent_channels * 2 + 1):
+            raise ValueError(
+                f"a UNet of {channels} input channels does not fit a VAE of {self.vae.config.latent_channels}"
+            )
+        self.inpainting = channels != self.vae.config.latent_channels
         # Set by acceleration.accelerate (all off: the eager step as written above).
         self.static_step: StaticStep | None = None
         self.compiled = False
@@ -148,6 +156,10 @@ class InstantIDDenoiser:
             raise InvalidParameterError("image-to-image needs both an init image and a strength")
         if job.inpaint_mask is not None and (job.init_image is None or job.inpaint_mask.shape != (p.height, p.width)):
             raise InvalidParameterError(f"an inpainting mask needs an init image and the shape ({p.height}, {p.width})")
+        if self.inpainting and job.inpaint_mask is None:
+            raise InvalidParameterError(
+                "this base is an inpainting model (9-channel UNet): it only edits (target_image)"
+            )
         if p.strength is not None and p.denoising_steps == 0:
             raise InvalidParameterError(
                 f"strength {p.strength} leaves no denoising step of {p.num_inference_steps} (int(steps x strength) "
@@ -157,11 +169,11 @@ class InstantIDDenoiser:
         scheduler.set_timesteps(p.num_inference_steps, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(p.seed)
         timesteps = scheduler.timesteps
-        inpaint = None
+        inpaint = unet_extra = None
         if job.init_image is None:
             shape = (
                 p.num_images,
-                self.unet.config.in_channels,
+                self.vae.config.latent_channels,
                 p.height // self.vae_scale_factor,
                 p.width // self.vae_scale_factor,
             )
@@ -177,7 +189,9 @@ class InstantIDDenoiser:
             if job.inpaint_mask is None:
                 latents = starts.noised(init, p.num_images, scheduler, timesteps[:1], generator)
             else:
-                latents, inpaint = starts.inpaint_start(init, job.inpaint_mask, p, scheduler, timesteps, generator)
+                latents, inpaint, unet_extra = starts.inpaint_start(
+                    init, job.inpaint_mask, p, scheduler, timesteps, generator, masked_image_input=self.inpainting
+                )
 
         cfg = p.do_classifier_free_guidance
         if job.identities is not None:  # several people: k x 16 face tokens, one mask channel per identity
@@ -217,6 +231,7 @@ class InstantIDDenoiser:
             "maps": maps,
             "mask": mask,
             "inpaint": inpaint,
+            "unet_extra": unet_extra,
         }
 
     def _job_rows(self, job: DenoiseJob) -> JobRows:
@@ -327,32 +342,41 @@ class InstantIDDenoiser:
         their ``on_step``.
         """
         timesteps = [j._state["timesteps"][j._state["index"]] for j in jobs]
-        sample_parts, row_timesteps = [], []
+        sample_parts, row_timesteps, extra_parts = [], [], []
         for job, t, rows in zip(jobs, timesteps, batch.blocks, strict=True):
             scaled = job._state["scheduler"].scale_model_input(job._state["latents"], t)
             sample_parts.append(torch.cat([scaled, scaled]) if rows.cfg else scaled)
             row_timesteps.append(t.to(device=self.device, dtype=torch.float32).reshape(1).expand(rows.count))
-        noise = self.predict_noise(jobs, batch, torch.cat(sample_parts), torch.cat(row_timesteps))
+            if (extra := job._state["unet_extra"]) is not None:  # an inpainting UNet's mask and masked image
+                extra_parts.append(torch.cat([extra, extra]) if rows.cfg else extra)
+        unet_extra = torch.cat(extra_parts) if extra_parts else None
+        noise = self.predict_noise(jobs, batch, torch.cat(sample_parts), torch.cat(row_timesteps), unet_extra)
         return self._advance(jobs, batch, timesteps, noise)
 
     def predict_noise(
-        self, jobs: Sequence[DenoiseJob], batch: StepBatch, sample: torch.Tensor, t_rows: torch.Tensor
+        self,
+        jobs: Sequence[DenoiseJob],
+        batch: StepBatch,
+        sample: torch.Tensor,
+        t_rows: torch.Tensor,
+        unet_extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The network forward of one step: the ControlNets' residuals, then the UNet's noise prediction per row.
 
         The only part of a step that runs the networks (everything around it is per-job bookkeeping), so it is
         also the one seam a simulation replaces (``simulated.CostModelDenoiser``). The bucketed, capturable forward
-        runs when the batch fits a bucket; otherwise the eager one.
+        runs when the batch fits a bucket; otherwise the eager one. ``unet_extra``: an inpainting UNet's extra input
+        channels per row, appended to ``sample`` for the UNet only (the ControlNets read the latents alone).
         """
         identity_keep = tuple(
             self._keep(j, j.params.control_guidance_start, j.params.control_guidance_end) for j in jobs
         )
-        if self.static_step is not None:
+        if self.static_step is not None and unet_extra is None:
             noise = self.static_step.forward(batch, sample, t_rows, identity_keep)
             if noise is not None:
                 return noise
         with self._eager():
-            return self._eager_forward(jobs, batch, sample, t_rows, identity_keep)
+            return self._eager_forward(jobs, batch, sample, t_rows, identity_keep, unet_extra)
 
     def _advance(
         self, jobs: Sequence[DenoiseJob], batch: StepBatch, timesteps: list[torch.Tensor], noise: torch.Tensor
@@ -381,6 +405,7 @@ class InstantIDDenoiser:
         sample: torch.Tensor,
         t_rows: torch.Tensor,
         identity_keep: tuple[float, ...],
+        unet_extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """IdentityNet (when a window is open), the extra ControlNets and the UNet, with the batch's caches."""
         residuals = []
@@ -393,7 +418,7 @@ class InstantIDDenoiser:
                 residuals.append(self._extra_controlnet(name, sample, t_rows, batch, keep))
         down, mid = _summed(residuals)
         return self.unet(
-            sample,
+            sample if unet_extra is None else torch.cat([sample, unet_extra], dim=1),
             t_rows,
             encoder_hidden_states=batch.context,
             cross_attention_kwargs={CONDITIONING_KWARG: batch.conditioning},

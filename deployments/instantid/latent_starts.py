@@ -2,8 +2,10 @@
 
 Both follow diffusers' SDXL pipelines draw for draw, so a job with a seed gives their image: the init image's VAE
 posterior is sampled with the job's generator and duplicated per image, then the noise is drawn and added at the
-first timestep. An inpainting job (an edit) also keeps what it needs to put the unmasked region back after every
-step, re-noised to the next timestep: the blend of diffusers' inpainting pipelines for a 4-channel UNet.
+first timestep. An inpainting job (an edit) on a 4-channel UNet also keeps what it needs to put the unmasked region
+back after every step, re-noised to the next timestep (the blend of diffusers' inpainting pipelines); on a 9-channel
+inpainting UNet it gets the mask and the masked image's latents instead, which the UNet reads at every step as its
+extra input channels (and nothing is blended), as diffusers' pipelines feed such a UNet.
 """
 
 from __future__ import annotations
@@ -83,23 +85,38 @@ class ImageLatents:
         scheduler: Any,
         timesteps: torch.Tensor,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The first latents of an inpainting job and what keeps its known region: the init image's latents, the
-        noise they are re-noised with at every step, and the mask at latent size (binarised at 0.5 and resized
-        nearest, as diffusers' inpainting pipelines do). At strength 1 the start is pure noise, as there."""
-        encoded = self.encode(pixels, p.num_images, generator)
-        noise = randn_tensor(encoded.shape, generator=generator, device=self.device, dtype=self.dtype)
-        if p.strength == 1.0:
+        masked_image_input: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, torch.Tensor | None]:
+        """The first latents of an inpainting job, then either what keeps its known region (a 4-channel UNet: the
+        init image's latents, the noise they are re-noised with at every step, and the mask at latent size,
+        binarised at 0.5 and resized nearest, as diffusers' inpainting pipelines do) or, with
+        ``masked_image_input`` (a 9-channel inpainting UNet), the UNet's extra input channels: that mask and the
+        latents of the init image with the masked pixels zeroed, (num_images, 5, h, w). At strength 1 the start is
+        pure noise, as there."""
+        # The init image's latents: what a 4-channel UNet's blend keeps, and the start below strength 1 (a 9-channel
+        # UNet from pure noise needs neither, and diffusers then encodes nothing, so no draw is made here either).
+        encoded = None
+        if not masked_image_input or p.strength != 1.0:
+            encoded = self.encode(pixels, p.num_images, generator)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = (p.num_images, self.vae.config.latent_channels, pixels.shape[-2] // factor, pixels.shape[-1] // factor)
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        if encoded is None or p.strength == 1.0:
             latents = noise * scheduler.init_noise_sigma
         else:
             latents = scheduler.add_noise(encoded, noise, timesteps[:1].repeat(p.num_images))
-        # diffusers' pipeline then VAE-encodes the masked image with the same generator (read only by 9-channel
-        # UNets): its posterior sample draws one latent-shaped tensor, drawn here too so that a stochastic
+        repaint = torch.from_numpy((np.asarray(mask_image) >= 128).astype(np.float32))[None, None]
+        mask = torch.nn.functional.interpolate(repaint, size=shape[-2:])
+        mask = mask.to(device=self.device, dtype=self.dtype)
+        # diffusers' pipeline then VAE-encodes the masked image with the same generator, for every UNet: a 4-channel
+        # one never reads it, so only its posterior sample's one latent-shaped draw is made, and a stochastic
         # scheduler's later draws are the same.
-        randn_tensor((1, *encoded.shape[1:]), generator=generator, device=self.device, dtype=self.vae_dtype)
-        mask = torch.from_numpy((np.asarray(mask_image) >= 128).astype(np.float32))[None, None]
-        mask = torch.nn.functional.interpolate(mask, size=tuple(encoded.shape[-2:]))
-        return latents, {"known": encoded, "noise": noise, "mask": mask.to(device=self.device, dtype=self.dtype)}
+        if not masked_image_input:
+            assert encoded is not None
+            randn_tensor((1, *shape[1:]), generator=generator, device=self.device, dtype=self.vae_dtype)
+            return latents, {"known": encoded, "noise": noise, "mask": mask}, None
+        masked = self.encode(pixels * (repaint < 0.5), p.num_images, generator)
+        return latents, None, torch.cat([mask.expand(p.num_images, -1, -1, -1), masked], dim=1)
 
 
 def keep_known(state: dict[str, Any], step: int) -> torch.Tensor:

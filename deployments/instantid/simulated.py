@@ -81,7 +81,12 @@ class CostModelDenoiser(InstantIDDenoiser):
         return np.full((count, height * scale, width * scale, 3), 128, dtype=np.uint8)
 
     def predict_noise(
-        self, jobs: Sequence[DenoiseJob], batch: StepBatch, sample: torch.Tensor, t_rows: torch.Tensor
+        self,
+        jobs: Sequence[DenoiseJob],
+        batch: StepBatch,
+        sample: torch.Tensor,
+        t_rows: torch.Tensor,
+        unet_extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Wait what a forward of ``batch.rows`` rows costs at the jobs' size; predict no noise."""
         params = jobs[0].params

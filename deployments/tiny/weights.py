@@ -21,6 +21,7 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     EulerDiscreteScheduler,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -85,10 +86,11 @@ def tiny_text_encoders(vocab_size: int) -> tuple[CLIPTextModel, CLIPTextModelWit
     )
 
 
-def tiny_unet() -> UNet2DConditionModel:
+def tiny_unet(in_channels: int = 4) -> UNet2DConditionModel:
+    """The tiny SDXL UNet; ``in_channels`` 9: an inpainting UNet (latents + mask + masked-image latents)."""
     return UNet2DConditionModel(
         sample_size=32,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -142,6 +144,7 @@ _FACE_KV_GAIN = 3.0  # the face-token K/V projections, x their default initialis
 PARTS = ("sdxl", "instantid", "antelopev2", "bases", "loras", "controlnets", "depth")
 TINY_ORIGIN = "instantid weights tiny"  # licenses.json names it as every part's origin
 ALT_BASE = "tiny-alt"  # a second base: a diffusers folder and the single-file checkpoint written from it
+INPAINT_BASE = "tiny-inpaint"  # an inpainting base: a 9-channel UNet with sdxl/'s VAE and text encoders
 STYLE_LORAS = ("style-peft", "style-kohya")  # one random LoRA (UNet + both text encoders) in both layouts
 
 
@@ -152,7 +155,8 @@ def write_tiny_weights(directory: str | Path, seed: int = 0) -> Path:
     ``bases/tiny-alt.safetensors`` (a second base, as a folder and as a single file in the original SDXL
     layout); ``loras/`` with the fast-mode presets' LoRA names and two style LoRAs (PEFT and kohya layouts);
     ``controlnets/pose/``, ``controlnets/canny/``, ``controlnets/depth/`` (the extra ControlNets, fitting
-    ``sdxl/``'s UNet) and ``depth/`` (the depth model that makes the depth ControlNet's maps). The extra parts
+    ``sdxl/``'s UNet), ``depth/`` (the depth model that makes the depth ControlNet's maps) and
+    ``bases/tiny-inpaint/`` (an inpainting base: a 9-channel UNet with ``sdxl/``'s other parts). The extra parts
     are written last from their own seeds, so the others have the same bytes as before they existed. ``licenses.json``
     says what each part is: this project's random weights (Apache-2.0).
     """
@@ -218,6 +222,8 @@ def _write_parts(staging: Path, seed: int) -> None:
     unet.set_attn_processor(AttnProcessor2_0())  # back to the plain UNet of sdxl/ (no face-token layers)
     write_tiny_controlnets(staging / "controlnets", unet, torch.Generator().manual_seed(seed + 3))
     write_tiny_depth_model(staging / "depth", seed + 4)
+    torch.manual_seed(seed + 5)
+    _write_inpainting_base(staging / "bases" / INPAINT_BASE, pipe)
 
 
 def _write_alternative_base(folder: Path, tokenizer: CLIPTokenizer, tokenizer_2: CLIPTokenizer) -> None:
@@ -229,6 +235,16 @@ def _write_alternative_base(folder: Path, tokenizer: CLIPTokenizer, tokenizer_2:
     pipe = StableDiffusionXLPipeline(scheduler=sdxl_scheduler(), **tokenizers, **components)
     pipe.save_pretrained(folder / ALT_BASE, safe_serialization=True)
     save_original_sdxl(folder / f"{ALT_BASE}.safetensors", **components)
+
+
+def _write_inpainting_base(folder: Path, sdxl: StableDiffusionXLPipeline) -> None:
+    """An SDXL inpainting base as published (diffusers' StableDiffusionXLInpaintPipeline folder): a random UNet with
+    9 input channels beside ``sdxl``'s VAE, text encoders and tokenizers, as the real one shares SDXL's."""
+    parts = {
+        name: getattr(sdxl, name) for name in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    }
+    pipe = StableDiffusionXLInpaintPipeline(unet=tiny_unet(in_channels=9), scheduler=sdxl_scheduler(), **parts)
+    pipe.save_pretrained(folder, safe_serialization=True)
 
 
 def _write_loras(
