@@ -201,6 +201,11 @@ class DenoiserDeployment:
             vae_folder=self.vae_folder,
             cache_dir=self.models.cache_dir,
         )
+        if model.inpainting != self.models.catalogue.base_models[name].inpainting:
+            raise WeightsError(
+                f"base {name}: its UNet has {model.unet.config.in_channels} input channels, but the catalogue says "
+                f"inpainting: {str(not model.inpainting).lower()}"
+            )
         if self.cost_model is not None:
             model = CostModelDenoiser(model, self.cost_model.by_size())
         adapters = self.models.adapters({"unet": model.unet}, model.unet.config)

@@ -524,6 +524,7 @@ class ErrorResponse(BaseModel):
 class BaseModelInfo(BaseModel):
     description: str
     single_file: bool = Field(description="A single-file checkpoint (else a diffusers folder).")
+    inpainting: bool = Field(default=False, description="An inpainting base: it serves edits (target_image) only.")
 
 
 class LoraInfo(BaseModel):
@@ -567,7 +568,9 @@ class ModelsResponse(BaseModel):
         return cls(
             default_base=catalogue.default_base,
             base_models={
-                name: BaseModelInfo(description=spec.description, single_file=spec.single_file)
+                name: BaseModelInfo(
+                    description=spec.description, single_file=spec.single_file, inpainting=spec.inpainting
+                )
                 for name, spec in sorted(catalogue.base_models.items())
             },
             loras={

@@ -322,3 +322,17 @@ def test_edit_fields_need_a_target_and_an_edit_takes_no_size_or_init_image() -> 
         check_inputs(GenerationOptions(prompt="x", width=512, height=512), InputsGiven(face_photos=1, target=True))
     with pytest.raises(InvalidParameterError, match="not both"):
         check_inputs(GenerationOptions(prompt="x"), InputsGiven(face_photos=1, target=True, init=True))
+
+
+def test_a_plan_on_an_inpainting_base_needs_a_target() -> None:
+    from deployments.generation.plan import InputsGiven, plan_generation
+    from deployments.instantid.catalogue import BaseModelSpec, ModelCatalogue
+    from deployments.instantid.options import GenerationOptions
+
+    catalogue = ModelCatalogue(
+        base_models={"sdxl": BaseModelSpec(source="a"), "fill": BaseModelSpec(source="b", inpainting=True)}
+    )
+    options = GenerationOptions(prompt="x", base_model="fill")
+    with pytest.raises(InvalidParameterError, match="'fill' is an inpainting model"):
+        plan_generation(options, InputsGiven(face_photos=1), catalogue, [])
+    assert plan_generation(options, InputsGiven(face_photos=1, target=True), catalogue, []).model.base == "fill"

@@ -50,3 +50,27 @@ def test_an_edit_over_http_keeps_the_target_outside_the_face_and_both_bodies_agr
     blank = encode_image(np.full((300, 300, 3), 128, np.uint8), "PNG")
     refused = httpx.post(url, json={**body, "target_image_b64": b64(blank)}, timeout=300)
     assert refused.status_code == 422 and "target image" in refused.json()["error"]["message"]
+
+
+def test_an_edit_on_the_inpainting_base_is_served_and_it_refuses_a_plain_generation(serve_stack) -> None:
+    """local.yaml's tiny-inpaint (a 9-channel UNet): the edit runs on it (the target kept outside the face, bit for
+    bit), a generation without a target is a 422 naming the base, and /v1/models says which bases only edit."""
+    models = httpx.get(f"{serve_stack.url}/v1/models", timeout=30).json()
+    assert models["base_models"]["tiny-inpaint"]["inpainting"] is True
+    assert models["base_models"]["sdxl"]["inpainting"] is False
+    target_png = encode_image(astronaut_rgb(), "PNG")
+    url = f"{serve_stack.url}/v1/generate"
+    body = {**FIELDS, **EDIT, "face_image_b64": b64(astronaut_jpeg()), "base_model": "tiny-inpaint"}
+    edited = httpx.post(url, json={**body, "target_image_b64": b64(target_png)}, timeout=300)
+    assert edited.status_code == 200, edited.text
+    assert edited.json()["model"]["base"] == "tiny-inpaint"
+    image = stored_pixels(serve_stack.s3.client(), edited.json()["images"][0]["uri"])
+    target = astronaut_rgb()
+    mask = face_mask(np.array(edited.json()["faces"][-1]["box"]), 512, 512, 0.35)
+    assert np.array_equal(image[~mask], target[~mask])
+    assert np.abs(image[mask].astype(int) - target[mask].astype(int)).mean() > 2
+    plain = httpx.post(
+        url, json={**FIELDS, "face_image_b64": b64(astronaut_jpeg()), "base_model": "tiny-inpaint"}, timeout=30
+    )
+    assert plain.status_code == 422, plain.text
+    assert "'tiny-inpaint' is an inpainting model" in plain.json()["error"]["message"]

@@ -77,7 +77,7 @@ def test_loras_as_a_multipart_form_field(serve_stack) -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"base_model": "sdxl-turbo"}, "unknown base_model 'sdxl-turbo'; available: sdxl, tiny-alt"),
+        ({"base_model": "sdxl-turbo"}, "unknown base_model 'sdxl-turbo'; available: sdxl, tiny-alt, tiny-inpaint"),
         ({"loras": [{"name": "../etc/passwd"}]}, "unknown lora '../etc/passwd'; available: hyper-sdxl-8step-cfg, "),
         ({"mode": "turbo"}, "unknown mode 'turbo'; available: hyper, lcm, lightning"),
         ({"loras": [{"name": "style-peft", "scale": 2.5}]}, "less than or equal to 2"),

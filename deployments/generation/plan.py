@@ -358,6 +358,10 @@ def plan_generation(
     live."""
     check_inputs(options, given)
     model, preset = catalogue.choose(options.base_model, [(c.name, c.scale) for c in options.loras], options.mode)
+    if catalogue.base_models[model.base].inpainting and not given.target:
+        raise InvalidParameterError(
+            f"base_model {model.base!r} is an inpainting model: it only edits a photo (give target_image)"
+        )
     people = len(given.people) if given.people is not None else 1
     params = GenerationParams.from_options(
         options, resolved_seed(options), preset, img2img=given.init, edit=given.target, identities=people

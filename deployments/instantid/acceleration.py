@@ -126,7 +126,7 @@ def accelerate(denoiser: InstantIDDenoiser, options: SpeedOptions, cache_dir: st
         denoiser.controlnet._repeated_blocks = list(denoiser.unet._repeated_blocks)
         denoiser.controlnet.compile_repeated_blocks(**kwargs)
         denoiser.compiled = True
-    if options.bucketed:
+    if options.bucketed and not denoiser.inpainting:  # a 9-channel UNet's extra channels run the eager step
         denoiser.static_step = StaticStep(
             denoiser, options.bucket_rows, options.bucket_sizes, capture=options.cuda_graphs
         )

@@ -96,6 +96,11 @@ class BaseModelSpec(_Sourced):
         "(default: the weights' sdxl folder). Nothing is fetched from a hub when loading.",
     )
     description: str = ""
+    inpainting: bool = Field(
+        default=False,
+        description="A 9-channel SDXL inpainting UNet (it reads the mask and the masked image as extra input "
+        "channels): it serves edits (target_image) only. Checked against the UNet when the base loads.",
+    )
 
     @property
     def single_file(self) -> bool:
