@@ -2,8 +2,8 @@
 
 What it pins: for each case of ``CASES`` (the default request, the ``lcm`` fast mode, a catalogue LoRA, three extra
 ControlNets with image-to-image, three photos of one person, a face index in a group photo, two people with regions,
-a two-chunk weighted prompt and negative, face noise) the image the model stages make in this process (the reference)
-is, within 2/255 on uint8 RGB, the image that each path gives:
+a two-chunk weighted prompt and negative, face noise, an edit of a photo's face) the image the model stages make in
+this process (the reference) is, within 2/255 on uint8 RGB, the image that each path gives:
 
 - ``in_process``: :class:`InstantIDPipeline` called with the request's options and pictures (the plan and flow that
   every path runs, in this process);
@@ -100,6 +100,7 @@ class Case:
     init_image: bytes | None = None
     maps: Mapping[str, bytes] = field(default_factory=dict)
     twins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    target: bytes | None = None  # an edit: the photo whose face is repainted (the output has its size)
 
     @property
     def seed(self) -> int:
@@ -107,6 +108,9 @@ class Case:
 
     @property
     def size(self) -> tuple[int, int]:
+        if self.target is not None:
+            height, width = decode_image(self.target).shape[:2]
+            return width, height
         return int(self.fields["width"]), int(self.fields["height"])
 
     def twin(self, label: str) -> Case:
@@ -207,6 +211,14 @@ CASES: tuple[Case, ...] = (
         },
     ),
     Case("face_noise", small(109, face_noise=0.3), faces=(ASTRONAUT,), twins={"no noise": {"face_noise": None}}),
+    Case(
+        "edit",  # the target's face repainted with another photo's identity, at a 256-pixel crop
+        {k: v for k, v in small(110, steps=3).items() if k not in ("width", "height")}
+        | {"edit_resolution": 256, "edit_strength": 0.8, "mask_blur": 8},
+        faces=(SHIFTED_ASTRONAUT,),
+        target=ASTRONAUT,
+        twins={"weaker edit": {"edit_strength": 0.5}},
+    ),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 
@@ -219,7 +231,8 @@ def reference_call(pipeline: InstantIDPipeline, case: Case) -> Any:
     f = dict(case.fields)
     known = {
         "prompt", "negative_prompt", "style", "seed", "num_inference_steps", "width", "height", "scheduler", "mode",
-        "loras", "controlnets", "strength", "identity_combine", "face_index", "face_noise",
+        "loras", "controlnets", "strength", "identity_combine", "face_index", "face_noise", "edit_resolution",
+        "edit_strength", "mask_blur",
     }  # fmt: skip
     assert set(f) <= known, f"case {case.name}: the reference does not map {sorted(set(f) - known)}"
     preset = PRESET_MODES[f["mode"]] if "mode" in f else None
@@ -228,8 +241,8 @@ def reference_call(pipeline: InstantIDPipeline, case: Case) -> Any:
         return f.get(name, getattr(preset if preset is not None else DEFAULT_PARAMS, name))
 
     params = GenerationParams(
-        width=f["width"],
-        height=f["height"],
+        width=f.get("width"),
+        height=f.get("height"),
         seed=f["seed"],
         num_inference_steps=pick("num_inference_steps"),
         guidance_scale=pick("guidance_scale"),
@@ -242,6 +255,8 @@ def reference_call(pipeline: InstantIDPipeline, case: Case) -> Any:
     if preset is not None and preset.lora is not None:
         loras += ((preset.lora, preset.lora_scale),)
     faces = [decode_image(photo) for photo in case.faces]
+    if case.target is not None:
+        return edit_call(pipeline, case, params, faces[0])
     people = [IdentityInput([decode_image(p.photo)], p.region) for p in case.people] or None
     return generate_with_params(
         pipeline,
@@ -257,6 +272,44 @@ def reference_call(pipeline: InstantIDPipeline, case: Case) -> Any:
         identity_combine=f.get("identity_combine", "mean"),
         identities=people,
     )
+
+
+def edit_call(pipeline: InstantIDPipeline, case: Case, params: GenerationParams, photo: np.ndarray) -> Any:
+    """An edit case through the model stages: the identity from the face photo, the target's face (index 0) grown by
+    the default padding as the mask, the crop at ``edit_resolution`` with the target face's keypoints mapped into
+    it, inpainting at ``edit_strength``, pasted back (the denoise stage's paste-back)."""
+    from types import SimpleNamespace
+
+    from deployments.generation.messages import FaceResult, PromptRequest
+    from deployments.instantid.catalogue import ModelChoice
+    from deployments.instantid.conditioning import prepare_face_condition
+    from deployments.instantid.editing import PreparedEdit, face_mask
+    from deployments.instantid.face_data import ChosenFace
+    from deployments.instantid.styles import apply_style
+
+    f = case.fields
+    target = decode_image(case.target)
+    height, width = target.shape[:2]
+    face = pipeline.face.analyzer.detect(target)[0]
+    edit = PreparedEdit.make(target, face_mask(face.bbox, width, height, 0.35), f["mask_blur"], f["edit_resolution"])
+    crop = edit.region
+    condition = prepare_face_condition(
+        pipeline.face.analyzer, photo, None, width=crop.width, height=crop.height, long_side=pipeline.face.long_side
+    )
+    transform = crop.transform()
+    condition = replace(
+        condition,
+        keypoints=transform.apply_points(face.kps),
+        box=transform.apply_box(face.bbox),
+        pose_face=face,
+        used=[*condition.used, ChosenFace(replace(face, embedding=None), "target", 0, 0, width, height)],
+    )
+    params = replace(params, strength=f["edit_strength"])
+    prompt, negative = apply_style(f["style"], f["prompt"], f.get("negative_prompt"))
+    model = ModelChoice(pipeline.catalogue.default_base, ())
+    encoded = pipeline.prompt.encode(PromptRequest(prompt, negative, params.do_classifier_free_guidance, model))
+    result = pipeline.denoise.generate(params, model, FaceResult(condition, {}, edit=edit), encoded)
+    return SimpleNamespace(images=result.images, condition=condition, params=result.params, edit=edit)
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +363,8 @@ def json_body(case: Case) -> dict[str, Any]:
         body["face_images"] = [{"b64": b64(photo)} for photo in case.faces]
     if case.init_image is not None:
         body["init_image_b64"] = b64(case.init_image)
+    if case.target is not None:
+        body["target_image_b64"] = b64(case.target)
     if case.maps:
         body["controlnets"] = [
             {**c, "image_b64": b64(case.maps[c["name"]])} if c["name"] in case.maps else c
@@ -329,6 +384,8 @@ def multipart_body(case: Case) -> tuple[dict[str, str], list[tuple[str, tuple[st
     files += [("face_image", (f"face-{i}.jpg", photo, "image/jpeg")) for i, photo in enumerate(case.faces)]
     if case.init_image is not None:
         files.append(("init_image", ("init.jpg", case.init_image, "image/jpeg")))
+    if case.target is not None:
+        files.append(("target_image", ("target.jpg", case.target, "image/jpeg")))
     files += [(f"control_image_{name}", (f"{name}.png", data, "image/png")) for name, data in case.maps.items()]
     return form, files
 
@@ -347,6 +404,9 @@ CLI_FLAGS = {  # request field -> the `instantid generate` flag taking its value
     "identity_combine": "--identity-combine",
     "face_index": "--face-index",
     "face_noise": "--face-noise",
+    "edit_resolution": "--edit-resolution",
+    "edit_strength": "--edit-strength",
+    "mask_blur": "--mask-blur",
 }
 
 
@@ -374,6 +434,8 @@ def cli_args(case: Case, weights: Path, folder: Path, out: Path) -> list[str]:
         args += ["--identity", written(f"person-{index}.jpg", person.photo) + region]
     if case.init_image is not None:
         args += ["--init-image", written("init.jpg", case.init_image)]
+    if case.target is not None:
+        args += ["--target", written("target.jpg", case.target)]
     for name, data in case.maps.items():
         args += ["--control-image", f"{name}={written(f'{name}.png', data)}"]
     return args
@@ -387,6 +449,7 @@ def in_process(pipeline: InstantIDPipeline, case: Case) -> np.ndarray:
         people=tuple(PersonInput((p.photo,), region=p.region) for p in case.people) or None,
         init=case.init_image,
         maps=dict(case.maps),
+        target=case.target,
     )
     return pipeline(options, inputs).images[0]
 
@@ -577,6 +640,9 @@ def test_the_cases_use_what_they_name(reference: Callable[[str], Any]) -> None:
     weighted = reference("weighted_two_chunks")
     assert weighted.prompt_chunks == 2 and weighted.prompt == LONG_PROMPT and weighted.negative_prompt == LONG_NEGATIVE
     assert reference("face_noise").params.face_noise == 0.3
+    edit = reference("edit")
+    assert edit.condition.used[-1].source == "target" and edit.params.strength == 0.8
+    assert max(edit.edit.region.width, edit.edit.region.height) == 256  # the crop at edit_resolution
 
 
 @pytest.mark.parametrize(
