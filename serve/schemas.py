@@ -453,6 +453,7 @@ class BatchInfo(BaseModel):
 
 class RepairedFace(BaseModel):
     image: int = Field(description="The index of the image the face is in.")
+    identity: int | None = Field(description="Several people: whose face it is (the region holding it); else null.")
     box: list[float] = Field(description="x1, y1, x2, y2 in the image's pixels, as found before the repair.")
     score_before: float | None = Field(description="Its identity similarity before the repair (null: not measurable).")
     score_after: float | None = Field(

@@ -109,6 +109,56 @@ def test_scores_after_are_of_the_face_found_where_each_repaired_one_was(pipeline
     assert all(entry["score_after"] is None for entry in pipeline.face.score_repaired(blank, face))
 
 
+def test_with_several_people_each_face_is_repainted_as_the_person_whose_region_holds_it(
+    pipeline, group, monkeypatch
+) -> None:
+    """Two people owning the left and right parts: each small face is scored against, and repainted with, the
+    identity of the half its centre is in; a job carries one identity."""
+    from deployments.instantid.identity_score import cosine, reference_direction
+    from deployments.instantid.regions import PlacedIdentity
+
+    model, face, prompt, first = first_pass_on(pipeline, group)
+    analyzer = pipeline.face.analyzer
+    other = analyzer.embed(group, analyzer.detect(group)[0])  # someone else: a face of the group photo
+    height, width = group.shape[:2]
+    split = 700  # the small faces' centres: one left of it, two right
+    halves = [np.array([0, 0, split, height], np.float32), np.array([split, 0, width, height], np.float32)]
+    embeddings = [face.condition.embedding, other]
+    placed = [
+        PlacedIdentity(e, face.condition.keypoints, face.condition.box, r)
+        for e, r in zip(embeddings, halves, strict=True)
+    ]
+    people = FaceResult(dataclasses.replace(face.condition, identities=placed, layout="regions"), {})
+    detail = FaceDetailPass(strength=0.75, min_face=320, padding=0.2, steps=4, blur=4)
+    found = pipeline.face.find_small_faces(detail, first, people)
+    assert {s.identity for s in found} == {0, 1}
+    for small in found:
+        centre = (small.box[0] + small.box[2]) / 2
+        assert small.identity == (0 if centre < split else 1)
+        direction = reference_direction(embeddings[small.identity])
+        assert small.score_before == pytest.approx(
+            cosine(analyzer.embed(group, _detected(analyzer, group, small)), direction)
+        )
+
+    jobs = []
+    generate = pipeline.denoise.denoiser.generate
+    monkeypatch.setattr(pipeline.denoise.denoiser, "generate", lambda js: (jobs.extend(js), generate(js))[1])
+    out = pipeline.denoise.detail(detail, model, people, prompt, first, found)
+    assert [job.identities for job in jobs] == [None] * len(found)
+    for job, small in zip(jobs, found, strict=True):
+        assert np.array_equal(job.face_embedding, embeddings[small.identity])
+    masks = [face_mask(s.box, width, height, detail.padding) for s in found]
+    changed = np.any(out.images[0] != group, axis=-1)
+    assert changed.any() and not (changed & ~np.logical_or.reduce(masks)).any()
+    scored = pipeline.face.score_repaired(dataclasses.replace(out, repaired=found), people)
+    assert [entry["identity"] for entry in scored] == [s.identity for s in found]
+
+
+def _detected(analyzer, image: np.ndarray, small):
+    """The detected face of ``image`` whose box is ``small``'s."""
+    return next(f for f in analyzer.detect(image) if np.allclose(f.bbox, small.box, atol=1e-3))
+
+
 def checkerboard_mask(target: np.ndarray) -> np.ndarray:
     """A repaint mask of every other pixel over the right part of the target: the paste-back's feather keeps most
     of the target's texture there, so the detector still finds the faces the detail pass then repaints."""
@@ -128,7 +178,8 @@ def test_an_edit_with_face_detail_changes_nothing_outside_its_mask(pipeline, gro
     changed = np.any(out.images[0] != group, axis=-1)
     assert changed.any() and not (changed & ~inside).any()
     repaired = out.repaired_faces
-    assert repaired and all(entry.keys() == {"image", "box", "score_before", "score_after"} for entry in repaired)
+    keys = {"image", "identity", "box", "score_before", "score_after"}
+    assert repaired and all(entry.keys() == keys and entry["identity"] is None for entry in repaired)
     for entry in repaired:  # every repaired face overlaps the mask
         x1, y1, x2, y2 = (int(v) for v in entry["box"])
         assert inside[max(0, y1) : y2, max(0, x1) : x2].any()
@@ -153,11 +204,8 @@ def test_a_generation_without_small_faces_reports_an_empty_list(pipeline) -> Non
 # -------------------------------------------------------------------------------------------- what is refused
 
 
-def test_face_detail_is_refused_with_several_people_and_without_a_step(pipeline) -> None:
-    options = GenerationOptions(prompt="x", face_detail={})
-    with pytest.raises(InstantIDError, match="not available with identities") as caught:
-        check_inputs(options, InputsGiven(people=(PersonGiven(1), PersonGiven(1))))
-    assert caught.value.status == 422
+def test_face_detail_is_refused_without_a_step(pipeline) -> None:
+    check_inputs(GenerationOptions(prompt="x", face_detail={}), InputsGiven(people=(PersonGiven(1), PersonGiven(1))))
     options = GenerationOptions(prompt="x", num_inference_steps=4, face_detail={"strength": 0.2})
     with pytest.raises(InstantIDError, match="leaves no denoising step") as caught:
         pipeline.plan(options, GenerationInputs(faces=(astronaut_jpeg(),)))

@@ -29,15 +29,20 @@ def detail_inputs(
 ) -> tuple[GenerationParams, FaceResult]:
     """One face's job: its parameters (the first pass's prompt, guidance and scheduler at the crop's size, one
     image, ``detail.strength`` of ``detail.steps``, seed + the image's index) and its face condition (the identity
-    of the first pass, this face's keypoints and box in crop pixels, the crop's edit for the paste-back)."""
+    of the first pass, with several people the face's owner's; this face's keypoints and box in crop pixels; the
+    crop's edit for the paste-back)."""
     height, width = image.shape[:2]
     within = face.edit.alpha > 0 if face.edit is not None else None  # an edit's faces stay inside its mask
     mask = detail_mask(small, width, height, detail.padding, within)
     resolution = detail.resolution or max(first.width or width, first.height or height)
     edit = PreparedEdit.make(image, mask, detail.blur, resolution)
     transform = edit.region.transform()
+    condition = face.condition
+    if small.identity is not None:  # several people: this face is repainted as the person whose region it is in
+        owner = condition.identities[small.identity]
+        condition = dataclasses.replace(condition, embedding=owner.embedding, identities=None, layout=None)
     condition = dataclasses.replace(
-        face.condition,
+        condition,
         keypoints=transform.apply_points(small.keypoints),
         box=transform.apply_box(small.box),
         width=edit.region.width,
@@ -48,6 +53,7 @@ def detail_inputs(
         width=edit.region.width,
         height=edit.region.height,
         num_images=1,
+        identities=1,
         seed=first.seed + small.image,
         num_inference_steps=detail.steps,
         strength=detail.strength,

@@ -19,7 +19,7 @@ from deployments.instantid.conditioning import choose_face, condition_from, iden
 from deployments.instantid.editing import PreparedEdit, face_mask, uploaded_mask
 from deployments.instantid.errors import InstantIDError, NoFaceError
 from deployments.instantid.face_data import ChosenFace, FaceCondition
-from deployments.instantid.face_detail import FaceDetailPass, SmallFace, scored_after, small_faces
+from deployments.instantid.face_detail import FaceDetailPass, Owners, SmallFace, scored_after, small_faces
 from deployments.instantid.faces import FaceAnalyzer
 from deployments.instantid.group import IdentityPhotos, PoseFaces, group_condition
 from deployments.instantid.hires import hires_size
@@ -245,11 +245,11 @@ class FaceStage:
         """The face detail pass's faces: each face of the first pass's images smaller than ``detail.min_face`` (for
         an edit, whose box overlaps its repaint mask), with its identity score before the repair."""
         within = face.edit.alpha > 0 if face.edit is not None else None
-        return small_faces(self.analyzer, output.images, face.condition.embedding, detail, within)
+        return small_faces(self.analyzer, output.images, owners(face.condition), detail, within)
 
     def score_repaired(self, output: DenoiseResult, face: FaceResult) -> list[dict]:
         """Each face the detail pass repainted, with its identity score in the finished image (as JSON)."""
-        repaired = scored_after(self.analyzer, output.images, face.condition.embedding, output.repaired or [])
+        repaired = scored_after(self.analyzer, output.images, owners(face.condition), output.repaired or [])
         return [small.to_dict() for small in repaired]
 
     def score_identities(self, output: DenoiseResult, face: FaceResult) -> list[list[RegionScore]]:
@@ -278,6 +278,13 @@ class FaceStage:
             identities, pose, width=request.width, height=request.height, long_side=self.long_side
         )
         return condition, pose
+
+
+def owners(condition: FaceCondition) -> Owners:
+    """Whose the faces of a generation can be: its one identity, or each person's with the region they own."""
+    if condition.identities is None:
+        return Owners([condition.embedding])
+    return Owners([p.embedding for p in condition.identities], [p.region for p in condition.identities])
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

@@ -457,8 +457,6 @@ def check_inputs(options: GenerationOptions, given: InputsGiven) -> None:
         raise InvalidParameterError("hires is not available with target_image: an edit has the target's size")
     if options.hires is not None and given.people is not None:
         raise InvalidParameterError("hires is not available with identities (several people) yet")
-    if options.face_detail is not None and given.people is not None:
-        raise InvalidParameterError("face_detail is not available with identities (several people) yet")
 
 
 def _check_edit(options: GenerationOptions, given: InputsGiven) -> None:

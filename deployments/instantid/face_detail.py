@@ -18,6 +18,7 @@ models and OpenCV are imported by the functions that use them). No serving code 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,45 +65,75 @@ class FaceDetailPass:
 
 @dataclass(frozen=True)
 class SmallFace:
-    """A face of output image ``image`` the pass repaints: its box and keypoints in that image's pixels, its
-    repaint mask's bounding box, and its identity score there before the repair (None: no identity measurable)."""
+    """A face of output image ``image`` the pass repaints: its box and keypoints in that image's pixels, whose it is
+    (several people: the index of the identity whose region holds the box's centre; one person: None), and its
+    identity score before the repair (None: no identity measurable) and, once scored, after."""
 
     image: int
     box: np.ndarray  # (4,) float32
     keypoints: np.ndarray  # (5, 2) float32
     score_before: float | None
     score_after: float | None = None
+    identity: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The response's and meta.json's entry."""
         return {
             "image": self.image,
+            "identity": self.identity,
             "box": [round(float(v), 2) for v in self.box],
             "score_before": self.score_before,
             "score_after": self.score_after,
         }
 
 
+@dataclass(frozen=True)
+class Owners:
+    """Whose a face can be: one person's identity (``regions`` None), or several people's with the region each
+    owns (x1, y1, x2, y2 in output pixels)."""
+
+    embeddings: list[np.ndarray]
+    regions: list[np.ndarray] | None = None
+
+    def of(self, box: np.ndarray) -> int | None:
+        """The identity a face of ``box`` is repaired as: one person's (0), else the one whose region holds the
+        box's centre; None when no region does (nobody's face: it is left as it is)."""
+        if self.regions is None:
+            return 0
+        x1, y1, x2, y2 = (float(v) for v in np.asarray(box).reshape(-1)[:4])
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        for index, (rx1, ry1, rx2, ry2) in enumerate(self.regions):
+            if rx1 <= cx < rx2 and ry1 <= cy < ry2:
+                return index
+        return None
+
+    def label(self, index: int) -> int | None:
+        """What the response calls identity ``index`` (None for one person)."""
+        return None if self.regions is None else index
+
+
 def small_faces(
     analyzer: FaceAnalyzer,
     images: np.ndarray,
-    reference: np.ndarray,
+    owners: Owners,
     detail: FaceDetailPass,
     within: np.ndarray | None = None,
 ) -> list[SmallFace]:
-    """Every face of ``images`` ((N, H, W, 3) uint8) the pass repaints, image by image, largest first; with
-    ``within`` ((H, W) bool, an edit's repaint mask), only faces whose box overlaps it."""
+    """Every face of ``images`` ((N, H, W, 3) uint8) the pass repaints, image by image, largest first, each with
+    its owner and its score against that identity; with ``within`` ((H, W) bool, an edit's repaint mask), only faces
+    whose box overlaps it; with several people, only faces inside one of their regions."""
     from .identity_score import cosine, reference_direction
 
-    direction = reference_direction(reference)
+    directions = [reference_direction(embedding) for embedding in owners.embeddings]
     found = []
     for index, rgb in enumerate(images):
         for face in analyzer.detect(rgb):
-            if not detail.needs_repair(face.bbox) or not _inside(face, within):
+            owner = owners.of(face.bbox)
+            if owner is None or not detail.needs_repair(face.bbox) or not _inside(face, within):
                 continue
-            score = cosine(analyzer.embed(rgb, face), direction)
-            box = np.asarray(face.bbox, dtype=np.float32)
-            found.append(SmallFace(index, box, np.asarray(face.kps, dtype=np.float32), score))
+            score = cosine(analyzer.embed(rgb, face), directions[owner])
+            box, keypoints = np.asarray(face.bbox, dtype=np.float32), np.asarray(face.kps, dtype=np.float32)
+            found.append(SmallFace(index, box, keypoints, score, identity=owners.label(owner)))
     return found
 
 
@@ -127,13 +158,13 @@ def detail_mask(small: SmallFace, width: int, height: int, padding: float, withi
 
 
 def scored_after(
-    analyzer: FaceAnalyzer, images: np.ndarray, reference: np.ndarray, repaired: list[SmallFace]
+    analyzer: FaceAnalyzer, images: np.ndarray, owners: Owners, repaired: list[SmallFace]
 ) -> list[SmallFace]:
-    """``repaired`` with each face's identity score in the finished ``images``: the detected face whose box overlaps
-    the repaired box most (intersection over union), None when no face overlaps it any more."""
+    """``repaired`` with each face's identity score in the finished ``images`` (against its owner): the detected
+    face whose box overlaps the repaired box most (intersection over union), None when no face overlaps it any more."""
     from .identity_score import cosine, reference_direction
 
-    direction = reference_direction(reference)
+    directions = [reference_direction(embedding) for embedding in owners.embeddings]
     detected = {index: analyzer.detect(images[index]) for index in {face.image for face in repaired}}
     scored = []
     for small in repaired:
@@ -141,8 +172,9 @@ def scored_after(
         best = max(overlaps, key=lambda pair: pair[0], default=(0.0, None))
         score = None
         if best[1] is not None and best[0] > 0:
+            direction = directions[small.identity or 0]
             score = cosine(analyzer.embed(images[small.image], best[1]), direction)
-        scored.append(SmallFace(small.image, small.box, small.keypoints, small.score_before, score))
+        scored.append(dataclasses.replace(small, score_after=score))
     return scored
 
 
