@@ -17,6 +17,9 @@ The reference below states the published method in the open, one diffusers piece
 - image-to-image: diffusers' own ``StableDiffusionXLImg2ImgPipeline.get_timesteps`` and ``prepare_latents`` (the
   init image VAE-encoded and noised to the first kept timestep), the control windows counted over the steps that
   run, as the published img2img pipeline counts them;
+- inpainting (an edit's crop): diffusers' own ``StableDiffusionXLInpaintPipeline`` pieces (``get_timesteps``,
+  ``prepare_latents``, the mask processor and ``prepare_mask_latents``) and, after every step, its blend for a
+  4-channel UNet: the latents outside the mask replaced by the init image's, re-noised to the next timestep;
 - explicit classifier-free guidance, the scheduler built from the SDXL folder, the VAE decode and rounding of
   diffusers' image processor.
 
@@ -34,7 +37,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -147,8 +155,11 @@ def reference_images(
     negative_prompt: str | None = NEGATIVE,
     extra: dict[str, tuple[ControlNetModel, np.ndarray]] | None = None,
     init_image: np.ndarray | None = None,
+    inpaint_mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``extra``: name -> (stock ControlNet, map) for each of ``params.controlnets``."""
+    """``extra``: name -> (stock ControlNet, map) for each of ``params.controlnets``. ``inpaint_mask`` (with
+    ``init_image``; white repaints): the start and the per-step blend of diffusers' SDXL inpainting pipeline for a
+    4-channel UNet, by that pipeline's own methods."""
     pipe, controlnet = ref.pipe, ref.controlnet
     n, height, width = params.num_images, params.height, params.width
     assert params.guidance_scale > 1.0  # these references always run classifier-free guidance
@@ -180,10 +191,25 @@ def reference_images(
     scheduler = make_scheduler(params.scheduler, dict(pipe.scheduler.config))
     scheduler.set_timesteps(params.num_inference_steps)
     generator = torch.Generator().manual_seed(params.seed)
+    blend = None
     if init_image is None:
         timesteps = scheduler.timesteps
         latents = randn_tensor((n, 4, height // 8, width // 8), generator=generator, dtype=torch.float32)
         latents = latents * scheduler.init_noise_sigma
+    elif inpaint_mask is not None:
+        inpaint = StableDiffusionXLInpaintPipeline(**pipe.components)
+        inpaint.scheduler = scheduler
+        timesteps, _ = inpaint.get_timesteps(params.num_inference_steps, params.strength, "cpu")
+        pixels = inpaint.image_processor.preprocess(Image.fromarray(init_image))
+        latents, noise, known = inpaint.prepare_latents(
+            n, 4, height, width, torch.float32, "cpu", generator, image=pixels, timestep=timesteps[:1].repeat(n),
+            is_strength_max=params.strength == 1.0, return_noise=True, return_image_latents=True,
+        )  # fmt: skip
+        repaint = inpaint.mask_processor.preprocess(Image.fromarray(inpaint_mask))
+        repaint_latents, _ = inpaint.prepare_mask_latents(
+            repaint, pixels * (repaint < 0.5), n, height, width, torch.float32, "cpu", generator, False
+        )
+        blend = (known, noise, repaint_latents)
     else:
         img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components)
         img2img.scheduler = scheduler
@@ -236,6 +262,11 @@ def reference_images(
         uncond, cond = noise.chunk(2)
         noise = uncond + params.guidance_scale * (cond - uncond)
         latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        if blend is not None:  # the known region, re-noised to the next timestep (the inpainting pipeline's blend)
+            known, start_noise, repaint_latents = blend
+            if i < len(timesteps) - 1:
+                known = scheduler.add_noise(known, start_noise, timesteps[i + 1 : i + 2])
+            latents = (1 - repaint_latents) * known + repaint_latents * latents
 
     decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
     images = pipe.image_processor.postprocess(decoded, output_type="np")
@@ -307,6 +338,33 @@ def test_extra_controlnets_and_img2img_equal_the_reference_loop(
     }
     keypoint_image = draw_keypoint_image(KEYPOINTS, params.width, params.height)
     expected = reference_images(reference, params, embedding, keypoint_image, BOX, extra=extra, init_image=init)
+    assert max_difference(ours, expected) <= 1
+
+
+EDIT_CASES = {
+    "published-defaults": dataclasses.replace(BASE, strength=0.9),
+    "strengths-window-two-images": dataclasses.replace(
+        BASE, strength=0.75, identitynet_strength=0.6, adapter_strength=1.2, control_guidance_end=0.7, num_images=2
+    ),
+    "full-strength-ancestral": dataclasses.replace(BASE, strength=1.0, scheduler="euler_a", seed=5),
+}
+
+
+@pytest.mark.parametrize("params", EDIT_CASES.values(), ids=EDIT_CASES.keys())
+def test_an_edit_equals_the_reference_loop_with_the_inpainting_blend(
+    reference, denoiser, prompt_encoder, params: GenerationParams
+) -> None:
+    """IdentityNet and the face tokens on: the loop above with the start and per-step blend of diffusers' SDXL
+    inpainting pipeline (its own methods) equals an inpainting job."""
+    embedding = identity(0)
+    init = sample_init_image(64)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:50, 14:52] = 255  # around the face box, off the 8-pixel latent grid
+    prompt = prompt_encoder.encode([PROMPT], [NEGATIVE], do_classifier_free_guidance=True)[0]
+    job = DenoiseJob(params, embedding, KEYPOINTS, BOX, prompt, init_image=init, inpaint_mask=mask)
+    ours = denoiser.generate([job])[0]
+    keypoint_image = draw_keypoint_image(KEYPOINTS, params.width, params.height)
+    expected = reference_images(reference, params, embedding, keypoint_image, BOX, init_image=init, inpaint_mask=mask)
     assert max_difference(ours, expected) <= 1
 
 
