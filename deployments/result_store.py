@@ -30,6 +30,7 @@ from deployments.job_events import checked_publish, job_events
 from deployments.replica import replica_id
 from deployments.storage.conditional import ConditionalRecord
 from deployments.storage.generations import GenerationNotFound, GenerationStore, StorageError
+from deployments.storage.history import GenerationHistory, thumbnail, thumbnail_name
 from deployments.storage.idempotency_records import IdempotencyRecords
 from deployments.storage.s3 import S3Settings, make_client, on_retry
 from deployments.storage.spool import Spool, SpooledError
@@ -42,6 +43,7 @@ class ResultStoreDeployment:
     def __init__(self, s3: dict[str, Any], *, spool_dir: str | None, spool_retry_s: float) -> None:
         settings = S3Settings(**s3)
         self.generations = GenerationStore(make_client(settings), settings)
+        self.history = GenerationHistory(self.generations)
         on_retry(self.generations.client, metrics.record_s3_retry)
         self.idempotency = IdempotencyRecords(self.generations.client, settings)
         self.spool = Spool(spool_dir) if spool_dir else None
@@ -106,6 +108,7 @@ class ResultStoreDeployment:
         extra = [
             (f"input-{name}.{_extension(data)}", data, _content_type(data)) for name, data in (inputs or {}).items()
         ]
+        extra += [(thumbnail_name(i), thumbnail(image), "image/webp") for i, image in enumerate(screened.images)]
         prepared = self.generations.prepare(
             record.id,
             screened.images,
@@ -116,6 +119,7 @@ class ResultStoreDeployment:
             screened.identity_similarities,
             screened.identity_scores,
             screened.fields,
+            markers=[self.history.marker(record.owner, record.id)],
         )
         try:
             stored = self.generations.upload(prepared)
@@ -168,12 +172,24 @@ class ResultStoreDeployment:
     def read_image(self, generation_id: str, index: int) -> tuple[bytes, str]:
         return self.generations.read_image(generation_id, index)
 
+    def history_page(self, owner: str, cursor: str | None, limit: int) -> dict[str, Any]:
+        """``owner``'s generations, newest first (``GET /v1/generations``)."""
+        return self.history.page(owner, cursor, limit)
+
     def delete(self, generation_id: str) -> int:
+        """Every object of the generation (and a spooled copy), then its marker in its owner's history."""
+        try:
+            owner = self.generations.read(generation_id).get("owner")
+        except (GenerationNotFound, StorageError):
+            owner = None
         removed = 0
         if self.spool is not None and self.spool.contains(generation_id):
             self.spool.remove(generation_id)
             removed += 1
-        return removed + self.generations.delete(generation_id)
+        removed += self.generations.delete(generation_id)
+        if isinstance(owner, str):
+            self.history.forget(owner, generation_id)
+        return removed
 
     # Idempotency records: conditional S3 writes, so ingress replicas coordinate (serve/idempotency_guard.py).
     def read_idempotency(self, digest: str) -> ConditionalRecord | None:

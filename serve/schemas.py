@@ -484,6 +484,29 @@ class GenerateResponse(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
 
+class HistoryImage(BaseModel):
+    index: int
+    width: int | None = None
+    height: int | None = None
+    url: str = Field(description="Presigned GET URL of the image; expires.")
+    thumbnail_url: str = Field(description="Presigned GET URL of a WebP at most 256 px on its long side; expires.")
+    identity_similarity: float | None = None
+
+
+class HistoryEntry(BaseModel):
+    id: str
+    created_at: str | None = None
+    job_id: str | None = Field(default=None, description="Set when the generation was made by an async job.")
+    parameters: dict[str, Any] = Field(description="The effective parameters it ran with (as its response had them).")
+    model: dict[str, Any] | None = None
+    images: list[HistoryImage]
+
+
+class GenerationList(BaseModel):
+    generations: list[HistoryEntry] = Field(description="Newest first.")
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null on the last page.")
+
+
 class JobAccepted(BaseModel):
     id: str = Field(description="The job's id, which is also the id of the generation it makes.")
     status: Literal["queued"]

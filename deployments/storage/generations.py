@@ -347,6 +347,7 @@ class GenerationStore:
         identity_similarities: Sequence[float | None] | None = None,
         identity_scores: Sequence[Sequence[Any]] | None = None,
         image_fields: Sequence[dict[str, Any]] | None = None,
+        markers: Sequence[str] = (),
     ) -> PreparedGeneration:
         """Encode everything a generation stores, without touching S3 (so it can be spooled and replayed).
 
@@ -357,7 +358,8 @@ class GenerationStore:
         the client asked to keep); names are fixed by the server. ``identity_scores`` (several people): per image,
         one score per identity (an :class:`IdentityScore`, or an object with its fields); the image's
         ``identity_similarity`` is then their minimum. ``image_fields``: more fields per image record (its index among
-        the request's images, the safety verdict).
+        the request's images, the safety verdict). ``markers``: keys of empty objects written with the generation,
+        before its meta.json (an owner's history entry, ``history.py``), anywhere under the prefix.
         """
         validate_generation_id(generation_id)
         if not images:
@@ -391,6 +393,10 @@ class GenerationStore:
             if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9]+)?", name):
                 raise ValueError(f"invalid object name {name!r}")
             objects.append((f"{base}/{name}", data, content_type))
+        for key in markers:
+            if not key.startswith(self.settings.prefix + "/") or ".." in key.split("/"):
+                raise ValueError(f"a marker outside the prefix: {key!r}")
+            objects.append((key, b"", "application/octet-stream"))
         meta_bytes = encode_meta({**meta, "id": generation_id, "images": image_records})
         objects.append((self.meta_key(generation_id), meta_bytes, "application/json"))
         return PreparedGeneration(generation_id, objects, image_records)

@@ -40,12 +40,14 @@ from serve.jobs.state import JobStates
 from serve.jobs.webhooks import WebhookRefused, validate_callback_url
 from serve.schemas import FacesRequest, FacesResponse, GenerateRequest, GenerateResponse, JobAccepted, ModelsResponse
 
+from . import history as history_module
 from . import identities as identity_module
 from .auth import ANONYMOUS, ApiKeys, AuthError
 from .autoscaling import GENERATIONS_METRIC
 from .errors import OVERLOADED, ApiError, request_id
 from .faces import FaceQueries
 from .generation import Generations, StageHandles
+from .history import HistoryRoutes
 from .http_app import API_VERSION, app
 from .idempotency import IdempotencyGuard, StoreRecords, run_once
 from .identities import Identities, IdentityRoutes
@@ -59,6 +61,7 @@ logger = logging.getLogger("ray.serve")
 # own methods travel by value (``Ingress`` names the deployment, not the class); a mixin's methods, importable by
 # name, would travel by reference and arrive unbound: its module travels by value too.
 cloudpickle.register_pickle_by_value(identity_module)
+cloudpickle.register_pickle_by_value(history_module)
 
 STATIC_DIR = Path(__file__).parent.parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the page's files, and only those
@@ -66,7 +69,7 @@ STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the pag
 
 @ray_serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 @ray_serve.ingress(app)
-class Ingress(IdentityRoutes):
+class Ingress(IdentityRoutes, HistoryRoutes):
     def __init__(
         self,
         face: DeploymentHandle,
