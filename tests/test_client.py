@@ -289,10 +289,20 @@ def test_the_client_stores_what_a_direct_request_stores(serve_stack, tmp_path: P
         with pytest.raises(APIError) as gone:
             client.identity(enrolled.id)
         assert (gone.value.status, gone.value.code) == (404, "not_found")
+        # The history: both generations, newest first (to the second), page by page; a deleted one leaves it.
+        listed = [entry.id for entry in client.iter_generations(limit=50)]
+        assert from_saved.id in listed and result.id in listed
+        if from_saved.id[:16] != result.id[:16]:  # ids hold their second: within one, the order is arbitrary
+            assert listed.index(from_saved.id) < listed.index(result.id)
+        first = client.list_generations(limit=1)
+        assert first.next_cursor is not None and first.generations[0].images[0].thumbnail_url
+        second = client.list_generations(cursor=first.next_cursor, limit=1).generations[0]
+        assert second.id != first.generations[0].id and second.id in listed
         client.delete_generation(result.id)
         with pytest.raises(APIError) as gone:
             client.generation(result.id)
         assert gone.value.status == 404
+        assert result.id not in {entry.id for entry in client.iter_generations(limit=50)}
 
 
 def count_generations(stack: Any) -> int:

@@ -182,11 +182,12 @@ def enrol_call(face: Photo | list[Photo], name: str | None, keep_photos: bool, f
     return Call("POST", "/v1/identities", json=body, ok=(201,), retry_unsent_only=True)
 
 
-def list_identities_call(cursor: str | None, limit: int) -> Call:
+def page_call(path: str, cursor: str | None, limit: int) -> Call:
+    """One page of a listing (``/v1/identities``, ``/v1/generations``): ``cursor`` is the previous page's."""
     params: dict[str, Any] = {"limit": limit}
     if cursor:
         params["cursor"] = cursor
-    return Call("GET", "/v1/identities", params=params)
+    return Call("GET", path, params=params)
 
 
 def path_id(value: str) -> str:

@@ -13,7 +13,16 @@ from serve.client import _core as core
 from serve.client._core import Attempts, Call, Photo, RetryPolicy
 from serve.client.errors import ServiceUnreachable
 from serve.client.models import Generation, JobEvent, JobInfo
-from serve.schemas import GenerateRequest, GenerateResponse, IdentityInfo, IdentityList, JobAccepted, ModelsResponse
+from serve.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    GenerationList,
+    HistoryEntry,
+    IdentityInfo,
+    IdentityList,
+    JobAccepted,
+    ModelsResponse,
+)
 
 
 class AsyncInstantIDClient:
@@ -127,6 +136,20 @@ class AsyncInstantIDClient:
     async def delete_generation(self, generation_id: str) -> None:
         await self._send(Call("DELETE", f"/v1/generations/{core.path_id(generation_id)}", ok=(204,)))
 
+    async def list_generations(self, *, cursor: str | None = None, limit: int = 20) -> GenerationList:
+        """``GET /v1/generations``: the caller's generations, newest first, one page."""
+        return core.parse(GenerationList, await self._send(core.page_call("/v1/generations", cursor, limit)))
+
+    async def iter_generations(self, *, limit: int = 20) -> AsyncIterator[HistoryEntry]:
+        """Every generation of the caller, newest first, page after page."""
+        cursor = None
+        while True:
+            page = await self.list_generations(cursor=cursor, limit=limit)
+            for entry in page.generations:
+                yield entry
+            if not (cursor := page.next_cursor):
+                return
+
     async def models(self) -> ModelsResponse:
         return core.parse(ModelsResponse, await self._send(Call("GET", "/v1/models")))
 
@@ -137,7 +160,7 @@ class AsyncInstantIDClient:
         return core.parse(IdentityInfo, await self._send(core.enrol_call(face, name, keep_photos, fields)))
 
     async def list_identities(self, *, cursor: str | None = None, limit: int = 50) -> IdentityList:
-        return core.parse(IdentityList, await self._send(core.list_identities_call(cursor, limit)))
+        return core.parse(IdentityList, await self._send(core.page_call("/v1/identities", cursor, limit)))
 
     async def iter_identities(self, *, limit: int = 50) -> AsyncIterator[IdentityInfo]:
         cursor = None

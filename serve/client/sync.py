@@ -13,7 +13,16 @@ from serve.client import _core as core
 from serve.client._core import Attempts, Call, Photo, RetryPolicy
 from serve.client.errors import ServiceUnreachable
 from serve.client.models import Generation, JobEvent, JobInfo
-from serve.schemas import GenerateRequest, GenerateResponse, IdentityInfo, IdentityList, JobAccepted, ModelsResponse
+from serve.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    GenerationList,
+    HistoryEntry,
+    IdentityInfo,
+    IdentityList,
+    JobAccepted,
+    ModelsResponse,
+)
 
 
 class InstantIDClient:
@@ -136,6 +145,19 @@ class InstantIDClient:
     def delete_generation(self, generation_id: str) -> None:
         self._send(Call("DELETE", f"/v1/generations/{core.path_id(generation_id)}", ok=(204,)))
 
+    def list_generations(self, *, cursor: str | None = None, limit: int = 20) -> GenerationList:
+        """``GET /v1/generations``: the caller's generations, newest first, one page."""
+        return core.parse(GenerationList, self._send(core.page_call("/v1/generations", cursor, limit)))
+
+    def iter_generations(self, *, limit: int = 20) -> Iterator[HistoryEntry]:
+        """Every generation of the caller, newest first, page after page."""
+        cursor = None
+        while True:
+            page = self.list_generations(cursor=cursor, limit=limit)
+            yield from page.generations
+            if not (cursor := page.next_cursor):
+                return
+
     def models(self) -> ModelsResponse:
         return core.parse(ModelsResponse, self._send(Call("GET", "/v1/models")))
 
@@ -147,7 +169,7 @@ class InstantIDClient:
         return core.parse(IdentityInfo, self._send(core.enrol_call(face, name, keep_photos, fields)))
 
     def list_identities(self, *, cursor: str | None = None, limit: int = 50) -> IdentityList:
-        return core.parse(IdentityList, self._send(core.list_identities_call(cursor, limit)))
+        return core.parse(IdentityList, self._send(core.page_call("/v1/identities", cursor, limit)))
 
     def iter_identities(self, *, limit: int = 50) -> Iterator[IdentityInfo]:
         """Every identity of the caller, oldest first, page after page."""
