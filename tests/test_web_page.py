@@ -185,3 +185,51 @@ def test_the_page_generates_an_image_with_live_progress(chromium: Chromium, serv
         assert screenshot.stat().st_size > 0
     finally:
         driver.quit()
+
+
+def test_the_history_shows_a_made_picture_reuses_its_settings_and_deletes_it(
+    chromium: Chromium, serve_stack, tmp_path: Path
+) -> None:
+    """After a generation the gallery lists it first (thumbnail, settings); "Use these settings" puts its prompt
+    and seed back in the form; Delete removes it from the gallery and from the service."""
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    photo = tmp_path / "astronaut.jpg"
+    photo.write_bytes(astronaut_jpeg())
+    driver = start_browser(chromium)
+    try:
+        generate_through_page(driver, f"{serve_stack.url}/", photo)
+        route = driver.find_element(By.CSS_SELECTOR, "#results a.download").get_attribute("href")
+        generation_id = route.split("/v1/generations/")[1].split("/")[0]
+        selector = f'#history_list .entry[data-id="{generation_id}"]'
+        deadline = time.monotonic() + 60
+        while not driver.find_elements(By.CSS_SELECTOR, selector):
+            assert time.monotonic() < deadline, "the history does not show the picture just made"
+            time.sleep(0.2)
+        first = driver.find_element(By.CSS_SELECTOR, selector)
+        stored = httpx.get(f"{serve_stack.url}/v1/generations/{generation_id}", timeout=30).json()
+        assert stored["parameters"]["prompt"] == "a portrait of an astronaut"
+        thumb = first.find_element(By.CSS_SELECTOR, "img.thumb")
+        deadline = time.monotonic() + 60
+        while not driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", thumb):
+            assert time.monotonic() < deadline, "the thumbnail did not load"
+            time.sleep(0.2)
+
+        driver.find_element(By.ID, "prompt").clear()
+        driver.find_element(By.ID, "seed").clear()
+        first.find_element(By.XPATH, ".//button[text()='Use these settings']").click()
+        assert driver.find_element(By.ID, "prompt").get_attribute("value") == "a portrait of an astronaut"
+        assert driver.find_element(By.ID, "seed").get_attribute("value") == str(stored["parameters"]["seed"])
+        assert driver.find_element(By.ID, "num_inference_steps").get_attribute("value") == str(STEPS)
+
+        first.find_element(By.XPATH, ".//button[text()='Delete']").click()
+        deadline = time.monotonic() + 30
+        while driver.find_elements(By.CSS_SELECTOR, selector):
+            assert time.monotonic() < deadline, "the deleted picture stayed in the gallery"
+            time.sleep(0.2)
+        assert httpx.get(f"{serve_stack.url}/v1/generations/{generation_id}", timeout=30).status_code == 404
+        assert driver.find_element(By.ID, "error").text == ""
+        assert script_errors(driver) == []
+    finally:
+        driver.quit()

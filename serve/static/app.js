@@ -386,6 +386,7 @@
       setStage("Done");
       preview.hidden = true;
       showResult(body.result || {});
+      loadHistory();
     } else if (status === "cancelled") {
       setStage("Cancelled");
     } else {
@@ -443,6 +444,98 @@
     showImage(img, image.url, route);
     return box;
   }
+
+  // ------------------------------------------------------------------------------------ history
+  // GET v1/generations: the caller's pictures, newest first, a page at a time. Each shows its thumbnail, the
+  // settings it was made with, "Use these settings" (they fill the form) and Delete.
+  const historyList = $("history_list");
+  const historyMore = $("history_more");
+  const SHOWN_SETTINGS = ["prompt", "style", "negative_prompt", "num_inference_steps", "guidance_scale", "seed"];
+  let historyCursor = null;
+
+  async function loadHistory(more = false) {
+    const query = new URLSearchParams({ limit: "12" });
+    if (more && historyCursor) query.set("cursor", historyCursor);
+    try {
+      const response = await fetch(`v1/generations?${query}`, { headers: authHeaders() });
+      if (!response.ok) throw await apiError(response);
+      const page = parseJson(await response.text());
+      const entries = page.generations.map(historyEntry);
+      if (more) historyList.append(...entries);
+      else historyList.replaceChildren(...entries);
+      historyCursor = page.next_cursor;
+      historyMore.hidden = !historyCursor;
+      $("history_empty").hidden = historyList.children.length > 0;
+    } catch (error) {
+      if (error.fatal) $("history_empty").hidden = false; // e.g. a key is needed: nothing to show yet
+    }
+  }
+
+  function historyEntry(entry) {
+    const item = element("li", "entry");
+    item.dataset.id = entry.id;
+    const parameters = entry.parameters || {};
+    const image = (entry.images || [])[0];
+    if (image) {
+      const img = element("img", "thumb");
+      img.alt = `Picture: ${parameters.prompt || entry.id}`;
+      showImage(img, image.thumbnail_url, `v1/generations/${encodeURIComponent(entry.id)}/images/0`);
+      item.append(img);
+    }
+    const settings = element("details", "settings");
+    settings.append(element("summary", "", parameters.prompt ? `“${parameters.prompt}”` : "Settings"));
+    const list = element("dl");
+    for (const name of SHOWN_SETTINGS) {
+      if (parameters[name] === undefined || parameters[name] === null || parameters[name] === "") continue;
+      list.append(element("dt", "", label(name)), element("dd", "", String(parameters[name])));
+    }
+    settings.append(list);
+    const reuse = element("button", "secondary", "Use these settings");
+    reuse.type = "button";
+    reuse.setAttribute("aria-label", `Use the settings of ${parameters.prompt || entry.id}`);
+    reuse.addEventListener("click", () => useSettings(parameters));
+    const remove = element("button", "secondary danger", "Delete");
+    remove.type = "button";
+    remove.setAttribute("aria-label", `Delete ${parameters.prompt || entry.id}`);
+    remove.addEventListener("click", () => deleteEntry(entry.id, item));
+    const actions = element("div", "actions");
+    actions.append(reuse, remove);
+    item.append(settings, actions);
+    return item;
+  }
+
+  // Every form field the stored parameters name (the photos are not stored: they are chosen again).
+  function useSettings(parameters) {
+    for (const field of form.elements) {
+      if (!field.name || field.type === "file" || !(field.name in parameters)) continue;
+      const value = parameters[field.name];
+      if (value === null || value === undefined || typeof value === "object") continue;
+      field.value = String(value);
+      touched.add(field.name);
+      if (field.type === "range") showSlider(field);
+    }
+    $("advanced").open = true;
+    form.scrollIntoView({ behavior: "smooth", block: "start" });
+    $("prompt").focus({ preventScroll: true });
+  }
+
+  async function deleteEntry(id, item) {
+    try {
+      const response = await fetch(`v1/generations/${encodeURIComponent(id)}`, {
+        method: "DELETE",
+        headers: authHeaders(),
+      });
+      if (!response.ok && response.status !== 404) throw await apiError(response);
+      item.remove();
+      $("history_empty").hidden = historyList.children.length > 0;
+    } catch (error) {
+      showError(error);
+    }
+  }
+
+  historyMore.addEventListener("click", () => loadHistory(true));
+  apiKey.addEventListener("change", () => loadHistory());
+  loadHistory();
 
   // The presigned URL first; when it is missing or does not load, the image through the API (with the key).
   async function showImage(img, url, route) {
