@@ -28,9 +28,9 @@ def detail_inputs(
     detail: FaceDetailPass, image: np.ndarray, small: SmallFace, face: FaceResult, first: GenerationParams
 ) -> tuple[GenerationParams, FaceResult]:
     """One face's job: its parameters (the first pass's prompt, guidance and scheduler at the crop's size, one
-    image, ``detail.strength`` of ``detail.steps``, seed + the image's index) and its face condition (the identity
-    of the first pass, with several people the face's owner's; this face's keypoints and box in crop pixels; the
-    crop's edit for the paste-back)."""
+    image, ``detail.strength`` of ``detail.steps``, seed + the image's index, IdentityNet alone) and its face
+    condition (the identity of the first pass, with several people the face's owner's; this face's keypoints and
+    box in crop pixels; the crop's edit for the paste-back)."""
     height, width = image.shape[:2]
     within = face.edit.alpha > 0 if face.edit is not None else None  # an edit's faces stay inside its mask
     mask = detail_mask(small, width, height, detail.padding, within)
@@ -57,11 +57,14 @@ def detail_inputs(
         seed=first.seed + small.image,
         num_inference_steps=detail.steps,
         strength=detail.strength,
+        controlnets=(),  # the extra ControlNets' maps are of the whole picture, not of a face's crop
     )
     return params, dataclasses.replace(face, condition=condition, edit=edit)
 
 
-def detail_result(first: DenoiseResult, images: np.ndarray, passes: list[DenoiseResult], repaired: list[SmallFace]):
+def detail_result(
+    first: DenoiseResult, images: np.ndarray, passes: list[DenoiseResult], repaired: list[SmallFace]
+) -> DenoiseResult:
     """One result: ``first`` with the repaired ``images``, the faces repaired, and ``denoise_detail`` spanning the
     detail jobs (``denoise_detail_queue``: their summed waits); the denoiser replica of the last as
     ``denoiser_detail``."""
