@@ -206,6 +206,8 @@
     statusBox.hidden = false;
     setStage("Uploading…");
     setBusy(true);
+    // With the advanced settings open the status is far below the button: bring it (and the results) into view.
+    $("output").scrollIntoView({ behavior: "smooth", block: "start" });
 
     const body = new FormData(form);
     for (const [name, value] of [...body.entries()]) {
