@@ -233,3 +233,70 @@ def test_the_history_shows_a_made_picture_reuses_its_settings_and_deletes_it(
         assert script_errors(driver) == []
     finally:
         driver.quit()
+
+
+def test_the_model_and_control_groups_give_the_image_the_client_gets(
+    chromium: Chromium, serve_stack, tmp_path: Path
+) -> None:
+    """A fast mode, a LoRA with its scale and the canny ControlNet with its strength, chosen on the page from
+    /v1/models: the stored image equals the one the Python client gets for the same request (within 2/255)."""
+    import httpx
+    import numpy as np
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from deployments.instantid.images import decode_image
+    from serve.client import InstantIDClient
+    from tests.support import stored_pixels
+
+    photo = tmp_path / "astronaut.jpg"
+    photo.write_bytes(astronaut_jpeg())
+    driver = start_browser(chromium)
+    try:
+        driver.get(f"{serve_stack.url}/")
+        deadline = time.monotonic() + 60
+        while not driver.find_elements(By.ID, "lora_style-peft"):
+            assert time.monotonic() < deadline, "the LoRA choices did not appear"
+            time.sleep(0.2)
+        driver.find_element(By.CSS_SELECTOR, "#how summary").click()
+        Select(driver.find_element(By.ID, "mode")).select_by_value("lcm")
+        driver.find_element(By.ID, "lora_style-peft").click()
+        set_value = "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'));"
+        driver.execute_script(set_value, driver.find_element(By.ID, "lora_style-peft_scale"), "0.8")
+        driver.find_element(By.CSS_SELECTOR, "#control summary").click()
+        driver.find_element(By.ID, "controlnet_canny").click()
+        driver.execute_script(set_value, driver.find_element(By.ID, "controlnet_canny_strength"), "0.6")
+        driver.find_element(By.ID, "face_image").send_keys(str(photo))
+        driver.find_element(By.ID, "prompt").send_keys("a portrait of an astronaut")
+        driver.find_element(By.ID, "generate").click()
+        deadline = time.monotonic() + PAGE_TIMEOUT_S
+        while not driver.execute_script(PAGE_STATE.replace("window.__mutations", "[]"))["loaded"]:
+            error = driver.find_element(By.ID, "error").text
+            assert not error, f"the page shows an error: {error!r}"
+            assert time.monotonic() < deadline, "no result image loaded"
+            time.sleep(0.2)
+        route = driver.find_element(By.CSS_SELECTOR, "#results a.download").get_attribute("href")
+        generation_id = route.split("/v1/generations/")[1].split("/")[0]
+        assert script_errors(driver) == []
+    finally:
+        driver.quit()
+
+    stored = httpx.get(f"{serve_stack.url}/v1/generations/{generation_id}", timeout=30).json()
+    used = stored["parameters"]
+    assert (used["mode"], used["scheduler"], used["num_inference_steps"]) == ("lcm", "lcm", 10)  # the preset's
+    assert used["loras"] == [{"name": "style-peft", "scale": 0.8}]
+    assert [(c["name"], c["strength"]) for c in used["controlnets"]] == [("canny", 0.6)]
+    page_image = stored_pixels(serve_stack.s3.client(), stored["images"][0]["uri"])
+    with InstantIDClient(serve_stack.url) as client:
+        result = client.generate(
+            face=photo,
+            prompt="a portrait of an astronaut",
+            mode="lcm",
+            loras=[{"name": "style-peft", "scale": 0.8}],
+            controlnets=[{"name": "canny", "strength": 0.6}],
+            seed=used["seed"],
+            output_format=used["output_format"],
+        )
+        client_image = decode_image(client.image(result.id))
+    assert page_image.shape == client_image.shape
+    assert np.abs(page_image.astype(int) - client_image.astype(int)).max() <= 2

@@ -18,7 +18,15 @@
   const errorBox = $("error");
 
   const KEY_STORAGE = "instantid.api_key";
-  const STAGES = { face: "Finding the face", prompt: "Reading the prompt", denoise: "Painting", store: "Saving" };
+  const STAGES = {
+    face: "Finding the face",
+    prompt: "Reading the prompt",
+    prepare: "Preparing",
+    denoise: "Painting",
+    hires: "Refining at the larger size",
+    detail: "Repainting the small faces",
+    store: "Saving",
+  };
   const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
   const STALL_MS = 45000; // the server comments every 15 s: three missed means the stream is dead
   const MAX_RETRIES = 8; // consecutive reconnections without a single event
@@ -123,16 +131,76 @@
     }
     if (field.type === "range") showSlider(field);
   }
+  let choiceSchemas = {}; // LoraChoice, ControlNetChoice: the ranges of the rows made from /v1/models
   const schemaReady = (async () => {
     const response = await fetch("openapi.json");
     if (!response.ok) throw await apiError(response);
     const spec = await response.json();
-    const fields = spec.paths["/v1/generate"].post.requestBody.content["application/json"].schema.properties;
+    const schema = spec.paths["/v1/generate"].post.requestBody.content["application/json"].schema;
+    const fields = schema.properties;
+    choiceSchemas = { ...(spec.components?.schemas || {}), ...(schema.$defs || {}) };
     for (const field of form.elements) {
       if (field.name && fields[field.name]) applySchema(field, fields[field.name]);
     }
   })();
   schemaReady.catch((error) => showError(error, "the form's settings could not be read from the service"));
+
+  // What this service can load (GET v1/models): the fast modes, bases, LoRAs and extra ControlNets to choose from.
+  async function loadModels() {
+    await schemaReady.catch(() => {});
+    const response = await fetch("v1/models", { headers: authHeaders() });
+    if (!response.ok) throw await apiError(response);
+    const models = await response.json();
+    $("mode").replaceChildren(new Option("None", ""), ...Object.keys(models.modes).map((name) => new Option(label(name), name)));
+    $("base_model").replaceChildren(
+      ...Object.entries(models.base_models).map(([name, base]) => {
+        const option = new Option(base.inpainting ? `${name} (edits only)` : name, name);
+        option.title = base.description || "";
+        return option;
+      }),
+    );
+    $("base_model").value = models.default_base;
+    choiceRows($("loras"), "lora", Object.entries(models.loras), "scale", (spec) => spec.scale);
+    choiceRows($("controlnets"), "controlnet", models.controlnets.map((name) => [name, {}]), "strength");
+  }
+
+  // One row per choice: a checkbox with its name and a slider for its scale or strength (no form names: the rows
+  // are sent as one JSON field, see chosenRows).
+  function choiceRows(box, kind, entries, amount, initial = () => undefined) {
+    const schemaName = kind === "lora" ? "LoraChoice" : "ControlNetChoice";
+    const bounds = choiceSchemas[schemaName]?.properties?.[amount] || {};
+    const range = bounds.anyOf ? bounds.anyOf.find((s) => s.type && s.type !== "null") : bounds;
+    box.querySelectorAll(".choice").forEach((row) => row.remove());
+    $(`${box.id}_none`).hidden = entries.length > 0;
+    for (const [name, spec] of entries) {
+      const row = element("div", "choice");
+      row.dataset.name = name;
+      const check = Object.assign(element("input"), { type: "checkbox", id: `${kind}_${name}` });
+      const checkLabel = Object.assign(element("label", "check", label(name)), { htmlFor: check.id });
+      checkLabel.prepend(check);
+      const slider = Object.assign(element("input"), {
+        type: "range",
+        id: `${kind}_${name}_${amount}`,
+        min: range.minimum ?? 0,
+        max: range.maximum ?? 2,
+        step: 0.05,
+      });
+      slider.value = initial(spec) ?? (kind === "lora" ? 1 : 0.5);
+      slider.setAttribute("aria-label", `${label(name)} ${amount}`);
+      const shown = element("output", "", slider.value);
+      slider.addEventListener("input", () => (shown.value = slider.value));
+      row.append(checkLabel, shown, slider);
+      box.append(row);
+    }
+  }
+
+  const chosenRows = (box, amount) =>
+    [...box.querySelectorAll(".choice")]
+      .filter((row) => row.querySelector('input[type="checkbox"]').checked)
+      .map((row) => ({ name: row.dataset.name, [amount]: Number(row.querySelector('input[type="range"]').value) }));
+
+  const modelsReady = loadModels();
+  modelsReady.catch((error) => showError(error, "the models could not be read from the service"));
 
   const thumbs = $("face_thumbs");
   let thumbUrls = [];
@@ -209,11 +277,7 @@
     // With the advanced settings open the status is far below the button: bring it (and the results) into view.
     $("output").scrollIntoView({ behavior: "smooth", block: "start" });
 
-    const body = new FormData(form);
-    for (const [name, value] of [...body.entries()]) {
-      if (typeof value === "string" && !value.trim()) body.delete(name); // absent: the service's default
-    }
-    if (!$("pose_image").files.length) body.delete("pose_image"); // an empty file part would be a bad photo
+    const body = requestBody();
     try {
       const response = await fetch("v1/jobs", {
         method: "POST",
@@ -238,6 +302,36 @@
       setBusy(false);
     }
   });
+
+  // The form as the API's multipart body: empty fields left out (the service's default), each picture only when
+  // chosen, the fields of a picture only with it, the choice rows and passes as their JSON fields.
+  function requestBody() {
+    const body = new FormData(form);
+    for (const [name, value] of [...body.entries()]) {
+      if (typeof value === "string" && !value.trim()) body.delete(name);
+    }
+    for (const box of form.querySelectorAll("input[type=checkbox][data-boolean]")) {
+      body.set(box.name, box.checked ? "true" : "false");
+    }
+    const given = (id) => $(id).files.length > 0;
+    for (const id of ["pose_image", "init_image", "target_image", "mask_image"]) {
+      if (!given(id)) body.delete(id); // an empty file part would be a bad picture
+    }
+    if (!given("init_image")) body.delete("strength");
+    if (!given("target_image")) body.delete("edit_strength");
+    if (body.get("mode")) {
+      for (const name of ["num_inference_steps", "guidance_scale", "scheduler"]) {
+        if (!touched.has(name)) body.delete(name); // the mode's own unless the user chose otherwise
+      }
+    }
+    const loras = chosenRows($("loras"), "scale");
+    if (loras.length) body.set("loras", JSON.stringify(loras));
+    const controlnets = chosenRows($("controlnets"), "strength");
+    if (controlnets.length) body.set("controlnets", JSON.stringify(controlnets));
+    if ($("face_detail").checked) body.set("face_detail", "{}");
+    if ($("hires_scale").value) body.set("hires", JSON.stringify({ scale: Number($("hires_scale").value) }));
+    return body;
+  }
 
   cancelButton.addEventListener("click", async () => {
     const current = job;
@@ -508,9 +602,28 @@
 
   // Every form field the stored parameters name (the photos are not stored: they are chosen again).
   function useSettings(parameters) {
+    const rows = (box, chosen, amount) => {
+      for (const row of box.querySelectorAll(".choice")) {
+        const match = (chosen || []).find((item) => item.name === row.dataset.name);
+        row.querySelector('input[type="checkbox"]').checked = Boolean(match);
+        if (match && match[amount] != null) row.querySelector('input[type="range"]').value = match[amount];
+      }
+    };
+    rows($("loras"), parameters.loras, "scale");
+    rows($("controlnets"), parameters.controlnets, "strength");
+    $("face_detail").checked = Boolean(parameters.face_detail);
+    $("hires_scale").value = parameters.hires ? parameters.hires.scale : "";
+    if (typeof parameters.enhance_face_region === "boolean") {
+      $("enhance_face_region").checked = parameters.enhance_face_region;
+    }
     for (const field of form.elements) {
+      if (field.type === "checkbox") continue;
       if (!field.name || field.type === "file" || !(field.name in parameters)) continue;
       const value = parameters[field.name];
+      if (value === null && field.tagName === "SELECT" && [...field.options].some((o) => o.value === "")) {
+        field.value = ""; // e.g. no fast mode
+        continue;
+      }
       if (value === null || value === undefined || typeof value === "object") continue;
       field.value = String(value);
       touched.add(field.name);
@@ -536,7 +649,10 @@
   }
 
   historyMore.addEventListener("click", () => loadHistory(true));
-  apiKey.addEventListener("change", () => loadHistory());
+  apiKey.addEventListener("change", () => {
+    loadHistory();
+    loadModels().catch((error) => showError(error, "the models could not be read from the service"));
+  });
   loadHistory();
 
   // The presigned URL first; when it is missing or does not load, the image through the API (with the key).
