@@ -300,3 +300,62 @@ def test_the_model_and_control_groups_give_the_image_the_client_gets(
         client_image = decode_image(client.image(result.id))
     assert page_image.shape == client_image.shape
     assert np.abs(page_image.astype(int) - client_image.astype(int)).max() <= 2
+
+
+def test_an_edit_with_a_brushed_mask_repaints_only_what_was_painted(
+    chromium: Chromium, serve_stack, tmp_path: Path
+) -> None:
+    """The photo to edit appears under a brush; a stroke across its middle becomes the mask: the stored image is
+    the photo, bit for bit, away from the stroke, and repainted on it."""
+    import httpx
+    import numpy as np
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from tests.support import astronaut_rgb, encode_image, stored_pixels
+
+    photo, target = tmp_path / "astronaut.jpg", tmp_path / "target.png"
+    photo.write_bytes(astronaut_jpeg())
+    target.write_bytes(encode_image(astronaut_rgb(), "PNG"))
+    driver = start_browser(chromium)
+    try:
+        driver.get(f"{serve_stack.url}/")
+        driver.find_element(By.CSS_SELECTOR, "#edit summary").click()
+        driver.find_element(By.ID, "target_image").send_keys(str(target))
+        canvas = driver.find_element(By.ID, "brush_canvas")
+        deadline = time.monotonic() + 30
+        while not canvas.is_displayed() or canvas.size["width"] == 0:
+            assert time.monotonic() < deadline, "the brush did not appear"
+            time.sleep(0.2)
+        width = canvas.size["width"]
+        chain = ActionChains(driver).move_to_element_with_offset(canvas, -width // 4, 0).click_and_hold()
+        for _ in range(10):  # a horizontal stroke across the middle half, in small moves
+            chain.move_by_offset(width // 20, 0)
+        chain.release().perform()
+        driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+        steps = driver.find_element(By.ID, "num_inference_steps")
+        driver.execute_script("arguments[0].value = '4'; arguments[0].dispatchEvent(new Event('input'));", steps)
+        driver.find_element(By.ID, "face_image").send_keys(str(photo))
+        driver.find_element(By.ID, "prompt").send_keys("an astronaut")
+        driver.find_element(By.ID, "generate").click()
+        deadline = time.monotonic() + PAGE_TIMEOUT_S
+        while not driver.execute_script(PAGE_STATE.replace("window.__mutations", "[]"))["loaded"]:
+            error = driver.find_element(By.ID, "error").text
+            assert not error, f"the page shows an error: {error!r}"
+            assert time.monotonic() < deadline, "no result image loaded"
+            time.sleep(0.2)
+        route = driver.find_element(By.CSS_SELECTOR, "#results a.download").get_attribute("href")
+        generation_id = route.split("/v1/generations/")[1].split("/")[0]
+    finally:
+        driver.quit()
+    stored = httpx.get(f"{serve_stack.url}/v1/generations/{generation_id}", timeout=30).json()
+    image = stored_pixels(serve_stack.s3.client(), stored["images"][0]["uri"])
+    original = astronaut_rgb()
+    assert image.shape == original.shape
+    changed = np.any(image != original, axis=-1)
+    rows = np.nonzero(changed.any(axis=1))[0]
+    assert changed[230:282, 160:352].mean() > 0.5, "the stroke across the middle was not repainted"
+    assert rows.min() > 150 and rows.max() < 362, (
+        f"pixels changed away from the stroke (rows {rows.min()}-{rows.max()})"
+    )
+    assert not changed[:, :60].any() and not changed[:, 452:].any()

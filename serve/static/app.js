@@ -199,6 +199,78 @@
       .filter((row) => row.querySelector('input[type="checkbox"]').checked)
       .map((row) => ({ name: row.dataset.name, [amount]: Number(row.querySelector('input[type="range"]').value) }));
 
+  // Saved people (GET v1/identities): choosing one replaces the face photos.
+  async function loadIdentities() {
+    const response = await fetch("v1/identities?limit=100", { headers: authHeaders() });
+    if (!response.ok) return; // e.g. a key is needed first: the list stays empty
+    const page = await response.json();
+    const chosen = $("identity_id").value;
+    $("identity_id").replaceChildren(
+      new Option("None: use photos", ""),
+      ...page.identities.map((person) => new Option(person.name || person.id, person.id)),
+    );
+    $("identity_id").value = [...$("identity_id").options].some((o) => o.value === chosen) ? chosen : "";
+  }
+  $("identity_id").addEventListener("change", () => {
+    $("face_image").required = !$("identity_id").value;
+  });
+  loadIdentities();
+
+  // The mask brush: the photo to edit on a canvas, painted strokes kept in a second canvas of the photo's own size
+  // (white repaints), sent as mask_image when anything was painted.
+  const brushCanvas = $("brush_canvas");
+  const maskCanvas = document.createElement("canvas");
+  let brushPhoto = null;
+  let painted = false;
+  $("brush_size").addEventListener("input", (event) => showSlider(event.target));
+  $("target_image").addEventListener("change", async (event) => {
+    const file = event.target.files[0];
+    painted = false;
+    $("brush").hidden = !file;
+    if (!file) return;
+    brushPhoto = await createImageBitmap(file);
+    [maskCanvas.width, maskCanvas.height] = [brushPhoto.width, brushPhoto.height];
+    [brushCanvas.width, brushCanvas.height] = [brushPhoto.width, brushPhoto.height];
+    drawBrush();
+  });
+  function drawBrush() {
+    const context = brushCanvas.getContext("2d");
+    context.drawImage(brushPhoto, 0, 0);
+    context.globalAlpha = 0.5;
+    context.drawImage(maskCanvas, 0, 0);
+    context.globalAlpha = 1;
+  }
+  function paint(event) {
+    if (!(event.buttons & 1) || !brushPhoto) return;
+    const box = brushCanvas.getBoundingClientRect();
+    const scale = brushCanvas.width / box.width;
+    const context = maskCanvas.getContext("2d");
+    context.fillStyle = "#fff";
+    context.beginPath();
+    const radius = (Number($("brush_size").value) * scale) / 2;
+    context.arc((event.clientX - box.left) * scale, (event.clientY - box.top) * scale, radius, 0, 2 * Math.PI);
+    context.fill();
+    painted = true;
+    drawBrush();
+  }
+  brushCanvas.addEventListener("pointerdown", paint);
+  brushCanvas.addEventListener("pointermove", paint);
+  $("brush_clear").addEventListener("click", () => {
+    maskCanvas.getContext("2d").clearRect(0, 0, maskCanvas.width, maskCanvas.height);
+    painted = false;
+    drawBrush();
+  });
+  // The painted mask as a PNG of the photo's size: white where painted, black elsewhere.
+  async function paintedMask() {
+    const out = document.createElement("canvas");
+    [out.width, out.height] = [maskCanvas.width, maskCanvas.height];
+    const context = out.getContext("2d");
+    context.fillStyle = "#000";
+    context.fillRect(0, 0, out.width, out.height);
+    context.drawImage(maskCanvas, 0, 0);
+    return new Promise((resolve) => out.toBlob(resolve, "image/png"));
+  }
+
   const modelsReady = loadModels();
   modelsReady.catch((error) => showError(error, "the models could not be read from the service"));
 
@@ -278,6 +350,7 @@
     $("output").scrollIntoView({ behavior: "smooth", block: "start" });
 
     const body = requestBody();
+    if (painted && $("target_image").files.length) body.set("mask_image", await paintedMask(), "mask.png");
     try {
       const response = await fetch("v1/jobs", {
         method: "POST",
@@ -317,6 +390,7 @@
     for (const id of ["pose_image", "init_image", "target_image", "mask_image"]) {
       if (!given(id)) body.delete(id); // an empty file part would be a bad picture
     }
+    if (body.get("identity_id")) body.delete("face_image"); // the saved person instead of photos
     if (!given("init_image")) body.delete("strength");
     if (!given("target_image")) body.delete("edit_strength");
     if (body.get("mode")) {
@@ -651,6 +725,7 @@
   historyMore.addEventListener("click", () => loadHistory(true));
   apiKey.addEventListener("change", () => {
     loadHistory();
+    loadIdentities();
     loadModels().catch((error) => showError(error, "the models could not be read from the service"));
   });
   loadHistory();
