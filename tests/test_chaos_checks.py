@@ -260,6 +260,26 @@ def test_the_proxys_plain_500_counts_apart_only_while_an_ingress_replica_is_kill
     assert failures_explained(log, TimingSettings()).counts["unexplained"] == 1
 
 
+def test_a_node_loss_that_took_an_ingress_replica_explains_the_proxys_500_and_dropped_connections() -> None:
+    """The lost node held an Ingress replica: its in-flight requests got the proxy's plain 500 or a connection
+    closed unanswered, counted apart like an Ingress kill's; a node loss without one explains neither."""
+    log, _ = clean_run()
+    lost = {"replicas_lost": ["Denoiser:abc", "Ingress:def"]}
+    log.faults = [FaultLog(kind="node", target="node", started_at=T0 + 10, ended_at=T0 + 20, detail=lost)]
+    plain = {"status": 500, "content_type": "text/plain; charset=utf-8", "body_excerpt": "Internal Server Error"}
+    log.exchanges.append(_error(log, seq=40, sent_at=T0 + 12, finished_at=T0 + 13, **plain))
+    dropped = "RemoteProtocolError: Server disconnected without sending a response."
+    gone = {"status": None, "content_type": None, "body_excerpt": None, "error": None, "transport_error": dropped}
+    log.exchanges.append(_error(log, seq=41, sent_at=T0 + 12, finished_at=T0 + 14, **gone))
+    assert error_bodies_are_ours(log).counts["proxy_500"] == 1 and error_bodies_are_ours(log).verdict == "pass"
+    explained = failures_explained(log, TimingSettings())
+    assert explained.verdict == "pass" and explained.counts["lost_with_the_ingress"] == 2
+    log.faults[0].detail["replicas_lost"] = ["Denoiser:abc"]
+    explained = failures_explained(log, TimingSettings())
+    assert explained.verdict == "fail" and explained.counts["not_hidden"] == 2
+    assert error_bodies_are_ours(log).counts["malformed"] == 1
+
+
 def test_the_proxys_404_counts_apart_only_while_the_service_restarts() -> None:
     log, _ = clean_run()
     log.faults = [FaultLog(kind="service-restart", target="service-restart", started_at=T0 + 10, ended_at=T0 + 60)]

@@ -45,6 +45,7 @@ def _overlapping(begin: float, end: float, log: RunLog, grace_s: float) -> list[
 
 
 PROXY_ANSWER = "Internal Server Error"  # Ray Serve's proxy, as text/plain, for a request whose ingress replica died
+DROPPED = "RemoteProtocolError: Server disconnected"  # the client's record of a connection closed unanswered
 
 
 def lost_with_the_ingress(e: Exchange, log: RunLog, grace_s: float) -> bool:
@@ -55,18 +56,30 @@ def lost_with_the_ingress(e: Exchange, log: RunLog, grace_s: float) -> bool:
     ``RayActorError`` to it; Serve has no setting for its body). The service cannot retry a request whose own
     replica died; a client may send it again with its Idempotency-Key (``serve.client`` does). A service restart
     stops the Ingress the same way once its drain time is up, so a request still in flight then gets that 500 too.
-    Such answers are counted apart, only while an Ingress replica kill or a service restart is under way."""
+    Such answers are counted apart, only while an Ingress replica is lost (killed, or on the lost node) or a service
+    restart is under way; so is a connection the proxy closed unanswered while an Ingress replica was lost."""
     if (e.content_type or "").startswith("application/json"):
         return False
     body = e.body_excerpt or ""
     begin, end = e.sent_at, e.finished_at if e.finished_at is not None else e.sent_at
     faults = _overlapping(begin, end, log, grace_s)
     if e.status == 500 and body.startswith(PROXY_ANSWER):
-        return any((f.kind == "replica" and f.target == "Ingress") or f.kind == "service-restart" for f in faults)
+        return any(_ingress_lost(f) or f.kind == "service-restart" for f in faults)
+    if e.status is None and (e.transport_error or "").startswith(DROPPED):
+        return any(_ingress_lost(f) for f in faults)
     # While the service restarts, the proxy is up before the application is deployed again: "Path ... not found".
     if e.status == 404 and body.startswith("Path '") and "not found" in body:
         return any(f.kind == "service-restart" for f in faults)
     return False
+
+
+def _ingress_lost(fault: FaultLog) -> bool:
+    """Whether ``fault`` took an Ingress replica with its requests: an Ingress kill, or a node loss whose replicas
+    included one."""
+    if fault.kind == "replica":
+        return fault.target == "Ingress"
+    lost = (fault.detail.get("replicas_lost") or []) if fault.kind == "node" else []
+    return any(str(replica).startswith("Ingress:") for replica in lost)
 
 
 def _failures(log: RunLog, grace_s: float) -> list[dict[str, Any]]:
