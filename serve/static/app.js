@@ -116,9 +116,10 @@
   const label = (value) => value.charAt(0).toUpperCase() + value.slice(1).replaceAll("_", " ");
   function applySchema(field, schema) {
     const bounds = schema.anyOf ? schema.anyOf.find((s) => s.type && s.type !== "null") : schema;
-    if (field.tagName === "SELECT") {
+    if (field.tagName === "SELECT" && bounds.enum) {
       field.replaceChildren(...bounds.enum.map((value) => new Option(label(value), value)));
     }
+    if (field.tagName === "SELECT" && !bounds.enum) return; // its choices come from the service (models, people)
     if (bounds.maxLength !== undefined) field.maxLength = bounds.maxLength;
     if (field.type === "range" || field.type === "number") {
       field.min = bounds.minimum;
