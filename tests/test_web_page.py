@@ -311,6 +311,7 @@ def test_an_edit_with_a_brushed_mask_repaints_only_what_was_painted(
     import numpy as np
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     from tests.support import astronaut_rgb, encode_image, stored_pixels
 
@@ -335,6 +336,7 @@ def test_an_edit_with_a_brushed_mask_repaints_only_what_was_painted(
         driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
         steps = driver.find_element(By.ID, "num_inference_steps")
         driver.execute_script("arguments[0].value = '4'; arguments[0].dispatchEvent(new Event('input'));", steps)
+        Select(driver.find_element(By.ID, "output_format")).select_by_value("png")  # lossless: pixels compared
         driver.find_element(By.ID, "face_image").send_keys(str(photo))
         driver.find_element(By.ID, "prompt").send_keys("an astronaut")
         driver.find_element(By.ID, "generate").click()
