@@ -79,7 +79,7 @@ def test_input_photos_are_not_stored_unless_asked(serve_stack):
     bucket, key_prefix = prefix[len("s3://") :].split("/", 1)
     listed = serve_stack.s3.client().list_objects_v2(Bucket=bucket, Prefix=key_prefix + "/")
     names = sorted(item["Key"].rsplit("/", 1)[1] for item in listed["Contents"])
-    assert names == ["image-0.png", "meta.json"]
+    assert names == ["image-0.png", "meta.json", "thumb-0.webp"]  # the image, its record, its history thumbnail
 
 
 # -------------------------------------------------------------------------------------------- idempotency

@@ -230,11 +230,15 @@ def test_the_store_applies_each_policy_and_never_writes_a_blurred_or_refused_ori
         if key.endswith(".png"):
             assert pixels(data).tobytes() != originals[0], key
     assert pixels(objects[saved.stored.images[1].key]).tobytes() == originals[1]  # the other one is untouched
+    from deployments.storage.history import thumbnail
+
+    thumb = next(data for key, data in objects.items() if key.endswith("/thumb-0.webp"))
+    assert thumb == thumbnail(obscure(photos[0]))  # the history's thumbnail is made from the blurred image
 
     # refuse: the flagged image is stored nowhere; the other keeps its index and score; meta.json names the refusal.
     saved, objects, meta = stored("refuse", [0.1, 0.95])
     assert [(image.index, image.identity_similarity) for image in saved.stored.images] == [(0, 0.4)]
-    assert sorted(key.rsplit("/", 1)[1] for key in objects) == ["image-0.png", "meta.json"]
+    assert sorted(key.rsplit("/", 1)[1] for key in objects) == ["image-0.png", "meta.json", "thumb-0.webp"]
     assert meta["safety"]["refused"] == [{"index": 1, "scores": {"nsfw": 0.95}}] and saved.safety == meta["safety"]
     assert all(originals[1] not in data for data in objects.values())
 

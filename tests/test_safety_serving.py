@@ -80,7 +80,8 @@ def test_refused_images_are_left_out_with_a_warning_and_all_refused_is_a_422(ser
         assert meta["safety"]["refused"] == [{"index": 1, "scores": {"nsfw": 0.9}}]
         prefix = body["images"][0]["uri"].split("/", 3)[3].rsplit("/", 1)[0]
         keys = [o["Key"] for o in client.list_objects_v2(Bucket=serve_stack.s3.bucket, Prefix=prefix)["Contents"]]
-        assert sorted(key.rsplit("/", 1)[1] for key in keys) == ["image-0.png", "image-1.png", "meta.json"]
+        names = sorted(key.rsplit("/", 1)[1] for key in keys)
+        assert names == ["image-0.png", "image-1.png", "meta.json", "thumb-0.webp", "thumb-1.webp"]
 
         refused = generate(url, num_images=1)
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "content_refused", refused.text
