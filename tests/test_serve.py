@@ -259,9 +259,11 @@ def test_health_models_and_openapi(serve_stack):
     response = httpx.get(f"{serve_stack.url}/v1/models", timeout=30)
     models = response.json()
     assert models["api_version"] == "1" and models["default_base"] == "sdxl"
-    assert models["base_models"] == {
-        "sdxl": {"description": "the weights' SDXL base", "single_file": False},
-        "tiny-alt": {"description": models["base_models"]["tiny-alt"]["description"], "single_file": True},
+    bases = models["base_models"]
+    assert bases == {
+        "sdxl": {"description": "the weights' SDXL base", "single_file": False, "inpainting": False},
+        "tiny-alt": {"description": bases["tiny-alt"]["description"], "single_file": True, "inpainting": False},
+        "tiny-inpaint": {"description": bases["tiny-inpaint"]["description"], "single_file": False, "inpainting": True},
     }
     assert set(models["loras"]) == {
         "lcm-lora-sdxl",
@@ -283,7 +285,9 @@ def test_health_models_and_openapi(serve_stack):
     assert "sdxl" in models["denoiser"]["loaded_bases"] and models["denoiser"]["identitynet_config"]
     assert str(serve_stack.config.weights.root) not in response.text  # where the files are is not published
     spec = httpx.get(f"{serve_stack.url}/openapi.json", timeout=10).json()
-    assert {"/v1/generate", "/v1/faces", "/v1/generations/{generation_id}", "/healthz"} <= set(spec["paths"])
+    assert {"/v1/generate", "/v1/faces", "/v1/generations", "/v1/generations/{generation_id}", "/healthz"} <= set(
+        spec["paths"]
+    )
 
 
 HEAVY_LIBRARIES = ("torch", "onnxruntime", "cv2", "opencv")  # parts of the native libraries' file names
