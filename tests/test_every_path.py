@@ -101,6 +101,7 @@ class Case:
     maps: Mapping[str, bytes] = field(default_factory=dict)
     twins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     target: bytes | None = None  # an edit: the photo whose face is repainted (the output has its size)
+    tolerance: int = TOLERANCE  # max |difference| from the reference, uint8
 
     @property
     def seed(self) -> int:
@@ -218,6 +219,9 @@ CASES: tuple[Case, ...] = (
         faces=(SHIFTED_ASTRONAUT,),
         target=ASTRONAUT,
         twins={"weaker edit": {"edit_strength": 0.5}},
+        # The paste-back matches the crop's colours to the photo around it: here it scales the tiny model's flat
+        # crop by up to 4.2x per channel (the ring's spread over the crop's), and float noise with it.
+        tolerance=9,
     ),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
@@ -556,16 +560,16 @@ def served() -> Iterator[Callable[[str, pytest.FixtureRequest], dict[tuple[str, 
 # --------------------------------------------------------------------------------------------------- the checks
 
 
-def assert_same_image(where: str, got: np.ndarray, reference: np.ndarray) -> None:
-    """``got`` equals the in-process image within TOLERANCE; ``where`` names the case, path and mode."""
+def assert_same_image(where: str, got: np.ndarray, reference: np.ndarray, tolerance: int = TOLERANCE) -> None:
+    """``got`` equals the in-process image within ``tolerance``; ``where`` names the case, path and mode."""
     assert got.dtype == np.uint8 and got.shape == reference.shape, (
         f"{where}: image {got.dtype} {got.shape}, in-process {reference.dtype} {reference.shape}"
     )
     difference = np.abs(got.astype(np.int16) - reference.astype(np.int16))
     worst = int(difference.max())
-    assert worst <= TOLERANCE, (
-        f"{where}: max |difference| {worst}/255 from the in-process image (allowed {TOLERANCE}/255; "
-        f"mean {difference.mean():.2f}, {int((difference > TOLERANCE).sum())} of {difference.size} values over)"
+    assert worst <= tolerance, (
+        f"{where}: max |difference| {worst}/255 from the in-process image (allowed {tolerance}/255; "
+        f"mean {difference.mean():.2f}, {int((difference > tolerance).sum())} of {difference.size} values over)"
     )
 
 
@@ -616,7 +620,7 @@ def test_every_path_gives_the_reference_image(
         assert answer["batch"]["mode"] == mode, f"{where}: batch {answer['batch']}"
         (image,) = answer["images"]
         assert (image["width"], image["height"], image["content_type"]) == (width, height, "image/png"), image
-    assert_same_image(where, got, expected.images[0])
+    assert_same_image(where, got, expected.images[0], case.tolerance)
     if pending is not None:  # and the served answer reports the faces the in-process pipeline used
         used = [(f["source"], f.get("identity"), f["photo_index"], f["face_index"]) for f in answer["faces"]]
         local = [(c.source, c.identity, c.photo_index, c.face_index) for c in expected.condition.used]
@@ -658,4 +662,4 @@ def test_the_case_changes_the_image(
     case = CASE_BY_NAME[case_name]
     other = reference_call(pipeline, case.twin(twin)).images[0]
     difference = int(np.abs(other.astype(np.int16) - reference(case.name).images[0].astype(np.int16)).max())
-    assert difference > TOLERANCE, f"case {case.name!r} ({twin}) changes the image by only {difference}/255"
+    assert difference > case.tolerance, f"case {case.name!r} ({twin}) changes the image by only {difference}/255"

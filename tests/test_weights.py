@@ -81,7 +81,7 @@ def test_tiny_weights_are_deterministic_small_and_leave_the_global_rng_alone(tmp
     other = write_tiny_weights(tmp_path / "c", seed=1)
 
     hashes = file_hashes(first)
-    assert sum(p.stat().st_size for p in first.rglob("*") if p.is_file()) < 50 * 1024 * 1024
+    assert sum(p.stat().st_size for p in first.rglob("*") if p.is_file()) < 64 * 1024 * 1024
     assert set(TENSOR_FILES) <= set(hashes)
     assert file_hashes(second) == hashes  # same relative files, same bytes
     other_hashes = file_hashes(other)
