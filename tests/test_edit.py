@@ -77,12 +77,9 @@ INPAINT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", INPAINT_CASES.values(), ids=INPAINT_CASES.keys())
-def test_inpainting_equals_diffusers_sdxl_inpaint_pipeline(controlled_denoiser, text, tiny_weights, case) -> None:
-    params = dataclasses.replace(PLAIN_SDXL, **case)
-    init, mask = sample_init_image(SIZE), centre_mask()
-    ours = run_inpaint(controlled_denoiser, text, params, init, mask)
-    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_weights / "sdxl")
+def diffusers_inpaint(folder, params: GenerationParams, init: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """diffusers' own ``StableDiffusionXLInpaintPipeline`` on the SDXL folder ``folder``: uint8 images."""
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(folder)
     pipe.scheduler = make_scheduler(params.scheduler, dict(pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(
@@ -100,6 +97,15 @@ def test_inpainting_equals_diffusers_sdxl_inpaint_pipeline(controlled_denoiser, 
         output_type="np",
     ).images
     expected = (expected * 255).round().astype(np.uint8)
+    return expected
+
+
+@pytest.mark.parametrize("case", INPAINT_CASES.values(), ids=INPAINT_CASES.keys())
+def test_inpainting_equals_diffusers_sdxl_inpaint_pipeline(controlled_denoiser, text, tiny_weights, case) -> None:
+    params = dataclasses.replace(PLAIN_SDXL, **case)
+    init, mask = sample_init_image(SIZE), centre_mask()
+    ours = run_inpaint(controlled_denoiser, text, params, init, mask)
+    expected = diffusers_inpaint(tiny_weights / "sdxl", params, init, mask)
     assert max_difference(ours, expected) <= 1
 
 
@@ -126,24 +132,7 @@ def test_a_9_channel_inpainting_base_equals_diffusers_sdxl_inpaint_pipeline(
     params = dataclasses.replace(PLAIN_SDXL, **case)
     init, mask = sample_init_image(SIZE), centre_mask()
     ours = run_inpaint(inpainting_denoiser, text, params, init, mask)
-    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_weights / "bases" / INPAINT_BASE)
-    pipe.scheduler = make_scheduler(params.scheduler, dict(pipe.scheduler.config))
-    pipe.set_progress_bar_config(disable=True)
-    expected = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE if params.guidance_scale > 1 else None,
-        image=Image.fromarray(init),
-        mask_image=Image.fromarray(mask),
-        height=SIZE,
-        width=SIZE,
-        strength=params.strength,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        num_images_per_prompt=params.num_images,
-        generator=torch.Generator().manual_seed(params.seed),
-        output_type="np",
-    ).images
-    expected = (expected * 255).round().astype(np.uint8)
+    expected = diffusers_inpaint(tiny_weights / "bases" / INPAINT_BASE, params, init, mask)
     assert max_difference(ours, expected) <= 1
 
 

@@ -143,6 +143,21 @@ def generate_through_page(driver: Any, url: str, photo: Path, timeout_s: float =
     return state
 
 
+def result_generation_id(driver: Any, timeout_s: float = PAGE_TIMEOUT_S) -> str:
+    """Wait until a result image has loaded (failing on an error the page shows); the id of its generation, read
+    from its download link."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout_s
+    while not driver.execute_script(PAGE_STATE.replace("window.__mutations", "[]"))["loaded"]:
+        error = driver.find_element(By.ID, "error").text
+        assert not error, f"the page shows an error: {error!r}"
+        assert time.monotonic() < deadline, "no result image loaded"
+        time.sleep(0.2)
+    route = driver.find_element(By.CSS_SELECTOR, "#results a.download").get_attribute("href")
+    return route.split("/v1/generations/")[1].split("/")[0]
+
+
 def script_errors(driver: Any) -> list[str]:
     """Console errors other than failed loads (a presigned URL may fail before the API route serves the image)."""
     return [
@@ -200,8 +215,7 @@ def test_the_history_shows_a_made_picture_reuses_its_settings_and_deletes_it(
     driver = start_browser(chromium)
     try:
         generate_through_page(driver, f"{serve_stack.url}/", photo)
-        route = driver.find_element(By.CSS_SELECTOR, "#results a.download").get_attribute("href")
-        generation_id = route.split("/v1/generations/")[1].split("/")[0]
+        generation_id = result_generation_id(driver)
         selector = f'#history_list .entry[data-id="{generation_id}"]'
         deadline = time.monotonic() + 60
         while not driver.find_elements(By.CSS_SELECTOR, selector):
@@ -269,14 +283,7 @@ def test_the_model_and_control_groups_give_the_image_the_client_gets(
         driver.find_element(By.ID, "face_image").send_keys(str(photo))
         driver.find_element(By.ID, "prompt").send_keys("a portrait of an astronaut")
         driver.find_element(By.ID, "generate").click()
-        deadline = time.monotonic() + PAGE_TIMEOUT_S
-        while not driver.execute_script(PAGE_STATE.replace("window.__mutations", "[]"))["loaded"]:
-            error = driver.find_element(By.ID, "error").text
-            assert not error, f"the page shows an error: {error!r}"
-            assert time.monotonic() < deadline, "no result image loaded"
-            time.sleep(0.2)
-        route = driver.find_element(By.CSS_SELECTOR, "#results a.download").get_attribute("href")
-        generation_id = route.split("/v1/generations/")[1].split("/")[0]
+        generation_id = result_generation_id(driver)
         assert script_errors(driver) == []
     finally:
         driver.quit()
@@ -340,14 +347,7 @@ def test_an_edit_with_a_brushed_mask_repaints_only_what_was_painted(
         driver.find_element(By.ID, "face_image").send_keys(str(photo))
         driver.find_element(By.ID, "prompt").send_keys("an astronaut")
         driver.find_element(By.ID, "generate").click()
-        deadline = time.monotonic() + PAGE_TIMEOUT_S
-        while not driver.execute_script(PAGE_STATE.replace("window.__mutations", "[]"))["loaded"]:
-            error = driver.find_element(By.ID, "error").text
-            assert not error, f"the page shows an error: {error!r}"
-            assert time.monotonic() < deadline, "no result image loaded"
-            time.sleep(0.2)
-        route = driver.find_element(By.CSS_SELECTOR, "#results a.download").get_attribute("href")
-        generation_id = route.split("/v1/generations/")[1].split("/")[0]
+        generation_id = result_generation_id(driver)
     finally:
         driver.quit()
     stored = httpx.get(f"{serve_stack.url}/v1/generations/{generation_id}", timeout=30).json()
